@@ -1,0 +1,55 @@
+"""The one error hierarchy of Quilt.
+
+Every error a client can see is a QuiltError subclass carrying its D-Bus
+error name; the bus layer turns anything else into Internal.
+"""
+
+from __future__ import annotations
+
+ERROR_PREFIX = "org.quilt.Quilt1.Error."
+
+
+class QuiltError(Exception):
+    """Base of all errors that reach a client with a name of their own."""
+
+    dbus_name = ERROR_PREFIX + "Internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoSuchContainer(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchContainer"
+
+
+class NameTaken(QuiltError):
+    dbus_name = ERROR_PREFIX + "NameTaken"
+
+
+class InvalidArgument(QuiltError):
+    dbus_name = ERROR_PREFIX + "InvalidArgument"
+
+
+class NoSuchImage(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchImage"
+
+
+class InvalidImage(QuiltError):
+    dbus_name = ERROR_PREFIX + "InvalidImage"
+
+
+class InvalidState(QuiltError):
+    dbus_name = ERROR_PREFIX + "InvalidState"
+
+
+class AccessDenied(QuiltError):
+    dbus_name = ERROR_PREFIX + "AccessDenied"
+
+
+class Timeout(QuiltError):
+    dbus_name = ERROR_PREFIX + "Timeout"
+
+
+class Internal(QuiltError):
+    dbus_name = ERROR_PREFIX + "Internal"
