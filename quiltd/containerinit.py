@@ -1,0 +1,244 @@
+"""The first process of a container: set up its root, run the command, stay as init.
+
+This runs in a child of the fork server, already inside fresh mount, UTS,
+IPC, network and PID namespaces, where it is PID 1. It waits for the daemon
+to put it into the container's scope, then builds the root, starts the
+command and stays behind as a tiny init: it reaps zombies, forwards signals,
+carries the command's output to journald line by line, and writes the exit
+status to a file outside the container before it exits, so the status
+survives a daemon that is down at that moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+from typing import NoReturn
+
+from quiltd import linux
+from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
+from quiltd.launchspec import LaunchSpec
+
+# The signals a user may send to the container; init passes them on to the
+# command. SIGKILL and SIGSTOP cannot be caught and end the whole container.
+FORWARDED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT,
+    signal.SIGALRM, signal.SIGPWR,
+)
+# Python ignores these at start-up; a command must get them back at default.
+RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+MAX_LINE = 32 * 1024  # longer lines are split; a datagram must stay well under the socket's limit
+STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
+
+
+def run(spec: LaunchSpec, go_fd: int, error_fd: int) -> NoReturn:
+    """Entry point in the forked child; never returns."""
+    try:
+        # The daemon writes one byte once this process sits in its scope;
+        # end of file means the daemon gave up on this start.
+        if os.read(go_fd, 1) != b"g":
+            os._exit(0)
+        os.close(go_fd)
+        journal = JournalStream(
+            {
+                "SYSLOG_IDENTIFIER": spec.name,
+                "QUILT_CONTAINER_ID": spec.container_id,
+                "QUILT_CONTAINER_NAME": spec.name,
+            },
+            spec.journal_socket,
+        )
+        exit_fd = os.open(spec.exit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        _enter_root(spec)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        command_pid = os.fork()
+        if command_pid == 0:
+            _exec_command(spec, out_w, err_w, error_fd)
+        os.close(out_w)
+        os.close(err_w)
+        os.close(error_fd)  # the daemon sees end of file once the command's exec succeeded
+        code = _supervise(command_pid, {out_r: 1, err_r: 2}, journal)
+        os.write(exit_fd, f"{code}\n".encode())
+        os._exit(code)
+    except BaseException as e:  # a failed start, told to the daemon
+        with contextlib.suppress(OSError):
+            os.write(error_fd, f"{type(e).__name__}: {e}".encode())
+        os._exit(127)
+
+
+def _enter_root(spec: LaunchSpec) -> None:
+    # Only now, inside the scope, so the container's cgroup root is its scope.
+    linux.unshare(linux.CLONE_NEWCGROUP)
+    # Nothing mounted from here on may reach the host's mount table.
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    root = spec.rootfs
+    linux.mount(
+        "overlay", root, "overlay", 0,
+        f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
+    )
+    nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    _mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec)
+    _mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY)
+    _make_dev(root)
+    socket.sethostname(spec.hostname)
+    _loopback_up()
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root under the new one; detaching
+    # it leaves no path back to the host's tree.
+    linux.pivot_root(".", ".")
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def _mount_at(root: str, rel: str, source: str, fstype: str, flags: int, data: str | None = None) -> str:
+    target = os.path.join(root, rel)
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    linux.mount(source, target, fstype, flags, data)
+    return target
+
+
+def _make_dev(root: str) -> None:
+    dev = _mount_at(root, "dev", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=755,size=64k")
+    for name in DEVICES:
+        path = os.path.join(dev, name)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+        linux.mount(f"/dev/{name}", path, None, linux.MS_BIND)
+    _mount_at(dev, "pts", "devpts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mount_at(dev, "shm", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777,size=64m")
+    for link, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, link))
+
+
+def _loopback_up() -> None:
+    import fcntl
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> NoReturn:
+    try:
+        for sig in (*FORWARDED_SIGNALS, *RESTORED_SIGNALS):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.setsid()  # no controlling terminal to push input into (TIOCSTI)
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        # Only the error pipe survives until exec, and it closes on exec.
+        os.closerange(3, error_fd)
+        os.closerange(error_fd + 1, 1 << 16)
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        os.chdir(spec.workdir)
+        env = dict(item.split("=", 1) for item in spec.env)
+        os.execvpe(spec.command[0], list(spec.command), env)
+    except BaseException as e:  # reported to the daemon as the start failure
+        reason = f"{spec.command[0]}: {e.strerror}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        with contextlib.suppress(OSError):
+            os.write(error_fd, reason.encode())
+        os._exit(127)
+
+
+def _supervise(command_pid: int, pipes: dict[int, int], journal: JournalStream) -> int:
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: _forward(command_pid, signum))
+    output = _Output(pipes, journal)
+    exit_code: int | None = None
+    while True:
+        exit_code = _reap(command_pid, exit_code)
+        if exit_code is not None:
+            # The command is gone: take what is already in the pipes and
+            # leave, since a background child may keep them open forever.
+            output.drain()
+            return exit_code
+        readable, _, _ = select.select([*output.open_fds(), wake_r], [], [])
+        for fd in readable:
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+            else:
+                output.read(fd)
+
+
+def _forward(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _reap(command_pid: int, exit_code: int | None) -> int | None:
+    """Reaps every exited child (init's duty); returns the command's code once known."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return exit_code
+        if pid == 0:
+            return exit_code
+        if pid == command_pid:
+            code = os.waitstatus_to_exitcode(status)
+            exit_code = 128 - code if code < 0 else code
+
+
+class _Output:
+    """Splits the command's stdout and stderr into lines for the journal."""
+
+    def __init__(self, pipes: dict[int, int], journal: JournalStream) -> None:
+        self._streams = dict(pipes)
+        self._partial = {fd: b"" for fd in pipes}
+        self._journal = journal
+
+    def open_fds(self) -> list[int]:
+        return list(self._streams)
+
+    def read(self, fd: int) -> bool:
+        """One read from fd; False once it reached end of file or would block."""
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            self._close(fd)
+            return False
+        lines = (self._partial[fd] + chunk).split(b"\n")
+        rest = lines.pop()
+        while len(rest) >= MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self._partial[fd] = rest
+        for line in lines:
+            self._emit(fd, line)
+        return True
+
+    def drain(self) -> None:
+        for fd in self.open_fds():
+            os.set_blocking(fd, False)
+            while self.read(fd):
+                pass
+            if fd in self._streams:
+                self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        if self._partial[fd]:
+            self._emit(fd, self._partial[fd])
+        del self._streams[fd], self._partial[fd]
+        os.close(fd)
+
+    def _emit(self, fd: int, line: bytes) -> None:
+        name, priority = STREAMS[self._streams[fd]]
+        self._journal.send(line, {"QUILT_STREAM": name}, priority)

@@ -1,0 +1,105 @@
+"""The fork server: a small single-threaded process that forks containers.
+
+The daemon runs threads (image imports, the journal) and forking a threaded
+process can deadlock in the child on a lock another thread held. So the
+daemon starts this process once, by exec, before it needs it, and asks it
+over a socket pair for each container. Here nothing but this loop runs, so
+fork is safe, and the children start from a small, clean image.
+
+Per request it forks a child that enters new namespaces and forks the
+container's init (PID 1 inside), reports the init's pid and exits. The
+server then answers with the pid, its start time and three descriptors: a
+pidfd of the init, the write end of its "go" pipe, and the read end of its
+error pipe (end of file with no data there means the command was executed).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+
+from quiltd import containerinit, linux
+from quiltd.launchspec import LaunchSpec
+
+CONTAINER_NAMESPACES = (
+    linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
+)
+MAX_REQUEST = 1 << 20
+
+
+def serve(sock: socket.socket) -> None:
+    # Inits whose intermediate parent exits are re-parented here and reaped
+    # by the kernel; their exit status is kept by init itself.
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Freezing the heap keeps the collector from touching (and copying)
+    # every object page in each forked container init.
+    gc.freeze()
+    while True:
+        request = sock.recv(MAX_REQUEST)
+        if not request:
+            return  # the daemon is gone
+        try:
+            reply, fds = _launch(LaunchSpec.from_json(request))
+        except Exception as e:
+            reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+        for fd in fds:
+            os.close(fd)
+
+
+def _launch(spec: LaunchSpec) -> tuple[dict[str, object], list[int]]:
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _middle(spec, go_r, error_w, report_w)
+    for fd in (go_r, error_w, report_w):
+        os.close(fd)
+    with os.fdopen(report_r, "rb") as report:
+        answer = report.read()
+    if not answer.isdigit():
+        os.close(go_w)
+        os.close(error_r)
+        raise OSError(answer.decode(errors="replace") or "namespace setup failed")
+    init_pid = int(answer)
+    pidfd = os.pidfd_open(init_pid)
+    reply: dict[str, object] = {"ok": True, "pid": init_pid, "starttime": linux.process_starttime(init_pid)}
+    return reply, [pidfd, go_w, error_r]
+
+
+def _middle(spec: LaunchSpec, go_r: int, error_w: int, report_w: int) -> None:
+    """The short-lived child: new namespaces, then fork init and leave."""
+    try:
+        linux.unshare(CONTAINER_NAMESPACES)
+        init_pid = os.fork()
+        if init_pid == 0:
+            gc.disable()
+            # Init keeps only its two pipes: nothing of the daemon's follows
+            # it into the container.
+            linux.close_fds_except({go_r, error_w})
+            null = os.open("/dev/null", os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)
+            os.close(null)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            containerinit.run(spec, go_r, error_w)
+        os.write(report_w, str(init_pid).encode())
+        os._exit(0)
+    except BaseException as e:
+        os.write(report_w, f"{type(e).__name__}: {e}".encode())
+        os._exit(1)
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    serve(socket.socket(fileno=fd))
+
+
+if __name__ == "__main__":
+    main()

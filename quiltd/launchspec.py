@@ -1,0 +1,35 @@
+"""What the fork server needs to know to bring up one container.
+
+It crosses a process boundary as JSON, so it holds plain values only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    container_id: str
+    name: str
+    hostname: str
+    command: tuple[str, ...]
+    env: tuple[str, ...]
+    workdir: str
+    lowerdir: str  # the image's root, shared and never written
+    upperdir: str  # this container's writes
+    overlay_workdir: str
+    rootfs: str  # where the overlay is mounted, inside the container's own mount namespace
+    exit_path: str  # where init leaves the command's exit status
+    journal_socket: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LaunchSpec:
+        raw = json.loads(data)
+        raw["command"] = tuple(raw["command"])
+        raw["env"] = tuple(raw["env"])
+        return cls(**raw)

@@ -1,0 +1,136 @@
+"""Checks on what clients send: names, commands and container options.
+
+Values arrive as plain Python values (the bus layer has unwrapped the D-Bus
+variants), so every type is checked here, with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from quiltd.errors import InvalidArgument
+from quiltd.model import ContainerSpec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NETWORKS = ("none",)
+MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
+MAX_TASKS = 1 << 22
+
+KNOWN_OPTIONS = frozenset({
+    "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
+    "labels", "ttl_sec", "auto_remove", "start",
+})
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid container name {name!r}: use 1-63 letters, digits or '-', not starting with '-'"
+        )
+    return name
+
+
+def check_image_name(name: object) -> str:
+    if not isinstance(name, str) or not IMAGE_NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid image name {name!r}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+        )
+    return name
+
+
+def check_command(command: object) -> tuple[str, ...]:
+    if not isinstance(command, list | tuple) or not command:
+        raise InvalidArgument("the command is empty: give at least the program to run")
+    if not all(isinstance(a, str) for a in command) or not command[0]:
+        raise InvalidArgument("the command must be a list of strings with a non-empty program")
+    if any("\0" in a for a in command):
+        raise InvalidArgument("the command must not contain NUL characters")
+    return tuple(command)
+
+
+def parse_create_options(options: Mapping[str, object], name: str) -> tuple[ContainerSpec, bool]:
+    """The container's spec, and whether to start it now."""
+    unknown = sorted(set(options) - KNOWN_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+    env = _str_list(options, "env")
+    for item in env:
+        if not ENV_RE.match(item) or "\0" in item:
+            raise InvalidArgument(f"invalid env entry {item!r}: use NAME=value")
+    if not any(item.startswith("PATH=") for item in env):
+        env = [DEFAULT_PATH, *env]
+    workdir = _str(options, "workdir", "/")
+    if not workdir.startswith("/") or "\0" in workdir:
+        raise InvalidArgument(f"workdir must be an absolute path, got {workdir!r}")
+    hostname = _str(options, "hostname", name)
+    if not NAME_RE.match(hostname):
+        raise InvalidArgument(f"invalid hostname {hostname!r}")
+    memory_max = _optional_int(options, "memory_max", MIN_MEMORY, 1 << 62)
+    cpu_quota = options.get("cpu_quota")
+    if cpu_quota is not None:
+        if isinstance(cpu_quota, bool) or not isinstance(cpu_quota, int | float) \
+                or not math.isfinite(cpu_quota) or not 0.01 <= cpu_quota <= 4096:
+            raise InvalidArgument(f"cpu_quota must be a number of cores from 0.01 to 4096, got {cpu_quota!r}")
+        cpu_quota = float(cpu_quota)
+    tasks_max = _optional_int(options, "tasks_max", 1, MAX_TASKS)
+    network = _str(options, "network", "none")
+    if network not in NETWORKS:
+        raise InvalidArgument(f"unknown network {network!r}: known are {', '.join(NETWORKS)}")
+    labels = options.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise InvalidArgument("labels must be a map of strings to strings (a{ss})")
+    ttl_sec = _optional_int(options, "ttl_sec", 0, 1 << 40) or 0
+    auto_remove = _bool(options, "auto_remove", False)
+    start = _bool(options, "start", True)
+    spec = ContainerSpec(
+        env=tuple(env),
+        workdir=workdir,
+        hostname=hostname,
+        memory_max=memory_max,
+        cpu_quota=cpu_quota,
+        tasks_max=tasks_max if tasks_max is not None else 1024,
+        network=network,
+        labels=tuple(sorted(labels.items())),
+        ttl_sec=ttl_sec,
+        auto_remove=auto_remove,
+    )
+    return spec, start
+
+
+def _str(options: Mapping[str, object], key: str, default: str) -> str:
+    value = options.get(key, default)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"option {key} must be a string (s), got {type(value).__name__}")
+    return value
+
+
+def _str_list(options: Mapping[str, object], key: str) -> list[str]:
+    value = options.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"option {key} must be a list of strings (as)")
+    return value
+
+
+def _bool(options: Mapping[str, object], key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"option {key} must be a boolean (b), got {type(value).__name__}")
+    return value
+
+
+def _optional_int(options: Mapping[str, object], key: str, low: int, high: int) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"option {key} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidArgument(f"option {key} must be between {low} and {high}, got {value}")
+    return value

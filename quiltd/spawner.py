@@ -1,0 +1,143 @@
+"""The daemon's side of the fork server: launch a container, watch it exit.
+
+Exits are seen through pidfds registered with the event loop; nothing here
+blocks or polls on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from quiltd.errors import Internal
+from quiltd.launchspec import LaunchSpec
+from quiltd.linux import process_starttime
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A container's init, forked and waiting for the word to go."""
+
+    pid: int
+    starttime: int
+    pidfd: int
+    go_fd: int
+    error_fd: int
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.go_fd, self.error_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "quiltd.forkserver", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            self._process.wait(timeout=5)
+            self._process = None
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        # One request at a time: replies carry no id, they come back in order.
+        async with self._lock:
+            if self._sock is None or (self._process is not None and self._process.poll() is not None):
+                self.stop()
+                self.start()
+            assert self._sock is not None
+            self._sock.send(spec.to_json())
+            await _readable(self._sock.fileno())
+            data, fds, _, _ = socket.recv_fds(self._sock, 65536, 3)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._sock.close()
+            self._sock = None
+            raise Internal("the fork server exited")
+        reply = json.loads(data)
+        if not reply["ok"]:
+            raise Internal(f"could not create the container's namespaces: {reply['error']}")
+        pidfd, go_fd, error_fd = fds
+        return Launched(reply["pid"], reply["starttime"], pidfd, go_fd, error_fd)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def on_ready() -> None:
+        loop.remove_reader(fd)
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def go_and_confirm(launched: Launched) -> str:
+    """Lets the init run; returns "" once the command was executed, else the reason it failed."""
+    os.write(launched.go_fd, b"g")
+    os.close(launched.go_fd)
+    os.set_blocking(launched.error_fd, False)
+    report = b""
+    try:
+        while True:
+            await _readable(launched.error_fd)
+            chunk = os.read(launched.error_fd, 4096)
+            if not chunk:
+                return report.decode(errors="replace")
+            report += chunk
+    finally:
+        os.close(launched.error_fd)
+
+
+def watch_exit(pidfd: int, on_exit: Callable[[], None]) -> None:
+    """Calls on_exit from the event loop once the process behind pidfd has ended."""
+    loop = asyncio.get_running_loop()
+
+    def ready() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        on_exit()
+
+    loop.add_reader(pidfd, ready)
+
+
+def open_pidfd(pid: int, starttime: int) -> int | None:
+    """A pidfd for pid if it is still the process that started at starttime."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    # Checked after opening: from here on the pidfd pins this very process.
+    if process_starttime(pid) != starttime:
+        os.close(pidfd)
+        return None
+    return pidfd

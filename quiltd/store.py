@@ -1,0 +1,177 @@
+"""Quilt's state in SQLite: the one place that knows SQL.
+
+WAL with synchronous=NORMAL: a committed transaction survives the daemon
+being killed at any moment (not a power cut, which systemd restarts would
+not survive either). The daemon has one connection, used from the event
+loop thread only, so there is exactly one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from quiltd.model import Container, ContainerSpec, Image, State
+
+# Each entry moves the schema one version up; PRAGMA user_version says how
+# many have run. Never edit an entry that has shipped: add one.
+MIGRATIONS = (
+    """
+    CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    CREATE TABLE containers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        image TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        command TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        pid INTEGER NOT NULL DEFAULT 0,
+        pid_starttime INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER NOT NULL DEFAULT -1,
+        created_usec INTEGER NOT NULL,
+        started_usec INTEGER NOT NULL DEFAULT 0,
+        finished_usec INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX containers_state ON containers(state);
+    """,
+)
+
+_CONTAINER_COLUMNS = (
+    "id", "name", "image", "image_id", "command", "spec", "state", "reason", "pid", "pid_starttime",
+    "exit_code", "created_usec", "started_usec", "finished_usec",
+)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self.schema_version
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so a transaction never
+        # fails half-way for want of it.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def integrity_check(self) -> str:
+        result: str = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        return result
+
+    # Containers
+
+    def insert_container(self, c: Container) -> None:
+        row = _container_row(c)
+        marks = ", ".join("?" for _ in _CONTAINER_COLUMNS)
+        self._db.execute(
+            f"INSERT INTO containers ({', '.join(_CONTAINER_COLUMNS)}) VALUES ({marks})",
+            [row[k] for k in _CONTAINER_COLUMNS],
+        )
+
+    def update_container(self, c: Container) -> None:
+        row = _container_row(c)
+        columns = [k for k in _CONTAINER_COLUMNS if k != "id"]
+        self._db.execute(
+            f"UPDATE containers SET {', '.join(f'{k} = ?' for k in columns)} WHERE id = ?",
+            [row[k] for k in columns] + [c.id],
+        )
+
+    def delete_container(self, container_id: str) -> None:
+        self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+
+    def find_container(self, ref: str) -> Container | None:
+        row = self._db.execute("SELECT * FROM containers WHERE id = ? OR name = ?", (ref, ref)).fetchone()
+        return _container_from_row(row) if row else None
+
+    def name_in_use(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM containers WHERE name = ?", (name,)).fetchone() is not None
+
+    def list_containers(self) -> list[Container]:
+        rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()
+        return [_container_from_row(r) for r in rows]
+
+    def containers_using_image(self, image: str) -> list[str]:
+        rows = self._db.execute("SELECT name FROM containers WHERE image = ?", (image,)).fetchall()
+        return [r[0] for r in rows]
+
+    # Images
+
+    def insert_image(self, image: Image) -> None:
+        self._db.execute(
+            "INSERT INTO images (name, id, path, size_bytes, created_usec) VALUES (?, ?, ?, ?, ?)",
+            (image.name, image.id, image.path, image.size_bytes, image.created_usec),
+        )
+
+    def find_image(self, name: str) -> Image | None:
+        row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+        return Image(**dict(row)) if row else None
+
+    def list_images(self) -> list[Image]:
+        return [Image(**dict(r)) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+
+    def delete_image(self, name: str) -> None:
+        self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+
+def _container_row(c: Container) -> dict[str, Any]:
+    row = asdict(c)
+    row["command"] = json.dumps(list(c.command))
+    row["spec"] = json.dumps(asdict(c.spec))
+    row["state"] = c.state.value
+    return row
+
+
+def _container_from_row(row: sqlite3.Row) -> Container:
+    raw = dict(row)
+    spec = json.loads(raw.pop("spec"))
+    spec["env"] = tuple(spec["env"])
+    spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
+    return Container(
+        **{
+            **raw,
+            "command": tuple(json.loads(raw["command"])),
+            "spec": ContainerSpec(**spec),
+            "state": State(raw["state"]),
+        }
+    )
+
