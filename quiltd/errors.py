@@ -53,3 +53,9 @@ class Timeout(QuiltError):
 
 class Internal(QuiltError):
     dbus_name = ERROR_PREFIX + "Internal"
+
+
+class StartFailed(QuiltError):
+    """The container could not be started; the message says why (also in its State reason)."""
+
+    dbus_name = ERROR_PREFIX + "StartFailed"

@@ -1,0 +1,1 @@
+"""The D-Bus face of quiltd: converts, calls the core, converts back. No logic here."""

@@ -1,0 +1,125 @@
+# D-Bus signatures are string annotations that dbus-next reads; they are not Python types.
+# mypy: disable-error-code="name-defined,valid-type"
+"""org.quilt.Quilt1.Container: one object per container, its properties and verbs."""
+
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property, method
+
+from quiltd.bus.errors import bus_errors
+from quiltd.bus.names import CONTAINER_INTERFACE
+from quiltd.manager import Manager
+from quiltd.model import Container
+
+READ = PropertyAccess.READ
+
+
+class ContainerInterface(ServiceInterface):
+    def __init__(self, manager: Manager, container_id: str) -> None:
+        super().__init__(CONTAINER_INTERFACE)
+        self._m = manager
+        self._id = container_id
+
+    def _c(self) -> Container:
+        return self._m.get(self._id)
+
+    def announce_change(self, new: Container, old: Container) -> None:
+        changed: dict[str, object] = {}
+        if new.state != old.state:
+            changed["State"] = new.state.value
+        if new.pid != old.pid:
+            changed["Pid"] = new.pid
+        if new.exit_code != old.exit_code:
+            changed["ExitCode"] = new.exit_code
+        if new.started_usec != old.started_usec:
+            changed["StartedUsec"] = new.started_usec
+        if new.finished_usec != old.finished_usec:
+            changed["FinishedUsec"] = new.finished_usec
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @dbus_property(access=READ)
+    def Id(self) -> "s":
+        return self._id
+
+    @dbus_property(access=READ)
+    def Name(self) -> "s":
+        return self._c().name
+
+    @dbus_property(access=READ)
+    def Image(self) -> "s":
+        return self._c().image
+
+    @dbus_property(access=READ)
+    def State(self) -> "s":
+        return self._c().state.value
+
+    @dbus_property(access=READ)
+    def Pid(self) -> "u":
+        return self._c().pid
+
+    @dbus_property(access=READ)
+    def ExitCode(self) -> "i":
+        return self._c().exit_code
+
+    @dbus_property(access=READ)
+    def Command(self) -> "as":
+        return list(self._c().command)
+
+    @dbus_property(access=READ)
+    def CreatedUsec(self) -> "t":
+        return self._c().created_usec
+
+    @dbus_property(access=READ)
+    def StartedUsec(self) -> "t":
+        return self._c().started_usec
+
+    @dbus_property(access=READ)
+    def FinishedUsec(self) -> "t":
+        return self._c().finished_usec
+
+    @dbus_property(access=READ)
+    def Unit(self) -> "s":
+        return self._c().unit
+
+    @dbus_property(access=READ)
+    def IPAddress(self) -> "s":
+        return ""  # no addresses while the only network is "none"
+
+    @dbus_property(access=READ)
+    def Labels(self) -> "a{ss}":
+        return dict(self._c().spec.labels)
+
+    @dbus_property(access=READ)
+    async def MemoryCurrent(self) -> "t":
+        usage = await self._m.usage(self._c())
+        return usage.memory_current if usage else 0
+
+    @dbus_property(access=READ)
+    async def CPUUsageNSec(self) -> "t":
+        usage = await self._m.usage(self._c())
+        return usage.cpu_usage_nsec if usage else 0
+
+    @dbus_property(access=READ)
+    async def TasksCurrent(self) -> "t":
+        usage = await self._m.usage(self._c())
+        return usage.tasks_current if usage else 0
+
+    @method()
+    @bus_errors
+    async def Start(self) -> None:
+        await self._m.start(self._id)
+
+    @method()
+    @bus_errors
+    async def Stop(self, timeout_sec: "u") -> None:
+        await self._m.stop(self._id, timeout_sec)
+
+    @method()
+    @bus_errors
+    async def Kill(self, signal: "i") -> None:
+        await self._m.kill(self._id, signal)
+
+    @method()
+    @bus_errors
+    async def Remove(self, force: "b") -> None:
+        await self._m.remove(self._id, force)

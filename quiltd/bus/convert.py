@@ -1,0 +1,71 @@
+"""Core records to D-Bus values and back."""
+
+from typing import Any
+
+from dbus_next.signature import Variant
+
+from quiltd.bus.names import container_path
+from quiltd.manager import ContainerInfo, SystemInfo
+from quiltd.model import Container
+
+
+def unwrap(options: dict[str, Variant]) -> dict[str, Any]:
+    """a{sv} to plain values; the core checks their types."""
+    return {key: _plain(value) for key, value in options.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def container_row(c: Container) -> list[Any]:
+    return [c.id, c.name, c.image, c.state.value, container_path(c.id)]
+
+
+def container_info(info: ContainerInfo) -> dict[str, Variant]:
+    c, usage = info.container, info.usage
+    return {
+        "Id": Variant("s", c.id),
+        "Name": Variant("s", c.name),
+        "Image": Variant("s", c.image),
+        "ImageId": Variant("s", c.image_id),
+        "State": Variant("s", c.state.value),
+        "Reason": Variant("s", c.reason),
+        "Pid": Variant("u", c.pid),
+        "ExitCode": Variant("i", c.exit_code),
+        "Command": Variant("as", list(c.command)),
+        "Env": Variant("as", list(c.spec.env)),
+        "Workdir": Variant("s", c.spec.workdir),
+        "Hostname": Variant("s", c.spec.hostname),
+        "Network": Variant("s", c.spec.network),
+        "Labels": Variant("a{ss}", dict(c.spec.labels)),
+        "MemoryMax": Variant("t", c.spec.memory_max or 0),
+        "CPUQuota": Variant("d", c.spec.cpu_quota or 0.0),
+        "TasksMax": Variant("t", c.spec.tasks_max),
+        "TTLSec": Variant("t", c.spec.ttl_sec),
+        "AutoRemove": Variant("b", c.spec.auto_remove),
+        "CreatedUsec": Variant("t", c.created_usec),
+        "StartedUsec": Variant("t", c.started_usec),
+        "FinishedUsec": Variant("t", c.finished_usec),
+        "Unit": Variant("s", c.unit),
+        "MemoryCurrent": Variant("t", usage.memory_current if usage else 0),
+        "CPUUsageNSec": Variant("t", usage.cpu_usage_nsec if usage else 0),
+        "TasksCurrent": Variant("t", usage.tasks_current if usage else 0),
+    }
+
+
+def system_info(info: SystemInfo) -> dict[str, Variant]:
+    return {
+        "Version": Variant("s", info.version),
+        "Containers": Variant("a{su}", info.containers_by_state),
+        "Images": Variant("u", info.images),
+        "StateDirectory": Variant("s", info.state_dir),
+        "RuntimeDirectory": Variant("s", info.run_dir),
+        "Kernel": Variant("s", info.kernel),
+    }

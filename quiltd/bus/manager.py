@@ -1,0 +1,93 @@
+# D-Bus signatures are string annotations that dbus-next reads; they are not Python types.
+# mypy: disable-error-code="name-defined,valid-type,empty-body"
+"""org.quilt.Quilt1.Manager at /org/quilt/Quilt1."""
+
+from dbus_next.service import ServiceInterface, method, signal
+
+from quiltd.bus import convert
+from quiltd.bus.errors import bus_errors
+from quiltd.bus.names import MANAGER_INTERFACE, container_path
+from quiltd.manager import Manager
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, manager: Manager) -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self._m = manager
+
+    @method()
+    @bus_errors
+    async def CreateContainer(self, name: "s", image: "s", command: "as", options: "a{sv}") -> "so":
+        c = await self._m.create(name, image, command, convert.unwrap(options))
+        return [c.id, container_path(c.id)]
+
+    @method()
+    @bus_errors
+    async def StartContainer(self, ref: "s") -> None:
+        await self._m.start(ref)
+
+    @method()
+    @bus_errors
+    async def StopContainer(self, ref: "s", timeout_sec: "u") -> None:
+        await self._m.stop(ref, timeout_sec)
+
+    @method()
+    @bus_errors
+    async def KillContainer(self, ref: "s", signal: "i") -> None:
+        await self._m.kill(ref, signal)
+
+    @method()
+    @bus_errors
+    async def RemoveContainer(self, ref: "s", force: "b") -> None:
+        await self._m.remove(ref, force)
+
+    @method()
+    @bus_errors
+    async def WaitContainer(self, ref: "s", timeout_usec: "t") -> "si":
+        c = await self._m.wait(ref, timeout_usec)
+        return [c.state.value, c.exit_code]
+
+    @method()
+    @bus_errors
+    async def GetContainer(self, ref: "s") -> "o":
+        return container_path(self._m.get(ref).id)
+
+    @method()
+    @bus_errors
+    async def GetContainerInfo(self, ref: "s") -> "a{sv}":
+        return convert.container_info(await self._m.info(ref))
+
+    @method()
+    @bus_errors
+    async def ListContainers(self, filter: "a{sv}") -> "a(sssso)":
+        return [convert.container_row(c) for c in self._m.list_containers(convert.unwrap(filter))]
+
+    @method()
+    @bus_errors
+    async def ImportImage(self, name: "s", source: "s", options: "a{sv}") -> "s":
+        image = await self._m.import_image(name, source, convert.unwrap(options))
+        return image.id
+
+    @method()
+    @bus_errors
+    async def ListImages(self) -> "a(sstt)":
+        return [[i.name, i.id, i.size_bytes, i.created_usec] for i in self._m.list_images()]
+
+    @method()
+    @bus_errors
+    async def RemoveImage(self, name: "s") -> None:
+        await self._m.remove_image(name)
+
+    @method()
+    @bus_errors
+    async def GetSystemInfo(self) -> "a{sv}":
+        return convert.system_info(self._m.system_info())
+
+    @signal()
+    def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":
+        return [id, name, state, exit_code]
+
+    @signal()
+    def ContainerRemoved(self, id: str, name: str) -> "ss":
+        return [id, name]
+

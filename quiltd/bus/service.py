@@ -1,0 +1,43 @@
+"""Exports the manager and one object per container, and relays core events as signals."""
+
+from dbus_next.aio.message_bus import MessageBus
+
+from quiltd.bus.container import ContainerInterface
+from quiltd.bus.manager import ManagerInterface
+from quiltd.bus.names import MANAGER_PATH, container_path
+from quiltd.manager import Manager
+from quiltd.model import Container
+
+
+class BusService:
+    """The manager's Listener: keeps the exported objects in step with the store."""
+
+    def __init__(self, bus: MessageBus, manager: Manager) -> None:
+        self._bus = bus
+        self._manager = manager
+        self._interface = ManagerInterface(manager)
+        self._containers: dict[str, ContainerInterface] = {}
+        bus.export(MANAGER_PATH, self._interface)
+        manager.add_listener(self)
+
+    def export_existing(self) -> None:
+        for c in self._manager.list_containers({}):
+            self.container_added(c)
+
+    def container_added(self, c: Container) -> None:
+        obj = ContainerInterface(self._manager, c.id)
+        self._containers[c.id] = obj
+        self._bus.export(container_path(c.id), obj)
+
+    def container_changed(self, c: Container, old: Container) -> None:
+        if c.state != old.state:
+            self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
+        obj = self._containers.get(c.id)
+        if obj is not None:
+            obj.announce_change(c, old)
+
+    def container_removed(self, c: Container) -> None:
+        obj = self._containers.pop(c.id, None)
+        if obj is not None:
+            self._bus.unexport(container_path(c.id), obj)
+        self._interface.ContainerRemoved(c.id, c.name)

@@ -1,0 +1,177 @@
+"""quiltd: the process. Wires the store, the mechanisms, the core and the bus together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, RequestNameReply
+from systemd import daemon as sd_daemon
+from systemd import journal
+
+from quiltd import __version__
+from quiltd.bus.names import BUS_NAME
+from quiltd.bus.service import BusService
+from quiltd.manager import Manager, RecoveryOutcome
+from quiltd.paths import Paths
+from quiltd.scopes import Systemd
+from quiltd.spawner import ForkServer
+from quiltd.store import Store
+
+log = logging.getLogger("quiltd")
+
+# Journal message ids (like machined's), so a start, a recovery and a stop
+# can be found with journalctl MESSAGE_ID=...
+MESSAGE_STARTED = "2b6fa4c7c33e4a0e9a6c1e58f4d1a9e1"
+MESSAGE_RECOVERED = "8f1c0d6b5b7a4d2c9e3f0a1b2c3d4e5f"
+MESSAGE_STOPPING = "c4d7e9a1f3b54c6d8e0f1a2b3c4d5e6f"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="quiltd", description="Quilt container daemon")
+    p.add_argument("--bus-address", help="D-Bus address to serve on (default: the system bus)")
+    p.add_argument("--state-dir", type=Path, default=Paths.state_dir)
+    p.add_argument("--run-dir", type=Path, default=Paths.run_dir)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--detach", action="store_true", help="run in the background (outside systemd)")
+    p.add_argument("--version", action="version", version=f"quiltd {__version__}")
+    return p.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler = journal.JournalHandler(SYSLOG_IDENTIFIER="quiltd")
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("quiltd: %(levelname)s %(message)s"))
+    root.addHandler(handler)
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, forkserver: ForkServer) -> None:
+        self._args = args
+        self._paths = Paths(args.state_dir, args.run_dir)
+        self._forkserver = forkserver
+        self._stop = asyncio.Event()
+        self._status_pending = False
+        self.manager: Manager | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        self._paths.create()
+        store = Store(self._paths.database)
+        if self._args.bus_address:
+            bus = await MessageBus(bus_address=self._args.bus_address, negotiate_unix_fd=True).connect()
+        else:
+            bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        systemd = Systemd(bus)
+        await systemd.connect()
+        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
+        service = BusService(bus, manager)
+        found = await manager.recover()
+        service.export_existing()
+        manager.add_listener(self)
+        journal.send(
+            "recovered: " + "; ".join(f"{o.value}: {len(found[o])}" for o in RecoveryOutcome),
+            MESSAGE_ID=MESSAGE_RECOVERED,
+            SYSLOG_IDENTIFIER="quiltd",
+            **{f"QUILT_{o.name}": " ".join(found[o]) for o in RecoveryOutcome},
+        )
+        reply = await bus.request_name(BUS_NAME)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            log.error("could not own %s (%s): is another quiltd running?", BUS_NAME, reply)
+            return 1
+        journal.send(f"quiltd {__version__} ready", MESSAGE_ID=MESSAGE_STARTED, SYSLOG_IDENTIFIER="quiltd")
+        sd_daemon.notify(f"READY=1\nSTATUS={self._status()}")
+        self._start_watchdog()
+        disconnected = loop.create_task(bus.wait_for_disconnect())
+        stopped = loop.create_task(self._stop.wait())
+        await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if disconnected.done():
+            log.error("lost the bus connection; exiting so systemd restarts quiltd")
+            return 1
+        sd_daemon.notify("STOPPING=1")
+        journal.send("quiltd stopping; containers keep running", MESSAGE_ID=MESSAGE_STOPPING,
+                     SYSLOG_IDENTIFIER="quiltd")
+        with contextlib.suppress(Exception):
+            await bus.release_name(BUS_NAME)
+        bus.disconnect()
+        store.close()
+        return 0
+
+    def _status(self) -> str:
+        assert self.manager is not None
+        counts = self.manager.counts()
+        return ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no containers"
+
+    def _start_watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+        if usec <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        # Pinging from the loop itself: if the loop stalls, the pings stop and
+        # systemd restarts us.
+        interval = usec / 1e6 / 2
+
+        def ping() -> None:
+            sd_daemon.notify("WATCHDOG=1")
+            loop.call_later(interval, ping)
+
+        ping()
+
+    # Listener: keep STATUS= current, at most once per loop turn.
+    def container_added(self, c: object) -> None:
+        self._schedule_status()
+
+    def container_changed(self, c: object, old: object) -> None:
+        self._schedule_status()
+
+    def container_removed(self, c: object) -> None:
+        self._schedule_status()
+
+    def _schedule_status(self) -> None:
+        if self._status_pending:
+            return
+        self._status_pending = True
+
+        def send() -> None:
+            self._status_pending = False
+            sd_daemon.notify(f"STATUS={self._status()}")
+
+        asyncio.get_running_loop().call_soon(send)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.detach:
+        import daemon as python_daemon
+
+        python_daemon.DaemonContext(umask=0o022, working_directory="/").open()
+    setup_logging(args.log_level)
+    # Started before asyncio brings threads into this process.
+    forkserver = ForkServer()
+    forkserver.start()
+    try:
+        code = asyncio.run(Daemon(args, forkserver).run())
+    except Exception:
+        log.exception("quiltd failed")
+        code = 1
+    finally:
+        forkserver.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

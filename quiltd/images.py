@@ -1,0 +1,729 @@
+"""Safe extraction of rootfs tarballs into an image directory.
+
+The archive comes from a client and is treated as hostile: every member is
+checked before anything is written, nothing is ever resolved through a
+symlink, and the whole archive is streamed so neither its size nor its
+compression ratio decides how much memory the daemon uses. A failed
+extraction removes the destination completely, so the caller only ever sees
+a complete image or none.
+
+tarfile's own extraction filters are not used: they only exist from 3.12
+(and as late backports), and the checks here are stricter anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TypeVar
+
+from quiltd.errors import InvalidImage
+
+_CHUNK = 1 << 20
+
+# Long-name and pax records are read into memory whole by tarfile, so they
+# get a cap of their own; real ones are a few hundred bytes.
+_META_MAX = 1 << 20
+
+# Paths longer than PATH_MAX could not be used inside the container anyway,
+# and the cap bounds how deep a single member can make us walk and create.
+_PATH_MAX = 4095
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+_META_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Errors that mean "this archive (or reading it) is broken" and so become
+# InvalidImage; anything else is a bug here and must surface as one.
+_ARCHIVE_ERRORS = (
+    OSError,
+    EOFError,
+    tarfile.TarError,
+    lzma.LZMAError,
+    zlib.error,
+    ValueError,
+    OverflowError,
+    RecursionError,
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 16 << 30  # total size of regular-file content
+    max_entries: int = 2_000_000
+    keep_setuid: bool = False  # setuid/setgid bits are dropped unless asked
+
+
+@dataclass(frozen=True)
+class ExtractedImage:
+    image_id: str  # sha256 (64 lowercase hex digits) of the archive bytes as stored
+    size_bytes: int  # sum of regular file sizes written
+    entries: int  # archive members processed, including directories and links
+
+
+@dataclass(frozen=True)
+class _Meta:
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+def extract_rootfs_tarball(
+    source: Path, dest: Path, limits: ImageLimits = ImageLimits()
+) -> ExtractedImage:
+    """Extract the rootfs tarball `source` into the new directory `dest`.
+
+    Raises InvalidImage for anything wrong with the archive, after removing
+    `dest`. `dest` already existing (or its parent missing) is the caller's
+    bug, not the image's, so that raises the plain OSError and leaves the
+    existing path alone.
+    """
+    src_fd = _open_source(source)
+    try:
+        os.mkdir(dest, 0o700)
+    except BaseException:
+        os.close(src_fd)
+        raise
+    try:
+        with open(src_fd, "rb", buffering=0) as raw:
+            return _extract(raw, dest, limits)
+    except InvalidImage:
+        _remove_tree(None, str(dest))
+        raise
+    except _ARCHIVE_ERRORS as exc:
+        _remove_tree(None, str(dest))
+        raise InvalidImage(f"{source}: corrupt or unreadable archive: {_describe(exc)}") from exc
+    except BaseException:
+        _remove_tree(None, str(dest))
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _open_source(source: Path) -> int:
+    # O_NONBLOCK so a FIFO planted at the path cannot hang the open; only
+    # regular files are accepted because the whole file is read to hash it.
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidImage(f"{source}: no such file") from None
+    except OSError as exc:
+        raise InvalidImage(f"{source}: cannot open: {_describe(exc)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidImage(f"{source}: not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits) -> ExtractedImage:
+    digest = hashlib.sha256()
+    hashed = _HashingReader(raw, digest)
+    # Peek without consuming so the hash still sees every byte exactly once.
+    magic = os.pread(raw.fileno(), 6, 0)
+    # Everything decompressed beyond file content is headers and padding;
+    # this generous bound stops a stream of padding or metadata records that
+    # would otherwise keep us decompressing long after max_bytes.
+    stream_cap = limits.max_bytes + limits.max_entries * 2048 + (64 << 20)
+
+    root_fd = os.open(dest, _DIR_OPEN)
+    try:
+        extractor = _Extractor(root_fd, limits)
+        try:
+            if magic.startswith(_ZSTD_MAGIC):
+                with _ZstdPipe(hashed) as pipe:
+                    _untar(_Capped(pipe.stdout, stream_cap), extractor)
+                    pipe.finish()
+            else:
+                buffered = io.BufferedReader(hashed, _CHUNK)
+                inner: IO[bytes]
+                if magic.startswith(_GZIP_MAGIC):
+                    inner = gzip.GzipFile(fileobj=buffered, mode="rb")
+                elif magic.startswith(_XZ_MAGIC):
+                    inner = lzma.LZMAFile(buffered)
+                else:
+                    inner = buffered
+                with inner:
+                    _untar(_Capped(inner, stream_cap), extractor)
+                # Compressed formats may end with bytes the decompressor
+                # never asked for; they are part of the file and its id.
+                while hashed.read(_CHUNK):
+                    pass
+            extractor.finish()
+        finally:
+            extractor.close()
+    finally:
+        os.close(root_fd)
+    return ExtractedImage(
+        image_id=digest.hexdigest(),
+        size_bytes=extractor.size_bytes,
+        entries=extractor.entries,
+    )
+
+
+def _untar(capped: _Capped, extractor: _Extractor) -> None:
+    stream = io.BufferedReader(capped, _CHUNK)
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo) as tf:
+        while (member := tf.next()) is not None:
+            extractor.add(tf, member)
+            # tarfile keeps every TarInfo it has read, even in stream mode;
+            # with millions of entries that is the one unbounded allocation.
+            members = getattr(tf, "members", None)
+            if isinstance(members, list):
+                members.clear()
+    # Read the decompressed stream to its real end so a truncated or corrupt
+    # compressed archive fails its integrity check (gzip CRC, xz check, zstd
+    # exit status) instead of passing because tar's end marker came first.
+    while stream.read(_CHUNK):
+        pass
+
+
+class _HashingReader(io.RawIOBase):
+    """The raw archive bytes, hashed exactly as they are read."""
+
+    def __init__(self, raw: io.FileIO, digest: hashlib._Hash) -> None:
+        super().__init__()
+        self._raw = raw
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buffer) or 0
+        self._digest.update(memoryview(buffer)[:n])
+        return n
+
+
+class _Capped(io.RawIOBase):
+    """The decompressed tar stream, cut off once it grows past a bound."""
+
+    def __init__(self, inner: IO[bytes], cap: int) -> None:
+        super().__init__()
+        self._inner = inner
+        self._cap = cap
+        self._seen = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self._inner.read(len(view))
+        n = len(data)
+        self._seen += n
+        if self._seen > self._cap:
+            raise InvalidImage(
+                f"archive expands past {self._cap} bytes of tar stream; refusing it"
+            )
+        view[:n] = data
+        return n
+
+
+_T = TypeVar("_T", bound="_CheckedTarInfo")
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """TarInfo that turns tarfile's silent leniencies into errors.
+
+    tarfile ends an archive quietly at a missing end marker, a short header
+    or a bad checksum after the first member, which would make a truncated
+    download look like a smaller, valid image. It also reads long-name and
+    pax records whole into memory, whatever size they claim.
+    """
+
+    @classmethod
+    def frombuf(cls: type[_T], buf: bytes | bytearray, encoding: str, errors: str) -> _T:
+        if not buf:
+            raise InvalidImage("archive is truncated: it ends without a tar end-of-archive marker")
+        if len(buf) != tarfile.BLOCKSIZE:
+            raise InvalidImage("archive is truncated: it ends inside a tar header")
+        try:
+            info = super().frombuf(buf, encoding, errors)
+        except tarfile.InvalidHeaderError as exc:
+            raise InvalidImage(f"not a tar archive, or corrupt: {exc}") from None
+        if info.type in _META_TYPES and info.size > _META_MAX:
+            raise InvalidImage(
+                f"tar metadata record of {info.size} bytes before {info.name!r} is too large"
+            )
+        return info
+
+
+class _ZstdPipe:
+    """`zstd -dc` fed from the hashing reader by a thread, read by tarfile.
+
+    The thread exists so the raw bytes pass through our hash on their way to
+    zstd instead of being read twice.
+    """
+
+    def __init__(self, hashed: _HashingReader) -> None:
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen(
+                ["zstd", "-d", "-c", "-q"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+            )
+        except FileNotFoundError:
+            self._stderr.close()
+            raise InvalidImage("cannot read a zstd archive: the zstd tool is not installed") from None
+        except BaseException:
+            self._stderr.close()
+            raise
+        assert self._proc.stdout is not None
+        self.stdout: IO[bytes] = self._proc.stdout
+        self._stop = threading.Event()
+        self._read_error: OSError | None = None
+        self._finished = False
+        self._thread = threading.Thread(
+            target=self._pump, args=(hashed,), name="quilt-zstd-feed", daemon=True
+        )
+        self._thread.start()
+
+    def _pump(self, hashed: _HashingReader) -> None:
+        sink = self._proc.stdin
+        try:
+            while not self._stop.is_set():
+                chunk = hashed.read(_CHUNK)
+                if not chunk:
+                    break
+                if sink is not None:
+                    try:
+                        sink.write(chunk)
+                    except (BrokenPipeError, ValueError):
+                        # zstd quit early; its exit status says why. Keep
+                        # reading so the hash still covers the whole file.
+                        sink = None
+        except OSError as exc:
+            self._read_error = exc
+        finally:
+            if sink is not None:
+                try:
+                    sink.close()
+                except BrokenPipeError:
+                    pass
+
+    def finish(self) -> None:
+        """Call once the output was read to its end: checks zstd's verdict."""
+        rc = self._proc.wait()
+        self._thread.join()
+        self._finished = True
+        if self._read_error is not None:
+            raise InvalidImage(f"reading the archive failed: {_describe(self._read_error)}")
+        if rc != 0:
+            self._stderr.seek(0)
+            detail = self._stderr.read(4096).decode("utf-8", "replace").strip()
+            raise InvalidImage(f"corrupt zstd archive: {detail or f'zstd exited with {rc}'}")
+
+    def __enter__(self) -> _ZstdPipe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._finished:
+            # Killing zstd also unblocks the feeder if it is stuck writing
+            # into a full pipe nobody reads any more.
+            self._stop.set()
+            self._proc.kill()
+            self._thread.join()
+            self._proc.wait()
+        self.stdout.close()
+        self._stderr.close()
+
+
+class _Extractor:
+    """Writes members below root_fd, one at a time, as tarfile yields them."""
+
+    def __init__(self, root_fd: int, limits: ImageLimits) -> None:
+        self._root = root_fd
+        self._limits = limits
+        # chown needs root; unprivileged callers (tests, tools) still get a
+        # usable tree, owned by themselves.
+        self._chown = os.geteuid() == 0
+        # Directory metadata is applied at the end: creating entries would
+        # bump the mtimes, and a read-only mode could lock us out.
+        self._dirs: dict[tuple[str, ...], _Meta] = {}
+        # Members usually arrive directory by directory, so one cached
+        # parent fd saves walking the path again for most of them.
+        self._cached: tuple[tuple[str, ...], int] | None = None
+        self.size_bytes = 0
+        self.entries = 0
+
+    def close(self) -> None:
+        self._drop_cache()
+
+    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = member.name
+        self.entries += 1
+        if self.entries > self._limits.max_entries:
+            raise InvalidImage(
+                f"{name!r}: too many entries (limit {self._limits.max_entries})"
+            )
+        parts = _member_parts(name, name)
+        meta = self._meta(member)
+
+        if member.isdir():
+            self._add_dir(parts, name, meta)
+            return
+        if not parts:
+            raise InvalidImage(f"{name!r}: only a directory may stand for the image root")
+        if member.ischr() or member.isblk():
+            raise InvalidImage(f"{name!r}: device nodes are not allowed in images")
+        if member.isreg():
+            self._add_file(tf, member, parts, meta)
+        elif member.issym():
+            self._add_symlink(member, parts, meta)
+        elif member.islnk():
+            self._add_hardlink(member, parts)
+        elif member.isfifo():
+            self._add_fifo(parts, meta)
+        else:
+            raise InvalidImage(f"{name!r}: unsupported tar member type {member.type!r}")
+
+    def _meta(self, member: tarfile.TarInfo) -> _Meta:
+        for what, value in (("uid", member.uid), ("gid", member.gid)):
+            # 2**32-1 is chown's "leave unchanged", not an owner.
+            if not 0 <= value < 0xFFFFFFFF:
+                raise InvalidImage(f"{member.name!r}: invalid {what} {value}")
+        mode = member.mode & 0o7777
+        if not self._limits.keep_setuid:
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        mtime = member.mtime
+        mtime_ns = mtime * 1_000_000_000 if isinstance(mtime, int) else int(mtime * 1e9)
+        return _Meta(mode=mode, uid=member.uid, gid=member.gid, mtime_ns=mtime_ns)
+
+    # -- members ------------------------------------------------------------
+
+    def _add_dir(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
+        if parts:
+            parent = self._parent_fd(parts, name)
+            if not self._clear(parent, parts, keep_dir=True):
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
+        self._dirs[parts] = meta
+
+    def _add_file(
+        self,
+        tf: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parts: tuple[str, ...],
+        meta: _Meta,
+    ) -> None:
+        name = member.name
+        # Checked against the header before any content is decompressed, so
+        # a bomb stops at its first oversized member.
+        if self.size_bytes + member.size > self._limits.max_bytes:
+            raise InvalidImage(
+                f"{name!r}: image content exceeds the limit of {self._limits.max_bytes} bytes"
+            )
+        content = tf.extractfile(member)
+        if content is None:
+            raise InvalidImage(f"{name!r}: no content for a regular file")
+        parent = self._parent_fd(parts, name)
+        self._clear(parent, parts, keep_dir=False)
+        fd = os.open(parts[-1], _FILE_CREATE, 0o600, dir_fd=parent)
+        try:
+            written = 0
+            while chunk := content.read(_CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(chunk)
+            if written != member.size:
+                raise InvalidImage(f"{name!r}: truncated content ({written} of {member.size})")
+            self.size_bytes += written
+            if self._chown:
+                os.fchown(fd, meta.uid, meta.gid)
+            # After chown, which clears setuid/setgid.
+            os.fchmod(fd, meta.mode)
+            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def _add_symlink(self, member: tarfile.TarInfo, parts: tuple[str, ...], meta: _Meta) -> None:
+        name, target = member.name, member.linkname
+        if not target:
+            raise InvalidImage(f"{name!r}: symlink with an empty target")
+        if len(target.encode("utf-8", "surrogateescape")) > _PATH_MAX:
+            raise InvalidImage(f"{name!r}: symlink target too long")
+        if target.startswith("/"):
+            raise InvalidImage(f"{name!r}: symlink to absolute path {target!r}")
+        # Lexical resolution is what a host-side reader would do, and the
+        # only one possible: the link may point at things not extracted yet.
+        depth = len(parts) - 1
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise InvalidImage(
+                        f"{name!r}: symlink target {target!r} escapes the image root"
+                    )
+            else:
+                depth += 1
+        parent = self._parent_fd(parts, name)
+        self._clear(parent, parts, keep_dir=False)
+        base = parts[-1]
+        os.symlink(target, base, dir_fd=parent)
+        if self._chown:
+            os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+    def _add_hardlink(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        name, target = member.name, member.linkname
+        if target.startswith("/"):
+            raise InvalidImage(f"{name!r}: hard link to absolute path {target!r}")
+        target_parts = _member_parts(target, name)
+        if not target_parts:
+            raise InvalidImage(f"{name!r}: hard link to the image root")
+        if target_parts == parts:
+            return
+        # The target must be a regular file this extraction already wrote;
+        # the walk below refuses symlinked parents, so a link can only ever
+        # reach an inode inside the image.
+        missing = InvalidImage(
+            f"{name!r}: hard link target {target!r} is not a regular file extracted earlier"
+        )
+        try:
+            target_parent = self._walk(target_parts[:-1], name, create=False)
+        except FileNotFoundError:
+            raise missing from None
+        try:
+            try:
+                st = os.stat(target_parts[-1], dir_fd=target_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise missing from None
+            if not stat.S_ISREG(st.st_mode):
+                raise missing
+            parent = self._parent_fd(parts, name)
+            self._clear(parent, parts, keep_dir=False)
+            # The link shares the target's inode and so its metadata; tar
+            # never applies the link entry's own mode or owner.
+            os.link(
+                target_parts[-1],
+                parts[-1],
+                src_dir_fd=target_parent,
+                dst_dir_fd=parent,
+                follow_symlinks=False,
+            )
+        finally:
+            if target_parent != self._root:
+                os.close(target_parent)
+
+    def _add_fifo(self, parts: tuple[str, ...], meta: _Meta) -> None:
+        parent = self._parent_fd(parts, "/".join(parts))
+        self._clear(parent, parts, keep_dir=False)
+        base = parts[-1]
+        os.mkfifo(base, 0o600, dir_fd=parent)
+        if self._chown:
+            os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        # Following is harmless here: we just created this name as a FIFO.
+        os.chmod(base, meta.mode, dir_fd=parent)
+        os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+    # -- the tree -----------------------------------------------------------
+
+    def _clear(self, parent: int, parts: tuple[str, ...], *, keep_dir: bool) -> bool:
+        """Make room for parts[-1]; True if an existing directory was kept.
+
+        A later member replaces an earlier one, as with tar; the old entry is
+        removed rather than written through, which for a symlink would
+        follow it and for a hard link would change the other name too.
+        """
+        base = parts[-1]
+        try:
+            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self._drop_cache()
+            _remove_tree(parent, base)
+            self._dirs.pop(parts, None)
+        else:
+            os.unlink(base, dir_fd=parent)
+        return False
+
+    def _parent_fd(self, parts: tuple[str, ...], name: str) -> int:
+        """A borrowed fd of the directory that will hold parts[-1]."""
+        dir_parts = parts[:-1]
+        if not dir_parts:
+            return self._root
+        if self._cached is not None and self._cached[0] == dir_parts:
+            return self._cached[1]
+        fd = self._walk(dir_parts, name, create=True)
+        self._drop_cache()
+        self._cached = (dir_parts, fd)
+        return fd
+
+    def _drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    def _walk(self, dir_parts: tuple[str, ...], name: str, *, create: bool) -> int:
+        """Open root/dir_parts one component at a time, never following a link.
+
+        Returns an fd the caller owns (the root fd itself for no parts).
+        Missing directories are created when `create`, as tar does for
+        archives that omit parent entries.
+        """
+        fd = self._root
+        try:
+            for i, part in enumerate(dir_parts):
+                try:
+                    next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
+                    # Not the umask's choice: an implied directory is 0755.
+                    os.fchmod(next_fd, 0o755)
+                    self._dirs.pop(dir_parts[: i + 1], None)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    where = "/".join(dir_parts[: i + 1])
+                    raise InvalidImage(
+                        f"{name!r}: {where!r} is not a directory (a symlink or file); "
+                        "refusing to write through it"
+                    ) from None
+                if fd != self._root:
+                    os.close(fd)
+                fd = next_fd
+        except BaseException:
+            if fd != self._root:
+                os.close(fd)
+            raise
+        return fd
+
+    def finish(self) -> None:
+        """Apply the deferred directory owners, modes and mtimes."""
+        self._drop_cache()
+        for parts, meta in self._dirs.items():
+            try:
+                fd = self._walk(parts, "/".join(parts), create=False)
+            except (FileNotFoundError, InvalidImage):
+                # Replaced or removed by a later member.
+                continue
+            try:
+                if self._chown:
+                    os.fchown(fd, meta.uid, meta.gid)
+                os.fchmod(fd, meta.mode)
+                os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+            finally:
+                if fd != self._root:
+                    os.close(fd)
+        if () not in self._dirs:
+            os.fchmod(self._root, 0o755)
+
+
+def _member_parts(path: str, member: str) -> tuple[str, ...]:
+    """Split an archive path into components, refusing anything that leaves the root."""
+    if path.startswith("/"):
+        raise InvalidImage(f"{member!r}: absolute path {path!r}")
+    if len(path.encode("utf-8", "surrogateescape")) > _PATH_MAX:
+        raise InvalidImage(f"{member!r}: path too long")
+    parts = path.split("/")
+    if ".." in parts:
+        raise InvalidImage(f"{member!r}: path {path!r} contains '..'")
+    return tuple(p for p in parts if p not in ("", "."))
+
+
+def _remove_tree(parent_fd: int | None, name: str) -> None:
+    """Remove a directory tree without following symlinks, however deep.
+
+    shutil.rmtree recurses (RecursionError) and holds an fd per level
+    (EMFILE) on the Pythons we support; a hostile archive can be thousands
+    of levels deep. Instead, grandchildren are renamed up into the top
+    directory, so the tree flattens while at most two fds are open.
+    """
+    top = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
+    try:
+        _make_writable(top)
+        counter = 0
+        while True:
+            with os.scandir(top) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            if not entries:
+                break
+            for entry, is_dir in entries:
+                if not is_dir:
+                    os.unlink(entry, dir_fd=top)
+                    continue
+                child = os.open(entry, _DIR_OPEN, dir_fd=top)
+                try:
+                    _make_writable(child)
+                    with os.scandir(child) as it:
+                        grand = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                    for g, g_is_dir in grand:
+                        if not g_is_dir:
+                            os.unlink(g, dir_fd=child)
+                            continue
+                        while True:
+                            counter += 1
+                            try:
+                                # Renaming over an existing empty directory
+                                # is fine: it was going to be removed anyway.
+                                os.rename(g, f".rm-{counter}", src_dir_fd=child, dst_dir_fd=top)
+                                break
+                            except OSError as exc:
+                                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                                    raise
+                finally:
+                    os.close(child)
+                os.rmdir(entry, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _make_writable(fd: int) -> None:
+    # Root ignores modes; an unprivileged caller needs write and search
+    # permission on directories it owns to empty them.
+    if os.geteuid() != 0:
+        try:
+            os.fchmod(fd, 0o700)
+        except PermissionError:
+            pass

@@ -1,0 +1,454 @@
+"""The core: containers' life cycle and images, above the mechanisms.
+
+Plain typed Python on the event loop: the bus layer calls in, events go out
+through a Listener. Every state change is committed to the store before it
+is announced, and before the method that caused it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import os
+import platform
+import secrets
+import shutil
+import signal
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from quiltd import __version__, images, options
+from quiltd.errors import (
+    Internal,
+    InvalidArgument,
+    InvalidState,
+    NameTaken,
+    NoSuchContainer,
+    NoSuchImage,
+    StartFailed,
+    Timeout,
+)
+from quiltd.launchspec import LaunchSpec
+from quiltd.model import NO_EXIT_CODE, Container, Image, State
+from quiltd.paths import Paths
+from quiltd.scopes import ScopeLimits, Systemd, Usage
+from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, watch_exit
+from quiltd.store import Store
+
+log = logging.getLogger("quiltd")
+T = TypeVar("T")
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SIGKILL_EXIT = 128 + signal.SIGKILL
+
+
+class Listener(Protocol):
+    """Who hears about containers appearing, changing and going away."""
+
+    def container_added(self, c: Container) -> None: ...
+    def container_changed(self, c: Container, old: Container) -> None: ...
+    def container_removed(self, c: Container) -> None: ...
+
+
+class RecoveryOutcome(enum.Enum):
+    ADOPTED = "adopted"
+    EXITED_WHILE_DOWN = "exited while down"
+    RESTARTED = "start resumed"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    container: Container
+    usage: Usage | None  # None when no process runs
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    version: str
+    containers_by_state: dict[str, int]
+    images: int
+    state_dir: str
+    run_dir: str
+    kernel: str
+
+
+def now_usec() -> int:
+    return time.time_ns() // 1000
+
+
+class Manager:
+    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer) -> None:
+        self.paths = paths
+        self._store = store
+        self._systemd = systemd
+        self._forkserver = forkserver
+        self._listeners: list[Listener] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._pidfds: dict[str, int] = {}
+        self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
+        self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # Queries
+
+    def get(self, ref: str) -> Container:
+        c = self._store.find_container(ref)
+        if c is None:
+            raise NoSuchContainer(f"no container {ref!r}")
+        return c
+
+    def list_containers(self, filters: Mapping[str, object]) -> list[Container]:
+        wanted = {k: v for k, v in filters.items()}
+        unknown = set(wanted) - {"state", "name", "image", "labels"}
+        if unknown:
+            raise InvalidArgument(f"unknown filter(s): {', '.join(sorted(unknown))}")
+        labels = wanted.get("labels", {})
+        if not isinstance(labels, dict):
+            raise InvalidArgument("filter labels must be a map of strings (a{ss})")
+        result = []
+        for c in self._store.list_containers():
+            if "state" in wanted and c.state.value != wanted["state"]:
+                continue
+            if "name" in wanted and c.name != wanted["name"]:
+                continue
+            if "image" in wanted and c.image != wanted["image"]:
+                continue
+            if labels and not set(labels.items()) <= set(c.spec.labels):
+                continue
+            result.append(c)
+        return result
+
+    async def info(self, ref: str) -> ContainerInfo:
+        c = self.get(ref)
+        return ContainerInfo(c, await self.usage(c))
+
+    async def usage(self, c: Container) -> Usage | None:
+        if c.state not in (State.RUNNING, State.STOPPING):
+            return None
+        try:
+            return await self._systemd.usage(c.unit)
+        except Internal:
+            return None  # the scope went away between the two reads
+
+    def system_info(self) -> SystemInfo:
+        return SystemInfo(
+            version=__version__,
+            containers_by_state=self.counts(),
+            images=len(self._store.list_images()),
+            state_dir=str(self.paths.state_dir),
+            run_dir=str(self.paths.run_dir),
+            kernel=platform.release(),
+        )
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        for c in self._store.list_containers():
+            counts[c.state.value] += 1
+        return counts
+
+    # Life cycle
+
+    async def create(
+        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object]
+    ) -> Container:
+        options.check_name(name)
+        options.check_image_name(image_name)
+        argv = options.check_command(command)
+        spec, start = options.parse_create_options(opts, name)
+        image = self._find_image(image_name)
+        if self._store.name_in_use(name):
+            raise NameTaken(f"a container named {name!r} exists already")
+        c = Container(
+            id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
+            command=argv, spec=spec, created_usec=now_usec(),
+        )
+        try:
+            with self._store.transaction():
+                self._store.insert_container(c)
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(f"a container named {name!r} exists already") from e
+        for listener in self._listeners:
+            listener.container_added(c)
+        if start:
+            # Committed as starting before the reply: a daemon killed right
+            # after answering resumes this start when it comes back.
+            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
+            self._background(self._locked(c.id, lambda: self._run_start(c.id)))
+        return c
+
+    async def start(self, ref: str) -> Container:
+        c = self.get(ref)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state not in (State.CREATED, State.EXITED, State.FAILED):
+                raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
+                                   "containers can be started")
+            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
+            c = await self._run_start(c.id)
+        if c.state == State.FAILED:
+            raise StartFailed(f"container {c.name} failed to start: {c.reason}")
+        return c
+
+    async def _run_start(self, container_id: str) -> Container:
+        """Brings a container in state starting to running, or to failed with a reason."""
+        c = self.get(container_id)
+        launched: Launched | None = None
+        try:
+            image = self._find_image(c.image)
+            spec = self._launch_spec(c, image)
+            self.paths.exit_file(c.id).unlink(missing_ok=True)
+            launched = await self._forkserver.launch(spec)
+            await self._systemd.start_scope(
+                c.unit, launched.pid,
+                ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max),
+                f"Quilt container {c.name}",
+            )
+            c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
+            failure = await go_and_confirm(launched)
+        except Exception as e:
+            if launched is not None:
+                launched.close()  # init reads end of file on its go pipe and exits
+                with contextlib.suppress(Internal):
+                    await self._systemd.stop(c.unit)
+            log.exception("starting container %s failed", c.name)
+            return self._transition(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
+                                    finished_usec=now_usec())
+        if failure:
+            os.close(launched.pidfd)
+            return self._transition(c, state=State.FAILED, reason=failure, pid=0, pid_starttime=0,
+                                    exit_code=127, finished_usec=now_usec())
+        c = self._transition(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
+        self._watch(c, launched.pidfd)
+        return c
+
+    def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
+        layer = self.paths.container_dir(c.id)
+        for sub in ("upper", "work", "rootfs"):
+            (layer / sub).mkdir(parents=True, exist_ok=True)
+        self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
+        return LaunchSpec(
+            container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
+            env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
+            upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
+            rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
+            journal_socket=JOURNAL_SOCKET,
+        )
+
+    def _watch(self, c: Container, pidfd: int) -> None:
+        self._pidfds[c.id] = pidfd
+        watch_exit(pidfd, lambda: self._on_exit(c.id))
+
+    def _on_exit(self, container_id: str) -> None:
+        self._pidfds.pop(container_id, None)
+        c = self._store.find_container(container_id)
+        if c is None or not c.state.is_active:
+            return
+        code, reason = self._exit_status(c)
+        c = self._transition(c, state=State.EXITED, exit_code=code, reason=reason, pid=0,
+                             pid_starttime=0, finished_usec=now_usec())
+        for waiter in self._exit_waiters.pop(container_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        if c.spec.auto_remove:
+            self._background(self.remove(c.id, force=True))
+
+    def _exit_status(self, c: Container) -> tuple[int, str]:
+        """The command's exit code as init recorded it, or how init itself was ended."""
+        try:
+            return int(self.paths.exit_file(c.id).read_text()), ""
+        except (FileNotFoundError, ValueError):
+            pass
+        signum = self._killed_with.pop(c.id, signal.SIGKILL)
+        return 128 + signum, f"killed by {signal.Signals(signum).name}"
+
+    async def stop(self, ref: str, timeout_sec: int) -> Container:
+        c = self.get(ref)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if not c.state.is_active:
+                return c  # already stopped: stopping is idempotent, as in podman
+            c = self._transition(c, state=State.STOPPING)
+            self._signal_init(c, signal.SIGTERM)
+            if not await self._wait_exit(c.id, timeout_sec):
+                await self._kill_scope(c)
+                await self._wait_exit(c.id, None)
+        return self.get(c.id)
+
+    async def kill(self, ref: str, signum: int) -> None:
+        if not 1 <= signum <= signal.SIGRTMAX:
+            raise InvalidArgument(f"invalid signal number {signum}")
+        c = self.get(ref)
+        if c.state not in (State.RUNNING, State.STOPPING):
+            raise InvalidState(f"container {c.name} is {c.state.value}, not running")
+        if signum == signal.SIGKILL:
+            await self._kill_scope(c)
+        else:
+            self._signal_init(c, signum)
+
+    def _signal_init(self, c: Container, signum: int) -> None:
+        """Sends signum to init, which passes it on to the command."""
+        pidfd = self._pidfds.get(c.id)
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signum)
+
+    async def _kill_scope(self, c: Container) -> None:
+        self._killed_with[c.id] = signal.SIGKILL
+        with contextlib.suppress(Internal):
+            await self._systemd.kill(c.unit, signal.SIGKILL)
+
+    async def _wait_exit(self, container_id: str, timeout: float | None) -> bool:
+        c = self.get(container_id)
+        if not c.state.is_active:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._exit_waiters.setdefault(container_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def wait(self, ref: str, timeout_usec: int) -> Container:
+        """Waits until the container has ended; timeout 0 waits as long as it takes."""
+        c = self.get(ref)
+        while not c.state.is_final:
+            if c.state == State.CREATED:
+                raise InvalidState(f"container {c.name} was never started")
+            timeout = timeout_usec / 1e6 if timeout_usec else None
+            if c.state == State.STARTING:
+                # No process to wait on yet: wait for the start to settle.
+                async with self._lock(c.id):
+                    pass
+            elif not await self._wait_exit(c.id, timeout):
+                raise Timeout(f"container {c.name} still {self.get(c.id).state.value} after "
+                              f"{timeout_usec} µs")
+            c = self.get(c.id)
+        return c
+
+    async def remove(self, ref: str, force: bool) -> None:
+        c = self.get(ref)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state.is_active:
+                if not force:
+                    raise InvalidState(f"container {c.name} is {c.state.value}; stop it first or "
+                                       "remove with force")
+                await self._kill_scope(c)
+                await self._wait_exit(c.id, None)
+            await self._systemd.stop(c.unit)
+            shutil.rmtree(self.paths.container_dir(c.id), ignore_errors=True)
+            shutil.rmtree(self.paths.container_run_dir(c.id), ignore_errors=True)
+            with self._store.transaction():
+                self._store.delete_container(c.id)
+        self._locks.pop(c.id, None)
+        for listener in self._listeners:
+            listener.container_removed(c)
+
+    # Images
+
+    def _find_image(self, name: str) -> Image:
+        image = self._store.find_image(name)
+        if image is None:
+            raise NoSuchImage(f"no image {name!r}")
+        return image
+
+    async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
+        options.check_image_name(name)
+        if opts:
+            raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        if not source.startswith("/"):
+            raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
+        if self._store.find_image(name) is not None:
+            raise NameTaken(f"an image named {name!r} exists already")
+        dest = self.paths.images / secrets.token_hex(8)
+        extracted = await asyncio.get_running_loop().run_in_executor(
+            None, images.extract_rootfs_tarball, Path(source), dest
+        )
+        image = Image(name=name, id=extracted.image_id, path=str(dest), size_bytes=extracted.size_bytes,
+                      created_usec=now_usec())
+        try:
+            with self._store.transaction():
+                self._store.insert_image(image)
+        except sqlite3.IntegrityError as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise NameTaken(f"an image named {name!r} exists already") from e
+        return image
+
+    def list_images(self) -> list[Image]:
+        return self._store.list_images()
+
+    async def remove_image(self, name: str) -> None:
+        image = self._find_image(name)
+        users = self._store.containers_using_image(name)
+        if users:
+            raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
+        with self._store.transaction():
+            self._store.delete_image(name)
+        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, image.path, True)
+
+    # Recovery
+
+    async def recover(self) -> dict[RecoveryOutcome, list[str]]:
+        """Makes the store agree with the processes and scopes that exist now."""
+        found: dict[RecoveryOutcome, list[str]] = {o: [] for o in RecoveryOutcome}
+        for c in self._store.list_containers():
+            if not c.state.is_active:
+                continue
+            pidfd = open_pidfd(c.pid, c.pid_starttime) if c.pid else None
+            if pidfd is not None:
+                if c.state == State.STARTING:
+                    c = self._transition(c, state=State.RUNNING, started_usec=c.started_usec or now_usec())
+                self._watch(c, pidfd)
+                found[RecoveryOutcome.ADOPTED].append(c.name)
+            elif c.state == State.STARTING and not c.pid:
+                self._background(self._locked(c.id, functools.partial(self._run_start, c.id)))
+                found[RecoveryOutcome.RESTARTED].append(c.name)
+            else:
+                self._on_exit(c.id)
+                found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
+        known = {c.unit for c in self._store.list_containers()}
+        for unit, _ in await self._systemd.list_scopes():
+            if unit not in known:
+                log.warning("stopping %s: it belongs to no container on record", unit)
+                with contextlib.suppress(Internal):
+                    await self._systemd.stop(unit)
+        return found
+
+    # Helpers
+
+    def _transition(self, c: Container, **changes: object) -> Container:
+        new = replace(c, **changes)  # type: ignore[arg-type]
+        with self._store.transaction():
+            self._store.update_container(new)
+        for listener in self._listeners:
+            listener.container_changed(new, c)
+        return new
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    async def _locked(self, container_id: str, work: Callable[[], Awaitable[T]]) -> None:
+        async with self._lock(container_id):
+            await work()
+
+    def _background(self, work: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background work failed")
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,34 @@
+"""Where Quilt keeps things on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path = Path("/var/lib/quilt")  # survives reboots: db, images, container layers
+    run_dir: Path = Path("/run/quilt")  # lives as long as the boot: exit statuses
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "quilt.db"
+
+    @property
+    def images(self) -> Path:
+        return self.state_dir / "images"
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.state_dir / "containers" / container_id
+
+    def container_run_dir(self, container_id: str) -> Path:
+        return self.run_dir / "containers" / container_id
+
+    def exit_file(self, container_id: str) -> Path:
+        return self.container_run_dir(container_id) / "exit"
+
+    def create(self) -> None:
+        for path in (self.state_dir, self.images, self.state_dir / "containers",
+                     self.run_dir, self.run_dir / "containers"):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
