@@ -22,9 +22,13 @@ class BusService:
 
     def export_existing(self) -> None:
         for c in self._manager.list_containers({}):
-            self.container_added(c)
+            self._export(c)
 
     def container_added(self, c: Container) -> None:
+        self._export(c)
+        self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
+
+    def _export(self, c: Container) -> None:
         obj = ContainerInterface(self._manager, c.id)
         self._containers[c.id] = obj
         self._bus.export(container_path(c.id), obj)
