@@ -40,6 +40,9 @@ STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
 def run(spec: LaunchSpec, go_fd: int, error_fd: int) -> NoReturn:
     """Entry point in the forked child; never returns."""
     try:
+        # Not dumpable: nothing in the container may open this process's
+        # memory or its executable (a host binary) through /proc/1.
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
         # The daemon writes one byte once this process sits in its scope;
         # end of file means the daemon gave up on this start.
         if os.read(go_fd, 1) != b"g":

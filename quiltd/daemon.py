@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, RequestNameReply
+from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
@@ -68,6 +69,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_replied_errors)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         self._paths.create()
@@ -151,6 +153,15 @@ class Daemon:
             sd_daemon.notify(f"STATUS={self._status()}")
 
         asyncio.get_running_loop().call_soon(send)
+
+
+def _quiet_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    # dbus-next sends the error reply of an async method, then lets the
+    # exception escape its callback; the client has its answer, so a
+    # client's mistake must not fill the journal with tracebacks.
+    if isinstance(context.get("exception"), DBusError):
+        return
+    loop.default_exception_handler(context)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,22 +80,23 @@ class Systemd:
 
     async def start_scope(self, unit: str, pid: int, limits: ScopeLimits, description: str) -> None:
         """Creates the scope with pid in it and returns once systemd has it running."""
-        props: list[tuple[str, Variant]] = [
-            ("Description", Variant("s", description)),
-            ("PIDs", Variant("au", [pid])),
-            ("Slice", Variant("s", SLICE)),
-            ("Delegate", Variant("b", True)),
-            ("CollectMode", Variant("s", "inactive-or-failed")),
-            ("MemoryAccounting", Variant("b", True)),
-            ("CPUAccounting", Variant("b", True)),
-            ("TasksAccounting", Variant("b", True)),
+        # dbus-next wants structs as lists.
+        props: list[list[object]] = [
+            ["Description", Variant("s", description)],
+            ["PIDs", Variant("au", [pid])],
+            ["Slice", Variant("s", SLICE)],
+            ["Delegate", Variant("b", True)],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+            ["MemoryAccounting", Variant("b", True)],
+            ["CPUAccounting", Variant("b", True)],
+            ["TasksAccounting", Variant("b", True)],
         ]
         if limits.memory_max is not None:
-            props.append(("MemoryMax", Variant("t", limits.memory_max)))
+            props.append(["MemoryMax", Variant("t", limits.memory_max)])
         if limits.cpu_quota is not None:
-            props.append(("CPUQuotaPerSecUSec", Variant("t", round(limits.cpu_quota * 1_000_000))))
+            props.append(["CPUQuotaPerSecUSec", Variant("t", round(limits.cpu_quota * 1_000_000))])
         if limits.tasks_max is not None:
-            props.append(("TasksMax", Variant("t", limits.tasks_max)))
+            props.append(["TasksMax", Variant("t", limits.tasks_max)])
         (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
         result = await self._job_result(job)
         if result != "done":
