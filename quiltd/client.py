@@ -55,9 +55,9 @@ class QuiltClient:
         self.bus.disconnect()
 
     async def call(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
-                   interface: str = MANAGER_INTERFACE) -> list[Any]:
+                   interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME) -> list[Any]:
         reply = await self.bus.call(Message(
-            destination=BUS_NAME, path=path, interface=interface, member=member,
+            destination=destination, path=path, interface=interface, member=member,
             signature=signature, body=list(args),
         ))
         assert reply is not None
@@ -116,7 +116,8 @@ class QuiltClient:
         await self.call("AddMatch", "s",
                         f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_INTERFACE}',"
                         "member='ContainerStateChanged'",
-                        path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+                        path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                        destination="org.freedesktop.DBus")
 
         def handler(msg: Message) -> bool:
             if msg.message_type == MessageType.SIGNAL and msg.member == "ContainerStateChanged":

@@ -1,0 +1,135 @@
+"""Client mistakes get named errors, leave nothing behind, and never hurt the daemon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from dbus_next.signature import Variant
+
+from quiltd import errors
+from tests.system.conftest import run
+
+pytestmark = pytest.mark.system
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["-bad", "busybox", ["true"], {}], errors.InvalidArgument),
+        (["a" * 64, "busybox", ["true"], {}], errors.InvalidArgument),
+        (["has space", "busybox", ["true"], {}], errors.InvalidArgument),
+        (["ok-name", "no-such-image", ["true"], {}], errors.NoSuchImage),
+        (["ok-name", "busybox", [], {}], errors.InvalidArgument),
+        (["ok-name", "busybox", [""], {}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"memory_max": Variant("s", "1G")}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"memory_max": Variant("t", 1)}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"cpu_quota": Variant("d", -1.0)}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"tasks_max": Variant("t", 0)}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"network": Variant("s", "nowhere")}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"workdir": Variant("s", "relative")}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"env": Variant("as", ["NOEQUALS"])}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"bogus": Variant("b", True)}], errors.InvalidArgument),
+    ],
+)
+def test_create_refuses_bad_input_and_leaves_nothing(quilt: Any, args: list[Any],
+                                                     error: type[errors.QuiltError]) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            before = await q.list_containers()
+            with pytest.raises(error):
+                await q.call("CreateContainer", "ssasa{sv}", *args)
+            assert await q.list_containers() == before
+            assert (await q.system_info())["Version"]  # still answering
+
+    run(scenario())
+
+
+def test_duplicate_name_is_taken(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["true"], start=False)
+            with pytest.raises(errors.NameTaken, match=name):
+                await q.create(name, "busybox", ["true"])
+            assert len([r for r in await q.list_containers() if r[1] == name]) == 1
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_unknown_refs_and_wrong_states(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            for call in (q.start("nope"), q.stop("nope"), q.kill("nope", 15), q.remove("nope"),
+                         q.wait("nope"), q.info("nope")):
+                with pytest.raises(errors.NoSuchContainer, match="nope"):
+                    await call
+            await q.create(name, "busybox", ["true"], start=False)
+            with pytest.raises(errors.InvalidState):
+                await q.kill(name, 15)
+            with pytest.raises(errors.InvalidState):
+                await q.wait(name)
+            await q.start(name)
+            assert await q.wait(name) == ("exited", 0)
+            with pytest.raises(errors.InvalidState):
+                await q.kill(name, 15)
+            with pytest.raises(errors.InvalidArgument):
+                await q.call("KillContainer", "si", name, 999)
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_missing_program_fails_the_start_with_a_reason(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["/no/such/program"], start=False)
+            with pytest.raises(errors.StartFailed, match="no/such/program"):
+                await q.start(name)
+            info = await q.info(name)
+            assert info["State"] == "failed" and "No such file" in info["Reason"]
+            assert await q.wait(name) == ("failed", 127)
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_bad_tarball_is_invalid_image_and_leaves_no_files(sandbox: Any, quilt: Any) -> None:
+    import io
+    import tarfile
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as t:
+        info = tarfile.TarInfo("../escape")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    sandbox.host_path("/var/tmp/evil.tar").write_bytes(data.getvalue())
+    images_dir = sandbox.host_path("/var/lib/quilt/images")
+    before = sorted(p.name for p in images_dir.iterdir())
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidImage, match=r"\.\./escape"):
+                await q.import_image("evil", "/var/tmp/evil.tar")
+            with pytest.raises(errors.InvalidImage):
+                await q.import_image("missing", "/var/tmp/does-not-exist.tar")
+            with pytest.raises(errors.InvalidArgument):
+                await q.import_image("bad name!", "/var/tmp/evil.tar")
+            assert "evil" not in [i[0] for i in await q.images()]
+
+    run(scenario())
+    assert sorted(p.name for p in images_dir.iterdir()) == before
+    assert not sandbox.host_path("/escape").exists()
+
+
+def test_image_in_use_cannot_be_removed(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["true"], start=False)
+            with pytest.raises(errors.InvalidState, match=name):
+                await q.remove_image("busybox")
+            with pytest.raises(errors.NoSuchImage):
+                await q.remove_image("never-imported")
+            await q.remove(name)
+
+    run(scenario())
