@@ -13,6 +13,7 @@ tarfile's own extraction filters are not used: they only exist from 3.12
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -28,9 +29,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 from quiltd.errors import InvalidImage
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 _CHUNK = 1 << 20
 
@@ -169,16 +173,11 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits) -> ExtractedImage:
                     _untar(_Capped(pipe.stdout, stream_cap), extractor)
                     pipe.finish()
             else:
-                buffered = io.BufferedReader(hashed, _CHUNK)
-                inner: IO[bytes]
-                if magic.startswith(_GZIP_MAGIC):
-                    inner = gzip.GzipFile(fileobj=buffered, mode="rb")
-                elif magic.startswith(_XZ_MAGIC):
-                    inner = lzma.LZMAFile(buffered)
-                else:
-                    inner = buffered
-                with inner:
+                inner = _decompressor(magic, io.BufferedReader(hashed, _CHUNK))
+                try:
                     _untar(_Capped(inner, stream_cap), extractor)
+                finally:
+                    inner.close()
                 # Compressed formats may end with bytes the decompressor
                 # never asked for; they are part of the file and its id.
                 while hashed.read(_CHUNK):
@@ -193,6 +192,22 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits) -> ExtractedImage:
         size_bytes=extractor.size_bytes,
         entries=extractor.entries,
     )
+
+
+class _Stream(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def _decompressor(magic: bytes, raw: io.BufferedReader) -> _Stream:
+    # By content, not by name: clients rename files, and a wrong guess
+    # would only produce a confusing error.
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if magic.startswith(_XZ_MAGIC):
+        return lzma.LZMAFile(raw)
+    return raw
 
 
 def _untar(capped: _Capped, extractor: _Extractor) -> None:
@@ -223,7 +238,7 @@ class _HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         n = self._raw.readinto(buffer) or 0
         self._digest.update(memoryview(buffer)[:n])
         return n
@@ -232,7 +247,7 @@ class _HashingReader(io.RawIOBase):
 class _Capped(io.RawIOBase):
     """The decompressed tar stream, cut off once it grows past a bound."""
 
-    def __init__(self, inner: IO[bytes], cap: int) -> None:
+    def __init__(self, inner: _Stream, cap: int) -> None:
         super().__init__()
         self._inner = inner
         self._cap = cap
@@ -241,7 +256,7 @@ class _Capped(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
         data = self._inner.read(len(view))
         n = len(data)
@@ -274,7 +289,9 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise InvalidImage("archive is truncated: it ends inside a tar header")
         try:
             info = super().frombuf(buf, encoding, errors)
-        except tarfile.InvalidHeaderError as exc:
+        except tarfile.HeaderError as exc:
+            if not any(buf):
+                raise  # an all-zero block is tar's end marker
             raise InvalidImage(f"not a tar archive, or corrupt: {exc}") from None
         if info.type in _META_TYPES and info.size > _META_MAX:
             raise InvalidImage(
@@ -291,7 +308,8 @@ class _ZstdPipe:
     """
 
     def __init__(self, hashed: _HashingReader) -> None:
-        self._stderr = tempfile.TemporaryFile()
+        # A file, not a pipe: nobody reads stderr while zstd runs.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         try:
             self._proc = subprocess.Popen(
                 ["zstd", "-d", "-c", "-q"],
@@ -333,10 +351,8 @@ class _ZstdPipe:
             self._read_error = exc
         finally:
             if sink is not None:
-                try:
+                with contextlib.suppress(BrokenPipeError):
                     sink.close()
-                except BrokenPipeError:
-                    pass
 
     def finish(self) -> None:
         """Call once the output was read to its end: checks zstd's verdict."""
@@ -398,9 +414,22 @@ class _Extractor:
             raise InvalidImage(
                 f"{name!r}: too many entries (limit {self._limits.max_entries})"
             )
-        parts = _member_parts(name, name)
+        parts = _member_parts(name, name, "path")
         meta = self._meta(member)
+        try:
+            self._add(tf, member, parts, meta)
+        except _ARCHIVE_ERRORS as exc:
+            # Say which member broke: "File name too long" alone is useless.
+            raise InvalidImage(f"{name!r}: {_describe(exc)}") from exc
 
+    def _add(
+        self,
+        tf: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parts: tuple[str, ...],
+        meta: _Meta,
+    ) -> None:
+        name = member.name
         if member.isdir():
             self._add_dir(parts, name, meta)
             return
@@ -415,7 +444,7 @@ class _Extractor:
         elif member.islnk():
             self._add_hardlink(member, parts)
         elif member.isfifo():
-            self._add_fifo(parts, meta)
+            self._add_fifo(parts, name, meta)
         else:
             raise InvalidImage(f"{name!r}: unsupported tar member type {member.type!r}")
 
@@ -510,9 +539,7 @@ class _Extractor:
 
     def _add_hardlink(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         name, target = member.name, member.linkname
-        if target.startswith("/"):
-            raise InvalidImage(f"{name!r}: hard link to absolute path {target!r}")
-        target_parts = _member_parts(target, name)
+        target_parts = _member_parts(target, name, "hard link target")
         if not target_parts:
             raise InvalidImage(f"{name!r}: hard link to the image root")
         if target_parts == parts:
@@ -549,8 +576,8 @@ class _Extractor:
             if target_parent != self._root:
                 os.close(target_parent)
 
-    def _add_fifo(self, parts: tuple[str, ...], meta: _Meta) -> None:
-        parent = self._parent_fd(parts, "/".join(parts))
+    def _add_fifo(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
+        parent = self._parent_fd(parts, name)
         self._clear(parent, parts, keep_dir=False)
         base = parts[-1]
         os.mkfifo(base, 0o600, dir_fd=parent)
@@ -577,7 +604,10 @@ class _Extractor:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
-            self._drop_cache()
+            # The cached fd would point into the removed tree; the parent
+            # itself (often the cached fd) stays valid.
+            if self._cached is not None and self._cached[0][: len(parts)] == parts:
+                self._drop_cache()
             _remove_tree(parent, base)
             self._dirs.pop(parts, None)
         else:
@@ -659,15 +689,15 @@ class _Extractor:
             os.fchmod(self._root, 0o755)
 
 
-def _member_parts(path: str, member: str) -> tuple[str, ...]:
+def _member_parts(path: str, member: str, what: str) -> tuple[str, ...]:
     """Split an archive path into components, refusing anything that leaves the root."""
     if path.startswith("/"):
-        raise InvalidImage(f"{member!r}: absolute path {path!r}")
+        raise InvalidImage(f"{member!r}: absolute {what} {path!r}")
     if len(path.encode("utf-8", "surrogateescape")) > _PATH_MAX:
-        raise InvalidImage(f"{member!r}: path too long")
+        raise InvalidImage(f"{member!r}: {what} too long")
     parts = path.split("/")
     if ".." in parts:
-        raise InvalidImage(f"{member!r}: path {path!r} contains '..'")
+        raise InvalidImage(f"{member!r}: {what} {path!r} contains '..'")
     return tuple(p for p in parts if p not in ("", "."))
 
 
@@ -723,7 +753,15 @@ def _make_writable(fd: int) -> None:
     # Root ignores modes; an unprivileged caller needs write and search
     # permission on directories it owns to empty them.
     if os.geteuid() != 0:
-        try:
+        with contextlib.suppress(PermissionError):
             os.fchmod(fd, 0o700)
-        except PermissionError:
-            pass
+
+
+def remove_tree(path: Path) -> None:
+    """Remove an extracted image (or any tree) without following symlinks.
+
+    For callers deleting images: an image may be too deep for shutil.rmtree,
+    which recurses once per level. A missing path is not an error.
+    """
+    if os.path.lexists(path):
+        _remove_tree(None, str(path))

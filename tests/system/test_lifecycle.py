@@ -191,7 +191,8 @@ async def _tasks_at_least(q: Any, name: str, n: int) -> bool:
 def test_stdout_and_stderr_reach_journald_with_fields(sandbox: Any, quilt: Any, name: str) -> None:
     async def scenario() -> str:
         async with quilt() as q:
-            cid, _ = await q.create(name, "busybox", ["sh", "-c", "echo to-out; echo to-err >&2; printf partial"])
+            script = "echo to-out; echo to-err >&2; printf partial"
+            cid, _ = await q.create(name, "busybox", ["sh", "-c", script])
             assert await q.wait(name) == ("exited", 0)
             return cid
 
