@@ -162,7 +162,7 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits) -> ExtractedImage:
     # Everything decompressed beyond file content is headers and padding;
     # this generous bound stops a stream of padding or metadata records that
     # would otherwise keep us decompressing long after max_bytes.
-    stream_cap = limits.max_bytes + limits.max_entries * 2048 + (64 << 20)
+    stream_cap = limits.max_bytes + limits.max_entries * 2048 + (16 << 20)
 
     root_fd = os.open(dest, _DIR_OPEN)
     try:
