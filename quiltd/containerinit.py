@@ -37,17 +37,20 @@ MAX_LINE = 32 * 1024  # longer lines are split; a datagram must stay well under 
 STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
 
 
-def run(spec: LaunchSpec, go_fd: int, error_fd: int) -> NoReturn:
+def run(spec_fd: int, error_fd: int) -> NoReturn:
     """Entry point in the forked child; never returns."""
     try:
         # Not dumpable: nothing in the container may open this process's
         # memory or its executable (a host binary) through /proc/1.
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
-        # The daemon writes one byte once this process sits in its scope;
-        # end of file means the daemon gave up on this start.
-        if os.read(go_fd, 1) != b"g":
+        # This process waits in the fork server's pool until the daemon has
+        # put it into a container's scope and sends the LaunchSpec; end of
+        # file with nothing sent means it is not needed.
+        with os.fdopen(spec_fd, "rb") as f:
+            request = f.read()
+        if not request:
             os._exit(0)
-        os.close(go_fd)
+        spec = LaunchSpec.from_json(request)
         journal = JournalStream(
             {
                 "SYSLOG_IDENTIFIER": spec.name,

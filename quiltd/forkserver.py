@@ -6,11 +6,14 @@ daemon starts this process once, by exec, before it needs it, and asks it
 over a socket pair for each container. Here nothing but this loop runs, so
 fork is safe, and the children start from a small, clean image.
 
-Per request it forks a child that enters new namespaces and forks the
-container's init (PID 1 inside), reports the init's pid and exits. The
-server then answers with the pid, its start time and three descriptors: a
-pidfd of the init, the write end of its "go" pipe, and the read end of its
-error pipe (end of file with no data there means the command was executed).
+Each container begins as a child that enters new namespaces (a new network
+namespace alone costs milliseconds) and forks the container's init, PID 1
+inside, then exits. Those inits are made ahead of time: a few wait, idle, in
+a pool, so a start does not pay for them. The server answers a request with
+a waiting init's pid, its start time and three descriptors: a pidfd of the
+init, the write end of the pipe that carries the init its LaunchSpec, and
+the read end of its error pipe (end of file with no data there means the
+command was executed).
 """
 
 from __future__ import annotations
@@ -18,20 +21,36 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
+from collections import deque
+from dataclasses import dataclass
 
 from quiltd import containerinit, linux
-from quiltd.launchspec import LaunchSpec
 
 CONTAINER_NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
 )
-MAX_REQUEST = 1 << 20
+POOL_SIZE = 4
 
 
-def serve(sock: socket.socket) -> None:
+@dataclass(frozen=True)
+class WaitingInit:
+    pid: int
+    starttime: int
+    pidfd: int
+    spec_w: int
+    error_r: int
+
+    def reply(self) -> tuple[dict[str, object], list[int]]:
+        return {"ok": True, "pid": self.pid, "starttime": self.starttime}, [
+            self.pidfd, self.spec_w, self.error_r
+        ]
+
+
+def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
     # Inits whose intermediate parent exits are re-parented here and reaped
     # by the kernel; their exit status is kept by init itself.
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
@@ -39,12 +58,21 @@ def serve(sock: socket.socket) -> None:
     # Freezing the heap keeps the collector from touching (and copying)
     # every object page in each forked container init.
     gc.freeze()
+    pool: deque[WaitingInit] = deque()
     while True:
-        request = sock.recv(MAX_REQUEST)
-        if not request:
+        # Requests first; the pool is refilled only while none is waiting.
+        idle = len(pool) >= pool_size
+        readable, _, _ = select.select([sock], [], [], None if idle else 0)
+        if not readable:
+            try:
+                pool.append(_fork_init())
+            except OSError:
+                select.select([sock], [], [], 1.0)  # out of resources: do not spin
+            continue
+        if not sock.recv(16):
             return  # the daemon is gone
         try:
-            reply, fds = _launch(LaunchSpec.from_json(request))
+            reply, fds = (pool.popleft() if pool else _fork_init()).reply()
         except Exception as e:
             reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
         socket.send_fds(sock, [json.dumps(reply).encode()], fds)
@@ -52,28 +80,26 @@ def serve(sock: socket.socket) -> None:
             os.close(fd)
 
 
-def _launch(spec: LaunchSpec) -> tuple[dict[str, object], list[int]]:
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+def _fork_init() -> WaitingInit:
+    spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
-        _middle(spec, go_r, error_w, report_w)
-    for fd in (go_r, error_w, report_w):
+        _middle(spec_r, error_w, report_w)
+    for fd in (spec_r, error_w, report_w):
         os.close(fd)
     with os.fdopen(report_r, "rb") as report:
         answer = report.read()
     if not answer.isdigit():
-        os.close(go_w)
+        os.close(spec_w)
         os.close(error_r)
         raise OSError(answer.decode(errors="replace") or "namespace setup failed")
     init_pid = int(answer)
-    pidfd = os.pidfd_open(init_pid)
-    reply: dict[str, object] = {"ok": True, "pid": init_pid, "starttime": linux.process_starttime(init_pid)}
-    return reply, [pidfd, go_w, error_r]
+    return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
 
 
-def _middle(spec: LaunchSpec, go_r: int, error_w: int, report_w: int) -> None:
+def _middle(spec_r: int, error_w: int, report_w: int) -> None:
     """The short-lived child: new namespaces, then fork init and leave."""
     try:
         linux.unshare(CONTAINER_NAMESPACES)
@@ -82,13 +108,13 @@ def _middle(spec: LaunchSpec, go_r: int, error_w: int, report_w: int) -> None:
             gc.disable()
             # Init keeps only its two pipes: nothing of the daemon's follows
             # it into the container.
-            linux.close_fds_except({go_r, error_w})
+            linux.close_fds_except({spec_r, error_w})
             null = os.open("/dev/null", os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(null, std)
             os.close(null)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            containerinit.run(spec, go_r, error_w)
+            containerinit.run(spec_r, error_w)
         os.write(report_w, str(init_pid).encode())
         os._exit(0)
     except BaseException as e:

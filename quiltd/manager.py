@@ -207,17 +207,17 @@ class Manager:
             image = self._find_image(c.image)
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
-            launched = await self._forkserver.launch(spec)
+            launched = await self._forkserver.launch()
             await self._systemd.start_scope(
                 c.unit, launched.pid,
                 ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max),
                 f"Quilt container {c.name}",
             )
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
-            failure = await go_and_confirm(launched)
+            failure = await go_and_confirm(launched, spec)
         except Exception as e:
             if launched is not None:
-                launched.close()  # init reads end of file on its go pipe and exits
+                launched.close()  # init reads end of file instead of a spec and exits
                 with contextlib.suppress(Internal):
                     await self._systemd.stop(c.unit)
             log.exception("starting container %s failed", c.name)

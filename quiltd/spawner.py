@@ -23,16 +23,16 @@ from quiltd.linux import process_starttime
 
 @dataclass(frozen=True)
 class Launched:
-    """A container's init, forked and waiting for the word to go."""
+    """A container's init, forked and waiting for its LaunchSpec."""
 
     pid: int
     starttime: int
     pidfd: int
-    go_fd: int
+    spec_fd: int
     error_fd: int
 
     def close(self) -> None:
-        for fd in (self.pidfd, self.go_fd, self.error_fd):
+        for fd in (self.pidfd, self.spec_fd, self.error_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -62,14 +62,14 @@ class ForkServer:
             self._process.wait(timeout=5)
             self._process = None
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def launch(self) -> Launched:
         # One request at a time: replies carry no id, they come back in order.
         async with self._lock:
             if self._sock is None or (self._process is not None and self._process.poll() is not None):
                 self.stop()
                 self.start()
             assert self._sock is not None
-            self._sock.send(spec.to_json())
+            self._sock.send(b"launch")
             await _readable(self._sock.fileno())
             data, fds, _, _ = socket.recv_fds(self._sock, 65536, 3)
         if not data:
@@ -81,8 +81,8 @@ class ForkServer:
         reply = json.loads(data)
         if not reply["ok"]:
             raise Internal(f"could not create the container's namespaces: {reply['error']}")
-        pidfd, go_fd, error_fd = fds
-        return Launched(reply["pid"], reply["starttime"], pidfd, go_fd, error_fd)
+        pidfd, spec_fd, error_fd = fds
+        return Launched(reply["pid"], reply["starttime"], pidfd, spec_fd, error_fd)
 
 
 async def _readable(fd: int) -> None:
@@ -101,10 +101,11 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def go_and_confirm(launched: Launched) -> str:
+async def go_and_confirm(launched: Launched, spec: LaunchSpec) -> str:
     """Lets the init run; returns "" once the command was executed, else the reason it failed."""
-    os.write(launched.go_fd, b"g")
-    os.close(launched.go_fd)
+    # Far below a pipe's capacity, so this write does not block.
+    os.write(launched.spec_fd, spec.to_json())
+    os.close(launched.spec_fd)
     os.set_blocking(launched.error_fd, False)
     report = b""
     try:
