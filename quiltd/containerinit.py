@@ -22,12 +22,15 @@ from quiltd import linux
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import LaunchSpec
 
-# The signals a user may send to the container; init passes them on to the
-# command. SIGKILL and SIGSTOP cannot be caught and end the whole container.
-FORWARDED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-    signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT,
-    signal.SIGALRM, signal.SIGPWR,
+# Init passes on to the command every signal it can catch, except those the
+# kernel raises for init's own faults and SIGCHLD, which is init's to handle.
+# (From outside its namespace an uncaught signal would take init's default
+# action: end or stop the whole container.) SIGKILL and SIGSTOP cannot be
+# caught; the daemon sends those to every process of the scope instead.
+FORWARDED_SIGNALS = tuple(
+    s for s in signal.valid_signals()
+    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+                 signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
 )
 # Python ignores these at start-up; a command must get them back at default.
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)

@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import secrets
-import shutil
 import signal
 import sqlite3
 import time
@@ -115,6 +114,9 @@ class Manager:
         labels = wanted.get("labels", {})
         if not isinstance(labels, dict):
             raise InvalidArgument("filter labels must be a map of strings (a{ss})")
+        for key in ("state", "name", "image"):
+            if not isinstance(wanted.get(key, ""), str):
+                raise InvalidArgument(f"filter {key} must be a string (s)")
         result = []
         for c in self._store.list_containers():
             if "state" in wanted and c.state.value != wanted["state"]:
@@ -210,7 +212,7 @@ class Manager:
             launched = await self._forkserver.launch()
             await self._systemd.start_scope(
                 c.unit, launched.pid,
-                ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max),
+                ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max, c.spec.ttl_sec or None),
                 f"Quilt container {c.name}",
             )
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
@@ -292,6 +294,11 @@ class Manager:
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
         if signum == signal.SIGKILL:
             await self._kill_scope(c)
+        elif signum in (signal.SIGSTOP, signal.SIGCONT):
+            # Init cannot catch SIGSTOP, and a stopped init cannot pass SIGCONT
+            # on: both go to every process of the scope.
+            with contextlib.suppress(Internal):
+                await self._systemd.kill(c.unit, signum)
         else:
             self._signal_init(c, signum)
 
@@ -322,19 +329,27 @@ class Manager:
     async def wait(self, ref: str, timeout_usec: int) -> Container:
         """Waits until the container has ended; timeout 0 waits as long as it takes."""
         c = self.get(ref)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_usec / 1e6 if timeout_usec else None
         while not c.state.is_final:
             if c.state == State.CREATED:
                 raise InvalidState(f"container {c.name} was never started")
-            timeout = timeout_usec / 1e6 if timeout_usec else None
+            left = None if deadline is None else max(0.0, deadline - loop.time())
             if c.state == State.STARTING:
                 # No process to wait on yet: wait for the start to settle.
-                async with self._lock(c.id):
-                    pass
-            elif not await self._wait_exit(c.id, timeout):
+                try:
+                    await asyncio.wait_for(self._settled(c.id), left)
+                except asyncio.TimeoutError:
+                    left = 0.0
+            if left == 0.0 or (c.state != State.STARTING and not await self._wait_exit(c.id, left)):
                 raise Timeout(f"container {c.name} still {self.get(c.id).state.value} after "
                               f"{timeout_usec} µs")
             c = self.get(c.id)
         return c
+
+    async def _settled(self, container_id: str) -> None:
+        async with self._lock(container_id):
+            pass
 
     async def remove(self, ref: str, force: bool) -> None:
         c = self.get(ref)
@@ -347,8 +362,8 @@ class Manager:
                 await self._kill_scope(c)
                 await self._wait_exit(c.id, None)
             await self._systemd.stop(c.unit)
-            shutil.rmtree(self.paths.container_dir(c.id), ignore_errors=True)
-            shutil.rmtree(self.paths.container_run_dir(c.id), ignore_errors=True)
+            for tree in (self.paths.container_dir(c.id), self.paths.container_run_dir(c.id)):
+                images.remove_tree(tree)
             with self._store.transaction():
                 self._store.delete_container(c.id)
         self._locks.pop(c.id, None)
@@ -381,7 +396,7 @@ class Manager:
             with self._store.transaction():
                 self._store.insert_image(image)
         except sqlite3.IntegrityError as e:
-            shutil.rmtree(dest, ignore_errors=True)
+            images.remove_tree(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
         return image
 
@@ -395,7 +410,7 @@ class Manager:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():
             self._store.delete_image(name)
-        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, image.path, True)
+        await asyncio.get_running_loop().run_in_executor(None, images.remove_tree, Path(image.path))
 
     # Recovery
 

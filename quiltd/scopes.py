@@ -30,6 +30,7 @@ class ScopeLimits:
     memory_max: int | None = None  # bytes
     cpu_quota: float | None = None  # cores
     tasks_max: int | None = None
+    runtime_max_sec: int | None = None  # systemd stops the scope after this long
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Systemd:
             props.append(["CPUQuotaPerSecUSec", Variant("t", round(limits.cpu_quota * 1_000_000))])
         if limits.tasks_max is not None:
             props.append(["TasksMax", Variant("t", limits.tasks_max)])
+        if limits.runtime_max_sec is not None:
+            props.append(["RuntimeMaxUSec", Variant("t", limits.runtime_max_sec * 1_000_000)])
         (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
         result = await self._job_result(job)
         if result != "done":

@@ -120,7 +120,10 @@ class Store:
         self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
 
     def find_container(self, ref: str) -> Container | None:
-        row = self._db.execute("SELECT * FROM containers WHERE id = ? OR name = ?", (ref, ref)).fetchone()
+        # A name may look like another container's id: the id wins.
+        row = self._db.execute(
+            "SELECT * FROM containers WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1", (ref,)
+        ).fetchone()
         return _container_from_row(row) if row else None
 
     def name_in_use(self, name: str) -> bool:

@@ -9,20 +9,31 @@ from quiltd.bus.errors import bus_errors
 from quiltd.bus.names import CONTAINER_INTERFACE
 from quiltd.manager import Manager
 from quiltd.model import Container
+from quiltd.scopes import Usage
 
 READ = PropertyAccess.READ
 
 
 class ContainerInterface(ServiceInterface):
-    def __init__(self, manager: Manager, container_id: str) -> None:
+    def __init__(self, manager: Manager, container: Container) -> None:
         super().__init__(CONTAINER_INTERFACE)
         self._m = manager
-        self._id = container_id
+        self._id = container.id
+        # The latest record, kept current by announce_change: property reads
+        # cost no query and cannot fail on a container being removed.
+        self._record = container
 
     def _c(self) -> Container:
-        return self._m.get(self._id)
+        return self._record
+
+    async def _usage(self) -> Usage | None:
+        try:
+            return await self._m.usage(self._record)
+        except Exception:
+            return None  # a property read must not fail on a scope going away
 
     def announce_change(self, new: Container, old: Container) -> None:
+        self._record = new
         changed: dict[str, object] = {}
         if new.state != old.state:
             changed["State"] = new.state.value
@@ -91,17 +102,17 @@ class ContainerInterface(ServiceInterface):
 
     @dbus_property(access=READ)
     async def MemoryCurrent(self) -> "t":
-        usage = await self._m.usage(self._c())
+        usage = await self._usage()
         return usage.memory_current if usage else 0
 
     @dbus_property(access=READ)
     async def CPUUsageNSec(self) -> "t":
-        usage = await self._m.usage(self._c())
+        usage = await self._usage()
         return usage.cpu_usage_nsec if usage else 0
 
     @dbus_property(access=READ)
     async def TasksCurrent(self) -> "t":
-        usage = await self._m.usage(self._c())
+        usage = await self._usage()
         return usage.tasks_current if usage else 0
 
     @method()

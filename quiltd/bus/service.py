@@ -29,7 +29,7 @@ class BusService:
         self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
 
     def _export(self, c: Container) -> None:
-        obj = ContainerInterface(self._manager, c.id)
+        obj = ContainerInterface(self._manager, c)
         self._containers[c.id] = obj
         self._bus.export(container_path(c.id), obj)
 

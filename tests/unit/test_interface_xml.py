@@ -18,6 +18,7 @@ from dbus_next.service import ServiceInterface
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
 from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_INTERFACE
+from quiltd.model import Container, ContainerSpec
 
 XML_PATH = Path(__file__).resolve().parents[2] / "dbus" / "org.quilt.Quilt1.xml"
 DOC = "org.freedesktop.DBus.DocString"
@@ -27,7 +28,9 @@ def exported() -> dict[str, ServiceInterface]:
     # Introspection never touches the manager, so no core is needed.
     return {
         MANAGER_INTERFACE: ManagerInterface(None),  # type: ignore[arg-type]
-        CONTAINER_INTERFACE: ContainerInterface(None, "0"),  # type: ignore[arg-type]
+        CONTAINER_INTERFACE: ContainerInterface(
+            None, Container("0", "c", "img", "0", ("true",), ContainerSpec())  # type: ignore[arg-type]
+        ),
     }
 
 
