@@ -205,8 +205,10 @@ def test_stdout_and_stderr_reach_journald_with_fields(sandbox: Any, quilt: Any, 
         time.sleep(0.1)
     got = {(e["MESSAGE"], e["QUILT_STREAM"]) for e in entries}
     assert got == {("to-out", "stdout"), ("to-err", "stderr"), ("partial", "stdout")}
+    # QUILT_CONTAINER_ID, not _SYSTEMD_UNIT, is the field to match on: journald
+    # finds the unit from the sender's live cgroup, which a short-lived
+    # container may have left by the time its lines are read.
     assert all(e["QUILT_CONTAINER_ID"] == cid for e in entries)
-    assert all(e["_SYSTEMD_UNIT"] == f"quilt-{cid}.scope" for e in entries)
 
 
 def test_restart_keeps_running_containers(sandbox: Any, quilt: Any, name: str) -> None:
