@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from quiltd import errors
+from quiltd.bus.connection import MessageBus
 from quiltd.bus.names import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 
 # The D-Bus type of each CreateContainer option.
@@ -49,7 +49,8 @@ class QuiltClient:
             bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
         else:
             bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
-        return cls(await bus.connect())
+        await bus.connect()
+        return cls(bus)
 
     def close(self) -> None:
         self.bus.disconnect()

@@ -11,13 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, RequestNameReply
 from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
 from quiltd import __version__
+from quiltd.bus.connection import MessageBus
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
 from quiltd.manager import Manager, RecoveryOutcome
@@ -107,6 +107,7 @@ class Daemon:
         sd_daemon.notify("STOPPING=1")
         journal.send("quiltd stopping; containers keep running", MESSAGE_ID=MESSAGE_STOPPING,
                      SYSLOG_IDENTIFIER="quiltd")
+        manager.cleaner.stop()
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
         bus.disconnect()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from quiltd import __version__, images, options
+from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
     InvalidArgument,
@@ -35,7 +35,7 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, Container, Image, State
+from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, State, scope_unit
 from quiltd.paths import Paths
 from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, watch_exit
@@ -94,6 +94,8 @@ class Manager:
         self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
+        self.cleaner = Cleaner(store, systemd, now_usec)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -185,7 +187,7 @@ class Manager:
             # Committed as starting before the reply: a daemon killed right
             # after answering resumes this start when it comes back.
             c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
-            self._background(self._locked(c.id, lambda: self._run_start(c.id)))
+            self._start_in_background(c, resume=False)
         return c
 
     async def start(self, ref: str) -> Container:
@@ -196,14 +198,19 @@ class Manager:
                 raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
                                    "containers can be started")
             c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
-            c = await self._run_start(c.id)
+            c = await self._run_start(c.id) or c
         if c.state == State.FAILED:
             raise StartFailed(f"container {c.name} failed to start: {c.reason}")
         return c
 
-    async def _run_start(self, container_id: str) -> Container:
-        """Brings a container in state starting to running, or to failed with a reason."""
-        c = self.get(container_id)
+    async def _run_start(self, container_id: str) -> Container | None:
+        """Brings a container in state starting to running, or to failed with a reason.
+
+        None when the start was overtaken: the container was removed first.
+        """
+        c = self._store.find_container(container_id)
+        if c is None or c.state != State.STARTING:
+            return c
         launched: Launched | None = None
         try:
             image = self._find_image(c.image)
@@ -232,6 +239,13 @@ class Manager:
         c = self._transition(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
         self._watch(c, launched.pidfd)
         return c
+
+    async def _resume_start(self, c: Container) -> Container | None:
+        # The scope of the interrupted attempt may linger for a moment, and
+        # its name is the one this start needs.
+        with contextlib.suppress(Internal):
+            await self._systemd.stop(c.unit)
+        return await self._run_start(c.id)
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
         layer = self.paths.container_dir(c.id)
@@ -275,6 +289,7 @@ class Manager:
 
     async def stop(self, ref: str, timeout_sec: int) -> Container:
         c = self.get(ref)
+        await self._start_settled(c.id)
         async with self._lock(c.id):
             c = self.get(c.id)
             if not c.state.is_active:
@@ -338,7 +353,7 @@ class Manager:
             if c.state == State.STARTING:
                 # No process to wait on yet: wait for the start to settle.
                 try:
-                    await asyncio.wait_for(self._settled(c.id), left)
+                    await asyncio.wait_for(self._start_settled(c.id), left)
                 except asyncio.TimeoutError:
                     left = 0.0
             if left == 0.0 or (c.state != State.STARTING and not await self._wait_exit(c.id, left)):
@@ -347,12 +362,21 @@ class Manager:
             c = self.get(c.id)
         return c
 
-    async def _settled(self, container_id: str) -> None:
-        async with self._lock(container_id):
-            pass
+    def _start_in_background(self, c: Container, resume: bool) -> None:
+        work = self._resume_start(c) if resume else self._run_start(c.id)
+        task = self._background(self._locked(c.id, lambda: work))
+        self._pending_starts[c.id] = task
+        task.add_done_callback(lambda _: self._pending_starts.pop(c.id, None))
+
+    async def _start_settled(self, container_id: str) -> None:
+        """Returns once a start begun in the background has ended, one way or the other."""
+        task = self._pending_starts.get(container_id)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def remove(self, ref: str, force: bool) -> None:
         c = self.get(ref)
+        await self._start_settled(c.id)
         async with self._lock(c.id):
             c = self.get(c.id)
             if c.state.is_active:
@@ -361,14 +385,25 @@ class Manager:
                                        "remove with force")
                 await self._kill_scope(c)
                 await self._wait_exit(c.id, None)
-            await self._systemd.stop(c.unit)
-            for tree in (self.paths.container_dir(c.id), self.paths.container_run_dir(c.id)):
-                images.remove_tree(tree)
+            # The row goes and what is left to undo is recorded in one
+            # transaction; the cleaner undoes it now, or later if it must.
             with self._store.transaction():
                 self._store.delete_container(c.id)
+                leftovers = self._queue_container_leftovers(c.id)
+            await self.cleaner.now(leftovers)
         self._locks.pop(c.id, None)
         for listener in self._listeners:
             listener.container_removed(c)
+
+    def _queue_container_leftovers(self, container_id: str) -> list[int]:
+        return [
+            self._store.add_cleanup(CleanupKind.SCOPE, scope_unit(container_id)),
+            self._store.add_cleanup(CleanupKind.TREE, str(self.paths.container_dir(container_id))),
+            self._store.add_cleanup(CleanupKind.TREE, str(self.paths.container_run_dir(container_id))),
+        ]
+
+    def cleanup_status(self) -> list[CleanupTask]:
+        return self.cleaner.status()
 
     # Images
 
@@ -410,7 +445,8 @@ class Manager:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():
             self._store.delete_image(name)
-        await asyncio.get_running_loop().run_in_executor(None, images.remove_tree, Path(image.path))
+            leftover = self._store.add_cleanup(CleanupKind.TREE, image.path)
+        await self.cleaner.now([leftover])
 
     # Recovery
 
@@ -426,19 +462,29 @@ class Manager:
                     c = self._transition(c, state=State.RUNNING, started_usec=c.started_usec or now_usec())
                 self._watch(c, pidfd)
                 found[RecoveryOutcome.ADOPTED].append(c.name)
-            elif c.state == State.STARTING and not c.pid:
-                self._background(self._locked(c.id, functools.partial(self._run_start, c.id)))
+            elif c.state == State.STARTING and not self.paths.exit_file(c.id).exists():
+                # Killed before the command ran: the start is done again.
+                c = self._transition(c, pid=0, pid_starttime=0)
+                self._start_in_background(c, resume=True)
                 found[RecoveryOutcome.RESTARTED].append(c.name)
             else:
                 self._on_exit(c.id)
                 found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
-        known = {c.unit for c in self._store.list_containers()}
-        for unit, _ in await self._systemd.list_scopes():
-            if unit not in known:
-                log.warning("stopping %s: it belongs to no container on record", unit)
-                with contextlib.suppress(Internal):
-                    await self._systemd.stop(unit)
+        self._queue_orphans(await self._systemd.list_scopes())
+        self.cleaner.start()
         return found
+
+    def _queue_orphans(self, scopes: list[tuple[str, str]]) -> None:
+        """Scopes and directories that belong to no container on record go to the cleaner."""
+        known = {c.id for c in self._store.list_containers()}
+        orphans = {unit.removeprefix("quilt-").removesuffix(".scope") for unit, _ in scopes}
+        for parent in (self.paths.state_dir / "containers", self.paths.run_dir / "containers"):
+            if parent.is_dir():
+                orphans.update(p.name for p in parent.iterdir())
+        with self._store.transaction():
+            for container_id in sorted(orphans - known):
+                log.warning("container %s is on no record: cleaning up its leftovers", container_id)
+                self._queue_container_leftovers(container_id)
 
     # Helpers
 
@@ -457,7 +503,7 @@ class Manager:
         async with self._lock(container_id):
             await work()
 
-    def _background(self, work: Awaitable[None]) -> None:
+    def _background(self, work: Awaitable[object]) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
                 await work
@@ -467,3 +513,4 @@ class Manager:
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 NO_EXIT_CODE = -1  # ExitCode before the container has exited
 
 
+def scope_unit(container_id: str) -> str:
+    """The transient systemd scope a container's processes live in."""
+    return f"quilt-{container_id}.scope"
+
+
 class State(str, enum.Enum):
     CREATED = "created"
     STARTING = "starting"
@@ -61,7 +66,7 @@ class Container:
 
     @property
     def unit(self) -> str:
-        return f"quilt-{self.id}.scope"
+        return scope_unit(self.id)
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,20 @@ class Image:
     path: str  # the extracted root, used as the overlay's lower layer
     size_bytes: int
     created_usec: int
+
+
+class CleanupKind(str, enum.Enum):
+    SCOPE = "scope"  # a systemd unit to stop
+    TREE = "tree"  # a directory to remove
+
+
+@dataclass(frozen=True)
+class CleanupTask:
+    """A leftover to undo, retried until it is gone."""
+
+    id: int
+    kind: CleanupKind
+    target: str
+    attempts: int
+    next_usec: int  # not before this time (µs since the epoch)
+    last_error: str

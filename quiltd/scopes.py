@@ -40,10 +40,6 @@ class Usage:
     tasks_current: int
 
 
-def unit_name(container_id: str) -> str:
-    return f"quilt-{container_id}.scope"
-
-
 def unit_path(unit: str) -> str:
     """systemd's object path for a unit name (its bus_label_escape)."""
     escaped = "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in unit)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quiltd.model import Container, ContainerSpec, Image, State
+from quiltd.model import CleanupKind, CleanupTask, Container, ContainerSpec, Image, State
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
 # many have run. Never edit an entry that has shipped: add one.
@@ -46,6 +46,19 @@ MIGRATIONS = (
         finished_usec INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX containers_state ON containers(state);
+    """,
+    """
+    -- AUTOINCREMENT: an id is never handed out twice, so a worker holding a
+    -- stale list can never finish another task by mistake.
+    CREATE TABLE cleanup_tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_usec INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        UNIQUE (kind, target)
+    );
     """,
 )
 
@@ -154,6 +167,31 @@ class Store:
 
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+
+    # Cleanup tasks
+
+    def add_cleanup(self, kind: str, target: str) -> int:
+        """Queues a task (once: the same leftover is never queued twice); returns its id."""
+        self._db.execute("INSERT OR IGNORE INTO cleanup_tasks (kind, target) VALUES (?, ?)", (kind, target))
+        row = self._db.execute(
+            "SELECT id FROM cleanup_tasks WHERE kind = ? AND target = ?", (kind, target)
+        ).fetchone()
+        task_id: int = row[0]
+        return task_id
+
+    def list_cleanups(self) -> list[CleanupTask]:
+        rows = self._db.execute("SELECT * FROM cleanup_tasks ORDER BY id").fetchall()
+        return [CleanupTask(**{**dict(r), "kind": CleanupKind(r["kind"])}) for r in rows]
+
+    def defer_cleanup(self, task_id: int, attempts: int, next_usec: int, error: str) -> None:
+        self._db.execute(
+            "UPDATE cleanup_tasks SET attempts = ?, next_usec = ?, last_error = ? WHERE id = ?",
+            (attempts, next_usec, error, task_id),
+        )
+
+    def finish_cleanup(self, task_id: int) -> None:
+        self._db.execute("DELETE FROM cleanup_tasks WHERE id = ?", (task_id,))
 
 
 def _container_row(c: Container) -> dict[str, Any]:

@@ -83,6 +83,12 @@ class ManagerInterface(ServiceInterface):
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 
+    @method()
+    @bus_errors
+    async def GetCleanupStatus(self) -> "a(ssuts)":
+        return [[t.kind.value, t.target, t.attempts, t.next_usec, t.last_error]
+                for t in self._m.cleanup_status()]
+
     @signal()
     def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":
         return [id, name, state, exit_code]

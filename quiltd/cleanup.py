@@ -1,0 +1,96 @@
+"""The cleanup service: leftovers are removed by a worker that never gives up.
+
+Removing a container deletes its row and records what is left to undo (its
+scope, its layer, its run dir) in one transaction. The worker undoes each
+piece right away and, when that fails, again later with growing pauses. The
+tasks live in the store, so a daemon killed half-way finishes the job on its
+next start, and API calls never wait behind a stubborn leftover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from quiltd import images
+from quiltd.model import CleanupKind, CleanupTask
+from quiltd.scopes import Systemd
+from quiltd.store import Store
+
+log = logging.getLogger("quiltd")
+
+FIRST_RETRY_SEC = 1.0
+LAST_RETRY_SEC = 300.0
+
+
+def backoff_sec(attempts: int) -> float:
+    return float(min(LAST_RETRY_SEC, FIRST_RETRY_SEC * 2 ** max(0, attempts - 1)))
+
+
+class Cleaner:
+    def __init__(self, store: Store, systemd: Systemd, now_usec: Callable[[], int]) -> None:
+        self._store = store
+        self._systemd = systemd
+        self._now_usec = now_usec
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._busy: set[int] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def status(self) -> list[CleanupTask]:
+        return self._store.list_cleanups()
+
+    async def now(self, ids: Iterable[int]) -> None:
+        """Tries the given tasks at once; what fails stays queued for the worker."""
+        for task in self._store.list_cleanups():
+            if task.id in ids:
+                await self._attempt(task)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()  # before looking, so a task queued meanwhile wakes us again
+            now = self._now_usec()
+            for task in self._store.list_cleanups():
+                if task.next_usec <= now:
+                    await self._attempt(task)  # one that finished meanwhile is a no-op
+            pending = self._store.list_cleanups()
+            wait = None
+            if pending:
+                wait = max(0.0, (min(t.next_usec for t in pending) - self._now_usec()) / 1e6)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _attempt(self, task: CleanupTask) -> None:
+        if task.id in self._busy:
+            return
+        self._busy.add(task.id)
+        try:
+            await self._perform(task)
+        except Exception as e:
+            attempts = task.attempts + 1
+            delay = backoff_sec(attempts)
+            log.warning("cleanup of %s %s failed (attempt %d, next in %.0f s): %s",
+                        task.kind.value, task.target, attempts, delay, e)
+            with self._store.transaction():
+                self._store.defer_cleanup(task.id, attempts, self._now_usec() + int(delay * 1e6), str(e))
+        else:
+            log.debug("cleaned up %s %s", task.kind.value, task.target)
+            with self._store.transaction():
+                self._store.finish_cleanup(task.id)
+        finally:
+            self._busy.discard(task.id)
+
+    def _perform(self, task: CleanupTask) -> Awaitable[None]:
+        if task.kind == CleanupKind.SCOPE:
+            return self._systemd.stop(task.target)
+        return asyncio.get_running_loop().run_in_executor(None, images.remove_tree, Path(task.target))
