@@ -155,10 +155,9 @@ class Manager:
         )
 
     def counts(self) -> dict[str, int]:
-        counts = {s.value: 0 for s in State}
-        for c in self._store.list_containers():
-            counts[c.state.value] += 1
-        return counts
+        # Counted by SQLite: STATUS= is refreshed on every change, and loading
+        # every row for it made each create slower as containers piled up.
+        return {s.value: 0 for s in State} | self._store.count_by_state()
 
     # Life cycle
 

@@ -146,6 +146,10 @@ class Store:
         rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()
         return [_container_from_row(r) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM containers GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
     def containers_using_image(self, image: str) -> list[str]:
         rows = self._db.execute("SELECT name FROM containers WHERE image = ?", (image,)).fetchall()
         return [r[0] for r in rows]
