@@ -50,7 +50,7 @@ def test_quick_bench_reports_every_metric(
     assert memory["containers"] == 2
     for metric in MEMORY_METRICS:
         assert memory[metric]["n"] == 2 and memory[metric]["min"] > 0, (metric, memory[metric])
-    assert isinstance(memory["quiltd_pss_growth_kib"]["median"], float | int)
+    assert isinstance(memory["quiltd_uss_growth_kib"]["median"], float | int)
 
     # Its sandbox is gone, whatever happened inside.
     assert name not in sandbox_module.Sandbox.names()
