@@ -1,0 +1,77 @@
+"""The benchmark still runs end to end and reports every number (it is not timed here)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+QUILT_METRICS = ("create", "create_start", "info", "info_created", "running", "running_daemon",
+                 "run_true")
+MEMORY_METRICS = ("init_pss_kib", "init_rss_kib", "container_pss_kib", "memory_current_kib")
+
+
+def test_quick_bench_reports_every_metric(
+    sandbox_name: Callable[[str], str], sandbox_module: ModuleType
+) -> None:
+    name = sandbox_name("bench")
+    r = subprocess.run(
+        [str(REPO / "tools/bench"), "--quick", "--json", "--iterations", "3", "--idle", "2",
+         "--sandbox-name", name],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+
+    for metric in QUILT_METRICS:
+        v = result["quilt"][metric]
+        assert v["n"] >= 3, (metric, v)
+        assert 0 < v["p50_ms"] <= v["p99_ms"], (metric, v)
+        assert v["target_p50_ms"] > 0, (metric, v)
+
+    for peer in ("systemd-run", "bwrap"):
+        v = result["peers"][peer]
+        assert v.get("n") == 3 and 0 < v["p50_ms"] <= v["p99_ms"], (peer, v)
+        assert result["ratios_quilt_over_peer"][peer]["p50"] > 0
+    podman = result["peers"]["podman"]
+    assert "skipped" in podman or podman["p50_ms"] > 0, podman
+
+    memory = result["memory"]
+    assert memory["containers"] == 2
+    for metric in MEMORY_METRICS:
+        assert memory[metric]["n"] == 2 and memory[metric]["min"] > 0, (metric, memory[metric])
+    assert isinstance(memory["quiltd_uss_growth_kib"]["median"], float | int)
+
+    # Its sandbox is gone, whatever happened inside.
+    assert name not in sandbox_module.Sandbox.names()
+
+    # The table a person reads shows the same results next to the targets.
+    table = _bench_module().render(result)
+    for line in ("CreateContainer round trip (start=false)", "GetContainerInfo round trip",
+                 "create -> running (client: signal)", "whole run of `true`",
+                 "systemd-run --scope + unshare + chroot", "bwrap --unshare-all",
+                 "container init PSS", "scope MemoryCurrent"):
+        assert line in table, (line, table)
+    assert f"{result['quilt']['create']['p50_ms']:.2f}" in table
+
+
+def _bench_module() -> ModuleType:
+    # tools/bench is a script without a .py suffix: load it by path.
+    loader = importlib.machinery.SourceFileLoader("quilt_bench", str(REPO / "tools/bench"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module  # its dataclasses look their module up there
+    loader.exec_module(module)
+    return module
+
