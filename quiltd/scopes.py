@@ -23,6 +23,12 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 SLICE = "quilt.slice"
 UNSET = (1 << 64) - 1  # systemd's "infinity" and "not known" for u64 properties
+# The only devices a container may open, whatever nodes it makes (it keeps
+# CAP_MKNOD): the ones its /dev holds, and its own pseudo-terminals.
+DEVICE_ALLOW = (
+    ("/dev/null", "rwm"), ("/dev/zero", "rwm"), ("/dev/full", "rwm"), ("/dev/random", "rwm"),
+    ("/dev/urandom", "rwm"), ("/dev/tty", "rwm"), ("/dev/ptmx", "rwm"), ("char-pts", "rwm"),
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Systemd:
             ["MemoryAccounting", Variant("b", True)],
             ["CPUAccounting", Variant("b", True)],
             ["TasksAccounting", Variant("b", True)],
+            ["DevicePolicy", Variant("s", "closed")],
+            ["DeviceAllow", Variant("a(ss)", [list(d) for d in DEVICE_ALLOW])],
         ]
         if limits.memory_max is not None:
             props.append(["MemoryMax", Variant("t", limits.memory_max)])
