@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux, security
+from quiltd import linux, mounts, security
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import LaunchSpec
 
@@ -91,6 +91,8 @@ def _enter_root(spec: LaunchSpec) -> None:
         "overlay", root, "overlay", 0,
         f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
     )
+    for source, target, read_only in spec.binds:
+        mounts.bind_into(root, source, target, read_only)
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
     security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))

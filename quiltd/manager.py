@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, images, options
+from quiltd import __version__, hostimage, images, options
 from quiltd.errors import (
     Internal,
     InvalidArgument,
@@ -94,6 +94,7 @@ class Manager:
         self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._host_image: Image | None = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -244,6 +245,7 @@ class Manager:
             upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
+            binds=hostimage.binds() if image.id == hostimage.IMAGE_ID else (),
         )
 
     def _watch(self, c: Container, pidfd: int) -> None:
@@ -372,7 +374,15 @@ class Manager:
 
     # Images
 
+    def _host(self) -> Image:
+        """The built-in image, written on first use after each daemon start."""
+        if self._host_image is None:
+            self._host_image = hostimage.prepare(self.paths.images)
+        return self._host_image
+
     def _find_image(self, name: str) -> Image:
+        if name == hostimage.NAME:
+            return self._host()
         image = self._store.find_image(name)
         if image is None:
             raise NoSuchImage(f"no image {name!r}")
@@ -382,6 +392,8 @@ class Manager:
         options.check_image_name(name)
         if opts:
             raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        if name == hostimage.NAME:
+            raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
             raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         if self._store.find_image(name) is not None:
@@ -401,9 +413,11 @@ class Manager:
         return image
 
     def list_images(self) -> list[Image]:
-        return self._store.list_images()
+        return [self._host(), *self._store.list_images()]
 
     async def remove_image(self, name: str) -> None:
+        if name == hostimage.NAME:
+            raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
         users = self._store.containers_using_image(name)
         if users:
