@@ -93,6 +93,9 @@ def _enter_root(spec: LaunchSpec) -> None:
     )
     for source, target, read_only in spec.binds:
         mounts.bind_into(root, source, target, read_only)
+    for target, size in spec.tmpfs:
+        mounts.mount_in_root(root, target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                             f"size={size},mode=1777")
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
     security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, options
+from quiltd import __version__, hostimage, images, mountopts, options
 from quiltd.errors import (
     Internal,
     InvalidArgument,
@@ -168,6 +168,8 @@ class Manager:
         options.check_image_name(image_name)
         argv = options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
+        mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
+        spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
         image = self._find_image(image_name)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
@@ -245,7 +247,8 @@ class Manager:
             upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
-            binds=hostimage.binds() if image.id == hostimage.IMAGE_ID else (),
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            tmpfs=c.spec.tmpfs,
         )
 
     def _watch(self, c: Container, pidfd: int) -> None:

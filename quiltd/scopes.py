@@ -108,7 +108,18 @@ class Systemd:
             props.append(["TasksMax", Variant("t", limits.tasks_max)])
         if limits.runtime_max_sec is not None:
             props.append(["RuntimeMaxUSec", Variant("t", limits.runtime_max_sec * 1_000_000)])
-        (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        for attempt in range(20):
+            try:
+                (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                             [unit, "fail", props, []])
+                break
+            except Internal as e:
+                # A container started again right after it exited: its last
+                # scope can still be loaded until systemd collects it.
+                if "UnitExists" not in str(e) or attempt == 19:
+                    raise
+                await self.stop(unit)
+                await asyncio.sleep(0.05)
         result = await self._job_result(job)
         if result != "done":
             raise Internal(f"systemd could not start {unit}: job {result}")
