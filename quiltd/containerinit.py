@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux
+from quiltd import linux, mounts, security
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import LaunchSpec
 
@@ -91,9 +91,14 @@ def _enter_root(spec: LaunchSpec) -> None:
         "overlay", root, "overlay", 0,
         f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
     )
+    for source, target, read_only in spec.binds:
+        mounts.bind_into(root, source, target, read_only)
+    for target, size in spec.tmpfs:
+        mounts.mount_in_root(root, target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                             f"size={size},mode=1777")
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-    _mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec)
-    _mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY)
+    security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
+    security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))
     _make_dev(root)
     socket.sethostname(spec.hostname)
     _loopback_up()
@@ -152,6 +157,7 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         os.closerange(error_fd + 1, 1 << 16)
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         os.chdir(spec.workdir)
+        security.restrict_command()  # the last step: the filter also binds what follows here
         env = dict(item.split("=", 1) for item in spec.env)
         os.execvpe(spec.command[0], list(spec.command), env)
     except BaseException as e:  # reported to the daemon as the start failure

@@ -28,7 +28,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 
-from quiltd import containerinit, linux
+from quiltd import containerinit, linux, security
 
 CONTAINER_NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
@@ -55,6 +55,9 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
     # by the kernel; their exit status is kept by init itself.
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Built once here, where the host's libseccomp is reachable; every
+    # container's command loads it just before exec.
+    security.prepare()
     # Freezing the heap keeps the collector from touching (and copying)
     # every object page in each forked container init.
     gc.freeze()

@@ -23,6 +23,9 @@ class LaunchSpec:
     rootfs: str  # where the overlay is mounted, inside the container's own mount namespace
     exit_path: str  # where init leaves the command's exit status
     journal_socket: str
+    # (host source, target inside the root, read-only), bound in this order
+    binds: tuple[tuple[str, str, bool], ...] = ()
+    tmpfs: tuple[tuple[str, int], ...] = ()  # (target inside the root, size_bytes)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -32,4 +35,6 @@ class LaunchSpec:
         raw = json.loads(data)
         raw["command"] = tuple(raw["command"])
         raw["env"] = tuple(raw["env"])
+        raw["binds"] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw.get("binds", ()))
+        raw["tmpfs"] = tuple((str(t), int(size)) for t, size in raw.get("tmpfs", ()))
         return cls(**raw)

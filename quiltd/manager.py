@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, images, options
+from quiltd import __version__, hostimage, images, mountopts, options
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -96,6 +96,7 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
+        self._host_image: Image | None = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -168,6 +169,8 @@ class Manager:
         options.check_image_name(image_name)
         argv = options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
+        mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
+        spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
         image = self._find_image(image_name)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
@@ -257,6 +260,8 @@ class Manager:
             upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            tmpfs=c.spec.tmpfs,
         )
 
     def _watch(self, c: Container, pidfd: int) -> None:
@@ -406,7 +411,15 @@ class Manager:
 
     # Images
 
+    def _host(self) -> Image:
+        """The built-in image, written on first use after each daemon start."""
+        if self._host_image is None:
+            self._host_image = hostimage.prepare(self.paths.images)
+        return self._host_image
+
     def _find_image(self, name: str) -> Image:
+        if name == hostimage.NAME:
+            return self._host()
         image = self._store.find_image(name)
         if image is None:
             raise NoSuchImage(f"no image {name!r}")
@@ -416,6 +429,8 @@ class Manager:
         options.check_image_name(name)
         if opts:
             raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        if name == hostimage.NAME:
+            raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
             raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         if self._store.find_image(name) is not None:
@@ -435,9 +450,11 @@ class Manager:
         return image
 
     def list_images(self) -> list[Image]:
-        return self._store.list_images()
+        return [self._host(), *self._store.list_images()]
 
     async def remove_image(self, name: str) -> None:
+        if name == hostimage.NAME:
+            raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
         users = self._store.containers_using_image(name)
         if users:

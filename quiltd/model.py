@@ -45,6 +45,8 @@ class ContainerSpec:
     labels: tuple[tuple[str, str], ...] = ()
     ttl_sec: int = 0
     auto_remove: bool = False
+    mounts: tuple[tuple[str, str, bool], ...] = ()  # (host source, target, read_only)
+    tmpfs: tuple[tuple[str, int], ...] = ()  # (target, size_bytes)
 
 
 @dataclass(frozen=True)

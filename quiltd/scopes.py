@@ -23,6 +23,12 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 SLICE = "quilt.slice"
 UNSET = (1 << 64) - 1  # systemd's "infinity" and "not known" for u64 properties
+# The only devices a container may open, whatever nodes it makes (it keeps
+# CAP_MKNOD): the ones its /dev holds, and its own pseudo-terminals.
+DEVICE_ALLOW = (
+    ("/dev/null", "rwm"), ("/dev/zero", "rwm"), ("/dev/full", "rwm"), ("/dev/random", "rwm"),
+    ("/dev/urandom", "rwm"), ("/dev/tty", "rwm"), ("/dev/ptmx", "rwm"), ("char-pts", "rwm"),
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class Systemd:
             ["MemoryAccounting", Variant("b", True)],
             ["CPUAccounting", Variant("b", True)],
             ["TasksAccounting", Variant("b", True)],
+            ["DevicePolicy", Variant("s", "closed")],
+            ["DeviceAllow", Variant("a(ss)", [list(d) for d in DEVICE_ALLOW])],
         ]
         if limits.memory_max is not None:
             props.append(["MemoryMax", Variant("t", limits.memory_max)])
@@ -96,7 +104,18 @@ class Systemd:
             props.append(["TasksMax", Variant("t", limits.tasks_max)])
         if limits.runtime_max_sec is not None:
             props.append(["RuntimeMaxUSec", Variant("t", limits.runtime_max_sec * 1_000_000)])
-        (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        for attempt in range(20):
+            try:
+                (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                             [unit, "fail", props, []])
+                break
+            except Internal as e:
+                # A container started again right after it exited: its last
+                # scope can still be loaded until systemd collects it.
+                if "UnitExists" not in str(e) or attempt == 19:
+                    raise
+                await self.stop(unit)
+                await asyncio.sleep(0.05)
         result = await self._job_result(job)
         if result != "done":
             raise Internal(f"systemd could not start {unit}: job {result}")

@@ -211,6 +211,8 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     spec = json.loads(raw.pop("spec"))
     spec["env"] = tuple(spec["env"])
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
+    spec["mounts"] = tuple((s, t, ro) for s, t, ro in spec.get("mounts", ()))
+    spec["tmpfs"] = tuple((t, size) for t, size in spec.get("tmpfs", ()))
     return Container(
         **{
             **raw,

@@ -50,6 +50,8 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "TasksMax": Variant("t", c.spec.tasks_max),
         "TTLSec": Variant("t", c.spec.ttl_sec),
         "AutoRemove": Variant("b", c.spec.auto_remove),
+        "Mounts": Variant("a(ssb)", [list(m) for m in c.spec.mounts]),
+        "Tmpfs": Variant("a(st)", [list(t) for t in c.spec.tmpfs]),
         "CreatedUsec": Variant("t", c.created_usec),
         "StartedUsec": Variant("t", c.started_usec),
         "FinishedUsec": Variant("t", c.finished_usec),

@@ -1,0 +1,111 @@
+"""The defaults a hostile process meets inside a container, checked from inside and outside."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quiltd.security import DEFAULT_CAPABILITY_MASK
+from tests.system.conftest import eventually, run
+
+pytestmark = pytest.mark.system
+
+PROBE = (Path(__file__).parent / "probe.sh").read_text()
+
+
+def journal_lines(sandbox: Any, cid: str) -> list[str]:
+    """The container's output, once its last line ("done N") has reached the journal."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = sandbox.run(["journalctl", f"QUILT_CONTAINER_ID={cid}", "-o", "cat", "--no-pager"])
+        lines = out.stdout.decode().splitlines()
+        if any(line.startswith("done ") for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+def run_to_end(quilt: Any, name: str, image: str, command: list[str], **options: Any) -> tuple[str, int]:
+    async def scenario() -> tuple[str, int]:
+        async with quilt() as q:
+            cid, _ = await q.create(name, image, command, **options)
+            try:
+                state, code = await q.wait(name, 60_000_000)
+                assert state == "exited"
+                return str(cid), int(code)
+            finally:
+                await q.remove(name, force=True)
+
+    return run(scenario())
+
+
+async def _running(q: Any, name: str) -> bool:
+    return bool((await q.info(name))["State"] == "running")
+
+
+def test_probe_inside_a_container(sandbox: Any, quilt: Any, name: str) -> None:
+    cid, code = run_to_end(quilt, name, "busybox", ["sh", "-c", PROBE],
+                           env=[f"WANT_CAPS={DEFAULT_CAPABILITY_MASK:016x}"])
+    lines = journal_lines(sandbox, cid)
+    failed = [line for line in lines if line.startswith("not ok")]
+    assert not failed, "\n".join(lines)
+    assert code == 0, "\n".join(lines)
+    assert lines[-1] == "done 0"
+    # Every check ran: a probe cut short (by a reboot that worked, say) has fewer.
+    assert sum(line.startswith("ok ") for line in lines) >= 45, "\n".join(lines)
+
+
+def test_scope_device_policy_is_closed(sandbox: Any, quilt: Any, name: str) -> None:
+    async def start() -> str:
+        async with quilt() as q:
+            cid, _ = await q.create(name, "busybox", ["sleep", "1000"])
+            await eventually(lambda: _running(q, name))
+            return str(cid)
+
+    async def remove() -> None:
+        async with quilt() as q:
+            await q.remove(name, force=True)
+
+    cid = run(start())
+    try:
+        unit = f"quilt-{cid}.scope"
+        shown = sandbox.run(["systemctl", "show", unit, "-p", "DevicePolicy", "-p", "DeviceAllow"])
+        props = shown.stdout.decode()
+        assert "DevicePolicy=closed" in props
+        for node in ("/dev/null", "/dev/urandom", "/dev/ptmx", "char-pts"):
+            assert node in props
+        # What the kernel enforces on cgroup v1: the devices controller's list.
+        listed = sandbox.run(["cat", f"/sys/fs/cgroup/devices/quilt.slice/{unit}/devices.list"], check=False)
+        if listed.returncode == 0:
+            # systemd always adds its "inaccessible" nodes, 0:0, which no driver backs.
+            entries = {line for line in listed.stdout.decode().splitlines() if " 0:0 " not in line}
+            assert entries == {"c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                               "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm"}, listed.stdout
+    finally:
+        run(remove())
+
+
+def test_init_memory_per_container(sandbox: Any, quilt: Any, name: str) -> None:
+    """Init is a forked copy of the fork server: most of its pages stay shared."""
+    async def start() -> int:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "1000"])
+            await eventually(lambda: _running(q, name))
+            return int((await q.info(name))["Pid"])
+
+    async def remove() -> None:
+        async with quilt() as q:
+            await q.remove(name, force=True)
+
+    pid = run(start())
+    try:
+        rollup = sandbox.run(["cat", f"/proc/{pid}/smaps_rollup"]).stdout.decode()
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:]}
+        print(f"container init {pid}: Rss {kib['Rss']} kB, Pss {kib['Pss']} kB, "
+              f"Private_Dirty {kib['Private_Dirty']} kB")
+        assert kib["Pss"] < 8 * 1024, rollup
+        assert kib["Private_Dirty"] < 4 * 1024, rollup
+    finally:
+        run(remove())
