@@ -71,3 +71,28 @@ class Image:
     path: str  # the extracted root, used as the overlay's lower layer
     size_bytes: int
     created_usec: int
+
+
+class ExecState(str, enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"  # killed by its timeout; exit code 124
+
+    @property
+    def is_final(self) -> bool:
+        return self != ExecState.RUNNING
+
+
+@dataclass(frozen=True)
+class Exec:
+    """A background command run in a container with ExecStart."""
+
+    id: str
+    container_id: str
+    command: tuple[str, ...]
+    state: ExecState = ExecState.RUNNING
+    pid: int = 0  # its supervisor's host pid while running
+    pid_starttime: int = 0
+    exit_code: int = NO_EXIT_CODE
+    created_usec: int = 0
+    finished_usec: int = 0
