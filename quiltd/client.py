@@ -60,10 +60,11 @@ class QuiltClient:
         self.bus.disconnect()
 
     async def call(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
-                   interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME) -> list[Any]:
+                   interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
+                   unix_fds: list[int] | None = None) -> list[Any]:
         reply = await self.bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
-            signature=signature, body=list(args),
+            signature=signature, body=list(args), unix_fds=unix_fds or [],
         ))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
@@ -141,6 +142,18 @@ class QuiltClient:
         (rows,) = await self.call("ListExecs", "s", ref)
         return [tuple(r) for r in rows]
 
+    async def logs(self, ref: str, **options: Any) -> list[tuple[int, str, str]]:
+        (rows,) = await self.call("GetLogs", "sa{sv}", ref, _log_options(options))
+        return [tuple(r) for r in rows]
+
+    async def logs_raw(self, ref: str, **options: Any) -> list[tuple[int, str, bytes]]:
+        (rows,) = await self.call("GetLogsRaw", "sa{sv}", ref, _log_options(options))
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    async def follow_logs(self, ref: str, fd: int, **options: Any) -> None:
+        """The daemon writes `<usec> <stream> <line>\\n` to (its copy of) fd; close yours of the write end."""
+        await self.call("FollowLogs", "sa{sv}h", ref, _log_options(options), 0, unix_fds=[fd])
+
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
         """Calls back for every ContainerStateChanged signal from now on."""
         await self.watch_signal("ContainerStateChanged", lambda body: callback(StateChange(*body)))
@@ -160,6 +173,13 @@ class QuiltClient:
             return False
 
         self.bus.add_message_handler(handler)
+
+
+LOG_OPTION_TYPES = {"since_usec": "t", "tail": "u", "stream": "s", "exec_id": "s"}
+
+
+def _log_options(options: dict[str, Any]) -> dict[str, Variant]:
+    return {k: Variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
 def _exec_options(options: dict[str, Any]) -> dict[str, Variant]:

@@ -6,6 +6,7 @@ from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
 from quiltd.bus.names import MANAGER_PATH, container_path
 from quiltd.execs import Execs
+from quiltd.logs import Logs
 from quiltd.manager import Manager
 from quiltd.model import Container, Exec
 
@@ -13,11 +14,11 @@ from quiltd.model import Container, Exec
 class BusService:
     """The manager's Listener: keeps the exported objects in step with the store."""
 
-    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs) -> None:
+    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs) -> None:
         self._bus = bus
         self._manager = manager
         self._execs = execs
-        self._interface = ManagerInterface(manager, execs)
+        self._interface = ManagerInterface(manager, execs, logs)
         self._containers: dict[str, ContainerInterface] = {}
         bus.export(MANAGER_PATH, self._interface)
         manager.add_listener(self)
