@@ -18,6 +18,7 @@ from systemd import daemon as sd_daemon
 from systemd import journal
 
 from quiltd import __version__
+from quiltd.bus import dbusfix
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
 from quiltd.execs import Execs
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
         python_daemon.DaemonContext(umask=0o022, working_directory="/").open()
     setup_logging(args.log_level)
+    dbusfix.apply()
     # Started before asyncio brings threads into this process.
     forkserver = ForkServer()
     forkserver.start()
