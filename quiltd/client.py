@@ -26,6 +26,11 @@ OPTION_TYPES = {
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)",
 }
 
+# The D-Bus type of each Exec / ExecStart option.
+EXEC_OPTION_TYPES = {
+    "env": "as", "workdir": "s", "user": "s", "timeout_sec": "u", "stdin": "ay", "max_output": "t",
+}
+
 _ERRORS: dict[str, type[errors.QuiltError]] = {
     cls.dbus_name: cls for cls in errors.QuiltError.__subclasses__()
 }
@@ -56,10 +61,11 @@ class QuiltClient:
         self.bus.disconnect()
 
     async def call(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
-                   interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME) -> list[Any]:
+                   interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
+                   unix_fds: list[int] | None = None) -> list[Any]:
         reply = await self.bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
-            signature=signature, body=list(args),
+            signature=signature, body=list(args), unix_fds=unix_fds or [],
         ))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
@@ -112,20 +118,73 @@ class QuiltClient:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}
 
+    async def exec(self, ref: str, command: list[str], **options: Any) -> tuple[int, bytes, bytes]:
+        code, out, err = await self.call("Exec", "sasa{sv}", ref, command, _exec_options(options))
+        return code, bytes(out), bytes(err)
+
+    async def exec_ex(
+        self, ref: str, command: list[str], **options: Any
+    ) -> tuple[int, bytes, bytes, dict[str, Any]]:
+        code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, command, _exec_options(options))
+        return code, bytes(out), bytes(err), {k: v.value for k, v in info.items()}
+
+    async def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
+        (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, command, _exec_options(options))
+        return str(exec_id)
+
+    async def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
+        state, code = await self.call("ExecWait", "st", exec_id, timeout_usec)
+        return state, code
+
+    async def exec_kill(self, exec_id: str, signal: int) -> None:
+        await self.call("ExecKill", "si", exec_id, signal)
+
+    async def list_execs(self, ref: str) -> list[tuple[str, str, list[str], int, int]]:
+        (rows,) = await self.call("ListExecs", "s", ref)
+        return [tuple(r) for r in rows]
+
+    async def logs(self, ref: str, **options: Any) -> list[tuple[int, str, str]]:
+        (rows,) = await self.call("GetLogs", "sa{sv}", ref, _log_options(options))
+        return [tuple(r) for r in rows]
+
+    async def logs_raw(self, ref: str, **options: Any) -> list[tuple[int, str, bytes]]:
+        (rows,) = await self.call("GetLogsRaw", "sa{sv}", ref, _log_options(options))
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    async def follow_logs(self, ref: str, fd: int, **options: Any) -> None:
+        """The daemon writes `<usec> <stream> <line>\\n` to (its copy of) fd; close yours of the write end."""
+        await self.call("FollowLogs", "sa{sv}h", ref, _log_options(options), 0, unix_fds=[fd])
+
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
         """Calls back for every ContainerStateChanged signal from now on."""
+        await self.watch_signal("ContainerStateChanged", lambda body: callback(StateChange(*body)))
+
+    async def watch_signal(self, member: str, callback: Callable[[list[Any]], None]) -> None:
+        """Calls back with the body of every signal `member` of the manager from now on."""
         await self.call("AddMatch", "s",
                         f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_INTERFACE}',"
-                        "member='ContainerStateChanged'",
+                        f"member='{member}'",
                         path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
                         destination="org.freedesktop.DBus")
 
         def handler(msg: Message) -> bool:
-            if msg.message_type == MessageType.SIGNAL and msg.member == "ContainerStateChanged":
-                callback(StateChange(*msg.body))
+            if msg.message_type == MessageType.SIGNAL and msg.member == member \
+                    and msg.interface == MANAGER_INTERFACE:
+                callback(list(msg.body))
             return False
 
         self.bus.add_message_handler(handler)
+
+
+LOG_OPTION_TYPES = {"since_usec": "t", "tail": "u", "stream": "s", "exec_id": "s"}
+
+
+def _log_options(options: dict[str, Any]) -> dict[str, Variant]:
+    return {k: Variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
+
+
+def _exec_options(options: dict[str, Any]) -> dict[str, Variant]:
+    return {k: Variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -155,9 +155,8 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         # Only the error pipe survives until exec, and it closes on exec.
         os.closerange(3, error_fd)
         os.closerange(error_fd + 1, 1 << 16)
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         os.chdir(spec.workdir)
-        security.restrict_command()  # the last step: the filter also binds what follows here
+        harden_before_exec()
         env = dict(item.split("=", 1) for item in spec.env)
         os.execvpe(spec.command[0], list(spec.command), env)
     except BaseException as e:  # reported to the daemon as the start failure
@@ -165,6 +164,22 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         with contextlib.suppress(OSError):
             os.write(error_fd, reason.encode())
         os._exit(127)
+
+
+def harden_before_exec() -> None:
+    """The last step before a container's command, or a command exec'd into it, is executed.
+
+    The one place that sets what a process in a container may do, so the
+    command and every exec get the same: an exec must not be a way out.
+    It runs inside the container (namespaces joined, root switched), after
+    the switch to the process's user, as the final step before execve.
+    """
+    # No setuid binary or file capability can raise privileges from here on.
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    # A process already switched to another user holds no capabilities (the
+    # switch cleared them) and, under no_new_privs, cannot gain any: only
+    # root has a set to reduce, and only root may reduce the bounding set.
+    security.restrict_command(drop_capabilities=os.geteuid() == 0)
 
 
 def _supervise(command_pid: int, pipes: dict[int, int], journal: JournalStream) -> int:

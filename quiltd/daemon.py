@@ -20,6 +20,8 @@ from quiltd import __version__
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
+from quiltd.execs import Execs
+from quiltd.logs import Logs
 from quiltd.manager import Manager, RecoveryOutcome
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
@@ -81,8 +83,10 @@ class Daemon:
         systemd = Systemd(bus)
         await systemd.connect()
         manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
-        service = BusService(bus, manager)
+        execs = Execs(manager, self._paths, store, systemd, self._forkserver)
+        service = BusService(bus, manager, execs, Logs(manager, execs))
         found = await manager.recover()
+        await execs.recover()
         service.export_existing()
         manager.add_listener(self)
         journal.send(

@@ -59,3 +59,19 @@ class StartFailed(QuiltError):
     """The container could not be started; the message says why (also in its State reason)."""
 
     dbus_name = ERROR_PREFIX + "StartFailed"
+
+
+class NoSuchExec(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchExec"
+
+
+class ExecFailed(QuiltError):
+    """The command could not be executed in the container; the message says why."""
+
+    dbus_name = ERROR_PREFIX + "ExecFailed"
+
+
+class OutputTruncated(QuiltError):
+    """Exec's output went over max_output; ExecEx returns it cut, with flags."""
+
+    dbus_name = ERROR_PREFIX + "OutputTruncated"

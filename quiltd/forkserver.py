@@ -14,6 +14,11 @@ a waiting init's pid, its start time and three descriptors: a pidfd of the
 init, the write end of the pipe that carries the init its LaunchSpec, and
 the read end of its error pipe (end of file with no data there means the
 command was executed).
+
+The second kind of request runs a command in a running container: a JSON
+ExecSpec with the descriptors the daemon made for it. The server forks that
+exec's supervisor (see execsupervisor) and answers with its pid, start time
+and a pidfd.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 
-from quiltd import containerinit, linux, security
+from quiltd import containerinit, execsupervisor, linux, security
+from quiltd.execspec import ExecSpec
 
 CONTAINER_NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
 )
 POOL_SIZE = 4
+MAX_REQUEST = 256 << 10  # an ExecSpec; the daemon refuses larger commands
+MAX_REQUEST_FDS = 8
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,19 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             except OSError:
                 select.select([sock], [], [], 1.0)  # out of resources: do not spin
             continue
-        if not sock.recv(16):
+        request, received, _, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_REQUEST_FDS)
+        if not request:
             return  # the daemon is gone
         try:
-            reply, fds = (pool.popleft() if pool else _fork_init()).reply()
+            if request == b"launch":
+                reply, fds = (pool.popleft() if pool else _fork_init()).reply()
+            else:
+                reply, fds = _fork_exec(ExecSpec.from_json(request), received)
         except Exception as e:
             reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        finally:
+            for fd in received:
+                os.close(fd)
         socket.send_fds(sock, [json.dumps(reply).encode()], fds)
         for fd in fds:
             os.close(fd)
@@ -100,6 +115,26 @@ def _fork_init() -> WaitingInit:
         raise OSError(answer.decode(errors="replace") or "namespace setup failed")
     init_pid = int(answer)
     return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
+
+
+def _fork_exec(spec: ExecSpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:
+    """Forks the supervisor of one exec; fds are its go and error pipes and, optionally, stdio."""
+    if len(fds) not in (2, 5):
+        raise ValueError(f"an exec needs 2 or 5 descriptors, got {len(fds)}")
+    go_r, error_w, *stdio = fds
+    pid = os.fork()
+    if pid == 0:
+        try:
+            gc.disable()
+            linux.close_fds_except(set(fds))
+            null = os.open("/dev/null", os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)
+            os.close(null)
+        except BaseException:
+            os._exit(127)
+        execsupervisor.run(spec, go_r, error_w, (stdio[0], stdio[1], stdio[2]) if stdio else None)
+    return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
 
 
 def _middle(spec_r: int, error_w: int, report_w: int) -> None:

@@ -95,3 +95,28 @@ class CleanupTask:
     attempts: int
     next_usec: int  # not before this time (µs since the epoch)
     last_error: str
+
+
+class ExecState(str, enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"  # killed by its timeout; exit code 124
+
+    @property
+    def is_final(self) -> bool:
+        return self != ExecState.RUNNING
+
+
+@dataclass(frozen=True)
+class Exec:
+    """A background command run in a container with ExecStart."""
+
+    id: str
+    container_id: str
+    command: tuple[str, ...]
+    state: ExecState = ExecState.RUNNING
+    pid: int = 0  # its supervisor's host pid while running
+    pid_starttime: int = 0
+    exit_code: int = NO_EXIT_CODE
+    created_usec: int = 0
+    finished_usec: int = 0

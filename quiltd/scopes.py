@@ -128,6 +128,10 @@ class Systemd:
         result: str = await waiter
         return result
 
+    async def attach(self, unit: str, pid: int) -> None:
+        """Moves pid into the unit's cgroup, in every hierarchy systemd manages (v1, hybrid or v2)."""
+        await self._manager("AttachProcessesToUnit", "ssau", [unit, "", [pid]])
+
     async def kill(self, unit: str, signal: int) -> None:
         await self._manager("KillUnit", "ssi", [unit, "all", signal])
 

@@ -171,17 +171,18 @@ def prepare() -> None:
     _seccomp.prepare()
 
 
-def restrict_command() -> None:
+def restrict_command(drop_capabilities: bool = True) -> None:
     """In the command's child, just before exec: fewer capabilities, then seccomp.
 
     no_new_privs must already be set: it lets an unprivileged filter load and
     keeps setuid binaries from regaining what was dropped here.
     """
-    drop_capabilities(DEFAULT_CAPABILITY_MASK)
+    if drop_capabilities:
+        reduce_capabilities(DEFAULT_CAPABILITY_MASK)
     _seccomp.load()
 
 
-def drop_capabilities(keep: int) -> None:
+def reduce_capabilities(keep: int) -> None:
     """Bounding set to keep; ambient and inheritable empty; effective and permitted to keep.
 
     Inheritable stays empty as in Docker since CVE-2022-24769: root regains

@@ -15,8 +15,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from quiltd.errors import Internal
+from quiltd.execspec import ExecSpec
 from quiltd.launchspec import LaunchSpec
 from quiltd.linux import process_starttime
 
@@ -35,6 +37,15 @@ class Launched:
         for fd in (self.pidfd, self.spec_fd, self.error_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+@dataclass(frozen=True)
+class Forked:
+    """A process the fork server made: pid, start time and a pidfd that is ours to close."""
+
+    pid: int
+    starttime: int
+    pidfd: int
 
 
 class ForkServer:
@@ -63,26 +74,39 @@ class ForkServer:
             self._process = None
 
     async def launch(self) -> Launched:
+        reply, fds = await self._request(b"launch", [], 3)
+        if not reply["ok"]:
+            raise Internal(f"could not create the container's namespaces: {reply['error']}")
+        pidfd, spec_fd, error_fd = fds
+        return Launched(reply["pid"], reply["starttime"], pidfd, spec_fd, error_fd)
+
+    async def exec(self, spec: ExecSpec, fds: list[int]) -> Forked:
+        """Forks the supervisor of an exec, handing it fds (go, error, and stdin, stdout, stderr or none)."""
+        reply, received = await self._request(spec.to_json(), fds, 1)
+        if not reply["ok"]:
+            raise Internal(f"could not fork the exec's supervisor: {reply['error']}")
+        return Forked(reply["pid"], reply["starttime"], received[0])
+
+    async def _request(
+        self, request: bytes, fds: list[int], reply_fds: int
+    ) -> tuple[dict[str, Any], list[int]]:
         # One request at a time: replies carry no id, they come back in order.
         async with self._lock:
             if self._sock is None or (self._process is not None and self._process.poll() is not None):
                 self.stop()
                 self.start()
             assert self._sock is not None
-            self._sock.send(b"launch")
+            socket.send_fds(self._sock, [request], fds)
             await _readable(self._sock.fileno())
-            data, fds, _, _ = socket.recv_fds(self._sock, 65536, 3)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            self._sock.close()
-            self._sock = None
-            raise Internal("the fork server exited")
-        reply = json.loads(data)
-        if not reply["ok"]:
-            raise Internal(f"could not create the container's namespaces: {reply['error']}")
-        pidfd, spec_fd, error_fd = fds
-        return Launched(reply["pid"], reply["starttime"], pidfd, spec_fd, error_fd)
+            data, received, _, _ = socket.recv_fds(self._sock, 65536, reply_fds)
+            if not data:
+                for fd in received:
+                    os.close(fd)
+                self._sock.close()
+                self._sock = None
+                raise Internal("the fork server exited")
+        reply: dict[str, Any] = json.loads(data)
+        return reply, received
 
 
 async def _readable(fd: int) -> None:

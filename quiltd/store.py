@@ -16,7 +16,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quiltd.model import CleanupKind, CleanupTask, Container, ContainerSpec, Image, State
+from quiltd.model import (
+    CleanupKind,
+    CleanupTask,
+    Container,
+    ContainerSpec,
+    Exec,
+    ExecState,
+    Image,
+    State,
+)
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
 # many have run. Never edit an entry that has shipped: add one.
@@ -59,6 +68,20 @@ MIGRATIONS = (
         last_error TEXT NOT NULL DEFAULT '',
         UNIQUE (kind, target)
     );
+    """,
+    """
+    CREATE TABLE execs (
+        id TEXT PRIMARY KEY,
+        container_id TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER NOT NULL DEFAULT 0,
+        pid_starttime INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER NOT NULL DEFAULT -1,
+        created_usec INTEGER NOT NULL,
+        finished_usec INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX execs_container ON execs(container_id);
     """,
 )
 
@@ -154,6 +177,29 @@ class Store:
         rows = self._db.execute("SELECT name FROM containers WHERE image = ?", (image,)).fetchall()
         return [r[0] for r in rows]
 
+    # Execs (background ones; a container's go with it)
+
+    def insert_exec(self, e: Exec) -> None:
+        marks = ", ".join("?" for _ in _EXEC_COLUMNS)
+        self._db.execute(f"INSERT INTO execs ({', '.join(_EXEC_COLUMNS)}) VALUES ({marks})", _exec_row(e))
+
+    def update_exec(self, e: Exec) -> None:
+        columns = ", ".join(f"{k} = ?" for k in _EXEC_COLUMNS[1:])
+        self._db.execute(f"UPDATE execs SET {columns} WHERE id = ?", [*_exec_row(e)[1:], e.id])
+
+    def find_exec(self, exec_id: str) -> Exec | None:
+        row = self._db.execute("SELECT * FROM execs WHERE id = ?", (exec_id,)).fetchone()
+        return _exec_from_row(row) if row else None
+
+    def list_execs(self, container_id: str | None = None) -> list[Exec]:
+        if container_id is None:
+            rows = self._db.execute("SELECT * FROM execs ORDER BY created_usec, id")
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM execs WHERE container_id = ? ORDER BY created_usec, id", (container_id,)
+            )
+        return [_exec_from_row(r) for r in rows]
+
     # Images
 
     def insert_image(self, image: Image) -> None:
@@ -196,6 +242,24 @@ class Store:
 
     def finish_cleanup(self, task_id: int) -> None:
         self._db.execute("DELETE FROM cleanup_tasks WHERE id = ?", (task_id,))
+
+
+_EXEC_COLUMNS = (
+    "id", "container_id", "command", "state", "pid", "pid_starttime", "exit_code", "created_usec",
+    "finished_usec",
+)
+
+
+def _exec_row(e: Exec) -> list[Any]:
+    row = asdict(e)
+    row["command"] = json.dumps(list(e.command))
+    row["state"] = e.state.value
+    return [row[k] for k in _EXEC_COLUMNS]
+
+
+def _exec_from_row(row: sqlite3.Row) -> Exec:
+    raw = dict(row)
+    return Exec(**{**raw, "command": tuple(json.loads(raw["command"])), "state": ExecState(raw["state"])})
 
 
 def _container_row(c: Container) -> dict[str, Any]:

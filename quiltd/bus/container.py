@@ -5,8 +5,11 @@
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, method
 
+from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
+from quiltd.bus.execs import exec_reply
 from quiltd.bus.names import CONTAINER_INTERFACE
+from quiltd.execs import Execs
 from quiltd.manager import Manager
 from quiltd.model import Container
 from quiltd.scopes import Usage
@@ -15,9 +18,10 @@ READ = PropertyAccess.READ
 
 
 class ContainerInterface(ServiceInterface):
-    def __init__(self, manager: Manager, container: Container) -> None:
+    def __init__(self, manager: Manager, container: Container, execs: Execs) -> None:
         super().__init__(CONTAINER_INTERFACE)
         self._m = manager
+        self._execs = execs
         self._id = container.id
         # The latest record, kept current by announce_change: property reads
         # cost no query and cannot fail on a container being removed.
@@ -134,3 +138,8 @@ class ContainerInterface(ServiceInterface):
     @bus_errors
     async def Remove(self, force: "b") -> None:
         await self._m.remove(self._id, force)
+
+    @method()
+    @bus_errors
+    async def Exec(self, command: "as", options: "a{sv}") -> "iayay":
+        return exec_reply(await self._execs.run(self._id, command, convert.unwrap(options)))

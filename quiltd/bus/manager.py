@@ -6,14 +6,20 @@ from dbus_next.service import ServiceInterface, method, signal
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
+from quiltd.bus.execs import ExecMethods
+from quiltd.bus.logs import LogMethods
 from quiltd.bus.names import MANAGER_INTERFACE, container_path
+from quiltd.execs import Execs
+from quiltd.logs import Logs
 from quiltd.manager import Manager
 
 
-class ManagerInterface(ServiceInterface):
-    def __init__(self, manager: Manager) -> None:
+class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
+    def __init__(self, manager: Manager, execs: Execs, logs: Logs) -> None:
         super().__init__(MANAGER_INTERFACE)
         self._m = manager
+        self._execs = execs
+        self._logs = logs
 
     @method()
     @bus_errors

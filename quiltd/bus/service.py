@@ -5,20 +5,24 @@ from dbus_next.aio.message_bus import MessageBus
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
 from quiltd.bus.names import MANAGER_PATH, container_path
+from quiltd.execs import Execs
+from quiltd.logs import Logs
 from quiltd.manager import Manager
-from quiltd.model import Container
+from quiltd.model import Container, Exec
 
 
 class BusService:
     """The manager's Listener: keeps the exported objects in step with the store."""
 
-    def __init__(self, bus: MessageBus, manager: Manager) -> None:
+    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs) -> None:
         self._bus = bus
         self._manager = manager
-        self._interface = ManagerInterface(manager)
+        self._execs = execs
+        self._interface = ManagerInterface(manager, execs, logs)
         self._containers: dict[str, ContainerInterface] = {}
         bus.export(MANAGER_PATH, self._interface)
         manager.add_listener(self)
+        execs.add_listener(self)
 
     def export_existing(self) -> None:
         for c in self._manager.list_containers({}):
@@ -29,7 +33,7 @@ class BusService:
         self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
 
     def _export(self, c: Container) -> None:
-        obj = ContainerInterface(self._manager, c)
+        obj = ContainerInterface(self._manager, c, self._execs)
         self._containers[c.id] = obj
         self._bus.export(container_path(c.id), obj)
 
@@ -45,3 +49,6 @@ class BusService:
         if obj is not None:
             self._bus.unexport(container_path(c.id), obj)
         self._interface.ContainerRemoved(c.id, c.name)
+
+    def exec_exited(self, e: Exec) -> None:
+        self._interface.ExecExited(e.id, e.container_id, e.exit_code)

@@ -1,0 +1,79 @@
+# D-Bus signatures are string annotations that dbus-next reads; they are not Python types.
+# mypy: disable-error-code="name-defined,valid-type,empty-body"
+"""The exec part of org.quilt.Quilt1.Manager: foreground and background commands in containers."""
+
+from typing import Any
+
+from dbus_next.service import method, signal
+from dbus_next.signature import Variant
+
+from quiltd.bus import convert
+from quiltd.bus.errors import bus_errors
+from quiltd.errors import OutputTruncated
+from quiltd.execs import ExecResult, Execs
+
+
+def exec_reply(result: ExecResult) -> list[Any]:
+    """What plain Exec returns: never output cut short without saying so."""
+    truncated = [s for s, cut in (("stdout", result.stdout_truncated), ("stderr", result.stderr_truncated))
+                 if cut]
+    if truncated:
+        raise OutputTruncated(
+            f"the command exited with {result.exit_code} but wrote more than max_output to "
+            f"{' and '.join(truncated)} ({result.stdout_bytes} bytes to stdout, {result.stderr_bytes} "
+            "to stderr); raise max_output, or use ExecEx to get the output cut with flags"
+        )
+    return [result.exit_code, result.stdout, result.stderr]
+
+
+def exec_info(result: ExecResult) -> dict[str, Variant]:
+    return {
+        "timed_out": Variant("b", result.timed_out),
+        "stdout_truncated": Variant("b", result.stdout_truncated),
+        "stderr_truncated": Variant("b", result.stderr_truncated),
+        "stdout_bytes": Variant("t", result.stdout_bytes),
+        "stderr_bytes": Variant("t", result.stderr_bytes),
+    }
+
+
+class ExecMethods:
+    """Mixed into ManagerInterface; dbus-next finds these members on the class."""
+
+    _execs: Execs
+
+    @method()
+    @bus_errors
+    async def Exec(self, ref: "s", command: "as", options: "a{sv}") -> "iayay":
+        return exec_reply(await self._execs.run(ref, command, convert.unwrap(options)))
+
+    @method()
+    @bus_errors
+    async def ExecEx(self, ref: "s", command: "as", options: "a{sv}") -> "iayaya{sv}":
+        result = await self._execs.run(ref, command, convert.unwrap(options))
+        return [result.exit_code, result.stdout, result.stderr, exec_info(result)]
+
+    @method()
+    @bus_errors
+    async def ExecStart(self, ref: "s", command: "as", options: "a{sv}") -> "s":
+        return (await self._execs.start(ref, command, convert.unwrap(options))).id
+
+    @method()
+    @bus_errors
+    async def ExecWait(self, exec_id: "s", timeout_usec: "t") -> "si":
+        e = await self._execs.wait(exec_id, timeout_usec)
+        return [e.state.value, e.exit_code]
+
+    @method()
+    @bus_errors
+    async def ExecKill(self, exec_id: "s", signal: "i") -> None:
+        await self._execs.kill(exec_id, signal)
+
+    @method()
+    @bus_errors
+    async def ListExecs(self, ref: "s") -> "a(ssasit)":
+        return [[e.id, e.state.value, list(e.command), e.exit_code, e.created_usec]
+                for e in self._execs.list_execs(ref)]
+
+    @signal()
+    def ExecExited(self, exec_id: str, container_id: str, exit_code: int) -> "ssi":
+        return [exec_id, container_id, exit_code]

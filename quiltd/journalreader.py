@@ -1,0 +1,210 @@
+"""Reads containers' output back from journald: a query, or a follow that writes to a descriptor.
+
+Every call here blocks (sd_journal reads files and waits on inotify), so the
+core runs queries in an executor and each follow in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from systemd import journal
+
+# The raw line and the timestamp in µs, not python-systemd's str and datetime.
+CONVERTERS: dict[str, Callable[[object], object]] = {
+    "MESSAGE": lambda v: bytes(v) if isinstance(v, bytes | bytearray) else str(v).encode(),
+    "__REALTIME_TIMESTAMP": lambda v: int(v),  # type: ignore[call-overload]
+}
+POLL_SEC = 0.5  # how often a follow looks at its stop flag and its descriptor
+SETTLE_SEC = 0.5  # after its end, how long a follow waits for lines journald has not written yet
+
+
+@dataclass(frozen=True)
+class Query:
+    container_id: str
+    since_usec: int = 0
+    tail: int = 0  # 0: all
+    stream: str = ""  # "" both, else stdout or stderr
+    exec_id: str = ""  # "": the container's own command; "*": everything; else one exec
+
+
+@dataclass(frozen=True)
+class Line:
+    usec: int
+    stream: str
+    data: bytes
+
+
+def _reader(q: Query) -> journal.Reader:
+    r = journal.Reader(converters=CONVERTERS)
+    r.add_match(QUILT_CONTAINER_ID=q.container_id)
+    if q.stream:
+        r.add_match(QUILT_STREAM=q.stream)
+    if q.exec_id not in ("", "*"):
+        r.add_match(QUILT_EXEC_ID=q.exec_id)
+    return r
+
+
+def _line(q: Query, entry: dict[str, object]) -> Line | None:
+    # journald cannot match on a field being absent: the container's own
+    # lines are those without QUILT_EXEC_ID.
+    if not entry or (q.exec_id == "" and "QUILT_EXEC_ID" in entry):
+        return None
+    usec = entry.get("__REALTIME_TIMESTAMP", 0)
+    data = entry.get("MESSAGE", b"")
+    stream = entry.get("QUILT_STREAM", "")
+    if not isinstance(usec, int) or not isinstance(data, bytes) or not isinstance(stream, str):
+        return None
+    return Line(usec, stream, data)
+
+
+def read(q: Query, limit: int) -> tuple[list[Line], bool]:
+    """The matching lines in journal order, at most `limit`; True if there were more."""
+    r = _reader(q)
+    try:
+        if q.tail:
+            return _read_tail(r, q, limit)
+        if q.since_usec:
+            r.seek_realtime(q.since_usec)
+        lines: list[Line] = []
+        for line in _forward(r, q):
+            if len(lines) == limit:
+                return lines, True
+            lines.append(line)
+        return lines, False
+    finally:
+        r.close()
+
+
+def _forward(r: journal.Reader, q: Query) -> Iterator[Line]:
+    while True:
+        entry = r.get_next()
+        if not entry:
+            return
+        line = _line(q, entry)
+        if line is not None and line.usec >= q.since_usec:
+            yield line
+
+
+def _read_tail(r: journal.Reader, q: Query, limit: int) -> tuple[list[Line], bool]:
+    lines, more, _ = _read_tail_and_cursor(r, q, limit)
+    return lines, more
+
+
+def _read_tail_and_cursor(r: journal.Reader, q: Query, limit: int) -> tuple[list[Line], bool, str]:
+    """The last lines, and the cursor of the last entry that matched the journal's filter."""
+    r.seek_tail()
+    lines: list[Line] = []
+    cursor = ""
+    while len(lines) < q.tail:
+        entry = r.get_previous()
+        if not entry:
+            break
+        if not cursor:
+            cursor = str(entry.get("__CURSOR", ""))
+        line = _line(q, entry)
+        if line is None:
+            continue
+        if line.usec < q.since_usec:
+            break
+        if len(lines) == limit:
+            return lines[::-1], True, cursor
+        lines.append(line)
+    return lines[::-1], False, cursor
+
+
+class Follower(threading.Thread):
+    """Writes the matching lines to fd, then new ones as they come, until stopped or fd is closed.
+
+    Each line goes out as `<usec> <stream> <bytes of the line>\\n`: lines never
+    hold a newline, so this is binary safe and needs no escaping.
+    """
+
+    def __init__(self, q: Query, fd: int, on_end: Callable[[Follower], None]) -> None:
+        super().__init__(name=f"follow-{q.container_id}", daemon=True)
+        self.query = q
+        self.stop = threading.Event()
+        self._fd = fd
+        self._on_end = on_end
+
+    def run(self) -> None:
+        try:
+            self._follow()
+        except Exception:  # a client's closed descriptor or a journal error ends one follow only
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._on_end(self)
+
+    def _follow(self) -> None:
+        r = _reader(self.query)
+        try:
+            if self.query.tail:
+                lines, _, cursor = _read_tail_and_cursor(r, self.query, self.query.tail)
+                if not self._write(lines):
+                    return
+                if cursor:
+                    # From the last entry already seen, so nothing that came
+                    # meanwhile is missed.
+                    r.seek_cursor(cursor)
+                    r.get_next()
+                else:
+                    r.seek_head()
+            elif self.query.since_usec:
+                r.seek_realtime(self.query.since_usec)
+            stopping_since: float | None = None
+            while True:
+                lines = list(_forward(r, self.query))
+                if not self._write(lines) or self._closed():
+                    return
+                if self.stop.is_set():
+                    # The last lines may still be on their way to journald.
+                    if stopping_since is None:
+                        stopping_since = time.monotonic()
+                    elif not lines and time.monotonic() - stopping_since >= SETTLE_SEC:
+                        return
+                r.wait(POLL_SEC if stopping_since is None else SETTLE_SEC / 5)
+        finally:
+            r.close()
+
+    def _write(self, lines: list[Line]) -> bool:
+        for line in lines:
+            data = memoryview(f"{line.usec} {line.stream} ".encode() + line.data + b"\n")
+            while data:
+                try:
+                    n = os.write(self._fd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError as e:
+                    if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+                        return False
+                    raise
+                data = data[n:]
+                if data and not self._wait_writable():
+                    return False
+        return True
+
+    def _wait_writable(self) -> bool:
+        p = select.poll()
+        p.register(self._fd, select.POLLOUT)
+        while True:
+            events = p.poll(POLL_SEC * 1000)
+            if events:
+                return not events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+            if self._closed():
+                return False
+
+    def _closed(self) -> bool:
+        p = select.poll()
+        p.register(self._fd, 0)  # POLLERR and POLLHUP are reported whatever is asked
+        events = p.poll(0)
+        return bool(events and events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL))
+

@@ -1,0 +1,123 @@
+"""Containers' output, read back from the journal: GetLogs and FollowLogs.
+
+Core code on the event loop. Journal reads block, so a query runs in the
+default executor and each follow in a thread of its own, which the core
+stops when the container (or the followed exec) ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import stat
+import threading
+from collections.abc import Mapping
+
+from quiltd import journalreader
+from quiltd.errors import InvalidArgument, InvalidState, NoSuchExec, OutputTruncated
+from quiltd.execs import Execs
+from quiltd.journalreader import Follower, Line, Query
+from quiltd.manager import Manager
+from quiltd.model import Container, Exec
+
+KEYS = frozenset({"since_usec", "tail", "stream", "exec_id"})
+MAX_LINES = 100_000
+MAX_FOLLOWERS = 128  # each is a thread
+
+
+class Logs:
+    def __init__(self, manager: Manager, execs: Execs) -> None:
+        self._manager = manager
+        self._execs = execs
+        self._followers: set[Follower] = set()
+        self._lock = threading.Lock()  # followers end in their own threads
+        manager.add_listener(self)
+        execs.add_listener(self)
+
+    def _query(self, ref: str, opts: Mapping[str, object]) -> tuple[Container, Query]:
+        c = self._manager.get(ref)
+        unknown = sorted(set(opts) - KEYS)
+        if unknown:
+            raise InvalidArgument(f"unknown log option(s): {', '.join(unknown)}")
+        since = opts.get("since_usec", 0)
+        tail = opts.get("tail", 0)
+        for key, value in (("since_usec", since), ("tail", tail)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+                raise InvalidArgument(f"option {key} must be a non-negative integer, got {value!r}")
+        stream = opts.get("stream", "both")
+        if stream not in ("stdout", "stderr", "both"):
+            raise InvalidArgument(f"option stream must be stdout, stderr or both, got {stream!r}")
+        exec_id = opts.get("exec_id", "")
+        if not isinstance(exec_id, str):
+            raise InvalidArgument("option exec_id must be a string (s)")
+        if exec_id not in ("", "*"):
+            e = self._execs.get(exec_id)
+            if e.container_id != c.id:
+                raise NoSuchExec(f"no exec {exec_id!r} in container {c.name}")
+        assert isinstance(since, int) and isinstance(tail, int)
+        return c, Query(c.id, since, tail, "" if stream == "both" else str(stream), exec_id)
+
+    async def get(self, ref: str, opts: Mapping[str, object]) -> list[Line]:
+        _, q = self._query(ref, opts)
+        lines, more = await asyncio.get_running_loop().run_in_executor(None, journalreader.read, q, MAX_LINES)
+        if more:
+            raise OutputTruncated(f"more than {MAX_LINES} lines match; narrow with since_usec or tail")
+        return lines
+
+    def follow(self, ref: str, opts: Mapping[str, object], fd: int) -> None:
+        """Starts writing lines to fd; takes fd over (closes it) whatever happens."""
+        try:
+            c, q = self._query(ref, opts)
+            _check_writable(fd)
+            with self._lock:
+                if len(self._followers) >= MAX_FOLLOWERS:
+                    raise InvalidState(f"{MAX_FOLLOWERS} log follows are running already")
+                # The follower must never block on a reader that does not read.
+                os.set_blocking(fd, False)
+                follower = Follower(q, fd, self._ended)
+                self._followers.add(follower)
+        except BaseException:
+            os.close(fd)
+            raise
+        exec_ended = q.exec_id not in ("", "*") and self._execs.get(q.exec_id).state.is_final
+        if not c.state.is_active or exec_ended:
+            follower.stop.set()  # what is there, then the end
+        follower.start()
+
+    def _ended(self, follower: Follower) -> None:
+        with self._lock:
+            self._followers.discard(follower)
+
+    def _stop(self, container_id: str, exec_id: str | None = None) -> None:
+        with self._lock:
+            for f in self._followers:
+                if f.query.container_id == container_id and (exec_id is None or f.query.exec_id == exec_id):
+                    f.stop.set()
+
+    # Listener of the manager and of execs
+
+    def container_added(self, c: Container) -> None:
+        pass
+
+    def container_changed(self, c: Container, old: Container) -> None:
+        if c.state.is_final and not old.state.is_final:
+            self._stop(c.id)
+
+    def container_removed(self, c: Container) -> None:
+        self._stop(c.id)
+
+    def exec_exited(self, e: Exec) -> None:
+        self._stop(e.container_id, e.id)
+
+
+def _check_writable(fd: int) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as e:
+        raise InvalidArgument(f"bad file descriptor: {e.strerror}") from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)):
+        raise InvalidArgument("the descriptor must be a pipe, a socket or a regular file")
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise InvalidArgument("the descriptor is not open for writing")

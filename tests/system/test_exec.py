@@ -1,0 +1,186 @@
+"""Exec: commands run inside a running container, from a user's seat."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from tests.system.conftest import BUS, eventually, run
+
+pytestmark = pytest.mark.system
+
+NAMESPACES = ("mnt", "uts", "ipc", "net", "pid", "cgroup")
+
+
+async def _running(q: Any, name: str, command: list[str] | None = None, **options: Any) -> str:
+    cid, _ = await q.create(name, "busybox", command or ["sleep", "1000"], **options)
+
+    async def up() -> bool:
+        return bool((await q.info(name))["State"] == "running")
+
+    await eventually(up)
+    return str(cid)
+
+
+def test_exec_joins_every_namespace_the_root_and_the_scope(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid = await _running(q, name)
+            init = (await q.info(name))["Pid"]
+            script = "for n in " + " ".join(NAMESPACES) + "; do readlink /proc/self/ns/$n; done; " \
+                "hostname; cat /proc/self/cgroup; grep NoNewPrivs /proc/self/status; ls /; echo $$"
+            code, out, err = await q.exec(name, ["sh", "-c", script])
+            assert (code, err) == (0, b"")
+            lines = out.decode().splitlines()
+            host_view = [sandbox.run(["readlink", f"/proc/{init}/ns/{n}"]).stdout.decode().strip()
+                         for n in NAMESPACES]
+            assert lines[:6] == host_view
+            assert lines[6] == name  # the container's hostname
+            cgroups = [line for line in lines if line.count(":") >= 2 and line[0].isdigit()]
+            # In the container's cgroup namespace, whose root is its scope:
+            # a process anywhere else would see a path like /../..
+            assert cgroups and all(line.endswith(":/") for line in cgroups), cgroups
+            assert "NoNewPrivs:\t1" in lines
+            assert {"bin", "etc", "proc"} <= set(lines) and "work" not in lines  # the busybox root
+            assert 1 < int(lines[-1]) < 1000  # a pid of the container's namespace
+
+            # Seen from systemd: a background exec sits in the container's scope.
+            exec_id = await q.exec_start(name, ["sleep", "777"])
+            status = sandbox.run(["systemctl", "status", f"quilt-{cid}.scope", "--no-pager"]).stdout.decode()
+            assert "sleep 777" in status
+            await q.exec_kill(exec_id, 9)
+            assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 137)
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_exec_options_user_env_workdir_stdin(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, env=["FROM_CONTAINER=1", "SHARED=container"])
+            code, out, _ = await q.exec(name, ["sh", "-c", "id -u; id -g; pwd; echo $FROM_CONTAINER $SHARED"],
+                                        env=["SHARED=exec"], workdir="/tmp", user="nobody")
+            assert (code, out.decode().split()) == (0, ["65534", "65534", "/tmp", "1", "exec"])
+            code, out, _ = await q.exec(name, ["id", "-u"], user="1234:5")
+            assert (code, out) == (0, b"1234\n")
+            data = bytes(range(256)) * 1000  # binary, more than a pipe holds
+            code, out, _ = await q.exec(name, ["cat"], stdin=data)
+            assert (code, out) == (0, data)
+            code, out, err = await q.exec(name, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+            assert (code, out, err) == (7, b"out\n", b"err\n")
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_exec_timeout_and_output_cap_are_reported(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            began = time.monotonic()
+            code, out, _, info = await q.exec_ex(name, ["sh", "-c", "echo started; sleep 100"], timeout_sec=1)
+            assert time.monotonic() - began < 8
+            assert (code, out, info["timed_out"]) == (124, b"started\n", True)
+            code, _, _ = await q.exec(name, ["sleep", "100"], timeout_sec=1)
+            assert code == 124
+
+            cmd = ["sh", "-c", "head -c 3000 /dev/zero; head -c 10 /dev/zero >&2"]
+            with pytest.raises(errors.OutputTruncated, match="3000 bytes to stdout"):
+                await q.exec(name, cmd, max_output=1000)
+            code, out, err, info = await q.exec_ex(name, cmd, max_output=1000)
+            assert (code, out, err) == (0, b"\0" * 1000, b"\0" * 10)
+            assert info == {"timed_out": False, "stdout_truncated": True, "stderr_truncated": False,
+                            "stdout_bytes": 3000, "stderr_bytes": 10}
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_exec_bad_input_gets_named_errors(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "1000"], start=False)
+            with pytest.raises(errors.InvalidState, match="not running"):
+                await q.exec(name, ["true"])
+            await q.start(name)
+            with pytest.raises(errors.NoSuchContainer):
+                await q.exec(name + "-nope", ["true"])
+            with pytest.raises(errors.InvalidArgument, match="empty"):
+                await q.exec(name, [])
+            with pytest.raises(errors.ExecFailed, match="no-such-program"):
+                await q.exec(name, ["no-such-program"])
+            with pytest.raises(errors.ExecFailed, match="workdir /nowhere"):
+                await q.exec(name, ["true"], workdir="/nowhere")
+            with pytest.raises(errors.InvalidArgument, match="no user 'ghost'"):
+                await q.exec(name, ["true"], user="ghost")
+            with pytest.raises(errors.InvalidArgument, match="unknown exec option"):
+                await q.call("Exec", "sasa{sv}", name, ["true"], {"color": _variant("s", "red")})
+            with pytest.raises(errors.InvalidArgument, match="max_output"):
+                await q.exec(name, ["true"], max_output=1 << 40)
+            with pytest.raises(errors.NoSuchExec):
+                await q.exec_wait("0123456789abcdef")
+            with pytest.raises(errors.NoSuchExec):
+                await q.exec_kill("not-an-id", 15)
+            # The container and the daemon are fine.
+            assert await q.exec(name, ["echo", "still", "here"]) == (0, b"still here\n", b"")
+            await q.stop(name, 0)
+            with pytest.raises(errors.InvalidState):
+                await q.exec(name, ["true"])
+            await q.remove(name)
+
+    run(scenario())
+
+
+def _variant(signature: str, value: Any) -> Any:
+    from dbus_next.signature import Variant
+
+    return Variant(signature, value)
+
+
+def test_exec_on_the_container_object_with_busctl(sandbox: Any, quilt: Any, name: str) -> None:
+    async def create() -> str:
+        async with quilt() as q:
+            return await _running(q, name)
+
+    cid = run(create())
+    out = sandbox.run(["busctl", "call", "--", "org.quilt.Quilt1", f"/org/quilt/Quilt1/container/{cid}",
+                       "org.quilt.Quilt1.Container", "Exec", "asa{sv}", "3", "sh", "-c", "printf AB; exit 2",
+                       "0"]).stdout.decode()
+    assert out.strip() == "iayay 2 2 65 66 0"
+    sandbox.run(["busctl", "call", *BUS, "RemoveContainer", "sb", name, "true"])
+
+
+def test_fifty_long_execs_do_not_slow_the_daemon(quilt: Any, name: str) -> None:
+    async def timed_info(q: Any) -> float:
+        began = time.monotonic()
+        await q.info(name)
+        return time.monotonic() - began
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            usual = [await timed_info(q) for _ in range(20)]
+            execs = [asyncio.ensure_future(q.exec(name, ["sh", "-c", f"sleep 4; echo {i}"]))
+                     for i in range(50)]
+            await asyncio.sleep(0.5)
+            during = []
+            while not all(e.done() for e in execs):
+                during.append(await timed_info(q))
+                await asyncio.sleep(0.05)
+            results = [await e for e in execs]
+            assert [r[1] for r in results] == [f"{i}\n".encode() for i in range(50)]
+            assert all(r[0] == 0 for r in results)
+            assert len(during) >= 10
+            # The loop never waits on an exec: answers stay in the usual range
+            # (generous bounds, the machine is shared).
+            assert statistics.median(during) < max(0.05, 10 * statistics.median(usual)), (usual, during)
+            assert max(during) < 1.0, during
+            await q.remove(name, force=True)
+
+    run(scenario())

@@ -1,0 +1,165 @@
+"""GetLogs, GetLogsRaw and FollowLogs: a container's output read back from the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from tests.system.conftest import eventually, run
+from tests.system.test_exec import _running
+
+pytestmark = pytest.mark.system
+
+# Ten numbered lines on stdout, three on stderr, then a line that is not
+# UTF-8 and one with a NUL byte.
+SCRIPT = (
+    "i=1; while [ $i -le 10 ]; do echo out$i; i=$((i+1)); done; "
+    "echo err1 >&2; echo err2 >&2; echo err3 >&2; "
+    r"printf 'bad\377\376\n'; printf 'nul\000byte\n'"
+)
+
+
+async def _lines_ready(q: Any, name: str, count: int, **options: Any) -> list[tuple[int, str, str]]:
+    rows: list[tuple[int, str, str]] = []
+
+    async def enough() -> bool:
+        nonlocal rows
+        rows = await q.logs(name, **options)
+        return len(rows) >= count
+
+    await eventually(enough)
+    return rows
+
+
+def test_get_logs_keeps_order_stream_and_bytes(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", SCRIPT])
+            assert await q.wait(name) == ("exited", 0)
+            rows = await _lines_ready(q, name, 15)
+            out = [line for _, stream, line in rows if stream == "stdout"]
+            err = [line for _, stream, line in rows if stream == "stderr"]
+            assert out == [f"out{i}" for i in range(1, 11)] + ["bad\ufffd\ufffd", "nul\ufffdbyte"]
+            assert err == ["err1", "err2", "err3"]
+            stamps = [usec for usec, _, _ in rows]
+            assert stamps == sorted(stamps) and stamps[0] > 1_600_000_000_000_000
+
+            raw = await q.logs_raw(name, stream="stdout")
+            assert [line for _, _, line in raw[-2:]] == [b"bad\xff\xfe", b"nul\0byte"]
+            assert [line for _, _, line in await q.logs(name, stream="stderr")] == ["err1", "err2", "err3"]
+            tail = await q.logs(name, tail=3, stream="stdout")
+            assert [line for _, _, line in tail] == ["out10", "bad\ufffd\ufffd", "nul\ufffdbyte"]
+            since = rows[5][0]
+            assert await q.logs(name, since_usec=since) == [r for r in rows if r[0] >= since]
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_exec_lines_are_kept_apart(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", "echo main; exec sleep 1000"])
+            exec_id = await q.exec_start(name, ["sh", "-c", "echo from-exec; echo exec-err >&2"])
+            assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 0)
+            await q.exec(name, ["echo", "foreground-exec"])  # answered, not logged
+            both = await _lines_ready(q, name, 3, exec_id="*")
+            assert sorted(line for _, _, line in both) == ["exec-err", "from-exec", "main"]
+            assert [line for _, _, line in await q.logs(name)] == ["main"]
+            assert [(s, line) for _, s, line in await q.logs(name, exec_id=exec_id)] == \
+                [("stdout", "from-exec"), ("stderr", "exec-err")]
+            other = name[:50] + "-o"
+            await _running(q, other)
+            with pytest.raises(errors.NoSuchExec):
+                await q.logs(other, exec_id=exec_id)
+            for n in (name, other):
+                await q.remove(n, force=True)
+
+    run(scenario())
+
+
+def test_follow_logs_streams_until_the_container_exits(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", "sleep 1; for i in 1 2 3 4 5; do echo line$i; "
+                                             "sleep 0.2; done; echo bye >&2"])
+            r, w = os.pipe()
+            try:
+                await q.follow_logs(name, w)
+            finally:
+                os.close(w)
+            data = await asyncio.get_running_loop().run_in_executor(None, _read_all, r, 20.0)
+            lines = [line.split(b" ", 2) for line in data.splitlines()]
+            assert [(s, text) for _, s, text in lines] == \
+                [(b"stdout", f"line{i}".encode()) for i in range(1, 6)] + [(b"stderr", b"bye")]
+            assert all(usec.isdigit() for usec, _, _ in lines)
+            assert (await q.info(name))["State"] == "exited"  # end of file came with the exit
+            await q.remove(name)
+
+    run(scenario())
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while time.monotonic() < deadline:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return data
+            data += chunk
+        raise AssertionError(f"no end of file; got {data!r}")
+    finally:
+        os.close(fd)
+
+
+def test_follow_ends_when_the_reader_goes_and_bad_input_is_refused(sandbox: Any, quilt: Any,
+                                                                    name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", "while true; do echo tick; sleep 0.1; done"])
+            pid = int(sandbox.run(["systemctl", "show", "-P", "MainPID", "quiltd"]).stdout.decode())
+            threads = len(os.listdir(sandbox.host_path(f"/proc/{pid}/task")))
+            r, w = os.pipe()
+            await q.follow_logs(name, w, tail=1)
+            os.close(w)
+            assert os.read(r, 100).split(b" ", 2)[1:] == [b"stdout", b"tick\n"]
+            os.close(r)
+
+            async def follower_gone() -> bool:
+                return len(os.listdir(sandbox.host_path(f"/proc/{pid}/task"))) <= threads
+
+            await eventually(follower_gone)
+
+            r, w = os.pipe()
+            try:
+                with pytest.raises(errors.InvalidArgument, match="not open for writing"):
+                    await q.follow_logs(name, r)
+                with pytest.raises(errors.InvalidArgument, match="stream"):
+                    await q.follow_logs(name, w, stream="both-and-more")
+                with pytest.raises(errors.NoSuchContainer):
+                    await q.follow_logs(name + "-nope", w)
+            finally:
+                os.close(r)
+                os.close(w)
+            with pytest.raises(errors.InvalidArgument, match="unknown log option"):
+                await q.call("GetLogs", "sa{sv}", name, {"colour": _variant("s", "red")})
+            with pytest.raises(errors.InvalidArgument, match="tail"):
+                await q.call("GetLogs", "sa{sv}", name, {"tail": _variant("s", "10")})
+            with pytest.raises(errors.NoSuchExec):
+                await q.logs(name, exec_id="0123456789abcdef")
+            assert (await q.info(name))["State"] == "running"
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def _variant(signature: str, value: Any) -> Any:
+    from dbus_next.signature import Variant
+
+    return Variant(signature, value)
