@@ -18,6 +18,7 @@ from systemd import daemon as sd_daemon
 from systemd import journal
 
 from quiltd import __version__
+from quiltd.bus.gate import BusGate
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
 from quiltd.manager import Manager, RecoveryOutcome
@@ -78,6 +79,8 @@ class Daemon:
             bus = await MessageBus(bus_address=self._args.bus_address, negotiate_unix_fd=True).connect()
         else:
             bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        # Before anything is exported: no call reaches an object unchecked.
+        await BusGate(bus).install()
         systemd = Systemd(bus)
         await systemd.connect()
         manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
