@@ -18,7 +18,9 @@ from systemd import journal
 
 from quiltd import __version__
 from quiltd.bus.connection import MessageBus
+from quiltd.bus.gate import BusGate
 from quiltd.bus.names import BUS_NAME
+from quiltd.bus.peer import PeerServer, listeners_from_fds
 from quiltd.bus.service import BusService
 from quiltd.execs import Execs
 from quiltd.logs import Logs
@@ -61,8 +63,9 @@ def setup_logging(level: str) -> None:
 
 
 class Daemon:
-    def __init__(self, args: argparse.Namespace, forkserver: ForkServer) -> None:
+    def __init__(self, args: argparse.Namespace, forkserver: ForkServer, listen_fds: list[int]) -> None:
         self._args = args
+        self._listen_fds = listen_fds
         self._paths = Paths(args.state_dir, args.run_dir)
         self._forkserver = forkserver
         self._stop = asyncio.Event()
@@ -77,9 +80,12 @@ class Daemon:
         self._paths.create()
         store = Store(self._paths.database)
         if self._args.bus_address:
-            bus = await MessageBus(bus_address=self._args.bus_address, negotiate_unix_fd=True).connect()
+            bus = MessageBus(bus_address=self._args.bus_address, negotiate_unix_fd=True)
         else:
-            bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+            bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        await bus.connect()
+        # Before anything is exported: no call reaches an object unchecked.
+        await BusGate(bus).install()
         systemd = Systemd(bus)
         await systemd.connect()
         manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
@@ -99,6 +105,8 @@ class Daemon:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             log.error("could not own %s (%s): is another quiltd running?", BUS_NAME, reply)
             return 1
+        peers = PeerServer(listeners_from_fds(self._listen_fds), bus, service.signal_sources)
+        peers.start()
         journal.send(f"quiltd {__version__} ready", MESSAGE_ID=MESSAGE_STARTED, SYSLOG_IDENTIFIER="quiltd")
         sd_daemon.notify(f"READY=1\nSTATUS={self._status()}")
         self._start_watchdog()
@@ -112,6 +120,7 @@ class Daemon:
         journal.send("quiltd stopping; containers keep running", MESSAGE_ID=MESSAGE_STOPPING,
                      SYSLOG_IDENTIFIER="quiltd")
         manager.cleaner.stop()
+        peers.close()
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
         bus.disconnect()
@@ -176,11 +185,13 @@ def main(argv: list[str] | None = None) -> None:
 
         python_daemon.DaemonContext(umask=0o022, working_directory="/").open()
     setup_logging(args.log_level)
+    # Taken first, so no child inherits LISTEN_FDS (quiltd.socket's /run/quilt/quiltd.sock).
+    listen_fds: list[int] = sd_daemon.listen_fds(unset_environment=True)
     # Started before asyncio brings threads into this process.
     forkserver = ForkServer()
     forkserver.start()
     try:
-        code = asyncio.run(Daemon(args, forkserver).run())
+        code = asyncio.run(Daemon(args, forkserver, listen_fds).run())
     except Exception:
         log.exception("quiltd failed")
         code = 1

@@ -30,5 +30,8 @@ class Paths:
 
     def create(self) -> None:
         for path in (self.state_dir, self.images, self.state_dir / "containers",
-                     self.run_dir, self.run_dir / "containers"):
+                     self.run_dir / "containers"):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Open for lookup: it holds quiltd.sock, which non-root members of the
+        # quilt group must reach; what is private lies in its 0700 subdirectories.
+        self.run_dir.chmod(0o755)

@@ -24,6 +24,11 @@ class BusService:
         manager.add_listener(self)
         execs.add_listener(self)
 
+    @property
+    def signal_sources(self) -> list[ManagerInterface]:
+        """The interfaces whose signals direct connections receive too."""
+        return [self._interface]
+
     def export_existing(self) -> None:
         for c in self._manager.list_containers({}):
             self._export(c)

@@ -1,0 +1,579 @@
+"""quiltctl: the command line of Quilt, with the habits of podman and machinectl.
+
+Every verb is a thin layer over quiltd.client. Output of containers comes from
+the journal (journalctl), where quiltd's container init writes it. Exit codes
+are listed in docs/quiltctl.md and in EXIT_CODES below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from dbus_next.errors import AuthError
+
+from quiltd import __version__, errors
+from quiltd.client import QuiltClient
+
+SOCKET_ADDRESS = "unix:path=/run/quilt/quiltd.sock"
+EXIT_OK = 0
+EXIT_FAILED = 1  # quiltd answered with an error
+EXIT_USAGE = 2  # bad command line
+EXIT_UNREACHABLE = 3  # no connection to quiltd
+EXIT_RUN_FAILED = 125  # `run`: the container never ran (as podman)
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "quiltd refused or failed the request (the message says why)",
+    EXIT_USAGE: "the command line is wrong",
+    EXIT_UNREACHABLE: "quiltd could not be reached",
+    EXIT_RUN_FAILED: "run: the container could not be created or started",
+}
+# Verbs of the design that this quiltd does not offer yet.
+NOT_YET = {
+    "exec": "Exec", "cp": "CopyIn/CopyOut", "volume": "CreateVolume", "network": "networks",
+}
+# After a container exits, its last lines may still be on their way into the
+# journal: follow until it has been quiet this long (or at most DRAIN_MAX).
+DRAIN_QUIET = 0.3
+DRAIN_MAX = 3.0
+STOP_TIMEOUT = 10
+
+
+class Failure(Exception):
+    """A one-line error for the user, with the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def _memory(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    number = text.strip().lower().removesuffix("ib").removesuffix("i")
+    suffix = number[-1:] if number[-1:].isalpha() else ""
+    try:
+        return int(float(number[: len(number) - len(suffix)]) * units[suffix])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 512M or 2G") from None
+
+
+def _mount(text: str) -> tuple[str, str, bool]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise argparse.ArgumentTypeError(f"invalid volume {text!r}: use SOURCE:TARGET[:ro]")
+    return parts[0], parts[1], len(parts) == 3 and parts[2] == "ro"
+
+
+def _signal(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: use KEY=VALUE")
+    return key, value
+
+
+def _container_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="container name (default: quiltd picks one from the id)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable (repeatable)")
+    p.add_argument("-v", "--volume", action="append", default=[], type=_mount, metavar="SRC:DST[:ro]",
+                   help="bind mount a host path (repeatable; needs a quiltd with mounts)")
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("--hostname", help="host name inside the container (default: its name)")
+    p.add_argument("-m", "--memory", type=_memory, metavar="SIZE", help="memory limit, e.g. 512M")
+    p.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
+    p.add_argument("--pids-limit", type=int, dest="tasks_max", metavar="N", help="most tasks at once")
+    p.add_argument("--network", help="network: none (default) or one quiltd knows")
+    p.add_argument("--ttl", type=int, metavar="SECONDS", help="stop the container after this long")
+    p.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
+                   help="label (repeatable)")
+    p.add_argument("image", help="image name (see `quiltctl images`)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quiltctl", description="Run and manage Quilt containers through quiltd.",
+        epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+        + ". run exits with the container's own code.",
+    )
+    p.add_argument("--version", action="version", version=f"quiltctl {__version__}")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", default=os.environ.get("QUILT_ADDRESS"),
+                       help="D-Bus address of quiltd (default: the system bus, or $QUILT_ADDRESS)")
+    where.add_argument("--direct", action="store_const", const=SOCKET_ADDRESS, dest="direct",
+                       help=f"talk to quiltd on its own socket ({SOCKET_ADDRESS.split('=', 1)[1]})")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    def verb(name: str, text: str, fn: Callable[..., Awaitable[int]]) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=text, description=text)
+        sub.set_defaults(fn=fn)
+        return sub
+
+    s = verb("run", "create a container, start it, show its output and exit with its code", cmd_run)
+    s.add_argument("-d", "--detach", action="store_true", help="print the id and return at once")
+    s.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    _container_options(s)
+    s = verb("create", "create a container without starting it; prints its id", cmd_create)
+    _container_options(s)
+    s = verb("start", "start created or exited containers", cmd_start)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("stop", "stop containers: SIGTERM, then SIGKILL after the timeout", cmd_stop)
+    s.add_argument("-t", "--time", type=int, default=STOP_TIMEOUT, help="seconds of grace (default 10)")
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("kill", "send a signal to containers", cmd_kill)
+    s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
+                   help="signal name or number (default KILL)")
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("rm", "remove containers", cmd_rm)
+    s.add_argument("-f", "--force", action="store_true", help="stop running containers first")
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("ps", "list containers (running ones unless -a)", cmd_ps)
+    s.add_argument("-a", "--all", action="store_true", help="all containers, ended ones too")
+    s.add_argument("--filter", action="append", default=[], type=_label, metavar="KEY=VALUE",
+                   help="state=, name=, image= or label=KEY=VALUE (repeatable)")
+    s.add_argument("--format", choices=("table", "json", "ids", "names"), default="table")
+    s.add_argument("--json", action="store_const", const="json", dest="format", help="as --format json")
+    s.add_argument("-q", "--quiet", action="store_const", const="ids", dest="format", help="ids only")
+    s = verb("inspect", "show everything about containers as JSON", cmd_inspect)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("logs", "show a container's output (from the journal)", cmd_logs)
+    s.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
+    s.add_argument("-n", "--tail", default="all", help="only the last N lines")
+    s.add_argument("ref", metavar="CONTAINER")
+    s = verb("wait", "wait for containers to end; prints their exit codes", cmd_wait)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("info", "show quiltd's version, counts and directories", cmd_info)
+    s.add_argument("--json", action="store_true", help="as JSON")
+    for name, method in NOT_YET.items():
+        s = verb(name, f"not available yet: this quiltd has no {method}", cmd_not_yet)
+        s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    images = verb("images", "list, import and remove images", cmd_images_ls)
+    images.add_argument("--json", action="store_true", help="as JSON")
+    image_verbs = images.add_subparsers(dest="image_verb", metavar="IMAGE_VERB")
+    s = image_verbs.add_parser("ls", help="list images", description="list images")
+    s.add_argument("--json", action="store_true", help="as JSON")
+    s.set_defaults(fn=cmd_images_ls)
+    s = image_verbs.add_parser("import", help="import a rootfs tarball the daemon can read",
+                               description="import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst) "
+                                           "by its absolute path on quiltd's host")
+    s.add_argument("name")
+    s.add_argument("source", help="path of the tarball")
+    s.set_defaults(fn=cmd_images_import)
+    s = image_verbs.add_parser("rm", help="remove images", description="remove images")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.set_defaults(fn=cmd_images_rm)
+    return p
+
+
+# ---------------------------------------------------------------- the verbs
+
+
+def _create_options(args: argparse.Namespace, start: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {"start": start}
+    pairs: list[tuple[str, Any]] = [
+        ("env", args.env), ("workdir", args.workdir), ("hostname", args.hostname),
+        ("memory_max", args.memory), ("cpu_quota", args.cpus), ("tasks_max", args.tasks_max),
+        ("network", args.network), ("ttl_sec", args.ttl), ("labels", dict(args.label)),
+        ("mounts", [list(m) for m in args.volume]),
+    ]
+    for key, value in pairs:
+        if value not in (None, [], {}):
+            opts[key] = value
+    return opts
+
+
+def _name(args: argparse.Namespace) -> str:
+    if args.name:
+        return str(args.name)
+    # quiltd wants a name; make one from the image, as podman makes up its own.
+    base = "".join(c if c.isalnum() else "-" for c in args.image).strip("-")[:48] or "c"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command: list[str] = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise Failure("give the command to run after the image", EXIT_USAGE)
+    return command
+
+
+async def cmd_create(q: QuiltClient, args: argparse.Namespace) -> int:
+    cid, _ = await q.create(_name(args), args.image, _command(args), **_create_options(args, False))
+    print(cid)
+    return EXIT_OK
+
+
+async def cmd_run(q: QuiltClient, args: argparse.Namespace) -> int:
+    command = _command(args)
+    try:
+        if args.detach:
+            opts = _create_options(args, True)
+            if args.rm:
+                opts["auto_remove"] = True
+            cid, _ = await q.create(_name(args), args.image, command, **opts)
+            print(cid)
+            return EXIT_OK
+        cid, _ = await q.create(_name(args), args.image, command, **_create_options(args, False))
+    except errors.QuiltError as e:
+        raise Failure(_message(e), EXIT_RUN_FAILED) from None
+    # Output is followed from before the start, so no line is missed.
+    journal = await Journal.open(cid, follow=True)
+    try:
+        try:
+            await q.start(cid)
+        except errors.QuiltError as e:
+            raise Failure(_message(e), EXIT_RUN_FAILED) from None
+        with _forward_signals(q, cid):
+            state, code = await q.wait(cid)
+        await journal.drain()
+    finally:
+        await journal.close()
+        if args.rm:
+            with contextlib.suppress(errors.QuiltError):
+                await q.remove(cid, True)
+    if state == "failed":
+        return EXIT_RUN_FAILED
+    return code
+
+
+@contextlib.contextmanager
+def _forward_signals(q: QuiltClient, cid: str) -> Any:
+    """Ctrl-C and SIGTERM go to the container, as with podman run."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def send(signum: int) -> None:
+        with contextlib.suppress(errors.QuiltError):
+            await q.kill(cid, signum)
+
+    def forward(signum: int) -> None:
+        task = loop.create_task(send(signum))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in handled:
+        loop.add_signal_handler(signum, forward, int(signum))
+    try:
+        yield
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+async def _each(refs: Sequence[str], action: Callable[[str], Awaitable[None]], echo: bool = True) -> int:
+    """Applies to every ref, reports each failure on its own line, and fails if any did."""
+    code = EXIT_OK
+    for ref in refs:
+        try:
+            await action(ref)
+        except errors.QuiltError as e:
+            print(f"quiltctl: {ref}: {_message(e)}", file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        if echo:
+            print(ref)
+    return code
+
+
+async def cmd_not_yet(q: QuiltClient, args: argparse.Namespace) -> int:
+    raise Failure(f"{args.verb} is not available yet: this quiltd has no {NOT_YET[args.verb]}", EXIT_USAGE)
+
+
+async def cmd_start(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, q.start)
+
+
+async def cmd_stop(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, lambda ref: q.stop(ref, args.time))
+
+
+async def cmd_kill(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, lambda ref: q.kill(ref, args.signal))
+
+
+async def cmd_rm(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, lambda ref: q.remove(ref, args.force))
+
+
+async def cmd_wait(q: QuiltClient, args: argparse.Namespace) -> int:
+    async def wait(ref: str) -> None:
+        _, code = await q.wait(ref)
+        print(code)
+
+    return await _each(args.refs, wait, echo=False)
+
+
+async def cmd_ps(q: QuiltClient, args: argparse.Namespace) -> int:
+    filters: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for key, value in args.filter:
+        if key == "label":
+            k, _, v = value.partition("=")
+            labels[k] = v
+        elif key in ("state", "name", "image"):
+            filters[key] = value
+        else:
+            raise Failure(f"unknown filter {key!r}: use state=, name=, image= or label=", EXIT_USAGE)
+    if labels:
+        filters["labels"] = labels
+    rows = await q.list_containers(**filters)
+    if not args.all and "state" not in filters:
+        rows = [r for r in rows if r[3] in ("created", "starting", "running", "stopping")]
+    keys = ("id", "name", "image", "state", "path")
+    if args.format == "json":
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+    elif args.format in ("ids", "names"):
+        for r in rows:
+            print(r[0] if args.format == "ids" else r[1])
+    else:
+        _table(["ID", "NAME", "IMAGE", "STATE"], [list(r[:4]) for r in rows])
+    return EXIT_OK
+
+
+async def cmd_inspect(q: QuiltClient, args: argparse.Namespace) -> int:
+    found: list[dict[str, Any]] = []
+
+    async def inspect(ref: str) -> None:
+        found.append(await q.info(ref))
+
+    code = await _each(args.refs, inspect, echo=False)
+    print(json.dumps(found, indent=2, sort_keys=True))
+    return code
+
+
+async def cmd_logs(q: QuiltClient, args: argparse.Namespace) -> int:
+    info = await q.info(args.ref)
+    if args.tail != "all" and not args.tail.isdigit():
+        raise Failure(f"--tail takes a number of lines, got {args.tail!r}", EXIT_USAGE)
+    active = info["State"] in ("created", "starting", "running", "stopping")
+    journal = await Journal.open(info["Id"], follow=args.follow and active, lines=args.tail)
+    try:
+        if args.follow and active:
+            with contextlib.suppress(errors.QuiltError):  # removed meanwhile: its lines are out anyway
+                await q.wait(info["Id"])
+            await journal.drain()
+        else:
+            await journal.finished()
+    finally:
+        await journal.close()
+    return EXIT_OK
+
+
+async def cmd_info(q: QuiltClient, args: argparse.Namespace) -> int:
+    info = await q.system_info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return EXIT_OK
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{n} {k}" for k, n in value.items())
+        print(f"{key}: {value}")
+    return EXIT_OK
+
+
+async def cmd_images_ls(q: QuiltClient, args: argparse.Namespace) -> int:
+    rows = await q.images()
+    if args.json:
+        keys = ("name", "id", "size_bytes", "created_usec")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return EXIT_OK
+    _table(["NAME", "ID", "SIZE"], [[name, iid[:12], _size(size)] for name, iid, size, _ in rows])
+    return EXIT_OK
+
+
+async def cmd_images_import(q: QuiltClient, args: argparse.Namespace) -> int:
+    source = os.path.abspath(args.source)
+    print(await q.import_image(args.name, source))
+    return EXIT_OK
+
+
+async def cmd_images_rm(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.names, q.remove_image)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _message(e: errors.QuiltError) -> str:
+    """The client's "name: text" as "text (ShortName)", one line."""
+    name, sep, text = e.message.partition(": ")
+    if not sep:
+        return e.message.splitlines()[0]
+    short = name.rsplit(".", 1)[-1]
+    return f"{text.splitlines()[0] if text else short} ({short})"
+
+
+class Journal:
+    """A container's lines from journalctl, written to our stdout or stderr as they were."""
+
+    def __init__(self, container_id: str, lines: str) -> None:
+        journalctl = shutil.which("journalctl")
+        if journalctl is None:
+            raise Failure("journalctl is not installed: cannot show container output")
+        self._argv = [journalctl, "--no-pager", "--output=json", f"QUILT_CONTAINER_ID={container_id}"]
+        self._lines = lines
+        self._cursor = ""  # of the last entry written out
+        self._follower: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[int] | None = None
+
+    @classmethod
+    async def open(cls, container_id: str, follow: bool, lines: str = "all") -> Journal:
+        journal = cls(container_id, lines)
+        if follow:
+            journal._follower = await journal._spawn(["--follow"])
+            journal._pump = asyncio.get_running_loop().create_task(journal._copy(journal._follower))
+        return journal
+
+    async def _spawn(self, extra: list[str]) -> asyncio.subprocess.Process:
+        where = [f"--after-cursor={self._cursor}"] if self._cursor else [f"--lines={self._lines}"]
+        return await asyncio.create_subprocess_exec(
+            *self._argv, *where, *extra, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, limit=1 << 22,
+        )
+
+    async def _copy(self, proc: asyncio.subprocess.Process) -> int:
+        assert proc.stdout is not None
+        written = 0
+        async for raw in proc.stdout:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            message = entry.get("MESSAGE", "")
+            data = bytes(message) if isinstance(message, list) else str(message).encode()
+            out = sys.stderr if entry.get("QUILT_STREAM") == "stderr" else sys.stdout
+            out.flush()
+            out.buffer.write(data + b"\n")
+            out.buffer.flush()
+            self._cursor = entry.get("__CURSOR", self._cursor)
+            written += 1
+        return written
+
+    async def _once(self) -> int:
+        proc = await self._spawn([])
+        written = await self._copy(proc)
+        await proc.wait()
+        return written
+
+    async def finished(self) -> None:
+        """Everything on record now."""
+        await self._once()
+
+    async def drain(self) -> None:
+        """After the container ended: the rest, until the journal stays quiet a moment.
+
+        A fresh journalctl reads all that journald has stored, whatever the
+        follower had reached; its last lines may still be on their way in.
+        """
+        await self._stop_follower()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_MAX
+        quiet = 0
+        while quiet < 2 and loop.time() < deadline:
+            quiet = quiet + 1 if await self._once() == 0 else 0
+            if quiet < 2:
+                await asyncio.sleep(DRAIN_QUIET / 2)
+
+    async def _stop_follower(self) -> None:
+        proc, self._follower = self._follower, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        if self._pump is not None:
+            with contextlib.suppress(Exception):
+                await self._pump  # what it had printed before the signal still counts
+        await proc.wait()
+
+    async def close(self) -> None:
+        await self._stop_follower()
+
+
+# ---------------------------------------------------------------- main
+
+
+async def _main(args: argparse.Namespace) -> int:
+    address = args.direct or args.address
+    try:
+        q = await QuiltClient.connect(address)
+    except (OSError, AuthError, EOFError) as e:
+        where = address or "the system bus"
+        raise Failure(f"cannot connect to quiltd on {where}: {e}", EXIT_UNREACHABLE) from None
+    try:
+        code: int = await args.fn(q, args)
+        return code
+    finally:
+        q.close()
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"quiltctl: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.verb in NOT_YET:
+        fail(f"{args.verb} is not available yet: this quiltd has no {NOT_YET[args.verb]}", EXIT_USAGE)
+    try:
+        code = asyncio.run(_main(args))
+    except Failure as e:
+        fail(str(e), e.code)
+    except errors.QuiltError as e:
+        fail(_message(e), EXIT_RUN_FAILED if args.verb == "run" else EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(EXIT_OK)  # `quiltctl ps | head`
+    except Exception as e:  # a bug of ours: still one line, unless asked for the trace
+        if os.environ.get("QUILTCTL_DEBUG"):
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (set QUILTCTL_DEBUG=1 for a trace)", EXIT_FAILED)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

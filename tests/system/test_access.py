@@ -1,0 +1,174 @@
+"""Who may use quiltd, on the bus and on its own socket; and the socket itself."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from quiltd.client import QuiltClient, StateChange
+from tests.system.conftest import BUS, eventually, run
+
+pytestmark = pytest.mark.system
+
+SOCKET = "/run/quilt/quiltd.sock"
+MEMBER = "quilt-member-t"
+OPEN_POLICY = "/etc/dbus-1/system.d/zz-quilt-test-open.conf"
+DENIED = "may not call"  # only quiltd's own AccessDenied says this
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+AS_MEMBER = ("runuser", "-u", MEMBER, "--")
+AS_ROOT: tuple[str, ...] = ()
+TRANSPORTS = {"bus": (), "socket": (f"--address=unix:path={SOCKET}",)}
+
+
+def reload_dbus(sandbox: Any) -> None:
+    sandbox.run(["busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                 "ReloadConfig"])
+
+
+@pytest.fixture(scope="module")
+def member(sandbox: Any) -> Iterator[str]:
+    """A user in group quilt (the group made here unless it exists), known to the bus's policy."""
+    made_group = sandbox.run(["getent", "group", "quilt"], check=False).returncode != 0
+    if made_group:
+        sandbox.run(["groupadd", "--system", "quilt"])
+    sandbox.run(["useradd", "--no-create-home", "--groups", "quilt", MEMBER])
+    reload_dbus(sandbox)  # the bus resolves group names when it loads its policy
+    try:
+        yield MEMBER
+    finally:
+        sandbox.run(["userdel", MEMBER], check=False)
+        if made_group:
+            sandbox.run(["groupdel", "quilt"], check=False)
+        reload_dbus(sandbox)
+
+
+@pytest.fixture(scope="module")
+def quilt_socket(sandbox: Any, busybox_image: str) -> Iterator[str]:
+    """quiltd.socket listening, and quiltd holding it."""
+    # systemd refuses to start a socket whose service already runs.
+    sandbox.run(["systemctl", "stop", "quiltd"])
+    sandbox.run(["systemctl", "start", "quiltd.socket", "quiltd"])
+    try:
+        yield SOCKET
+    finally:
+        sandbox.run(["systemctl", "stop", "quiltd.socket", "quiltd"], check=False)
+
+
+def call(sandbox: Any, who: tuple[str, ...], transport: str, *args: str) -> Any:
+    return sandbox.run([*who, "busctl", *TRANSPORTS[transport], *args], check=False)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("who", ["root", "member"])
+def test_root_and_members_may_call(sandbox: Any, member: str, quilt_socket: str, transport: str,
+                                   who: str) -> None:
+    as_user = AS_ROOT if who == "root" else AS_MEMBER
+    result = call(sandbox, as_user, transport, "call", *BUS, "GetSystemInfo")
+    assert result.returncode == 0, result.stderr
+    assert b'"Version"' in result.stdout
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_others_may_introspect_only(sandbox: Any, member: str, quilt_socket: str, transport: str) -> None:
+    introspect = call(sandbox, AS_NOBODY, transport, "introspect", BUS[0], BUS[1])
+    assert introspect.returncode == 0, introspect.stderr
+    assert b"CreateContainer" in introspect.stdout
+    for args in (("GetSystemInfo",), ("CreateContainer", "ssasa{sv}", "nope", "busybox", "1", "true", "0")):
+        result = call(sandbox, AS_NOBODY, transport, "call", *BUS, *args)
+        assert result.returncode != 0
+        assert b"denied" in result.stderr.lower() or DENIED.encode() in result.stderr
+    props = call(sandbox, AS_NOBODY, transport, "get-property", BUS[0], BUS[1], BUS[2], "Version")
+    assert props.returncode != 0
+    listed = call(sandbox, AS_ROOT, transport, "call", *BUS, "ListContainers", "a{sv}", "1", "name", "s",
+                  "nope")
+    assert listed.stdout.decode().strip() == "a(sssso) 0"  # the denied create made nothing
+
+
+def test_the_daemon_checks_calls_the_bus_lets_through(sandbox: Any, member: str) -> None:
+    # Loosen the bus policy: quiltd's own check must still turn nobody away.
+    sandbox.run(["sh", "-c", 'cat > "$1"', "sh", OPEN_POLICY], input=(
+        b'<busconfig><policy context="default"><allow send_destination="org.quilt.Quilt1"/>'
+        b"</policy></busconfig>\n"))
+    try:
+        reload_dbus(sandbox)
+        for member_call in ("org.quilt.Quilt1.Manager.GetSystemInfo", "org.quilt.Quilt1.Manager.ListImages"):
+            result = sandbox.run([*AS_NOBODY, "dbus-send", "--system", "--print-reply", f"--dest={BUS[0]}",
+                                  BUS[1], member_call], check=False)
+            assert result.returncode != 0
+            assert result.stderr.decode().startswith(
+                "Error org.quilt.Quilt1.Error.AccessDenied: uid 65534 may not call"), result.stderr
+        journal = sandbox.run(["journalctl", "-u", "quiltd", "-o", "cat", "--no-pager"]).stdout.decode()
+        assert "denied org.quilt.Quilt1.Manager.ListImages to uid 65534" in journal
+        ok = sandbox.run([*AS_MEMBER, "dbus-send", "--system", "--print-reply", f"--dest={BUS[0]}", BUS[1],
+                          "org.quilt.Quilt1.Manager.ListImages"])
+        assert b"busybox" in ok.stdout
+    finally:
+        sandbox.run(["rm", "-f", OPEN_POLICY])
+        reload_dbus(sandbox)
+
+
+def test_connecting_to_the_socket_starts_quiltd(sandbox: Any, quilt_socket: str) -> None:
+    sandbox.run(["systemctl", "stop", "quiltd"])
+    assert sandbox.run(["systemctl", "is-active", "quiltd"], check=False).stdout.strip() == b"inactive"
+    out = call(sandbox, AS_ROOT, "socket", "call", *BUS, "GetSystemInfo")
+    assert out.returncode == 0, out.stderr
+    assert sandbox.run(["systemctl", "is-active", "quiltd"]).stdout.strip() == b"active"
+    assert b"TriggeredBy: \xe2\x97\x8f quiltd.socket" in sandbox.run(
+        ["systemctl", "status", "quiltd", "--no-pager"], check=False).stdout
+
+
+def test_a_python_client_runs_a_container_over_the_socket(sandbox: Any, quilt_socket: str, name: str) -> None:
+    address = f"unix:path={sandbox.host_path(SOCKET)}"
+
+    async def scenario() -> None:
+        client = await QuiltClient.connect(address)
+        try:
+            seen: list[StateChange] = []
+            await client.watch_states(lambda s: seen.append(s) if s.name == name else None)
+            await client.create(name, "busybox", ["sh", "-c", "exit 7"])
+            assert await client.wait(name, 10_000_000) == ("exited", 7)
+
+            async def all_seen() -> bool:
+                return [s.state for s in seen][-1:] == ["exited"]
+
+            await eventually(all_seen)
+            assert [s.state for s in seen] == ["created", "starting", "running", "exited"]
+            info = await client.info(name)
+            assert info["ExitCode"] == 7
+            await client.remove(name)
+        finally:
+            client.close()
+
+    run(scenario())
+
+
+def test_quiltd_started_by_hand_serves_the_bus(sandbox: Any, busybox_image: str) -> None:
+    # Neither socket nor activation: a plain process that owns the name itself.
+    sandbox.run(["systemctl", "stop", "quiltd.socket", "quiltd"])
+    pidfile = "/run/quiltd-by-hand.pid"
+    hand = subprocess.Popen(sandbox.argv(["sh", "-c", f"echo $$ > {pidfile}; exec /usr/bin/quiltd"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async def ready() -> bool:
+            # NameHasOwner, because a call would bus-activate quiltd.service.
+            owned = sandbox.run(["busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                 "org.freedesktop.DBus", "NameHasOwner", "s", BUS[0]]).stdout.decode()
+            assert hand.poll() is None, hand.stderr.read() if hand.stderr else b""
+            return owned.strip() == "b true"
+
+        run(eventually(ready))
+        out = sandbox.run(["busctl", "call", *BUS, "ListImages"]).stdout.decode()
+        assert '"busybox"' in out
+        assert sandbox.run(["systemctl", "is-active", "quiltd"], check=False).stdout.strip() == b"inactive"
+        assert sandbox.run(["test", "-e", SOCKET], check=False).returncode != 0
+    finally:
+        sandbox.run(["sh", "-c", f'kill -TERM "$(cat {pidfile})" && rm {pidfile}'], check=False)
+        try:
+            hand.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            hand.kill()
+            hand.wait()
+    assert hand.returncode == 0, hand.stderr.read() if hand.stderr else b""

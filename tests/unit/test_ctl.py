@@ -1,0 +1,55 @@
+"""quiltctl's command line, without a daemon."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quiltd import ctl
+
+COMPLETION = Path(__file__).resolve().parents[2] / "packaging/bash-completion/quiltctl"
+DOC = Path(__file__).resolve().parents[2] / "docs/quiltctl.md"
+
+
+def verbs() -> list[str]:
+    parser = ctl.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+@pytest.mark.parametrize("verb", [*verbs(), "images ls", "images import", "images rm"])
+def test_every_verb_has_help(verb: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "quiltd.ctl", *verb.split(), "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: quiltctl {verb}")
+
+
+def test_completion_knows_every_available_verb() -> None:
+    text = COMPLETION.read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith('local verbs="'))
+    assert set(line.split('"')[1].split()) == set(verbs()) - set(ctl.NOT_YET)
+
+
+def test_exit_codes_are_documented() -> None:
+    text = DOC.read_text()
+    for code in ctl.EXIT_CODES:
+        assert f"| {code} |" in text
+
+
+@pytest.mark.parametrize(("text", "size"), [("512M", 512 << 20), ("2g", 2 << 30), ("1GiB", 1 << 30),
+                                            ("4096", 4096), ("1.5k", 1536)])
+def test_memory_sizes(text: str, size: int) -> None:
+    assert ctl._memory(text) == size
+
+
+def test_volume_and_signal_parsing() -> None:
+    assert ctl._mount("/a:/b:ro") == ("/a", "/b", True)
+    assert ctl._mount("/a:/b") == ("/a", "/b", False)
+    assert ctl._signal("term") == 15 and ctl._signal("SIGKILL") == 9 and ctl._signal("10") == 10
+    with pytest.raises(argparse.ArgumentTypeError):
+        ctl._mount("/a")
