@@ -72,6 +72,15 @@ class Container:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """A running container's live usage, as systemd accounts it for its scope."""
+
+    memory_current: int  # bytes
+    cpu_usage_nsec: int
+    tasks_current: int
+
+
+@dataclass(frozen=True)
 class Image:
     name: str
     id: str  # sha256 of the imported archive

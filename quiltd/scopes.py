@@ -15,7 +15,9 @@ from dbus_next.constants import MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from quiltd.cgroupusage import CgroupUsage
 from quiltd.errors import Internal
+from quiltd.model import Usage as Usage  # re-exported: the core and the bus import it from here
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
@@ -39,13 +41,6 @@ class ScopeLimits:
     runtime_max_sec: int | None = None  # systemd stops the scope after this long
 
 
-@dataclass(frozen=True)
-class Usage:
-    memory_current: int
-    cpu_usage_nsec: int
-    tasks_current: int
-
-
 def unit_path(unit: str) -> str:
     """systemd's object path for a unit name (its bus_label_escape)."""
     escaped = "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in unit)
@@ -55,6 +50,7 @@ def unit_path(unit: str) -> str:
 class Systemd:
     def __init__(self, bus: MessageBus) -> None:
         self._bus = bus
+        self._cgroups = CgroupUsage(SLICE)
         self._waiting: dict[str, asyncio.Future[str]] = {}
         # JobRemoved can arrive before the reply that names the job.
         self._finished: OrderedDict[str, str] = OrderedDict()
@@ -146,6 +142,10 @@ class Systemd:
         await self._job_result(job)
 
     async def usage(self, unit: str) -> Usage:
+        """The unit's live usage: from its cgroup's files, or else from systemd itself."""
+        usage = self._cgroups.read(unit)
+        if usage is not None:
+            return usage
         (values,) = await self._call(
             SYSTEMD, unit_path(unit), PROPERTIES_IFACE, "GetAll", "s", ["org.freedesktop.systemd1.Scope"]
         )

@@ -107,6 +107,30 @@ def test_scope_carries_the_limits(sandbox: Any, quilt: Any, name: str) -> None:
     run(scenario())
 
 
+def test_live_usage_agrees_with_systemd(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, _ = await q.create(name, "busybox", ["sleep", "1000"])
+            await eventually(lambda: _state_is(q, name, "running"))
+            info = await q.info(name)
+            props = dict(line.split("=", 1) for line in sh(
+                sandbox, "systemctl", "show", f"quilt-{cid}.scope", "-p", "MemoryCurrent", "-p",
+                "CPUUsageNSec", "-p", "TasksCurrent").splitlines())
+            # An idle `sleep` and its init: the numbers hold still between the two reads.
+            assert info["TasksCurrent"] == int(props["TasksCurrent"]) == 2
+            assert abs(info["MemoryCurrent"] - int(props["MemoryCurrent"])) < 1 << 20
+            assert info["MemoryCurrent"] > 0
+            # systemd says "[not set]" where it does not count CPU time for
+            # the unit (cpu and cpuacct mounted apart on v1, as here).
+            if props["CPUUsageNSec"].isdigit():
+                assert abs(info["CPUUsageNSec"] - int(props["CPUUsageNSec"])) < 50_000_000
+            else:
+                assert info["CPUUsageNSec"] == 0
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
 async def _state_is(q: Any, name: str, state: str) -> bool:
     return bool((await q.info(name))["State"] == state)
 
