@@ -1,9 +1,9 @@
 """The first process of a container: set up its root, run the command, stay as init.
 
 This runs in a child of the fork server, already inside fresh mount, UTS,
-IPC, network and PID namespaces, where it is PID 1. It waits for the daemon
-to put it into the container's scope, then builds the root, starts the
-command and stays behind as a tiny init: it reaps zombies, forwards signals,
+IPC, network and PID namespaces, where it is PID 1. It builds the root while
+the daemon puts it into the container's scope, waits for word that it is
+there, then starts the command and stays behind as a tiny init: it reaps zombies, forwards signals,
 carries the command's output to journald line by line, and writes the exit
 status to a file outside the container before it exits, so the status
 survives a daemon that is down at that moment.
@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from quiltd import linux, mounts, security
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
-from quiltd.launchspec import LaunchSpec
+from quiltd.launchspec import GO, LaunchSpec
 
 # Init passes on to the command every signal it can catch, except those the
 # kernel raises for init's own faults and SIGCHLD, which is init's to handle.
@@ -42,16 +42,20 @@ STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
 
 def run(spec_fd: int, error_fd: int) -> NoReturn:
     """Entry point in the forked child; never returns."""
+    # Two messages come on the spec pipe: the LaunchSpec as one line, sent
+    # as soon as the daemon has picked this init, and GO, sent once the
+    # daemon has put it into the container's scope. The root is built in
+    # between, while systemd makes the scope; only the command has to wait
+    # for it. End of file instead of either means: not needed, leave.
+    spec_pipe = os.fdopen(spec_fd, "rb")
     try:
         # Not dumpable: nothing in the container may open this process's
         # memory or its executable (a host binary) through /proc/1.
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
-        # This process waits in the fork server's pool until the daemon has
-        # put it into a container's scope and sends the LaunchSpec; end of
-        # file with nothing sent means it is not needed.
-        with os.fdopen(spec_fd, "rb") as f:
-            request = f.read()
-        if not request:
+        # This process waits in the fork server's pool until the daemon sends
+        # the LaunchSpec.
+        request = spec_pipe.readline()
+        if not request.endswith(b"\n"):
             os._exit(0)
         spec = LaunchSpec.from_json(request)
         journal = JournalStream(
@@ -62,8 +66,29 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             },
             spec.journal_socket,
         )
-        exit_fd = os.open(spec.exit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # The exit file is made only once the command is to run: a file there
+        # tells a restarted daemon that this start got that far. Its
+        # directory is held open across the root switch.
+        exit_dir, exit_name = os.path.split(spec.exit_path)
+        exit_dir_fd = os.open(exit_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         _enter_root(spec)
+    except BaseException as e:  # a failed start, told to the daemon once it is ready to hear it
+        with contextlib.suppress(OSError):
+            os.write(error_fd, f"{type(e).__name__}: {e}".encode())
+        # Held until GO or end of file, so the daemon's scope finds this
+        # process and its start fails with the reason above.
+        with contextlib.suppress(BaseException):
+            spec_pipe.read()
+        os._exit(127)
+    try:
+        if spec_pipe.read(len(GO)) != GO:
+            os._exit(0)  # the daemon gave up on this start (its scope failed)
+        spec_pipe.close()
+        exit_fd = os.open(exit_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
+                          dir_fd=exit_dir_fd)
+        os.close(exit_dir_fd)
+        # Only now, inside the scope, so the container's cgroup root is its scope.
+        linux.unshare(linux.CLONE_NEWCGROUP)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         command_pid = os.fork()
@@ -82,8 +107,6 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
 
 
 def _enter_root(spec: LaunchSpec) -> None:
-    # Only now, inside the scope, so the container's cgroup root is its scope.
-    linux.unshare(linux.CLONE_NEWCGROUP)
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = spec.rootfs

@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+# On an init's spec pipe, after its LaunchSpec line: the init is in its scope
+# now and may run the command.
+GO = b"GO"
+
 
 @dataclass(frozen=True)
 class LaunchSpec:

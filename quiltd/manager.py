@@ -38,7 +38,7 @@ from quiltd.launchspec import LaunchSpec
 from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, State, scope_unit
 from quiltd.paths import Paths
 from quiltd.scopes import ScopeLimits, Systemd, Usage
-from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, watch_exit
+from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, send_spec, watch_exit
 from quiltd.store import Store
 
 log = logging.getLogger("quiltd")
@@ -219,13 +219,15 @@ class Manager:
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
             launched = await self._forkserver.launch()
+            # The init builds the root while systemd makes the scope.
+            send_spec(launched, spec)
             await self._systemd.start_scope(
                 c.unit, launched.pid,
                 ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max, c.spec.ttl_sec or None),
                 f"Quilt container {c.name}",
             )
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
-            failure = await go_and_confirm(launched, spec)
+            failure = await go_and_confirm(launched)
         except Exception as e:
             if launched is not None:
                 launched.close()  # init reads end of file instead of a spec and exits

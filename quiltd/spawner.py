@@ -19,7 +19,7 @@ from typing import Any
 
 from quiltd.errors import Internal
 from quiltd.execspec import ExecSpec
-from quiltd.launchspec import LaunchSpec
+from quiltd.launchspec import GO, LaunchSpec
 from quiltd.linux import process_starttime
 
 
@@ -125,10 +125,21 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def go_and_confirm(launched: Launched, spec: LaunchSpec) -> str:
-    """Lets the init run; returns "" once the command was executed, else the reason it failed."""
-    # Far below a pipe's capacity, so this write does not block.
-    os.write(launched.spec_fd, spec.to_json())
+def send_spec(launched: Launched, spec: LaunchSpec) -> None:
+    """Gives the init its LaunchSpec: it builds the container's root, then waits for go_and_confirm."""
+    # One line (JSON escapes newlines), far below a pipe's capacity: this
+    # write does not block.
+    os.write(launched.spec_fd, spec.to_json() + b"\n")
+
+
+async def go_and_confirm(launched: Launched) -> str:
+    """Lets the init run the command, once it is in its scope.
+
+    Returns "" once the command was executed, else the reason the start
+    failed (building the root or executing the command).
+    """
+    with contextlib.suppress(BrokenPipeError):  # init is gone: its error pipe says why
+        os.write(launched.spec_fd, GO)
     os.close(launched.spec_fd)
     os.set_blocking(launched.error_fd, False)
     report = b""
