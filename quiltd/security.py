@@ -98,27 +98,66 @@ class _CapData(ctypes.Structure):
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_BPF_INSN_BYTES = 8  # struct sock_filter
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
 class _Seccomp:
     """A filter built once in the fork server, before any container exists.
 
     The library is loaded there, from the host's tree: after pivot_root the
-    container's root may hold no libseccomp at all. Each command's child
-    inherits the built filter and only loads it.
+    container's root may hold no libseccomp at all. It also compiles the
+    rules into the BPF program there, once: seccomp_load would compile them
+    again in every command's child, for a millisecond each. The child
+    inherits the program and only hands it to the kernel, as seccomp_load
+    does with the library's default attributes (no thread sync, no log).
     """
 
     def __init__(self) -> None:
-        self._lib: ctypes.CDLL | None = None
-        self._ctx: int | None = None
+        self._program: ctypes.Array[ctypes.c_char] | None = None
+        self._fprog: _SockFprog | None = None
         self.error = "seccomp filter not prepared"
 
     def prepare(self) -> None:
         try:
-            self._ctx = self._build()
+            lib, ctx = self._build()
+            try:
+                self._program = self._export(lib, ctx)
+            finally:
+                lib.seccomp_release(ctypes.c_void_p(ctx))
+            self._fprog = _SockFprog(len(self._program) // _BPF_INSN_BYTES,
+                                     ctypes.cast(self._program, ctypes.c_void_p))
             self.error = ""
         except OSError as e:
             self.error = f"cannot build the seccomp filter: {e}"
 
-    def _build(self) -> int:
+    @staticmethod
+    def _export(lib: ctypes.CDLL, ctx: int) -> ctypes.Array[ctypes.c_char]:
+        r, w = os.pipe()
+        try:
+            rc = lib.seccomp_export_bpf(ctypes.c_void_p(ctx), w)
+            if rc < 0:
+                raise OSError(-rc, f"seccomp_export_bpf: {os.strerror(-rc)}")
+            os.close(w)
+            w = -1
+            chunks = []
+            while chunk := os.read(r, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        program = b"".join(chunks)
+        if not program or len(program) % _BPF_INSN_BYTES:
+            raise OSError(errno.EINVAL, f"seccomp_export_bpf gave {len(program)} bytes")
+        return ctypes.create_string_buffer(program, len(program))
+
+    def _build(self) -> tuple[ctypes.CDLL, int]:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -126,7 +165,8 @@ class _Seccomp:
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                                ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
-        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.seccomp_release.argtypes = [ctypes.c_void_p]
         ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
         if not ctx:
             raise OSError(errno.ENOMEM, "seccomp_init failed")
@@ -152,15 +192,15 @@ class _Seccomp:
             rule(eperm, name, _ArgCmp(0, _SCMP_CMP_MASKED_EQ, linux.CLONE_NEWUSER, linux.CLONE_NEWUSER))
         for name in ENOSYS_SYSCALLS:
             rule(_SCMP_ACT_ERRNO | errno.ENOSYS, name)
-        self._lib = lib
-        return int(ctx)
+        return lib, int(ctx)
 
     def load(self) -> None:
-        if self._lib is None or self._ctx is None:
+        if self._fprog is None:
             raise OSError(errno.ENOSYS, self.error)
-        rc = self._lib.seccomp_load(ctypes.c_void_p(self._ctx))
-        if rc < 0:
-            raise OSError(-rc, f"seccomp_load: {os.strerror(-rc)}")
+        if _libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+                       ctypes.byref(self._fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"loading the seccomp filter: {os.strerror(err)}")
 
 
 _seccomp = _Seccomp()
