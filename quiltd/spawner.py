@@ -53,6 +53,9 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = asyncio.Lock()
+        # The next launch's init, asked for as soon as the last one was
+        # handed out: a start then does not wait for the round trip.
+        self._next: asyncio.Task[Launched] | None = None
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -74,6 +77,18 @@ class ForkServer:
             self._process = None
 
     async def launch(self) -> Launched:
+        ahead, self._next = self._next, None
+        launched: Launched | None = None
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # a fresh request says what is wrong
+                launched = await ahead
+        if launched is None:
+            launched = await self._launch_now()
+        self._next = asyncio.get_running_loop().create_task(self._launch_now())
+        self._next.add_done_callback(_quiet)
+        return launched
+
+    async def _launch_now(self) -> Launched:
         reply, fds = await self._request(b"launch", [], 3)
         if not reply["ok"]:
             raise Internal(f"could not create the container's namespaces: {reply['error']}")
@@ -107,6 +122,12 @@ class ForkServer:
                 raise Internal("the fork server exited")
         reply: dict[str, Any] = json.loads(data)
         return reply, received
+
+
+def _quiet(task: asyncio.Task[Launched]) -> None:
+    # A failed look-ahead is retried by the launch that needs it.
+    if not task.cancelled():
+        task.exception()
 
 
 async def _readable(fd: int) -> None:
