@@ -393,10 +393,13 @@ class Manager:
                 await self._wait_exit(c.id, None)
             # The row goes and what is left to undo is recorded in one
             # transaction; the cleaner undoes it now, or later if it must.
+            # A container never started has nothing to undo: a start commits
+            # `starting` before it makes a scope or a directory.
             with self._store.transaction():
                 self._store.delete_container(c.id)
-                leftovers = self._queue_container_leftovers(c.id)
-            await self.cleaner.now(leftovers)
+                leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
+            if leftovers:
+                await self.cleaner.now(leftovers)
         self._locks.pop(c.id, None)
         for listener in self._listeners:
             listener.container_removed(c)
