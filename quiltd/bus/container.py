@@ -3,11 +3,12 @@
 """org.quilt.Quilt1.Container: one object per container, its properties and verbs."""
 
 from dbus_next.constants import PropertyAccess
-from dbus_next.service import ServiceInterface, dbus_property, method
+from dbus_next.service import dbus_property, method
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import exec_reply
+from quiltd.bus.interfaces import SharedMembersInterface
 from quiltd.bus.names import CONTAINER_INTERFACE
 from quiltd.execs import Execs
 from quiltd.manager import Manager
@@ -17,7 +18,7 @@ from quiltd.scopes import Usage
 READ = PropertyAccess.READ
 
 
-class ContainerInterface(ServiceInterface):
+class ContainerInterface(SharedMembersInterface):
     def __init__(self, manager: Manager, container: Container, execs: Execs) -> None:
         super().__init__(CONTAINER_INTERFACE)
         self._m = manager
