@@ -1,4 +1,4 @@
-"""A typed asyncio client of the Quilt D-Bus API.
+"""Typed clients of the Quilt D-Bus API: QuiltClient (asyncio) and Quilt (plain calls).
 
 Errors come back as the same QuiltError classes the daemon raised, found by
 their D-Bus names.
@@ -7,9 +7,9 @@ their D-Bus names.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
@@ -18,6 +18,8 @@ from dbus_next.signature import Variant
 from quiltd import errors
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.names import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
+
+T = TypeVar("T")
 
 # The D-Bus type of each CreateContainer option.
 OPTION_TYPES = {
@@ -195,3 +197,106 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class ContainerSummary:
+    id: str
+    name: str
+    image: str
+    state: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    name: str
+    id: str
+    size_bytes: int
+    created_usec: int
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class LogLine:
+    usec: int
+    stream: str
+    line: str
+
+
+class Quilt:
+    """The API without asyncio, for scripts and platforms that are not async.
+
+    Each call runs the asyncio client on a private event loop; use one Quilt
+    per thread. Errors are the same QuiltError classes.
+    """
+
+    def __init__(self, address: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(QuiltClient.connect(address))
+
+    def close(self) -> None:
+        self._client.close()
+        self._loop.close()
+
+    def __enter__(self) -> Quilt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coro)
+
+    def create(self, name: str, image: str, command: list[str], **options: Any) -> str:
+        """Creates (and, unless start=False, starts) a container; returns its id."""
+        container_id, _ = self._run(self._client.create(name, image, command, **options))
+        return container_id
+
+    def start(self, ref: str) -> None:
+        self._run(self._client.start(ref))
+
+    def stop(self, ref: str, timeout_sec: int = 10) -> None:
+        self._run(self._client.stop(ref, timeout_sec))
+
+    def kill(self, ref: str, signal: int) -> None:
+        self._run(self._client.kill(ref, signal))
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        self._run(self._client.remove(ref, force))
+
+    def wait(self, ref: str, timeout_usec: int = 0) -> tuple[str, int]:
+        return self._run(self._client.wait(ref, timeout_usec))
+
+    def info(self, ref: str) -> dict[str, Any]:
+        return self._run(self._client.info(ref))
+
+    def containers(self, **filters: Any) -> list[ContainerSummary]:
+        return [ContainerSummary(*row) for row in self._run(self._client.list_containers(**filters))]
+
+    def exec(self, ref: str, command: list[str], **options: Any) -> ExecResult:
+        return ExecResult(*self._run(self._client.exec(ref, command, **options)))
+
+    def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
+        return self._run(self._client.exec_start(ref, command, **options))
+
+    def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
+        return self._run(self._client.exec_wait(exec_id, timeout_usec))
+
+    def logs(self, ref: str, **options: Any) -> list[LogLine]:
+        return [LogLine(*row) for row in self._run(self._client.logs(ref, **options))]
+
+    def import_image(self, name: str, source: str) -> str:
+        return self._run(self._client.import_image(name, source))
+
+    def images(self) -> list[ImageSummary]:
+        return [ImageSummary(*row) for row in self._run(self._client.images())]
+
+    def remove_image(self, name: str) -> None:
+        self._run(self._client.remove_image(name))
