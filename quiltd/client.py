@@ -16,7 +16,7 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from quiltd import errors
+from quiltd import dbuscompat, errors
 from quiltd.bus.names import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 
 # The D-Bus type of each CreateContainer option.
@@ -45,6 +45,7 @@ class QuiltClient:
 
     @classmethod
     async def connect(cls, address: str | None = None) -> QuiltClient:
+        dbuscompat.apply()
         if address:
             bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
         else:

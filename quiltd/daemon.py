@@ -17,7 +17,7 @@ from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
-from quiltd import __version__
+from quiltd import __version__, dbuscompat
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
 from quiltd.manager import Manager, RecoveryOutcome
@@ -73,6 +73,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         self._paths.create()
+        dbuscompat.apply()
         store = Store(self._paths.database)
         if self._args.bus_address:
             bus = await MessageBus(bus_address=self._args.bus_address, negotiate_unix_fd=True).connect()
