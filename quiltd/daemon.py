@@ -21,6 +21,7 @@ from quiltd import __version__, dbuscompat
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.service import BusService
 from quiltd.manager import Manager, RecoveryOutcome
+from quiltd.network import Netlink
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
 from quiltd.spawner import ForkServer
@@ -81,7 +82,8 @@ class Daemon:
             bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
         systemd = Systemd(bus)
         await systemd.connect()
-        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
+        netlink = Netlink()
+        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
         service = BusService(bus, manager)
         found = await manager.recover()
         service.export_existing()
@@ -111,6 +113,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
         bus.disconnect()
+        netlink.close()
         store.close()
         return 0
 

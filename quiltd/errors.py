@@ -59,3 +59,13 @@ class StartFailed(QuiltError):
     """The container could not be started; the message says why (also in its State reason)."""
 
     dbus_name = ERROR_PREFIX + "StartFailed"
+
+
+class NoSuchNetwork(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchNetwork"
+
+
+class AddressesExhausted(QuiltError):
+    """A network has no free address left for one more container."""
+
+    dbus_name = ERROR_PREFIX + "AddressesExhausted"

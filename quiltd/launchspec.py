@@ -23,6 +23,13 @@ class LaunchSpec:
     rootfs: str  # where the overlay is mounted, inside the container's own mount namespace
     exit_path: str  # where init leaves the command's exit status
     journal_socket: str
+    # The container's network; empty for loopback only. The veth's inner end
+    # is already in the container's namespace when init reads this.
+    net_ifname: str = ""
+    net_interface: str = ""  # address/prefix
+    net_gateway: str = ""
+    hosts_file: str = ""  # bind-mounted read-only onto /etc/hosts
+    resolv_file: str = ""  # and onto /etc/resolv.conf
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

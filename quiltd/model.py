@@ -71,3 +71,21 @@ class Image:
     path: str  # the extracted root, used as the overlay's lower layer
     size_bytes: int
     created_usec: int
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    bridge: str  # the bridge device in the daemon's network namespace
+    subnet: str  # CIDR, e.g. 10.88.0.0/16
+    gateway: str  # the bridge's own address in the subnet
+    created_usec: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A container's address on its network, held from its first start until it is removed."""
+
+    container_id: str
+    network: str
+    address: str

@@ -17,7 +17,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-NETWORKS = ("none",)
+DEFAULT_NETWORK = "bridge"
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
 MAX_TASKS = 1 << 22
 
@@ -78,9 +78,10 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
             raise InvalidArgument(f"cpu_quota must be a number of cores from 0.01 to 4096, got {cpu_quota!r}")
         cpu_quota = float(cpu_quota)
     tasks_max = _optional_int(options, "tasks_max", 1, MAX_TASKS)
-    network = _str(options, "network", "none")
-    if network not in NETWORKS:
-        raise InvalidArgument(f"unknown network {network!r}: known are {', '.join(NETWORKS)}")
+    # "none", or a network's name; the core checks that it exists.
+    network = _str(options, "network", DEFAULT_NETWORK)
+    if network != "none" and not NAME_RE.match(network):
+        raise InvalidArgument(f"invalid network name {network!r}")
     labels = options.get("labels", {})
     if not isinstance(labels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()

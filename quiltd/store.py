@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quiltd.model import Container, ContainerSpec, Image, State
+from quiltd.model import Container, ContainerSpec, Image, Lease, Network, State
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
 # many have run. Never edit an entry that has shipped: add one.
@@ -46,6 +46,25 @@ MIGRATIONS = (
         finished_usec INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX containers_state ON containers(state);
+    """,
+    # Networks and address leases. A lease goes with its container (cascade),
+    # and the primary key makes handing out one address twice impossible.
+    """
+    CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        bridge TEXT NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        gateway TEXT NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    INSERT INTO networks (name, bridge, subnet, gateway, created_usec)
+        VALUES ('bridge', 'quilt0', '10.88.0.0/16', '10.88.0.1', 0);
+    CREATE TABLE leases (
+        network TEXT NOT NULL REFERENCES networks(name),
+        address TEXT NOT NULL,
+        container_id TEXT NOT NULL UNIQUE REFERENCES containers(id) ON DELETE CASCADE,
+        PRIMARY KEY (network, address)
+    );
     """,
 )
 
@@ -154,6 +173,41 @@ class Store:
 
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+    # Networks and leases
+
+    def insert_network(self, n: Network) -> None:
+        self._db.execute(
+            "INSERT INTO networks (name, bridge, subnet, gateway, created_usec) VALUES (?, ?, ?, ?, ?)",
+            (n.name, n.bridge, n.subnet, n.gateway, n.created_usec),
+        )
+
+    def find_network(self, name: str) -> Network | None:
+        row = self._db.execute("SELECT * FROM networks WHERE name = ?", (name,)).fetchone()
+        return Network(**dict(row)) if row else None
+
+    def list_networks(self) -> list[Network]:
+        return [Network(**dict(r)) for r in self._db.execute("SELECT * FROM networks ORDER BY name")]
+
+    def delete_network(self, name: str) -> None:
+        self._db.execute("DELETE FROM networks WHERE name = ?", (name,))
+
+    def insert_lease(self, lease: Lease) -> None:
+        self._db.execute(
+            "INSERT INTO leases (network, address, container_id) VALUES (?, ?, ?)",
+            (lease.network, lease.address, lease.container_id),
+        )
+
+    def find_lease(self, container_id: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE container_id = ?", (container_id,)).fetchone()
+        return Lease(**dict(row)) if row else None
+
+    def leases(self, network: str | None = None) -> list[Lease]:
+        if network is None:
+            rows = self._db.execute("SELECT * FROM leases ORDER BY network, address")
+        else:
+            rows = self._db.execute("SELECT * FROM leases WHERE network = ? ORDER BY address", (network,))
+        return [Lease(**dict(r)) for r in rows]
 
 
 def _container_row(c: Container) -> dict[str, Any]:

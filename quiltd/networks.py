@@ -1,0 +1,237 @@
+"""Container networks: addresses, bridges, veths and the name files containers read.
+
+The core's side of networking. Addresses are leased in the store, inside
+the transaction that moves a container to starting, and kept until the
+container is removed (so a restarted container, or a restarted daemon, keeps
+its address). Links are made through network.Netlink. Each network has one
+hosts file and one resolv.conf in the run dir, bind-mounted read-only into
+its containers; the hosts file lists every active container of the network
+by name and is rewritten in place as they come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from quiltd.errors import AddressesExhausted, NoSuchNetwork
+from quiltd.model import Container, Lease, Network
+from quiltd.network import CONTAINER_IFNAME, VETH_PREFIX, Netlink, veth_name
+from quiltd.paths import Paths
+from quiltd.store import Store
+
+log = logging.getLogger("quiltd")
+
+NONE = "none"  # the network option for loopback only
+DEFAULT = "bridge"  # the default network's name; its bridge device is quilt0
+HOSTS_HEADER = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What a container's init needs to join its network."""
+
+    ifname: str
+    interface: str  # address/prefix, e.g. 10.88.0.5/16
+    gateway: str
+    hosts_file: str
+    resolv_file: str
+
+
+def pick_address(network: Network, used: set[str]) -> str | None:
+    """The lowest free host address of the network, or None when all are taken."""
+    gateway = ipaddress.IPv4Address(network.gateway)
+    for host in ipaddress.IPv4Network(network.subnet).hosts():
+        if host != gateway and str(host) not in used:
+            return str(host)
+    return None
+
+
+def render_hosts(entries: list[tuple[str, str, str]]) -> str:
+    """The hosts file for (address, name, hostname) entries."""
+    lines = [HOSTS_HEADER]
+    for address, name, hostname in sorted(entries, key=lambda e: ipaddress.IPv4Address(e[0])):
+        names = name if hostname in ("", name) else f"{name} {hostname}"
+        lines.append(f"{address}\t{names}\n")
+    return "".join(lines)
+
+
+def render_resolv_conf(host: str) -> str:
+    """The host's resolv.conf without loopback name servers, which a container cannot reach."""
+    kept = []
+    for line in host.splitlines():
+        words = line.split()
+        if words[:1] == ["nameserver"] and len(words) > 1:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(words[1].split("%")[0]).is_loopback:
+                    continue
+        if words[:1] in (["nameserver"], ["search"], ["options"], ["domain"]):
+            kept.append(line)
+    return "".join(f"{line}\n" for line in kept)
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrites a file keeping its inode: containers see it through bind mounts of that inode."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+class Networks:
+    def __init__(self, paths: Paths, store: Store, netlink: Netlink) -> None:
+        self._paths = paths
+        self._store = store
+        self._netlink = netlink
+        self._stale_hosts: set[str] = set()
+
+    # Checks and leases (on the event loop, inside the caller's transaction)
+
+    def find(self, name: str) -> Network:
+        network = self._store.find_network(name)
+        if network is None:
+            known = ", ".join([NONE, *(n.name for n in self._store.list_networks())])
+            raise NoSuchNetwork(f"no network {name!r}: known are {known}")
+        return network
+
+    def take_lease(self, c: Container) -> Lease | None:
+        """The container's lease, taken now if it has none. Call inside a store transaction."""
+        if c.spec.network == NONE:
+            return None
+        lease = self._store.find_lease(c.id)
+        if lease is not None:
+            return lease
+        network = self.find(c.spec.network)
+        address = pick_address(network, {lease.address for lease in self._store.leases(network.name)})
+        if address is None:
+            raise AddressesExhausted(f"network {network.name} ({network.subnet}) has no free address left")
+        lease = Lease(container_id=c.id, network=network.name, address=address)
+        self._store.insert_lease(lease)
+        return lease
+
+    def address(self, container_id: str) -> str:
+        lease = self._store.find_lease(container_id)
+        return lease.address if lease else ""
+
+    def attachment(self, c: Container) -> Attachment | None:
+        lease = self._store.find_lease(c.id)
+        if lease is None:
+            return None
+        network = self.find(lease.network)
+        prefix = ipaddress.IPv4Network(network.subnet).prefixlen
+        return Attachment(
+            ifname=CONTAINER_IFNAME,
+            interface=f"{lease.address}/{prefix}",
+            gateway=network.gateway,
+            hosts_file=str(self._hosts_path(network.name)),
+            resolv_file=str(self._dir(network.name) / "resolv.conf"),
+        )
+
+    # Links
+
+    async def attach(self, c: Container, pid: int) -> None:
+        """Makes the container's veth, its end inside pid's namespace; the bridge first if needed."""
+        lease = self._store.find_lease(c.id)
+        if lease is None:
+            return
+        network = self.find(lease.network)
+        if not self._hosts_path(network.name).exists():
+            self._write_files(network)
+        # The bridge is made on first use, by the same worker, in the same request.
+        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid)
+
+    async def detach(self, c: Container) -> None:
+        """Deletes the container's veth, if it still exists (it goes by itself with the namespace)."""
+        await self._netlink.delete_link(veth_name(c.id))
+
+    async def recover(self, active: list[Container]) -> None:
+        """After a restart: bridges up, running containers' veths on their bridges, strays deleted."""
+        links = {link.name: link for link in await self._netlink.links()}
+        wanted = {veth_name(c.id): c for c in active}
+        for network in self._store.list_networks():
+            if network.bridge in links or any(
+                lease.container_id in {c.id for c in active} for lease in self._store.leases(network.name)
+            ):
+                self._write_files(network)
+                await self._netlink.ensure_bridge(network.bridge, self._gateway_interface(network))
+        for name, link in links.items():
+            if not name.startswith(VETH_PREFIX) or link.kind != "veth":
+                continue
+            c = wanted.get(name)
+            if c is None:
+                log.warning("deleting %s: it belongs to no running container", name)
+                await self._netlink.delete_link(name)
+                continue
+            lease = self._store.find_lease(c.id)
+            if lease is not None:
+                bridge = self.find(lease.network).bridge
+                if link.master != bridge:
+                    await self._netlink.set_master(name, bridge)
+
+    # Files
+
+    def _dir(self, network: str) -> Path:
+        return self._paths.run_dir / "networks" / network
+
+    def _hosts_path(self, network: str) -> Path:
+        return self._dir(network) / "hosts"
+
+    def _write_files(self, network: Network) -> None:
+        directory = self._dir(network.name)
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            host = HOST_RESOLV_CONF.read_text()
+        except OSError:
+            host = ""
+        write_in_place(directory / "resolv.conf", render_resolv_conf(host))
+        self._stale_hosts.discard(network.name)
+        write_in_place(self._hosts_path(network.name), self._hosts(network.name))
+
+    def _hosts(self, network: str) -> str:
+        containers = {c.id: c for c in self._store.list_containers() if c.state.is_active}
+        return render_hosts([
+            (lease.address, containers[lease.container_id].name, containers[lease.container_id].spec.hostname)
+            for lease in self._store.leases(network)
+            if lease.container_id in containers
+        ])
+
+    def hosts_changed(self, network: str) -> None:
+        """Rewrites a network's hosts file soon, once however many containers changed this turn."""
+        if network in self._stale_hosts or not self._hosts_path(network).parent.exists():
+            return
+        self._stale_hosts.add(network)
+        asyncio.get_running_loop().call_soon(self._flush_hosts)
+
+    def _flush_hosts(self) -> None:
+        for network in list(self._stale_hosts):
+            self._stale_hosts.discard(network)
+            try:
+                write_in_place(self._hosts_path(network), self._hosts(network))
+            except OSError:
+                log.exception("could not update the hosts file of network %s", network)
+
+    # Listener: the hosts files follow containers becoming active and ending.
+
+    def container_added(self, c: Container) -> None:
+        pass
+
+    def container_changed(self, c: Container, old: Container) -> None:
+        if c.state.is_active != old.state.is_active and c.spec.network != NONE:
+            self.hosts_changed(c.spec.network)
+
+    def container_removed(self, c: Container) -> None:
+        if c.spec.network != NONE:
+            self.hosts_changed(c.spec.network)
+
+    @staticmethod
+    def _gateway_interface(network: Network) -> str:
+        return f"{network.gateway}/{ipaddress.IPv4Network(network.subnet).prefixlen}"

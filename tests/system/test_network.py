@@ -1,0 +1,225 @@
+"""Container networking as a user sees it: addresses, links in the sandbox, names, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from tests.system.conftest import eventually, run
+
+pytestmark = pytest.mark.system
+
+GATEWAY = "10.88.0.1"
+BRIDGE = "quilt0"
+
+
+def sh(sandbox: Any, *argv: str, check: bool = True) -> str:
+    return sandbox.run(list(argv), check=check).stdout.decode()
+
+
+def ports(sandbox: Any) -> set[str]:
+    """The bridge's ports, as `ip link` in the daemon's network namespace shows them."""
+    out = sh(sandbox, "ip", "-br", "link", "show", "master", BRIDGE, check=False)
+    return {line.split()[0].split("@")[0] for line in out.splitlines() if line.strip()}
+
+
+def in_netns(sandbox: Any, pid: int, *argv: str, check: bool = True) -> str:
+    return sh(sandbox, "nsenter", "-t", str(pid), "-n", *argv, check=check)
+
+
+def journal(sandbox: Any, name: str) -> str:
+    return sh(sandbox, "journalctl", f"QUILT_CONTAINER_NAME={name}", "-o", "cat", "--no-pager")
+
+
+async def running(q: Any, name: str) -> dict[str, Any]:
+    async def is_running() -> bool:
+        return bool((await q.info(name))["State"] == "running")
+
+    await eventually(is_running)
+    info: dict[str, Any] = await q.info(name)
+    return info
+
+
+def test_default_network_gives_an_address_a_route_and_a_veth(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, path = await q.create(name, "busybox", ["sleep", "600"])
+            try:
+                info = await running(q, name)
+                address = info["IPAddress"]
+                assert info["Network"] == "bridge"
+                assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network("10.88.0.0/16")
+                prop = await q.call("Get", "ss", "org.quilt.Quilt1.Container", "IPAddress", path=path,
+                                    interface="org.freedesktop.DBus.Properties")
+                assert prop[0].value == address
+                pid = info["Pid"]
+                assert f"inet {address}/16" in in_netns(sandbox, pid, "ip", "-4", "addr", "show", "eth0")
+                assert f"default via {GATEWAY} dev eth0" in in_netns(sandbox, pid, "ip", "route")
+                assert "UP" in in_netns(sandbox, pid, "ip", "link", "show", "lo")
+                in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", GATEWAY)
+                assert f"qv{cid[:13]}" in ports(sandbox)
+                assert f"{GATEWAY}/16" in sh(sandbox, "ip", "-4", "addr", "show", BRIDGE)
+            finally:
+                await q.remove(name, force=True)
+            assert f"qv{cid[:13]}" not in ports(sandbox)
+            assert f"qv{cid[:13]}" not in sh(sandbox, "ip", "-br", "link")
+
+    run(scenario())
+
+
+def test_network_none_keeps_only_loopback(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "600"], network="none")
+            try:
+                info = await running(q, name)
+                assert info["IPAddress"] == "" and info["Network"] == "none"
+                links = in_netns(sandbox, info["Pid"], "ip", "-br", "link")
+                assert [line.split()[0] for line in links.splitlines()] == ["lo"]
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_unknown_network_is_refused_and_leaves_nothing(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            before = await q.list_containers()
+            with pytest.raises(errors.NoSuchNetwork, match="nowhere"):
+                await q.create(name, "busybox", ["true"], network="nowhere")
+            assert await q.list_containers() == before
+
+    run(scenario())
+
+
+def test_address_is_kept_across_restarts_of_container_and_daemon(sandbox: Any, quilt: Any,
+                                                                  name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, _ = await q.create(name, "busybox", ["sleep", "600"])
+            try:
+                first = (await running(q, name))["IPAddress"]
+                await q.stop(name, 0)
+                await q.start(name)
+                assert (await running(q, name))["IPAddress"] == first
+                sandbox.run(["systemctl", "restart", "quiltd"])
+            except BaseException:
+                await q.remove(name, force=True)
+                raise
+        async with quilt() as q:
+            try:
+                info = await running(q, name)
+                assert info["IPAddress"] == first
+                assert f"qv{cid[:13]}" in ports(sandbox)
+                in_netns(sandbox, info["Pid"], "busybox", "ping", "-c1", "-W2", GATEWAY)
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_containers_reach_each_other_by_name(sandbox: Any, quilt: Any, name: str) -> None:
+    server, client = f"{name}-srv", f"{name}-cli"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(server, "busybox", ["nc", "-l", "-p", "5000"])
+                await running(q, server)
+                await q.create(client, "busybox", [
+                    "sh", "-c",
+                    f"for i in $(seq 50); do echo hello-from-client | nc -w 1 {server} 5000 && exit 0; "
+                    "sleep 0.2; done; exit 1",
+                ])
+                assert await q.wait(client, 30_000_000) == ("exited", 0)
+                assert await q.wait(server, 30_000_000) == ("exited", 0)
+                deadline = time.monotonic() + 10
+                while "hello-from-client" not in journal(sandbox, server) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert journal(sandbox, server).split() == ["hello-from-client"]
+            finally:
+                for ref in (server, client):
+                    await _remove(q, ref)
+
+    run(scenario())
+
+
+def test_hosts_follow_containers_coming_and_going(sandbox: Any, quilt: Any, name: str) -> None:
+    watcher, other = f"{name}-w", f"{name}-o"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(watcher, "busybox", ["sleep", "600"])
+                pid = (await running(q, watcher))["Pid"]
+
+                def hosts() -> str:
+                    return sh(sandbox, "nsenter", "-t", str(pid), "-m", "cat", "/etc/hosts")
+
+                assert f"\t{watcher}\n" in hosts()
+                await q.create(other, "busybox", ["sleep", "600"])
+                address = (await running(q, other))["IPAddress"]
+                await eventually(lambda: _true(f"{address}\t{other}\n" in hosts()))
+                await q.remove(other, force=True)
+                await eventually(lambda: _true(other not in hosts()))
+                # Read-only for the container.
+                out = sandbox.run(["nsenter", "-t", str(pid), "-m", "-n", "-p", "sh", "-c",
+                                   "echo x >> /etc/hosts"], check=False)
+                assert out.returncode != 0
+            finally:
+                for ref in (watcher, other):
+                    await _remove(q, ref)
+
+    run(scenario())
+
+
+def test_200_concurrent_creates_get_distinct_addresses(sandbox: Any, quilt: Any, name: str) -> None:
+    names = [f"{name}-{i}" for i in range(200)]
+    infos: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        # The system bus allows a connection 128 pending calls: four clients
+        # with 50 calls in flight each.
+        async with quilt() as q0, quilt() as q1, quilt() as q2, quilt() as q3:
+            clients = (q0, q1, q2, q3)
+            try:
+                started = time.monotonic()
+                await asyncio.gather(*(
+                    clients[i % 4].create(n, "busybox", ["sleep", "600"]) for i, n in enumerate(names)
+                ))
+
+                async def all_running() -> bool:
+                    rows = await q0.list_containers(state="running")
+                    return len({r[1] for r in rows} & set(names)) == len(names)
+
+                await eventually(all_running, timeout=300)
+                elapsed = time.monotonic() - started
+                infos.extend(await asyncio.gather(*(clients[i % 4].info(n) for i, n in enumerate(names))))
+                addresses = [i["IPAddress"] for i in infos]
+                assert all(addresses) and len(set(addresses)) == len(names)
+                assert {f"qv{i['Id'][:13]}" for i in infos} <= ports(sandbox)
+                # The last one reaches the first across the bridge.
+                in_netns(sandbox, infos[-1]["Pid"], "busybox", "ping", "-c1", "-W2", addresses[0])
+                print(f"200 containers running on one bridge after {elapsed:.1f} s")
+            finally:
+                await asyncio.gather(*(_remove(clients[i % 4], n) for i, n in enumerate(names)))
+            left = {f"qv{i['Id'][:13]}" for i in infos} & ports(sandbox)
+            assert not left
+
+    run(scenario())
+
+
+async def _remove(q: Any, ref: str) -> None:
+    with contextlib.suppress(errors.NoSuchContainer):
+        await q.remove(ref, force=True)
+
+
+async def _true(value: bool) -> bool:
+    return value
