@@ -108,6 +108,18 @@ class QuiltClient:
     async def remove_image(self, name: str) -> None:
         await self.call("RemoveImage", "s", name)
 
+    async def create_network(self, name: str, **options: Any) -> str:
+        variants = {k: Variant("as" if isinstance(v, list) else "s", v) for k, v in options.items()}
+        (subnet,) = await self.call("CreateNetwork", "sa{sv}", name, variants)
+        return str(subnet)
+
+    async def remove_network(self, name: str) -> None:
+        await self.call("RemoveNetwork", "s", name)
+
+    async def networks(self) -> list[tuple[str, str, str, str, str]]:
+        (rows,) = await self.call("ListNetworks")
+        return [tuple(r) for r in rows]
+
     async def system_info(self) -> dict[str, Any]:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}

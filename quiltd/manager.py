@@ -35,7 +35,7 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, Container, Image, State
+from quiltd.model import NO_EXIT_CODE, Container, Image, Network, State
 from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
@@ -447,6 +447,20 @@ class Manager:
         with self._store.transaction():
             self._store.delete_image(name)
         await asyncio.get_running_loop().run_in_executor(None, images.remove_tree, Path(image.path))
+
+    # Networks
+
+    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
+        if not options.NAME_RE.match(name):
+            raise InvalidArgument(f"invalid network name {name!r}: use 1-63 letters, digits or '-', "
+                                  "not starting with '-'")
+        return await self._networks.create_network(name, opts)
+
+    async def remove_network(self, name: str) -> None:
+        await self._networks.remove_network(name)
+
+    def list_networks(self) -> list[Network]:
+        return self._networks.all()
 
     # Recovery
 

@@ -79,6 +79,7 @@ class Network:
     bridge: str  # the bridge device in the daemon's network namespace
     subnet: str  # CIDR, e.g. 10.88.0.0/16
     gateway: str  # the bridge's own address in the subnet
+    egress: str = "none"  # "none", "all", or comma-separated "CIDR" / "CIDR:PORT" entries
     created_usec: int = 0
 
 

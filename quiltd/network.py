@@ -89,6 +89,10 @@ class Netlink:
         """Deletes a link; False if there was none."""
         return await self._run(f"deleting {name}", self._delete_link, name)
 
+    async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn on the worker thread: other blocking network work, in turn with netlink's."""
+        return await self._run(what, fn, *args)
+
     async def links(self) -> list[Link]:
         return await self._run("listing links", self._links)
 

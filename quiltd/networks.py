@@ -16,10 +16,23 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiltd.errors import AddressesExhausted, NoSuchNetwork
+from quiltd import firewall
+from quiltd.errors import (
+    AddressesExhausted,
+    Internal,
+    InvalidArgument,
+    InvalidState,
+    NameTaken,
+    NoSuchNetwork,
+)
 from quiltd.model import Container, Lease, Network
 from quiltd.network import CONTAINER_IFNAME, VETH_PREFIX, Netlink, veth_name
 from quiltd.paths import Paths
@@ -31,6 +44,11 @@ NONE = "none"  # the network option for loopback only
 DEFAULT = "bridge"  # the default network's name; its bridge device is quilt0
 HOSTS_HEADER = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+BRIDGE_PREFIX = "qb"  # bridges of created networks: qb + 12 hex digits
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# Subnets handed out when CreateNetwork names none: 10.89.0.0/16 upwards.
+AUTO_SUBNETS = [ipaddress.IPv4Network(f"10.{n}.0.0/16") for n in range(89, 255)]
+MAX_PREFIX = 29  # the smallest network: a gateway and five containers
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,29 @@ def write_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def check_subnet(value: object, others: list[Network]) -> ipaddress.IPv4Network:
+    if not isinstance(value, str):
+        raise InvalidArgument("option subnet must be a string (s) in CIDR form, e.g. 10.90.0.0/16")
+    try:
+        subnet = ipaddress.IPv4Network(value)
+    except ValueError as e:
+        raise InvalidArgument(f"invalid subnet {value!r}: {e}") from e
+    if subnet.prefixlen > MAX_PREFIX:
+        raise InvalidArgument(f"subnet {value} is too small: use a prefix of /{MAX_PREFIX} or shorter")
+    for other in others:
+        if subnet.overlaps(ipaddress.IPv4Network(other.subnet)):
+            raise InvalidArgument(f"subnet {value} overlaps network {other.name} ({other.subnet})")
+    return subnet
+
+
+def policy(network: Network) -> firewall.Policy:
+    egress, rules = firewall.parse_egress(
+        network.egress if network.egress in (firewall.EGRESS_NONE, firewall.EGRESS_ALL)
+        else network.egress.split(",")
+    )
+    return firewall.Policy(network.bridge, network.subnet, network.gateway, egress, rules)
+
+
 class Networks:
     def __init__(self, paths: Paths, store: Store, netlink: Netlink) -> None:
         self._paths = paths
@@ -136,6 +177,74 @@ class Networks:
             resolv_file=str(self._dir(network.name) / "resolv.conf"),
         )
 
+    # Networks
+
+    def all(self) -> list[Network]:
+        return self._store.list_networks()
+
+    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
+        unknown = sorted(set(opts) - {"subnet", "egress"})
+        if unknown:
+            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+        if name == NONE:
+            raise InvalidArgument("'none' is not a network name: it means no network")
+        if self._store.find_network(name) is not None:
+            raise NameTaken(f"a network named {name!r} exists already")
+        others = self._store.list_networks()
+        if "subnet" in opts:
+            subnet = check_subnet(opts["subnet"], others)
+        else:
+            taken = [ipaddress.IPv4Network(o.subnet) for o in others]
+            free = [s for s in AUTO_SUBNETS if not any(s.overlaps(t) for t in taken)]
+            if not free:
+                raise AddressesExhausted("no free /16 left in 10.89.0.0-10.254.255.255: give a subnet")
+            subnet = free[0]
+        egress, rules = firewall.parse_egress(opts.get("egress", firewall.EGRESS_NONE))
+        stored = egress if egress != "list" else ",".join(
+            f"{r.cidr}:{r.port}" if r.port else r.cidr for r in rules
+        )
+        network = Network(
+            name=name, bridge=BRIDGE_PREFIX + secrets.token_hex(6), subnet=str(subnet),
+            gateway=str(next(subnet.hosts())), egress=stored, created_usec=time.time_ns() // 1000,
+        )
+        try:
+            with self._store.transaction():
+                self._store.insert_network(network)
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(f"a network named {name!r} exists already") from e
+        try:
+            self._write_files(network)
+            await self._netlink.ensure_bridge(network.bridge, self._gateway_interface(network))
+            await self.apply_firewall()
+        except Exception:
+            with self._store.transaction():
+                self._store.delete_network(name)
+            await self._undo_network(network)
+            raise
+        return network
+
+    async def remove_network(self, name: str) -> None:
+        network = self.find(name)
+        if name == DEFAULT:
+            raise InvalidState("the default network cannot be removed")
+        users = self._store.containers_on_network(name)
+        if users:
+            raise InvalidState(f"network {name} is used by container(s) {', '.join(users)}")
+        with self._store.transaction():
+            self._store.delete_network(name)
+        await self._undo_network(network)
+
+    async def _undo_network(self, network: Network) -> None:
+        with contextlib.suppress(Internal):
+            await self._netlink.delete_link(network.bridge)
+        with contextlib.suppress(Internal):
+            await self.apply_firewall()
+        shutil.rmtree(self._dir(network.name), ignore_errors=True)
+
+    async def apply_firewall(self) -> None:
+        policies = [policy(n) for n in self._store.list_networks()]
+        await self._netlink.call("loading the nftables rules", _load_firewall, policies)
+
     # Links
 
     async def attach(self, c: Container, pid: int) -> None:
@@ -155,8 +264,14 @@ class Networks:
 
     async def recover(self, active: list[Container]) -> None:
         """After a restart: bridges up, running containers' veths on their bridges, strays deleted."""
+        await self.apply_firewall()
         links = {link.name: link for link in await self._netlink.links()}
         wanted = {veth_name(c.id): c for c in active}
+        bridges = {n.bridge for n in self._store.list_networks()}
+        for name, link in links.items():
+            if name.startswith(BRIDGE_PREFIX) and link.kind == "bridge" and name not in bridges:
+                log.warning("deleting bridge %s: it belongs to no network on record", name)
+                await self._netlink.delete_link(name)
         for network in self._store.list_networks():
             if network.bridge in links or any(
                 lease.container_id in {c.id for c in active} for lease in self._store.leases(network.name)
@@ -235,3 +350,10 @@ class Networks:
     @staticmethod
     def _gateway_interface(network: Network) -> str:
         return f"{network.gateway}/{ipaddress.IPv4Network(network.subnet).prefixlen}"
+
+
+def _load_firewall(policies: list[firewall.Policy]) -> None:
+    if any(p.egress != firewall.EGRESS_NONE for p in policies):
+        # Egress needs routing between the bridges and the host's links.
+        IP_FORWARD.write_text("1\n")
+    firewall.load(firewall.ruleset(policies))

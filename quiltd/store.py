@@ -55,10 +55,11 @@ MIGRATIONS = (
         bridge TEXT NOT NULL UNIQUE,
         subnet TEXT NOT NULL,
         gateway TEXT NOT NULL,
+        egress TEXT NOT NULL,
         created_usec INTEGER NOT NULL
     );
-    INSERT INTO networks (name, bridge, subnet, gateway, created_usec)
-        VALUES ('bridge', 'quilt0', '10.88.0.0/16', '10.88.0.1', 0);
+    INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec)
+        VALUES ('bridge', 'quilt0', '10.88.0.0/16', '10.88.0.1', 'none', 0);
     CREATE TABLE leases (
         network TEXT NOT NULL REFERENCES networks(name),
         address TEXT NOT NULL,
@@ -178,8 +179,9 @@ class Store:
 
     def insert_network(self, n: Network) -> None:
         self._db.execute(
-            "INSERT INTO networks (name, bridge, subnet, gateway, created_usec) VALUES (?, ?, ?, ?, ?)",
-            (n.name, n.bridge, n.subnet, n.gateway, n.created_usec),
+            "INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (n.name, n.bridge, n.subnet, n.gateway, n.egress, n.created_usec),
         )
 
     def find_network(self, name: str) -> Network | None:
@@ -201,6 +203,10 @@ class Store:
     def find_lease(self, container_id: str) -> Lease | None:
         row = self._db.execute("SELECT * FROM leases WHERE container_id = ?", (container_id,)).fetchone()
         return Lease(**dict(row)) if row else None
+
+    def containers_on_network(self, network: str) -> list[str]:
+        rows = self._db.execute("SELECT name, spec FROM containers ORDER BY name").fetchall()
+        return [r[0] for r in rows if json.loads(r[1]).get("network") == network]
 
     def leases(self, network: str | None = None) -> list[Lease]:
         if network is None:

@@ -223,3 +223,185 @@ async def _remove(q: Any, ref: str) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def snapshot(sandbox: Any) -> tuple[str, str, str]:
+    """Links, addresses and quiltd's nft rules in the daemon's network namespace."""
+    links = sh(sandbox, "ip", "-br", "link")
+    addrs = sh(sandbox, "ip", "-br", "addr")
+    rules = sh(sandbox, "nft", "list", "table", "inet", "quilt", check=False)
+    # Bridges show carrier and MACs that change with their ports; names and addresses are what count.
+    return (
+        "\n".join(sorted(line.split()[0] for line in links.splitlines())),
+        "\n".join(sorted(" ".join(w for w in line.split() if not w.startswith("fe80")) for line in
+                         addrs.splitlines())).replace(" UP", "").replace(" DOWN", "").replace(" UNKNOWN", ""),
+        rules,
+    )
+
+
+async def connects(sandbox: Any, pid: int, address: str, port: int, tries: int = 1) -> bool:
+    """Whether a TCP connection from the container's namespace to address:port succeeds."""
+    for _ in range(tries):
+        out = sandbox.run(["nsenter", "-t", str(pid), "-n", "busybox", "nc", "-w", "2", address, str(port)],
+                          input=b"ping\n", check=False)
+        if out.returncode == 0:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def test_networks_are_isolated_from_each_other(sandbox: Any, quilt: Any, name: str) -> None:
+    net_a, net_b = f"{name}-a"[:63], f"{name}-b"[:63]
+    before = snapshot(sandbox)
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create_network(net_a)
+                # egress all: routing is on, so only the rules keep b out of a.
+                await q.create_network(net_b, egress="all")
+                listed = {row[0]: row for row in await q.networks()}
+                assert listed[net_b][4] == "all" and listed[net_a][4] == "none"
+                await q.create(f"{name}-srv", "busybox", ["nc", "-ll", "-p", "5000", "-e", "true"],
+                               network=net_a)
+                await q.create(f"{name}-peer", "busybox", ["sleep", "600"], network=net_a)
+                await q.create(f"{name}-out", "busybox", ["sleep", "600"], network=net_b)
+                srv = await running(q, f"{name}-srv")
+                peer = await running(q, f"{name}-peer")
+                out = await running(q, f"{name}-out")
+                assert srv["IPAddress"].rsplit(".", 1)[0] == peer["IPAddress"].rsplit(".", 1)[0]
+                assert await connects(sandbox, peer["Pid"], srv["IPAddress"], 5000, tries=5)
+                assert not await connects(sandbox, out["Pid"], srv["IPAddress"], 5000)
+                with pytest.raises(errors.InvalidState, match=f"{name}-srv"):
+                    await q.remove_network(net_a)
+            finally:
+                for ref in (f"{name}-srv", f"{name}-peer", f"{name}-out"):
+                    await _remove(q, ref)
+                for net in (net_a, net_b):
+                    with contextlib.suppress(errors.NoSuchNetwork):
+                        await q.remove_network(net)
+            assert net_a not in {row[0] for row in await q.networks()}
+
+    run(scenario())
+    assert snapshot(sandbox) == before
+
+
+@pytest.mark.parametrize(("egress", "reach_8080", "reach_8081"), [
+    ("none", False, False),
+    ("all", True, True),
+    (["GATEWAY:8080"], True, False),
+])
+def test_egress_to_the_host_side(sandbox: Any, quilt: Any, name: str, egress: Any, reach_8080: bool,
+                                 reach_8081: bool) -> None:
+    net = f"{name}-n"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            servers = []
+            try:
+                gateway = "10.123.0.1"
+                wanted = egress
+                if isinstance(egress, list):
+                    wanted = [e.replace("GATEWAY", gateway) for e in egress]
+                assert await q.create_network(net, subnet="10.123.0.0/24", egress=wanted) == "10.123.0.0/24"
+                for port in (8080, 8081):
+                    unit = f"egress-{port}-{name}"[:60]
+                    sandbox.run(["systemd-run", f"--unit={unit}", "busybox", "nc", "-ll", "-p", str(port),
+                                 "-e", "true"])
+                    servers.append(unit)
+                await q.create(name, "busybox", ["sleep", "600"], network=net)
+                pid = (await running(q, name))["Pid"]
+                # Expected successes get a few tries: the servers may not be listening yet.
+                assert await connects(sandbox, pid, gateway, 8080, 5 if reach_8080 else 1) == reach_8080
+                assert await connects(sandbox, pid, gateway, 8081, 5 if reach_8081 else 1) == reach_8081
+                in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", gateway)  # always allowed
+            finally:
+                await _remove(q, name)
+                for unit in servers:
+                    sandbox.run(["systemctl", "stop", unit], check=False)
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())
+
+
+def test_network_bad_input_leaves_nothing(sandbox: Any, quilt: Any, name: str) -> None:
+    before = snapshot(sandbox)
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            listed = await q.networks()
+            cases: list[tuple[str, dict[str, Any], type[errors.QuiltError], str]] = [
+                ("bridge", {}, errors.NameTaken, "bridge"),
+                ("-bad", {}, errors.InvalidArgument, "invalid network name"),
+                ("none", {}, errors.InvalidArgument, "none"),
+                (name, {"subnet": "10.88.5.0/24"}, errors.InvalidArgument, "overlaps network bridge"),
+                (name, {"subnet": "10.1.2.3/33"}, errors.InvalidArgument, "invalid subnet"),
+                (name, {"subnet": "10.77.0.0/30"}, errors.InvalidArgument, "too small"),
+                (name, {"egress": "some"}, errors.InvalidArgument, "egress"),
+                (name, {"egress": ["10.0.0.0/8:99999"]}, errors.InvalidArgument, "port"),
+                (name, {"colour": "red"}, errors.InvalidArgument, "colour"),
+            ]
+            for net, opts, error, match in cases:
+                with pytest.raises(error, match=match):
+                    await q.create_network(net, **opts)
+            with pytest.raises(errors.NoSuchNetwork):
+                await q.remove_network(name)
+            with pytest.raises(errors.InvalidState, match="default"):
+                await q.remove_network("bridge")
+            assert await q.networks() == listed
+
+    run(scenario())
+    assert snapshot(sandbox) == before
+
+
+def test_subnet_exhausted_is_a_named_error_and_leaves_nothing(quilt: Any, name: str) -> None:
+    net = f"{name}-tiny"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create_network(net, subnet="10.124.0.0/29")  # five addresses
+            names = [f"{name}-{i}" for i in range(5)]
+            try:
+                for n in names:
+                    await q.create(n, "busybox", ["true"], network=net)
+                before = await q.list_containers()
+                with pytest.raises(errors.AddressesExhausted, match=net):
+                    await q.create(f"{name}-6", "busybox", ["true"], network=net)
+                assert await q.list_containers() == before
+                await q.create(f"{name}-6", "busybox", ["true"], network=net, start=False)
+                with pytest.raises(errors.AddressesExhausted):
+                    await q.start(f"{name}-6")
+                assert (await q.info(f"{name}-6"))["State"] == "created"
+                await q.remove(names[0], force=True)
+                await q.start(f"{name}-6")  # the freed address
+            finally:
+                for n in [*names, f"{name}-6"]:
+                    await _remove(q, n)
+                await q.remove_network(net)
+
+    run(scenario())
+
+
+def test_kill_9_leaves_nothing_the_next_start_does_not_clean(sandbox: Any, quilt: Any, name: str) -> None:
+    before = snapshot(sandbox)
+    # What a daemon killed half-way through RemoveNetwork or a start could
+    # leave: a bridge of no network on record, a stray veth, stale rules.
+    sandbox.run(["ip", "link", "add", "qbdeadbeef0000", "type", "bridge"])
+    sandbox.run(["ip", "link", "add", "qv0000deadbeef0", "type", "veth", "peer", "name", "qvpeer-stray"])
+    sandbox.run(["nft", "add", "rule", "inet", "quilt", "forward", "iifname", "qbdeadbeef0000", "accept"])
+    main_pid = sh(sandbox, "systemctl", "show", "-p", "MainPID", "--value", "quiltd").strip()
+    sandbox.run(["kill", "-9", main_pid])
+
+    async def scenario() -> None:
+        # systemd restarts it, or the next call activates it; the first
+        # calls may still reach the dying one.
+        for _ in range(50):
+            with contextlib.suppress(errors.QuiltError):
+                async with quilt() as q:
+                    await q.system_info()
+                    return
+            await asyncio.sleep(0.2)
+
+    run(scenario())
+    assert snapshot(sandbox) == before

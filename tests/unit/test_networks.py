@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from quiltd.errors import AddressesExhausted, NoSuchNetwork
+from quiltd import firewall
+from quiltd.errors import AddressesExhausted, InvalidArgument, NoSuchNetwork
 from quiltd.model import Container, ContainerSpec, Lease, Network
 from quiltd.network import Netlink
-from quiltd.networks import Networks, pick_address, render_hosts, render_resolv_conf, write_in_place
+from quiltd.networks import (
+    Networks,
+    check_subnet,
+    pick_address,
+    render_hosts,
+    render_resolv_conf,
+    write_in_place,
+)
 from quiltd.paths import Paths
 from quiltd.store import Store
 
@@ -39,7 +47,7 @@ def test_pick_skips_gateway_and_used_and_ends() -> None:
 
 def test_default_network_is_in_a_fresh_store(store: Store) -> None:
     default = store.find_network("bridge")
-    assert default == Network("bridge", "quilt0", "10.88.0.0/16", "10.88.0.1", 0)
+    assert default == Network("bridge", "quilt0", "10.88.0.0/16", "10.88.0.1", "none", 0)
 
 
 def test_leases_are_distinct_kept_and_go_with_the_container(store: Store, tmp_path: Path) -> None:
@@ -98,3 +106,32 @@ def test_write_in_place_keeps_the_inode(tmp_path: Path) -> None:
     inode = path.stat().st_ino
     write_in_place(path, "short\n")
     assert path.read_text() == "short\n" and path.stat().st_ino == inode
+
+
+def test_egress_option_and_rules() -> None:
+    assert firewall.parse_egress("none") == ("none", ())
+    assert firewall.parse_egress(["10.1.2.3/8", "192.0.2.1:443"]) == (
+        "list", (firewall.EgressRule("10.0.0.0/8"), firewall.EgressRule("192.0.2.1/32", 443)))
+    for bad in ("some", [], ["10.0.0.0/33"], ["10.0.0.0/8:0"], ["10.0.0.0/8:x"], [1]):
+        with pytest.raises(InvalidArgument):
+            firewall.parse_egress(bad)
+    script = firewall.ruleset([
+        firewall.Policy("qba", "10.89.0.0/16", "10.89.0.1", "none"),
+        firewall.Policy("qbb", "10.90.0.0/16", "10.90.0.1", "all"),
+    ])
+    forward = script[script.index("chain forward"):script.index("chain input")]
+    # Both networks' doors are shut before either's egress is opened.
+    assert forward.index('oifname "qba" drop') < forward.index('iifname "qbb" accept')
+    assert 'ip saddr 10.90.0.0/16 oifname != "qbb" masquerade' in script
+    assert "10.89.0.0/16 oifname" not in script
+    assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
+
+
+def test_subnet_checks() -> None:
+    others = [Network("a", "qba", "10.89.0.0/16", "10.89.0.1")]
+    assert str(check_subnet("10.90.0.0/24", others)) == "10.90.0.0/24"
+    for bad, why in (("10.89.1.0/24", "overlaps network a"), ("10.90.0.1/24", "host bits"),
+                     ("10.90.0.0/30", "too small"), ("nonsense", "invalid subnet"),
+                     ("300.0.0.0/8", "invalid")):
+        with pytest.raises(InvalidArgument, match=why):
+            check_subnet(bad, others)
