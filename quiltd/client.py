@@ -23,7 +23,7 @@ from quiltd.bus.names import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 OPTION_TYPES = {
     "env": "as", "workdir": "s", "hostname": "s", "memory_max": "t", "cpu_quota": "d",
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
-    "start": "b",
+    "start": "b", "publish": "a(qqs)",
 }
 
 _ERRORS: dict[str, type[errors.QuiltError]] = {

@@ -35,6 +35,16 @@ class EgressRule:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A published port: host_port/proto on any local address goes to address:port."""
+
+    host_port: int
+    proto: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
 class Policy:
     bridge: str
     subnet: str
@@ -62,7 +72,7 @@ def parse_egress(value: object) -> tuple[str, tuple[EgressRule, ...]]:
     return "list", tuple(rules)
 
 
-def ruleset(policies: list[Policy]) -> str:
+def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
     """The nft script that replaces quiltd's table with rules for these networks."""
     forward_in: list[str] = []
     forward_out: list[str] = []
@@ -73,6 +83,7 @@ def ruleset(policies: list[Policy]) -> str:
         forward_in += [
             f"iifname {b} oifname {b} accept",
             f"oifname {b} ct state established,related accept",
+            f"oifname {b} ct status dnat accept",  # published ports
             f"oifname {b} drop",
         ]
         allowed = _allowed(p)
@@ -100,6 +111,15 @@ def ruleset(policies: list[Policy]) -> str:
         "    type filter hook input priority filter; policy accept;",
         *(f"    {r}" for r in inbound),
         "  }",
+        # Published ports, for packets from elsewhere and from the host itself.
+        *(line for hook in ("prerouting", "output") for line in (
+            f"  chain {hook} {{",
+            # -100 is dstnat; older nft accepts the name only for prerouting.
+            f"    type nat hook {hook} priority -100; policy accept;",
+            *(f"    fib daddr type local {f.proto} dport {f.host_port} dnat ip to {f.address}:{f.port}"
+              for f in forwards),
+            "  }",
+        )),
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
         *(f"    {r}" for r in nat),

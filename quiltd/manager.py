@@ -184,6 +184,7 @@ class Manager:
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
             command=argv, spec=spec, created_usec=now_usec(),
         )
+        self._networks.check_published(c)
         # Committed as starting, with its address, before the reply: a
         # daemon killed right after answering resumes this start when it
         # comes back. One transaction, so a failed lease leaves no row.
@@ -402,6 +403,8 @@ class Manager:
                 images.remove_tree(tree)
             with self._store.transaction():
                 self._store.delete_container(c.id)
+            with contextlib.suppress(Internal):
+                await self._networks.forget(c)
         self._locks.pop(c.id, None)
         for listener in self._listeners:
             listener.container_removed(c)

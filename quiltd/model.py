@@ -40,6 +40,7 @@ class ContainerSpec:
     labels: tuple[tuple[str, str], ...] = ()
     ttl_sec: int = 0
     auto_remove: bool = False
+    publish: tuple[tuple[int, int, str], ...] = ()  # (host port, container port, "tcp" or "udp")
 
 
 @dataclass(frozen=True)

@@ -241,9 +241,30 @@ class Networks:
             await self.apply_firewall()
         shutil.rmtree(self._dir(network.name), ignore_errors=True)
 
+    def check_published(self, c: Container) -> None:
+        """NameTaken if another container on record publishes one of c's host ports."""
+        mine = {(host, proto) for host, _, proto in c.spec.publish}
+        if not mine:
+            return
+        for other in self._store.list_containers():
+            for host, _, proto in other.spec.publish:
+                if other.id != c.id and (host, proto) in mine:
+                    raise NameTaken(f"host port {host}/{proto} is published by container {other.name}")
+
     async def apply_firewall(self) -> None:
         policies = [policy(n) for n in self._store.list_networks()]
-        await self._netlink.call("loading the nftables rules", _load_firewall, policies)
+        leases = {lease.container_id: lease.address for lease in self._store.leases()}
+        forwards = tuple(
+            firewall.Forward(host, proto, leases[c.id], port)
+            for c in self._store.list_containers() if c.spec.publish and c.id in leases
+            for host, port, proto in c.spec.publish
+        )
+        await self._netlink.call("loading the nftables rules", _load_firewall, policies, forwards)
+
+    async def forget(self, c: Container) -> None:
+        """After a container's row is gone: its published ports go too."""
+        if c.spec.publish:
+            await self.apply_firewall()
 
     # Links
 
@@ -257,6 +278,8 @@ class Networks:
             self._write_files(network)
         # The bridge is made on first use, by the same worker, in the same request.
         await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid)
+        if c.spec.publish:
+            await self.apply_firewall()
 
     async def detach(self, c: Container) -> None:
         """Deletes the container's veth, if it still exists (it goes by itself with the namespace)."""
@@ -352,8 +375,8 @@ class Networks:
         return f"{network.gateway}/{ipaddress.IPv4Network(network.subnet).prefixlen}"
 
 
-def _load_firewall(policies: list[firewall.Policy]) -> None:
-    if any(p.egress != firewall.EGRESS_NONE for p in policies):
-        # Egress needs routing between the bridges and the host's links.
+def _load_firewall(policies: list[firewall.Policy], forwards: tuple[firewall.Forward, ...]) -> None:
+    if forwards or any(p.egress != firewall.EGRESS_NONE for p in policies):
+        # Egress and published ports need routing between the bridges and the host's links.
         IP_FORWARD.write_text("1\n")
-    firewall.load(firewall.ruleset(policies))
+    firewall.load(firewall.ruleset(policies, forwards))

@@ -229,6 +229,8 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     spec = json.loads(raw.pop("spec"))
     spec["env"] = tuple(spec["env"])
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
+    if "publish" in spec:
+        spec["publish"] = tuple(tuple(entry) for entry in spec["publish"])
     return Container(
         **{
             **raw,

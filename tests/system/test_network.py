@@ -38,11 +38,16 @@ def journal(sandbox: Any, name: str) -> str:
 
 
 async def running(q: Any, name: str) -> dict[str, Any]:
+    info: dict[str, Any]
     async def is_running() -> bool:
         return bool((await q.info(name))["State"] == "running")
 
-    await eventually(is_running)
-    info: dict[str, Any] = await q.info(name)
+    try:
+        await eventually(is_running)
+    except AssertionError:
+        info = await q.info(name)
+        raise AssertionError(f"{name} is {info['State']}, not running: {info['Reason']}") from None
+    info = await q.info(name)
     return info
 
 
@@ -405,3 +410,33 @@ def test_kill_9_leaves_nothing_the_next_start_does_not_clean(sandbox: Any, quilt
 
     run(scenario())
     assert snapshot(sandbox) == before
+
+
+def test_published_port_reaches_the_container_and_conflicts_are_named(sandbox: Any, quilt: Any,
+                                                                       name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(name, "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "published-ok"],
+                               publish=[[18080, 80, "tcp"]])
+                await running(q, name)
+                with pytest.raises(errors.NameTaken, match=f"18080/tcp is published by container {name}"):
+                    await q.create(f"{name}-2", "busybox", ["true"], publish=[[18080, 81, "tcp"]])
+                with pytest.raises(errors.InvalidArgument, match="network"):
+                    await q.create(f"{name}-2", "busybox", ["true"], network="none",
+                                   publish=[[18081, 80, "tcp"]])
+                with pytest.raises(errors.InvalidArgument, match="protocol"):
+                    await q.create(f"{name}-2", "busybox", ["true"], publish=[[18081, 80, "sctp"]])
+                assert "18080" in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+                # From the host side: any of its addresses, here the gateway.
+                for _ in range(10):
+                    out = sandbox.run(["busybox", "nc", "-w", "2", GATEWAY, "18080"], check=False)
+                    if b"published-ok" in out.stdout:
+                        break
+                    await asyncio.sleep(0.5)
+                assert b"published-ok" in out.stdout
+            finally:
+                await _remove(q, name)
+            assert "18080" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+
+    run(scenario())
