@@ -440,3 +440,42 @@ def test_published_port_reaches_the_container_and_conflicts_are_named(sandbox: A
             assert "18080" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
 
     run(scenario())
+
+
+def test_egress_all_is_masqueraded_to_a_remote_host(sandbox: Any, quilt: Any, name: str) -> None:
+    """A "remote" host in a network namespace of the sandbox, with no route back to any container."""
+    net = f"{name}-n"[:63]
+    netns = f"remote-{name}"[:40]
+    unit = f"remote-server-{name}"[:60]
+    sandbox.run(["ip", "netns", "add", netns])
+    try:
+        sandbox.run(["ip", "link", "add", "qtestremote", "type", "veth",
+                     "peer", "name", "eth0", "netns", netns])
+        sandbox.run(["ip", "addr", "add", "192.0.2.1/24", "dev", "qtestremote"])
+        sandbox.run(["ip", "link", "set", "qtestremote", "up"])
+        sandbox.run(["ip", "-n", netns, "addr", "add", "192.0.2.2/24", "dev", "eth0"])
+        sandbox.run(["ip", "-n", netns, "link", "set", "eth0", "up"])
+        sandbox.run(["systemd-run", f"--unit={unit}", "ip", "netns", "exec", netns,
+                     "busybox", "nc", "-ll", "-p", "9000", "-e", "echo", "remote-ok"])
+
+        async def scenario() -> None:
+            async with quilt() as q:
+                try:
+                    await q.create_network(net, egress="all")
+                    await q.create(name, "busybox", ["sleep", "600"], network=net)
+                    await q.create(f"{name}-none", "busybox", ["sleep", "600"])  # default: egress none
+                    pid = (await running(q, name))["Pid"]
+                    closed = (await running(q, f"{name}-none"))["Pid"]
+                    assert await connects(sandbox, pid, "192.0.2.2", 9000, tries=5)
+                    assert not await connects(sandbox, closed, "192.0.2.2", 9000)
+                finally:
+                    await _remove(q, name)
+                    await _remove(q, f"{name}-none")
+                    with contextlib.suppress(errors.NoSuchNetwork):
+                        await q.remove_network(net)
+
+        run(scenario())
+    finally:
+        sandbox.run(["systemctl", "stop", unit], check=False)
+        sandbox.run(["ip", "link", "del", "qtestremote"], check=False)
+        sandbox.run(["ip", "netns", "del", netns], check=False)
