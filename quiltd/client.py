@@ -26,6 +26,7 @@ OPTION_TYPES = {
     "env": "as", "workdir": "s", "hostname": "s", "memory_max": "t", "cpu_quota": "d",
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
+    "publish": "a(qqs)",
 }
 
 # The D-Bus type of each Exec / ExecStart option.
@@ -115,6 +116,18 @@ class QuiltClient:
 
     async def remove_image(self, name: str) -> None:
         await self.call("RemoveImage", "s", name)
+
+    async def create_network(self, name: str, **options: Any) -> str:
+        variants = {k: Variant("as" if isinstance(v, list) else "s", v) for k, v in options.items()}
+        (subnet,) = await self.call("CreateNetwork", "sa{sv}", name, variants)
+        return str(subnet)
+
+    async def remove_network(self, name: str) -> None:
+        await self.call("RemoveNetwork", "s", name)
+
+    async def networks(self) -> list[tuple[str, str, str, str, str]]:
+        (rows,) = await self.call("ListNetworks")
+        return [tuple(r) for r in rows]
 
     async def system_info(self) -> dict[str, Any]:
         (info,) = await self.call("GetSystemInfo")

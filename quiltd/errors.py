@@ -75,3 +75,13 @@ class OutputTruncated(QuiltError):
     """Exec's output went over max_output; ExecEx returns it cut, with flags."""
 
     dbus_name = ERROR_PREFIX + "OutputTruncated"
+
+
+class NoSuchNetwork(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchNetwork"
+
+
+class AddressesExhausted(QuiltError):
+    """A network has no free address left for one more container."""
+
+    dbus_name = ERROR_PREFIX + "AddressesExhausted"
