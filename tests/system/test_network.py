@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from quiltd import errors
-from tests.system.conftest import eventually, run
+from tests.system.conftest import eventually, records, run
 
 pytestmark = pytest.mark.system
 
@@ -96,10 +96,10 @@ def test_network_none_keeps_only_loopback(sandbox: Any, quilt: Any, name: str) -
 def test_unknown_network_is_refused_and_leaves_nothing(quilt: Any, name: str) -> None:
     async def scenario() -> None:
         async with quilt() as q:
-            before = await q.list_containers()
+            before = await records(q)
             with pytest.raises(errors.NoSuchNetwork, match="nowhere"):
                 await q.create(name, "busybox", ["true"], network="nowhere")
-            assert await q.list_containers() == before
+            assert await records(q) == before
 
     run(scenario())
 
@@ -370,10 +370,10 @@ def test_subnet_exhausted_is_a_named_error_and_leaves_nothing(quilt: Any, name: 
             try:
                 for n in names:
                     await q.create(n, "busybox", ["true"], network=net)
-                before = await q.list_containers()
+                before = await records(q)
                 with pytest.raises(errors.AddressesExhausted, match=net):
                     await q.create(f"{name}-6", "busybox", ["true"], network=net)
-                assert await q.list_containers() == before
+                assert await records(q) == before
                 await q.create(f"{name}-6", "busybox", ["true"], network=net, start=False)
                 with pytest.raises(errors.AddressesExhausted):
                     await q.start(f"{name}-6")
