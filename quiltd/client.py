@@ -114,6 +114,16 @@ class QuiltClient:
     async def remove_image(self, name: str) -> None:
         await self.call("RemoveImage", "s", name)
 
+    async def create_volume(self, name: str) -> None:
+        await self.call("CreateVolume", "s", name)
+
+    async def remove_volume(self, name: str) -> None:
+        await self.call("RemoveVolume", "s", name)
+
+    async def volumes(self) -> list[tuple[str, str, int]]:
+        (rows,) = await self.call("ListVolumes")
+        return [tuple(r) for r in rows]
+
     async def system_info(self) -> dict[str, Any]:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}

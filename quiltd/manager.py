@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, mountopts, options
+from quiltd import __version__, hostimage, images, mountopts, options, volumes
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -97,6 +97,7 @@ class Manager:
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
         self._host_image: Image | None = None
+        self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -170,7 +171,10 @@ class Manager:
         argv = options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
         mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
-        spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
+        wanted_volumes = volumes.parse(opts.get("volumes", []))
+        volumes.check_targets([t for _, t, _ in mounts], [t for t, _ in tmpfs],
+                              [t for _, t, _ in wanted_volumes])
+        spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
         image = self._find_image(image_name)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
@@ -178,11 +182,18 @@ class Manager:
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
             command=argv, spec=spec, created_usec=now_usec(),
         )
+        volume_names = [n for n, _, _ in wanted_volumes]
+        made = self.volumes.ensure(volume_names)
         try:
             with self._store.transaction():
                 self._store.insert_container(c)
+                self.volumes.attach(c.id, volume_names)
         except sqlite3.IntegrityError as e:
+            self.volumes.undo(made)
             raise NameTaken(f"a container named {name!r} exists already") from e
+        except BaseException:
+            self.volumes.undo(made)
+            raise
         for listener in self._listeners:
             listener.container_added(c)
         if start:
@@ -260,9 +271,16 @@ class Manager:
             upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
-            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts
+            + self._volume_binds(c),
             tmpfs=c.spec.tmpfs,
         )
+
+    def _volume_binds(self, c: Container) -> tuple[tuple[str, str, bool], ...]:
+        # Made again if someone removed the directory by hand: a volume is
+        # on record for as long as a container names it.
+        self.volumes.ensure(n for n, _, _ in c.spec.volumes)
+        return tuple((self.volumes.path(n), target, ro) for n, target, ro in c.spec.volumes)
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd

@@ -47,6 +47,7 @@ class ContainerSpec:
     auto_remove: bool = False
     mounts: tuple[tuple[str, str, bool], ...] = ()  # (host source, target, read_only)
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target, size_bytes)
+    volumes: tuple[tuple[str, str, bool], ...] = ()  # (volume name, target, read_only)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ class Image:
     id: str  # sha256 of the imported archive
     path: str  # the extracted root, used as the overlay's lower layer
     size_bytes: int
+    created_usec: int
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A named volume: a directory under the state dir that outlives containers."""
+
+    name: str
+    path: str
     created_usec: int
 
 

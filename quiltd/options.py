@@ -25,6 +25,7 @@ KNOWN_OPTIONS = frozenset({
     "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
     "labels", "ttl_sec", "auto_remove", "start",
     "mounts", "tmpfs",  # checked by mountopts
+    "volumes",  # checked by volumes
 })
 
 

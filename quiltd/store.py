@@ -25,6 +25,7 @@ from quiltd.model import (
     ExecState,
     Image,
     State,
+    Volume,
 )
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
@@ -82,6 +83,21 @@ MIGRATIONS = (
         finished_usec INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX execs_container ON execs(container_id);
+    """,
+    """
+    CREATE TABLE volumes (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    -- Which containers on record name which volumes: RemoveVolume asks here,
+    -- and a container's rows go with it.
+    CREATE TABLE container_volumes (
+        container_id TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+        volume TEXT NOT NULL REFERENCES volumes(name),
+        PRIMARY KEY (container_id, volume)
+    );
+    CREATE INDEX container_volumes_volume ON container_volumes(volume);
     """,
 )
 
@@ -219,6 +235,37 @@ class Store:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
 
 
+    # Volumes
+
+    def insert_volume(self, v: Volume) -> bool:
+        """Records a volume unless one of that name exists; True if it was new."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO volumes (name, path, created_usec) VALUES (?, ?, ?)",
+            (v.name, v.path, v.created_usec),
+        )
+        return cur.rowcount == 1
+
+    def find_volume(self, name: str) -> Volume | None:
+        row = self._db.execute("SELECT * FROM volumes WHERE name = ?", (name,)).fetchone()
+        return Volume(**dict(row)) if row else None
+
+    def list_volumes(self) -> list[Volume]:
+        return [Volume(**dict(r)) for r in self._db.execute("SELECT * FROM volumes ORDER BY name")]
+
+    def delete_volume(self, name: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    def use_volume(self, container_id: str, volume: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO container_volumes (container_id, volume) VALUES (?, ?)",
+                         (container_id, volume))
+
+    def containers_using_volume(self, volume: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT c.name FROM container_volumes v JOIN containers c ON c.id = v.container_id "
+            "WHERE v.volume = ? ORDER BY c.name", (volume,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
     # Cleanup tasks
 
     def add_cleanup(self, kind: str, target: str) -> int:
@@ -277,6 +324,7 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
     spec["mounts"] = tuple((s, t, ro) for s, t, ro in spec.get("mounts", ()))
     spec["tmpfs"] = tuple((t, size) for t, size in spec.get("tmpfs", ()))
+    spec["volumes"] = tuple((n, t, ro) for n, t, ro in spec.get("volumes", ()))
     return Container(
         **{
             **raw,

@@ -86,6 +86,21 @@ class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def CreateVolume(self, name: "s") -> None:
+        self._m.volumes.create(name)
+
+    @method()
+    @bus_errors
+    async def RemoveVolume(self, name: "s") -> None:
+        await self._m.volumes.remove(name)
+
+    @method()
+    @bus_errors
+    async def ListVolumes(self) -> "a(sst)":
+        return [[v.name, v.path, size] for v, size in await self._m.volumes.list()]
+
+    @method()
+    @bus_errors
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 
