@@ -24,6 +24,7 @@ OPTION_TYPES = {
     "env": "as", "workdir": "s", "hostname": "s", "memory_max": "t", "cpu_quota": "d",
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
+    "disk_max": "t",
 }
 
 # The D-Bus type of each Exec / ExecStart option.

@@ -87,6 +87,14 @@ def _enter_root(spec: LaunchSpec) -> None:
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = spec.rootfs
+    if spec.disk_max:
+        # Private to this namespace, so the host never sees it and it goes
+        # when the container's last process does; writes past the size get
+        # ENOSPC inside instead of filling the host's disk.
+        linux.mount("tmpfs", spec.disk_dir, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={spec.disk_max},mode=0700")
+        os.mkdir(spec.upperdir, 0o755)
+        os.mkdir(spec.overlay_workdir, 0o700)
     linux.mount(
         "overlay", root, "overlay", 0,
         f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",

@@ -26,6 +26,10 @@ class LaunchSpec:
     # (host source, target inside the root, read-only), bound in this order
     binds: tuple[tuple[str, str, bool], ...] = ()
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target inside the root, size_bytes)
+    # With disk_max, init mounts a tmpfs of that size here first; upperdir
+    # and overlay_workdir are inside it.
+    disk_dir: str = ""
+    disk_max: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

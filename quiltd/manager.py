@@ -262,13 +262,18 @@ class Manager:
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
         layer = self.paths.container_dir(c.id)
-        for sub in ("upper", "work", "rootfs"):
+        # With disk_max the writable layer is on a tmpfs init mounts over
+        # "disk" in the container's own mount namespace: nothing of it is on
+        # the host's disk, and it ends with the container.
+        writable = layer / "disk" if c.spec.disk_max else layer
+        for sub in ("disk", "rootfs") if c.spec.disk_max else ("upper", "work", "rootfs"):
             (layer / sub).mkdir(parents=True, exist_ok=True)
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
         return LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
             env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
-            upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
+            upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
+            disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts

@@ -48,6 +48,7 @@ class ContainerSpec:
     mounts: tuple[tuple[str, str, bool], ...] = ()  # (host source, target, read_only)
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target, size_bytes)
     volumes: tuple[tuple[str, str, bool], ...] = ()  # (volume name, target, read_only)
+    disk_max: int | None = None  # bytes: the writable layer lives on a tmpfs of this size
 
 
 @dataclass(frozen=True)

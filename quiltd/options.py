@@ -20,12 +20,15 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 NETWORKS = ("none",)
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
 MAX_TASKS = 1 << 22
+MIN_DISK = 1 << 20  # a writable layer smaller than this cannot hold a shell's history
+MAX_DISK = 1 << 40
 
 KNOWN_OPTIONS = frozenset({
     "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
     "labels", "ttl_sec", "auto_remove", "start",
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
+    "disk_max",
 })
 
 
@@ -90,6 +93,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         raise InvalidArgument("labels must be a map of strings to strings (a{ss})")
     ttl_sec = _optional_int(options, "ttl_sec", 0, 1 << 40) or 0
     auto_remove = _bool(options, "auto_remove", False)
+    disk_max = _optional_int(options, "disk_max", MIN_DISK, MAX_DISK)
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -102,6 +106,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         labels=tuple(sorted(labels.items())),
         ttl_sec=ttl_sec,
         auto_remove=auto_remove,
+        disk_max=disk_max,
     )
     return spec, start
 
