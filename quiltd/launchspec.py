@@ -30,6 +30,7 @@ class LaunchSpec:
     # and overlay_workdir are inside it.
     disk_dir: str = ""
     disk_max: int = 0
+    user: str = ""  # looked up in the container's /etc/passwd and /etc/group; "" = root
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, mountopts, options, volumes
+from quiltd import __version__, hostimage, imagedefaults, imageimport, images, mountopts, options, volumes
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -98,9 +98,14 @@ class Manager:
         self.cleaner = Cleaner(store, systemd, now_usec)
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
+        self._progress_listeners: list[Callable[[str, int, int], None]] = []
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_import_progress_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        """Called on the event loop with (image name, bytes read, bytes in total) during imports."""
+        self._progress_listeners.append(listener)
 
     # Queries
 
@@ -168,7 +173,8 @@ class Manager:
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
-        argv = options.check_command(command)
+        if command:
+            options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
         mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
         wanted_volumes = volumes.parse(opts.get("volumes", []))
@@ -176,6 +182,7 @@ class Manager:
                               [t for _, t, _ in wanted_volumes])
         spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
         image = self._find_image(image_name)
+        argv, spec = imagedefaults.apply(image.config, command, opts, spec)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
         c = Container(
@@ -274,6 +281,7 @@ class Manager:
             env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
             upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
             disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
+            user=c.spec.user,
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts
@@ -450,8 +458,7 @@ class Manager:
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
         options.check_image_name(name)
-        if opts:
-            raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        limits = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
@@ -459,11 +466,14 @@ class Manager:
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
         dest = self.paths.images / secrets.token_hex(8)
-        extracted = await asyncio.get_running_loop().run_in_executor(
-            None, images.extract_rootfs_tarball, Path(source), dest
-        )
-        image = Image(name=name, id=extracted.image_id, path=str(dest), size_bytes=extracted.size_bytes,
-                      created_usec=now_usec())
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._import_progress, name, done, total)
+
+        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest, limits, progress)
+        image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
+                      created_usec=now_usec(), config=imported.config)
         try:
             with self._store.transaction():
                 self._store.insert_image(image)
@@ -472,14 +482,35 @@ class Manager:
             raise NameTaken(f"an image named {name!r} exists already") from e
         return image
 
+    def _import_progress(self, name: str, done: int, total: int) -> None:
+        for listener in self._progress_listeners:
+            listener(name, done, total)
+
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]
 
-    async def remove_image(self, name: str) -> None:
+    async def remove_image(self, name: str, opts: Mapping[str, object] | None = None) -> None:
+        """Removes an image; with force, first the ended containers that use it."""
+        unknown = sorted(set(opts or {}) - {"force"})
+        if unknown:
+            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+        force = (opts or {}).get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"option force must be a boolean (b), got {type(force).__name__}")
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
         users = self._store.containers_using_image(name)
+        if users and force:
+            # Running containers have the image as their lower layer: never
+            # pulled from under them, force or not.
+            active = [c.name for c in map(self.get, users) if c.state.is_active]
+            if active:
+                raise InvalidState(f"image {name!r} is used by active container(s) {', '.join(active)}; "
+                                   "stop them first")
+            for user in users:
+                await self.remove(user, force=False)
+            users = self._store.containers_using_image(name)
         if users:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():

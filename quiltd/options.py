@@ -16,6 +16,7 @@ from quiltd.model import ContainerSpec
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORKS = ("none",)
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
@@ -28,7 +29,7 @@ KNOWN_OPTIONS = frozenset({
     "labels", "ttl_sec", "auto_remove", "start",
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
-    "disk_max",
+    "disk_max", "user",
 })
 
 
@@ -94,6 +95,9 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
     ttl_sec = _optional_int(options, "ttl_sec", 0, 1 << 40) or 0
     auto_remove = _bool(options, "auto_remove", False)
     disk_max = _optional_int(options, "disk_max", MIN_DISK, MAX_DISK)
+    user = _str(options, "user", "")
+    if user and not USER_RE.match(user):
+        raise InvalidArgument(f"invalid user {user!r}: use a name or number, optionally :group")
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -107,6 +111,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         ttl_sec=ttl_sec,
         auto_remove=auto_remove,
         disk_max=disk_max,
+        user=user,
     )
     return spec, start
 

@@ -24,6 +24,7 @@ from quiltd.model import (
     Exec,
     ExecState,
     Image,
+    ImageConfig,
     State,
     Volume,
 )
@@ -98,6 +99,12 @@ MIGRATIONS = (
         PRIMARY KEY (container_id, volume)
     );
     CREATE INDEX container_volumes_volume ON container_volumes(volume);
+    """,
+    """
+    -- An OCI or docker image's defaults for its containers (Env, WorkingDir,
+    -- Entrypoint, Cmd, User) as JSON, and '{}' for a rootfs tarball.
+    -- (No semicolon in comments: migrations are split on it.)
+    ALTER TABLE images ADD COLUMN config TEXT NOT NULL DEFAULT '{}';
     """,
 )
 
@@ -220,16 +227,17 @@ class Store:
 
     def insert_image(self, image: Image) -> None:
         self._db.execute(
-            "INSERT INTO images (name, id, path, size_bytes, created_usec) VALUES (?, ?, ?, ?, ?)",
-            (image.name, image.id, image.path, image.size_bytes, image.created_usec),
+            "INSERT INTO images (name, id, path, size_bytes, created_usec, config) VALUES (?, ?, ?, ?, ?, ?)",
+            (image.name, image.id, image.path, image.size_bytes, image.created_usec,
+             json.dumps(asdict(image.config))),
         )
 
     def find_image(self, name: str) -> Image | None:
         row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
-        return Image(**dict(row)) if row else None
+        return _image_from_row(row) if row else None
 
     def list_images(self) -> list[Image]:
-        return [Image(**dict(r)) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+        return [_image_from_row(r) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
 
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
@@ -307,6 +315,15 @@ def _exec_row(e: Exec) -> list[Any]:
 def _exec_from_row(row: sqlite3.Row) -> Exec:
     raw = dict(row)
     return Exec(**{**raw, "command": tuple(json.loads(raw["command"])), "state": ExecState(raw["state"])})
+
+
+def _image_from_row(row: sqlite3.Row) -> Image:
+    raw = dict(row)
+    c = json.loads(raw.pop("config"))
+    config = ImageConfig(env=tuple(c.get("env", ())), workdir=c.get("workdir", ""),
+                         entrypoint=tuple(c.get("entrypoint", ())), cmd=tuple(c.get("cmd", ())),
+                         user=c.get("user", ""))
+    return Image(**raw, config=config)
 
 
 def _container_row(c: Container) -> dict[str, Any]:

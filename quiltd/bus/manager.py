@@ -86,6 +86,11 @@ class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def RemoveImageEx(self, name: "s", options: "a{sv}") -> None:
+        await self._m.remove_image(name, convert.unwrap(options))
+
+    @method()
+    @bus_errors
     async def CreateVolume(self, name: "s") -> None:
         self._m.volumes.create(name)
 
@@ -113,6 +118,10 @@ class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
     @signal()
     def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":
         return [id, name, state, exit_code]
+
+    @signal()
+    def ImportProgress(self, name: str, bytes_read: int, bytes_total: int) -> "stt":
+        return [name, bytes_read, bytes_total]
 
     @signal()
     def ContainerRemoved(self, id: str, name: str) -> "ss":
