@@ -27,6 +27,7 @@ OPTION_TYPES = {
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
     "publish": "a(qqs)",
+    "disk_max": "t", "user": "s",
 }
 
 # The D-Bus type of each Exec / ExecStart option.
@@ -106,16 +107,30 @@ class QuiltClient:
         (rows,) = await self.call("ListContainers", "a{sv}", variants)
         return [tuple(r) for r in rows]
 
-    async def import_image(self, name: str, source: str) -> str:
-        (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, {})
+    async def import_image(self, name: str, source: str, max_bytes: int | None = None) -> str:
+        options = {} if max_bytes is None else {"max_bytes": Variant("t", max_bytes)}
+        (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, options)
         return str(image_id)
 
     async def images(self) -> list[tuple[str, str, int, int]]:
         (rows,) = await self.call("ListImages")
         return [tuple(r) for r in rows]
 
-    async def remove_image(self, name: str) -> None:
-        await self.call("RemoveImage", "s", name)
+    async def remove_image(self, name: str, force: bool | None = None) -> None:
+        if force is None:
+            await self.call("RemoveImage", "s", name)
+        else:
+            await self.call("RemoveImageEx", "sa{sv}", name, {"force": Variant("b", force)})
+
+    async def create_volume(self, name: str) -> None:
+        await self.call("CreateVolume", "s", name)
+
+    async def remove_volume(self, name: str) -> None:
+        await self.call("RemoveVolume", "s", name)
+
+    async def volumes(self) -> list[tuple[str, str, int]]:
+        (rows,) = await self.call("ListVolumes")
+        return [tuple(r) for r in rows]
 
     async def create_network(self, name: str, **options: Any) -> str:
         variants = {k: Variant("as" if isinstance(v, list) else "s", v) for k, v in options.items()}

@@ -87,6 +87,14 @@ def _enter_root(spec: LaunchSpec) -> None:
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = spec.rootfs
+    if spec.disk_max:
+        # Private to this namespace, so the host never sees it and it goes
+        # when the container's last process does; writes past the size get
+        # ENOSPC inside instead of filling the host's disk.
+        linux.mount("tmpfs", spec.disk_dir, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={spec.disk_max},mode=0700")
+        os.mkdir(spec.upperdir, 0o755)
+        os.mkdir(spec.overlay_workdir, 0o700)
     linux.mount(
         "overlay", root, "overlay", 0,
         f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
@@ -162,15 +170,30 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         # Only the error pipe survives until exec, and it closes on exec.
         os.closerange(3, error_fd)
         os.closerange(error_fd + 1, 1 << 16)
+        env = dict(item.split("=", 1) for item in spec.env)
+        if spec.user:
+            _switch_user(spec.user, env)
         os.chdir(spec.workdir)
         harden_before_exec()
-        env = dict(item.split("=", 1) for item in spec.env)
         os.execvpe(spec.command[0], list(spec.command), env)
     except BaseException as e:  # reported to the daemon as the start failure
         reason = f"{spec.command[0]}: {e.strerror}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         with contextlib.suppress(OSError):
             os.write(error_fd, reason.encode())
         os._exit(127)
+
+
+def _switch_user(user: str, env: dict[str, str]) -> None:
+    # Imported here: execsupervisor imports this module at its top, and its
+    # lookup of users in the container's files is the one to share.
+    from quiltd.execsupervisor import resolve_user
+
+    uid, gid, groups, home = resolve_user(user)
+    if home and "HOME" not in env:
+        env["HOME"] = home
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def harden_before_exec() -> None:

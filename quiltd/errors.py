@@ -35,6 +35,10 @@ class NoSuchImage(QuiltError):
     dbus_name = ERROR_PREFIX + "NoSuchImage"
 
 
+class NoSuchVolume(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchVolume"
+
+
 class InvalidImage(QuiltError):
     dbus_name = ERROR_PREFIX + "InvalidImage"
 

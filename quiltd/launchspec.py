@@ -33,6 +33,11 @@ class LaunchSpec:
     net_gateway: str = ""
     hosts_file: str = ""  # bind-mounted read-only onto /etc/hosts
     resolv_file: str = ""  # and onto /etc/resolv.conf
+    # With disk_max, init mounts a tmpfs of that size here first; upperdir
+    # and overlay_workdir are inside it.
+    disk_dir: str = ""
+    disk_max: int = 0
+    user: str = ""  # looked up in the container's /etc/passwd and /etc/group; "" = root
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

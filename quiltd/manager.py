@@ -22,7 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, mountopts, networks, options
+from quiltd import (
+    __version__,
+    hostimage,
+    imagedefaults,
+    imageimport,
+    images,
+    mountopts,
+    networks,
+    options,
+    volumes,
+)
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -102,9 +112,15 @@ class Manager:
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
         self._host_image: Image | None = None
+        self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
+        self._progress_listeners: list[Callable[[str, int, int], None]] = []
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_import_progress_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        """Called on the event loop with (image name, bytes read, bytes in total) during imports."""
+        self._progress_listeners.append(listener)
 
     # Queries
 
@@ -175,13 +191,18 @@ class Manager:
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
-        argv = options.check_command(command)
+        if command:
+            options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
         mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
-        spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
+        wanted_volumes = volumes.parse(opts.get("volumes", []))
+        volumes.check_targets([t for _, t, _ in mounts], [t for t, _ in tmpfs],
+                              [t for _, t, _ in wanted_volumes])
+        spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
         image = self._find_image(image_name)
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
+        argv, spec = imagedefaults.apply(image.config, command, opts, spec)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
         c = Container(
@@ -189,6 +210,8 @@ class Manager:
             command=argv, spec=spec, created_usec=now_usec(),
         )
         self._networks.check_published(c)
+        volume_names = [n for n, _, _ in wanted_volumes]
+        made = self.volumes.ensure(volume_names)
         # Committed as starting, with its address, before the reply: a
         # daemon killed right after answering resumes this start when it
         # comes back. One transaction, so a failed lease leaves no row.
@@ -196,11 +219,16 @@ class Manager:
         try:
             with self._store.transaction():
                 self._store.insert_container(c)
+                self.volumes.attach(c.id, volume_names)
                 if starting is not None:
                     self._store.update_container(starting)
                     self._networks.take_lease(starting)
         except sqlite3.IntegrityError as e:
+            self.volumes.undo(made)
             raise NameTaken(f"a container named {name!r} exists already") from e
+        except BaseException:
+            self.volumes.undo(made)
+            raise
         for listener in self._listeners:
             listener.container_added(c)
         if starting is not None:
@@ -282,16 +310,23 @@ class Manager:
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
         layer = self.paths.container_dir(c.id)
-        for sub in ("upper", "work", "rootfs"):
+        # With disk_max the writable layer is on a tmpfs init mounts over
+        # "disk" in the container's own mount namespace: nothing of it is on
+        # the host's disk, and it ends with the container.
+        writable = layer / "disk" if c.spec.disk_max else layer
+        for sub in ("disk", "rootfs") if c.spec.disk_max else ("upper", "work", "rootfs"):
             (layer / sub).mkdir(parents=True, exist_ok=True)
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
         spec = LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
             env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
-            upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
+            upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
+            disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
+            user=c.spec.user,
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
-            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts
+            + self._volume_binds(c),
             tmpfs=c.spec.tmpfs,
         )
         net = self._networks.attachment(c)
@@ -299,6 +334,12 @@ class Manager:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _volume_binds(self, c: Container) -> tuple[tuple[str, str, bool], ...]:
+        # Made again if someone removed the directory by hand: a volume is
+        # on record for as long as a container names it.
+        self.volumes.ensure(n for n, _, _ in c.spec.volumes)
+        return tuple((self.volumes.path(n), target, ro) for n, target, ro in c.spec.volumes)
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
@@ -468,8 +509,7 @@ class Manager:
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
         options.check_image_name(name)
-        if opts:
-            raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        limits = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
@@ -477,11 +517,14 @@ class Manager:
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
         dest = self.paths.images / secrets.token_hex(8)
-        extracted = await asyncio.get_running_loop().run_in_executor(
-            None, images.extract_rootfs_tarball, Path(source), dest
-        )
-        image = Image(name=name, id=extracted.image_id, path=str(dest), size_bytes=extracted.size_bytes,
-                      created_usec=now_usec())
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._import_progress, name, done, total)
+
+        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest, limits, progress)
+        image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
+                      created_usec=now_usec(), config=imported.config)
         try:
             with self._store.transaction():
                 self._store.insert_image(image)
@@ -490,14 +533,35 @@ class Manager:
             raise NameTaken(f"an image named {name!r} exists already") from e
         return image
 
+    def _import_progress(self, name: str, done: int, total: int) -> None:
+        for listener in self._progress_listeners:
+            listener(name, done, total)
+
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]
 
-    async def remove_image(self, name: str) -> None:
+    async def remove_image(self, name: str, opts: Mapping[str, object] | None = None) -> None:
+        """Removes an image; with force, first the ended containers that use it."""
+        unknown = sorted(set(opts or {}) - {"force"})
+        if unknown:
+            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+        force = (opts or {}).get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"option force must be a boolean (b), got {type(force).__name__}")
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
         users = self._store.containers_using_image(name)
+        if users and force:
+            # Running containers have the image as their lower layer: never
+            # pulled from under them, force or not.
+            active = [c.name for c in map(self.get, users) if c.state.is_active]
+            if active:
+                raise InvalidState(f"image {name!r} is used by active container(s) {', '.join(active)}; "
+                                   "stop them first")
+            for user in users:
+                await self.remove(user, force=False)
+            users = self._store.containers_using_image(name)
         if users:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():

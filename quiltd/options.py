@@ -16,15 +16,20 @@ from quiltd.model import ContainerSpec
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_NETWORK = "bridge"
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
 MAX_TASKS = 1 << 22
+MIN_DISK = 1 << 20  # a writable layer smaller than this cannot hold a shell's history
+MAX_DISK = 1 << 40
 
 KNOWN_OPTIONS = frozenset({
     "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
     "labels", "ttl_sec", "auto_remove", "start", "publish",
     "mounts", "tmpfs",  # checked by mountopts
+    "volumes",  # checked by volumes
+    "disk_max", "user",
 })
 PROTOCOLS = ("tcp", "udp")
 
@@ -94,6 +99,10 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         raise InvalidArgument("publish needs a network: network 'none' has no address to forward to")
     ttl_sec = _optional_int(options, "ttl_sec", 0, 1 << 40) or 0
     auto_remove = _bool(options, "auto_remove", False)
+    disk_max = _optional_int(options, "disk_max", MIN_DISK, MAX_DISK)
+    user = _str(options, "user", "")
+    if user and not USER_RE.match(user):
+        raise InvalidArgument(f"invalid user {user!r}: use a name or number, optionally :group")
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -107,6 +116,8 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         ttl_sec=ttl_sec,
         auto_remove=auto_remove,
         publish=publish,
+        disk_max=disk_max,
+        user=user,
     )
     return spec, start
 
