@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux, mounts, security
+from quiltd import linux, mounts, netconfig, security
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import GO, LaunchSpec
 
@@ -84,6 +84,9 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         if spec_pipe.read(len(GO)) != GO:
             os._exit(0)  # the daemon gave up on this start (its scope failed)
         spec_pipe.close()
+        # The veth's inner end exists only from GO on: the daemon makes it
+        # while this process builds the root.
+        netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
         exit_fd = os.open(exit_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
                           dir_fd=exit_dir_fd)
         os.close(exit_dir_fd)
@@ -110,6 +113,14 @@ def _enter_root(spec: LaunchSpec) -> None:
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = spec.rootfs
+    if spec.disk_max:
+        # Private to this namespace, so the host never sees it and it goes
+        # when the container's last process does; writes past the size get
+        # ENOSPC inside instead of filling the host's disk.
+        linux.mount("tmpfs", spec.disk_dir, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={spec.disk_max},mode=0700")
+        os.mkdir(spec.upperdir, 0o755)
+        os.mkdir(spec.overlay_workdir, 0o700)
     linux.mount(
         "overlay", root, "overlay", 0,
         f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
@@ -123,8 +134,10 @@ def _enter_root(spec: LaunchSpec) -> None:
     security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
     security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))
     _make_dev(root)
+    for source, target in ((spec.hosts_file, "etc/hosts"), (spec.resolv_file, "etc/resolv.conf")):
+        if source:
+            _bind_file_ro(root, source, os.path.join(root, target))
     socket.sethostname(spec.hostname)
-    _loopback_up()
     os.chdir(root)
     # pivot_root(".", ".") stacks the old root under the new one; detaching
     # it leaves no path back to the host's tree.
@@ -154,15 +167,19 @@ def _make_dev(root: str) -> None:
         os.symlink(target, os.path.join(dev, link))
 
 
-def _loopback_up() -> None:
-    import fcntl
-    import struct
-
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
-        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+def _bind_file_ro(root: str, source: str, target: str) -> None:
+    # Before pivot_root a symlinked /etc would lead into the host's tree.
+    if not os.path.realpath(os.path.dirname(target)).startswith(os.path.realpath(root) + "/"):
+        raise OSError(f"{target} leads out of the container's root")
+    # The target is made in the overlay's upper layer if the image lacks it.
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    if os.path.islink(target):
+        os.unlink(target)  # a link could point anywhere once the root is switched
+    if not os.path.exists(target):
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    linux.mount(source, target, None, linux.MS_BIND)
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+                | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
 
 def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> NoReturn:
@@ -178,15 +195,30 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         # Only the error pipe survives until exec, and it closes on exec.
         os.closerange(3, error_fd)
         os.closerange(error_fd + 1, 1 << 16)
+        env = dict(item.split("=", 1) for item in spec.env)
+        if spec.user:
+            _switch_user(spec.user, env)
         os.chdir(spec.workdir)
         harden_before_exec()
-        env = dict(item.split("=", 1) for item in spec.env)
         os.execvpe(spec.command[0], list(spec.command), env)
     except BaseException as e:  # reported to the daemon as the start failure
         reason = f"{spec.command[0]}: {e.strerror}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         with contextlib.suppress(OSError):
             os.write(error_fd, reason.encode())
         os._exit(127)
+
+
+def _switch_user(user: str, env: dict[str, str]) -> None:
+    # Imported here: execsupervisor imports this module at its top, and its
+    # lookup of users in the container's files is the one to share.
+    from quiltd.execsupervisor import resolve_user
+
+    uid, gid, groups, home = resolve_user(user)
+    if home and "HOME" not in env:
+        env["HOME"] = home
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def harden_before_exec() -> None:

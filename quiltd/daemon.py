@@ -25,6 +25,7 @@ from quiltd.bus.service import BusService
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager, RecoveryOutcome
+from quiltd.network import Netlink
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
 from quiltd.spawner import ForkServer
@@ -91,7 +92,8 @@ class Daemon:
         await BusGate(bus).install()
         systemd = Systemd(bus)
         await systemd.connect()
-        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
+        netlink = Netlink()
+        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
         execs = Execs(manager, self._paths, store, systemd, self._forkserver)
         service = BusService(bus, manager, execs, Logs(manager, execs))
         found = await manager.recover()
@@ -128,6 +130,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
         bus.disconnect()
+        netlink.close()
         store.close()
         return 0
 

@@ -35,6 +35,10 @@ class NoSuchImage(QuiltError):
     dbus_name = ERROR_PREFIX + "NoSuchImage"
 
 
+class NoSuchVolume(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchVolume"
+
+
 class InvalidImage(QuiltError):
     dbus_name = ERROR_PREFIX + "InvalidImage"
 
@@ -75,3 +79,13 @@ class OutputTruncated(QuiltError):
     """Exec's output went over max_output; ExecEx returns it cut, with flags."""
 
     dbus_name = ERROR_PREFIX + "OutputTruncated"
+
+
+class NoSuchNetwork(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchNetwork"
+
+
+class AddressesExhausted(QuiltError):
+    """A network has no free address left for one more container."""
+
+    dbus_name = ERROR_PREFIX + "AddressesExhausted"

@@ -267,3 +267,7 @@ def _write_atomically(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
+
+
+# For the container's command, which takes its user the same way.
+resolve_user = _resolve_user

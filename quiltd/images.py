@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +60,9 @@ _META_TYPES = frozenset(
         tarfile.GNUTYPE_LONGLINK,
     }
 )
+
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
 
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,7 +104,8 @@ class _Meta:
 
 
 def extract_rootfs_tarball(
-    source: Path, dest: Path, limits: ImageLimits = ImageLimits()
+    source: Path, dest: Path, limits: ImageLimits = ImageLimits(),
+    on_read: Callable[[int], None] | None = None,
 ) -> ExtractedImage:
     """Extract the rootfs tarball `source` into the new directory `dest`.
 
@@ -117,7 +122,7 @@ def extract_rootfs_tarball(
         raise
     try:
         with open(src_fd, "rb", buffering=0) as raw:
-            return _extract(raw, dest, limits)
+            return _extract(raw, dest, limits, on_read)
     except InvalidImage:
         _remove_tree(None, str(dest))
         raise
@@ -154,34 +159,42 @@ def _open_source(source: Path) -> int:
     return fd
 
 
-def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits) -> ExtractedImage:
-    digest = hashlib.sha256()
-    hashed = _HashingReader(raw, digest)
-    # Peek without consuming so the hash still sees every byte exactly once.
-    magic = os.pread(raw.fileno(), 6, 0)
+def _stream_cap(limits: ImageLimits) -> int:
     # Everything decompressed beyond file content is headers and padding;
     # this generous bound stops a stream of padding or metadata records that
     # would otherwise keep us decompressing long after max_bytes.
-    stream_cap = limits.max_bytes + limits.max_entries * 2048 + (16 << 20)
+    return limits.max_bytes + limits.max_entries * 2048 + (16 << 20)
 
+
+def _apply(hashed: io.RawIOBase, magic: bytes, extractor: _Extractor, stream_cap: int) -> None:
+    """Decompresses (by magic) and extracts one tar stream, reading `hashed` to its very end."""
+    if magic.startswith(_ZSTD_MAGIC):
+        with _ZstdPipe(hashed) as pipe:
+            _untar(_Capped(pipe.stdout, stream_cap), extractor)
+            pipe.finish()
+    else:
+        inner = _decompressor(magic, io.BufferedReader(hashed, _CHUNK))
+        try:
+            _untar(_Capped(inner, stream_cap), extractor)
+        finally:
+            inner.close()
+        # Compressed formats may end with bytes the decompressor
+        # never asked for; they are part of the file and its id.
+        while hashed.read(_CHUNK):
+            pass
+
+
+def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits,
+             on_read: Callable[[int], None] | None) -> ExtractedImage:
+    digest = hashlib.sha256()
+    hashed = _HashingReader(raw, digest, on_read)
+    # Peek without consuming so the hash still sees every byte exactly once.
+    magic = os.pread(raw.fileno(), 6, 0)
     root_fd = os.open(dest, _DIR_OPEN)
     try:
         extractor = _Extractor(root_fd, limits)
         try:
-            if magic.startswith(_ZSTD_MAGIC):
-                with _ZstdPipe(hashed) as pipe:
-                    _untar(_Capped(pipe.stdout, stream_cap), extractor)
-                    pipe.finish()
-            else:
-                inner = _decompressor(magic, io.BufferedReader(hashed, _CHUNK))
-                try:
-                    _untar(_Capped(inner, stream_cap), extractor)
-                finally:
-                    inner.close()
-                # Compressed formats may end with bytes the decompressor
-                # never asked for; they are part of the file and its id.
-                while hashed.read(_CHUNK):
-                    pass
+            _apply(hashed, magic, extractor, _stream_cap(limits))
             extractor.finish()
         finally:
             extractor.close()
@@ -230,10 +243,12 @@ def _untar(capped: _Capped, extractor: _Extractor) -> None:
 class _HashingReader(io.RawIOBase):
     """The raw archive bytes, hashed exactly as they are read."""
 
-    def __init__(self, raw: io.FileIO, digest: hashlib._Hash) -> None:
+    def __init__(self, raw: io.RawIOBase, digest: hashlib._Hash,
+                 on_read: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self._raw = raw
         self._digest = digest
+        self._on_read = on_read
 
     def readable(self) -> bool:
         return True
@@ -241,6 +256,8 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, buffer: WriteableBuffer) -> int:
         n = self._raw.readinto(buffer) or 0
         self._digest.update(memoryview(buffer)[:n])
+        if self._on_read is not None and n:
+            self._on_read(n)
         return n
 
 
@@ -300,6 +317,10 @@ class _CheckedTarInfo(tarfile.TarInfo):
         return info
 
 
+# For readers of tar headers elsewhere (the image archive scan).
+CheckedTarInfo = _CheckedTarInfo
+
+
 class _ZstdPipe:
     """`zstd -dc` fed from the hashing reader by a thread, read by tarfile.
 
@@ -307,7 +328,7 @@ class _ZstdPipe:
     zstd instead of being read twice.
     """
 
-    def __init__(self, hashed: _HashingReader) -> None:
+    def __init__(self, hashed: io.RawIOBase) -> None:
         # A file, not a pipe: nobody reads stderr while zstd runs.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         try:
@@ -333,7 +354,7 @@ class _ZstdPipe:
         )
         self._thread.start()
 
-    def _pump(self, hashed: _HashingReader) -> None:
+    def _pump(self, hashed: io.RawIOBase) -> None:
         sink = self._proc.stdin
         try:
             while not self._stop.is_set():
@@ -387,11 +408,20 @@ class _ZstdPipe:
 
 
 class _Extractor:
-    """Writes members below root_fd, one at a time, as tarfile yields them."""
+    """Writes members below root_fd, one at a time, as tarfile yields them.
 
-    def __init__(self, root_fd: int, limits: ImageLimits) -> None:
+    With `layers`, the members are image layers applied in order: whiteouts
+    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote, and
+    absolute symlinks are allowed (see docs/images.md).
+    """
+
+    def __init__(self, root_fd: int, limits: ImageLimits, layers: bool = False) -> None:
         self._root = root_fd
         self._limits = limits
+        self._layers = layers
+        # Paths (and their parents) the current layer wrote: an opaque
+        # whiteout hides only what lower layers left in its directory.
+        self._written: set[tuple[str, ...]] = set()
         # chown needs root; unprivileged callers (tests, tools) still get a
         # usable tree, owned by themselves.
         self._chown = os.geteuid() == 0
@@ -407,6 +437,9 @@ class _Extractor:
     def close(self) -> None:
         self._drop_cache()
 
+    def begin_layer(self) -> None:
+        self._written = set()
+
     def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         name = member.name
         self.entries += 1
@@ -415,12 +448,66 @@ class _Extractor:
                 f"{name!r}: too many entries (limit {self._limits.max_entries})"
             )
         parts = _member_parts(name, name, "path")
-        meta = self._meta(member)
         try:
+            if self._layers and parts and parts[-1].startswith(_WHITEOUT):
+                self._whiteout(parts, name)
+                return
+            meta = self._meta(member)
+            if self._layers:
+                self._written.update(parts[:i] for i in range(1, len(parts) + 1))
             self._add(tf, member, parts, meta)
         except _ARCHIVE_ERRORS as exc:
             # Say which member broke: "File name too long" alone is useless.
             raise InvalidImage(f"{name!r}: {_describe(exc)}") from exc
+
+    # -- whiteouts (layers only) -------------------------------------------
+
+    def _whiteout(self, parts: tuple[str, ...], name: str) -> None:
+        base, dir_parts = parts[-1], parts[:-1]
+        if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
+            return  # aufs bookkeeping (.wh..wh.plnk and the like), nothing to apply
+        hidden = base[len(_WHITEOUT):]
+        if base != _OPAQUE and hidden in ("", ".", ".."):
+            raise InvalidImage(f"{name!r}: whiteout of no name")
+        # Whatever we remove below may be the cached parent or lie under it.
+        self._drop_cache()
+        try:
+            parent = self._walk(dir_parts, name, create=False)
+        except (FileNotFoundError, InvalidImage):
+            return  # no such directory (or not a directory): nothing below to hide
+        try:
+            if base == _OPAQUE:
+                self._hide_lower(parent, dir_parts)
+            elif (*dir_parts, hidden) not in self._written:
+                self._remove_entry(parent, hidden)
+        finally:
+            if parent != self._root:
+                os.close(parent)
+
+    def _hide_lower(self, dir_fd: int, dir_parts: tuple[str, ...]) -> None:
+        """Removes from a directory what lower layers put there; keeps what this layer wrote."""
+        with os.scandir(dir_fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for entry, is_dir in entries:
+            child = (*dir_parts, entry)
+            if child not in self._written:
+                self._remove_entry(dir_fd, entry)
+            elif is_dir:
+                fd = os.open(entry, _DIR_OPEN, dir_fd=dir_fd)
+                try:
+                    self._hide_lower(fd, child)
+                finally:
+                    os.close(fd)
+
+    def _remove_entry(self, parent: int, base: str) -> None:
+        try:
+            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            _remove_tree(parent, base)
+        else:
+            os.unlink(base, dir_fd=parent)
 
     def _add(
         self,
@@ -513,11 +600,12 @@ class _Extractor:
             raise InvalidImage(f"{name!r}: symlink with an empty target")
         if len(target.encode("utf-8", "surrogateescape")) > _PATH_MAX:
             raise InvalidImage(f"{name!r}: symlink target too long")
-        if target.startswith("/"):
+        if target.startswith("/") and not self._layers:
             raise InvalidImage(f"{name!r}: symlink to absolute path {target!r}")
         # Lexical resolution is what a host-side reader would do, and the
         # only one possible: the link may point at things not extracted yet.
-        depth = len(parts) - 1
+        # An absolute target (allowed in layers) starts at the image root.
+        depth = 0 if target.startswith("/") else len(parts) - 1
         for part in target.split("/"):
             if part in ("", "."):
                 continue
@@ -687,6 +775,51 @@ class _Extractor:
                     os.close(fd)
         if () not in self._dirs:
             os.fchmod(self._root, 0o755)
+
+
+class LayeredImage:
+    """An image directory built from layers applied in order (OCI and docker save).
+
+    Each layer is extracted with the rootfs tarball rules, plus whiteouts,
+    into the one new directory `dest`. On any error the directory is removed
+    before the error leaves: use it as a context manager.
+    """
+
+    def __init__(self, dest: Path, limits: ImageLimits = ImageLimits()) -> None:
+        self._dest = dest
+        self._limits = limits
+        os.mkdir(dest, 0o700)
+        try:
+            self._root = os.open(dest, _DIR_OPEN)
+        except BaseException:
+            os.rmdir(dest)
+            raise
+        self._extractor = _Extractor(self._root, limits, layers=True)
+
+    def apply_layer(self, raw: io.RawIOBase, magic: bytes, what: str) -> None:
+        """Extracts one layer (tar, gzip, xz or zstd by magic), reading raw to its end."""
+        self._extractor.begin_layer()
+        try:
+            _apply(raw, magic, self._extractor, _stream_cap(self._limits))
+        except InvalidImage as exc:
+            raise InvalidImage(f"{what}: {exc.message}") from exc
+        except _ARCHIVE_ERRORS as exc:
+            raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
+
+    def finish(self) -> tuple[int, int]:
+        """Applies the directories' metadata; returns (content bytes, entries)."""
+        self._extractor.finish()
+        return self._extractor.size_bytes, self._extractor.entries
+
+    def __enter__(self) -> LayeredImage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._extractor.close()
+        os.close(self._root)
+        if exc is not None:
+            _remove_tree(None, str(self._dest))
 
 
 def _member_parts(path: str, member: str, what: str) -> tuple[str, ...]:

@@ -22,7 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, mountopts, options
+from quiltd import (
+    __version__,
+    hostimage,
+    imagedefaults,
+    imageimport,
+    images,
+    mountopts,
+    networks,
+    options,
+    volumes,
+)
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -35,7 +45,9 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, State, scope_unit
+from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, Network, State, scope_unit
+from quiltd.network import Netlink
+from quiltd.networks import Networks
 from quiltd.paths import Paths
 from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, send_spec, watch_exit
@@ -66,6 +78,7 @@ class RecoveryOutcome(enum.Enum):
 class ContainerInfo:
     container: Container
     usage: Usage | None  # None when no process runs
+    ip_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,12 +96,14 @@ def now_usec() -> int:
 
 
 class Manager:
-    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer) -> None:
+    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
+                 netlink: Netlink | None = None) -> None:
         self.paths = paths
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
-        self._listeners: list[Listener] = []
+        self._networks = Networks(paths, store, netlink or Netlink())
+        self._listeners: list[Listener] = [self._networks]
         self._locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
         self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
@@ -97,9 +112,15 @@ class Manager:
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
         self._host_image: Image | None = None
+        self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
+        self._progress_listeners: list[Callable[[str, int, int], None]] = []
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_import_progress_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        """Called on the event loop with (image name, bytes read, bytes in total) during imports."""
+        self._progress_listeners.append(listener)
 
     # Queries
 
@@ -135,7 +156,10 @@ class Manager:
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)
-        return ContainerInfo(c, await self.usage(c))
+        return ContainerInfo(c, await self.usage(c), self._networks.address(c.id))
+
+    def ip_address(self, container_id: str) -> str:
+        return self._networks.address(container_id)
 
     async def usage(self, c: Container) -> Usage | None:
         if c.state not in (State.RUNNING, State.STOPPING):
@@ -167,29 +191,51 @@ class Manager:
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
-        argv = options.check_command(command)
+        if command:
+            options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
         mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
-        spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
+        wanted_volumes = volumes.parse(opts.get("volumes", []))
+        volumes.check_targets([t for _, t, _ in mounts], [t for t, _ in tmpfs],
+                              [t for _, t, _ in wanted_volumes])
+        spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
         image = self._find_image(image_name)
+        if spec.network != networks.NONE:
+            self._networks.find(spec.network)
+        argv, spec = imagedefaults.apply(image.config, command, opts, spec)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
         c = Container(
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
             command=argv, spec=spec, created_usec=now_usec(),
         )
+        self._networks.check_published(c)
+        volume_names = [n for n, _, _ in wanted_volumes]
+        made = self.volumes.ensure(volume_names)
+        # Committed as starting, with its address, before the reply: a
+        # daemon killed right after answering resumes this start when it
+        # comes back. One transaction, so a failed lease leaves no row.
+        starting = replace(c, state=State.STARTING) if start else None
         try:
             with self._store.transaction():
                 self._store.insert_container(c)
+                self.volumes.attach(c.id, volume_names)
+                if starting is not None:
+                    self._store.update_container(starting)
+                    self._networks.take_lease(starting)
         except sqlite3.IntegrityError as e:
+            self.volumes.undo(made)
             raise NameTaken(f"a container named {name!r} exists already") from e
+        except BaseException:
+            self.volumes.undo(made)
+            raise
         for listener in self._listeners:
             listener.container_added(c)
-        if start:
-            # Committed as starting before the reply: a daemon killed right
-            # after answering resumes this start when it comes back.
-            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
-            self._start_in_background(c, resume=False)
+        if starting is not None:
+            for listener in self._listeners:
+                listener.container_changed(starting, c)
+            self._start_in_background(starting, resume=False)
+            return starting
         return c
 
     async def start(self, ref: str) -> Container:
@@ -199,7 +245,8 @@ class Manager:
             if c.state not in (State.CREATED, State.EXITED, State.FAILED):
                 raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
                                    "containers can be started")
-            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
+            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE,
+                                 _with=self._networks.take_lease)
             c = await self._run_start(c.id) or c
         if c.state == State.FAILED:
             raise StartFailed(f"container {c.name} failed to start: {c.reason}")
@@ -219,13 +266,22 @@ class Manager:
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
             launched = await self._forkserver.launch()
-            # The init builds the root while systemd makes the scope.
+            # The init builds the root while systemd makes the scope and the
+            # veth is made: the three overlap, and GO waits for all of them.
             send_spec(launched, spec)
-            await self._systemd.start_scope(
-                c.unit, launched.pid,
-                ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max, c.spec.ttl_sec or None),
-                f"Quilt container {c.name}",
+            scope, veth = await asyncio.gather(
+                self._systemd.start_scope(
+                    c.unit, launched.pid,
+                    ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max,
+                                c.spec.ttl_sec or None),
+                    f"Quilt container {c.name}",
+                ),
+                self._networks.attach(c, launched.pid),
+                return_exceptions=True,
             )
+            for result in (scope, veth):
+                if isinstance(result, BaseException):
+                    raise result
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
             failure = await go_and_confirm(launched)
         except Exception as e:
@@ -233,6 +289,8 @@ class Manager:
                 launched.close()  # init reads end of file instead of a spec and exits
                 with contextlib.suppress(Internal):
                     await self._systemd.stop(c.unit)
+                with contextlib.suppress(Internal):
+                    await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
             return self._transition(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
                                     finished_usec=now_usec())
@@ -253,18 +311,36 @@ class Manager:
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
         layer = self.paths.container_dir(c.id)
-        for sub in ("upper", "work", "rootfs"):
+        # With disk_max the writable layer is on a tmpfs init mounts over
+        # "disk" in the container's own mount namespace: nothing of it is on
+        # the host's disk, and it ends with the container.
+        writable = layer / "disk" if c.spec.disk_max else layer
+        for sub in ("disk", "rootfs") if c.spec.disk_max else ("upper", "work", "rootfs"):
             (layer / sub).mkdir(parents=True, exist_ok=True)
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
-        return LaunchSpec(
+        spec = LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
             env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
-            upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
+            upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
+            disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
+            user=c.spec.user,
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
-            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts
+            + self._volume_binds(c),
             tmpfs=c.spec.tmpfs,
         )
+        net = self._networks.attachment(c)
+        if net is None:
+            return spec
+        return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
+                       hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _volume_binds(self, c: Container) -> tuple[tuple[str, str, bool], ...]:
+        # Made again if someone removed the directory by hand: a volume is
+        # on record for as long as a container names it.
+        self.volumes.ensure(n for n, _, _ in c.spec.volumes)
+        return tuple((self.volumes.path(n), target, ro) for n, target, ro in c.spec.volumes)
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
@@ -391,6 +467,9 @@ class Manager:
                                        "remove with force")
                 await self._kill_scope(c)
                 await self._wait_exit(c.id, None)
+            # Its veth goes with its namespace; a stray one is deleted at the next start.
+            with contextlib.suppress(Internal):
+                await self._networks.detach(c)
             # The row goes and what is left to undo is recorded in one
             # transaction; the cleaner undoes it now, or later if it must.
             # A container never started has nothing to undo: a start commits
@@ -400,6 +479,8 @@ class Manager:
                 leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
             if leftovers:
                 await self.cleaner.now(leftovers)
+            with contextlib.suppress(Internal):
+                await self._networks.forget(c)
         self._locks.pop(c.id, None)
         for listener in self._listeners:
             listener.container_removed(c)
@@ -432,8 +513,7 @@ class Manager:
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
         options.check_image_name(name)
-        if opts:
-            raise InvalidArgument(f"unknown option(s): {', '.join(sorted(opts))}")
+        limits = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
@@ -441,11 +521,14 @@ class Manager:
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
         dest = self.paths.images / secrets.token_hex(8)
-        extracted = await asyncio.get_running_loop().run_in_executor(
-            None, images.extract_rootfs_tarball, Path(source), dest
-        )
-        image = Image(name=name, id=extracted.image_id, path=str(dest), size_bytes=extracted.size_bytes,
-                      created_usec=now_usec())
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._import_progress, name, done, total)
+
+        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest, limits, progress)
+        image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
+                      created_usec=now_usec(), config=imported.config)
         try:
             with self._store.transaction():
                 self._store.insert_image(image)
@@ -454,20 +537,55 @@ class Manager:
             raise NameTaken(f"an image named {name!r} exists already") from e
         return image
 
+    def _import_progress(self, name: str, done: int, total: int) -> None:
+        for listener in self._progress_listeners:
+            listener(name, done, total)
+
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]
 
-    async def remove_image(self, name: str) -> None:
+    async def remove_image(self, name: str, opts: Mapping[str, object] | None = None) -> None:
+        """Removes an image; with force, first the ended containers that use it."""
+        unknown = sorted(set(opts or {}) - {"force"})
+        if unknown:
+            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+        force = (opts or {}).get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"option force must be a boolean (b), got {type(force).__name__}")
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
         users = self._store.containers_using_image(name)
+        if users and force:
+            # Running containers have the image as their lower layer: never
+            # pulled from under them, force or not.
+            active = [c.name for c in map(self.get, users) if c.state.is_active]
+            if active:
+                raise InvalidState(f"image {name!r} is used by active container(s) {', '.join(active)}; "
+                                   "stop them first")
+            for user in users:
+                await self.remove(user, force=False)
+            users = self._store.containers_using_image(name)
         if users:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():
             self._store.delete_image(name)
             leftover = self._store.add_cleanup(CleanupKind.TREE, image.path)
         await self.cleaner.now([leftover])
+
+    # Networks
+
+    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
+        if not options.NAME_RE.match(name):
+            raise InvalidArgument(f"invalid network name {name!r}: use 1-63 letters, digits or '-', "
+                                  "not starting with '-'")
+        return await self._networks.create_network(name, opts)
+
+    async def remove_network(self, name: str) -> None:
+        await self._networks.remove_network(name)
+
+    def list_networks(self) -> list[Network]:
+        return self._networks.all()
 
     # Recovery
 
@@ -491,6 +609,11 @@ class Manager:
             else:
                 self._on_exit(c.id)
                 found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
+        active = [c for c in self._store.list_containers() if c.state.is_active and c.pid]
+        try:
+            await self._networks.recover(active)
+        except Internal:
+            log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
         self.cleaner.start()
         return found
@@ -509,10 +632,14 @@ class Manager:
 
     # Helpers
 
-    def _transition(self, c: Container, **changes: object) -> Container:
+    def _transition(self, c: Container, _with: Callable[[Container], object] | None = None,
+                    **changes: object) -> Container:
+        """Commits changes to c; _with(new) runs inside the same transaction."""
         new = replace(c, **changes)  # type: ignore[arg-type]
         with self._store.transaction():
             self._store.update_container(new)
+            if _with is not None:
+                _with(new)
         for listener in self._listeners:
             listener.container_changed(new, c)
         return new

@@ -47,6 +47,10 @@ class ContainerSpec:
     auto_remove: bool = False
     mounts: tuple[tuple[str, str, bool], ...] = ()  # (host source, target, read_only)
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target, size_bytes)
+    publish: tuple[tuple[int, int, str], ...] = ()  # (host port, container port, "tcp" or "udp")
+    volumes: tuple[tuple[str, str, bool], ...] = ()  # (volume name, target, read_only)
+    disk_max: int | None = None  # bytes: the writable layer lives on a tmpfs of this size
+    user: str = ""  # "user" or "user:group" as in the container's /etc/passwd; "" = root
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,32 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """The defaults an OCI or docker image's config gives its containers."""
+
+    env: tuple[str, ...] = ()
+    workdir: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    user: str = ""
+
+
+@dataclass(frozen=True)
 class Image:
     name: str
-    id: str  # sha256 of the imported archive
+    id: str  # sha256 of the imported archive, or of the image's config for OCI and docker images
     path: str  # the extracted root, used as the overlay's lower layer
     size_bytes: int
+    created_usec: int
+    config: ImageConfig = ImageConfig()
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A named volume: a directory under the state dir that outlives containers."""
+
+    name: str
+    path: str
     created_usec: int
 
 
@@ -129,3 +154,22 @@ class Exec:
     exit_code: int = NO_EXIT_CODE
     created_usec: int = 0
     finished_usec: int = 0
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    bridge: str  # the bridge device in the daemon's network namespace
+    subnet: str  # CIDR, e.g. 10.88.0.0/16
+    gateway: str  # the bridge's own address in the subnet
+    egress: str = "none"  # "none", "all", or comma-separated "CIDR" / "CIDR:PORT" entries
+    created_usec: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A container's address on its network, held from its first start until it is removed."""
+
+    container_id: str
+    network: str
+    address: str

@@ -19,6 +19,13 @@ class Paths:
     def images(self) -> Path:
         return self.state_dir / "images"
 
+    @property
+    def volumes(self) -> Path:
+        return self.state_dir / "volumes"
+
+    def volume_dir(self, name: str) -> Path:
+        return self.volumes / name
+
     def container_dir(self, container_id: str) -> Path:
         return self.state_dir / "containers" / container_id
 
@@ -29,7 +36,7 @@ class Paths:
         return self.container_run_dir(container_id) / "exit"
 
     def create(self) -> None:
-        for path in (self.state_dir, self.images, self.state_dir / "containers",
+        for path in (self.state_dir, self.images, self.volumes, self.state_dir / "containers",
                      self.run_dir / "containers"):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Open for lookup: it holds quiltd.sock, which non-root members of the

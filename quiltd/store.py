@@ -24,7 +24,11 @@ from quiltd.model import (
     Exec,
     ExecState,
     Image,
+    ImageConfig,
+    Lease,
+    Network,
     State,
+    Volume,
 )
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
@@ -82,6 +86,47 @@ MIGRATIONS = (
         finished_usec INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX execs_container ON execs(container_id);
+    """,
+    # Networks and address leases. A lease goes with its container (cascade),
+    # and the primary key makes handing out one address twice impossible.
+    """
+    CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        bridge TEXT NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        gateway TEXT NOT NULL,
+        egress TEXT NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec)
+        VALUES ('bridge', 'quilt0', '10.88.0.0/16', '10.88.0.1', 'none', 0);
+    CREATE TABLE leases (
+        network TEXT NOT NULL REFERENCES networks(name),
+        address TEXT NOT NULL,
+        container_id TEXT NOT NULL UNIQUE REFERENCES containers(id) ON DELETE CASCADE,
+        PRIMARY KEY (network, address)
+    );
+    """,
+    """
+    CREATE TABLE volumes (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    -- Which containers on record name which volumes: RemoveVolume asks here,
+    -- and a container's rows go with it.
+    CREATE TABLE container_volumes (
+        container_id TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+        volume TEXT NOT NULL REFERENCES volumes(name),
+        PRIMARY KEY (container_id, volume)
+    );
+    CREATE INDEX container_volumes_volume ON container_volumes(volume);
+    """,
+    """
+    -- An OCI or docker image's defaults for its containers (Env, WorkingDir,
+    -- Entrypoint, Cmd, User) as JSON, and '{}' for a rootfs tarball.
+    -- (No semicolon in comments: migrations are split on it.)
+    ALTER TABLE images ADD COLUMN config TEXT NOT NULL DEFAULT '{}';
     """,
 )
 
@@ -204,20 +249,92 @@ class Store:
 
     def insert_image(self, image: Image) -> None:
         self._db.execute(
-            "INSERT INTO images (name, id, path, size_bytes, created_usec) VALUES (?, ?, ?, ?, ?)",
-            (image.name, image.id, image.path, image.size_bytes, image.created_usec),
+            "INSERT INTO images (name, id, path, size_bytes, created_usec, config) VALUES (?, ?, ?, ?, ?, ?)",
+            (image.name, image.id, image.path, image.size_bytes, image.created_usec,
+             json.dumps(asdict(image.config))),
         )
 
     def find_image(self, name: str) -> Image | None:
         row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
-        return Image(**dict(row)) if row else None
+        return _image_from_row(row) if row else None
 
     def list_images(self) -> list[Image]:
-        return [Image(**dict(r)) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+        return [_image_from_row(r) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
 
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
 
+    # Networks and leases
+
+    def insert_network(self, n: Network) -> None:
+        self._db.execute(
+            "INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (n.name, n.bridge, n.subnet, n.gateway, n.egress, n.created_usec),
+        )
+
+    def find_network(self, name: str) -> Network | None:
+        row = self._db.execute("SELECT * FROM networks WHERE name = ?", (name,)).fetchone()
+        return Network(**dict(row)) if row else None
+
+    def list_networks(self) -> list[Network]:
+        return [Network(**dict(r)) for r in self._db.execute("SELECT * FROM networks ORDER BY name")]
+
+    def delete_network(self, name: str) -> None:
+        self._db.execute("DELETE FROM networks WHERE name = ?", (name,))
+
+    def insert_lease(self, lease: Lease) -> None:
+        self._db.execute(
+            "INSERT INTO leases (network, address, container_id) VALUES (?, ?, ?)",
+            (lease.network, lease.address, lease.container_id),
+        )
+
+    def find_lease(self, container_id: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE container_id = ?", (container_id,)).fetchone()
+        return Lease(**dict(row)) if row else None
+
+    def containers_on_network(self, network: str) -> list[str]:
+        rows = self._db.execute("SELECT name, spec FROM containers ORDER BY name").fetchall()
+        return [r[0] for r in rows if json.loads(r[1]).get("network") == network]
+
+    def leases(self, network: str | None = None) -> list[Lease]:
+        if network is None:
+            rows = self._db.execute("SELECT * FROM leases ORDER BY network, address")
+        else:
+            rows = self._db.execute("SELECT * FROM leases WHERE network = ? ORDER BY address", (network,))
+        return [Lease(**dict(r)) for r in rows]
+
+
+    # Volumes
+
+    def insert_volume(self, v: Volume) -> bool:
+        """Records a volume unless one of that name exists; True if it was new."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO volumes (name, path, created_usec) VALUES (?, ?, ?)",
+            (v.name, v.path, v.created_usec),
+        )
+        return cur.rowcount == 1
+
+    def find_volume(self, name: str) -> Volume | None:
+        row = self._db.execute("SELECT * FROM volumes WHERE name = ?", (name,)).fetchone()
+        return Volume(**dict(row)) if row else None
+
+    def list_volumes(self) -> list[Volume]:
+        return [Volume(**dict(r)) for r in self._db.execute("SELECT * FROM volumes ORDER BY name")]
+
+    def delete_volume(self, name: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    def use_volume(self, container_id: str, volume: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO container_volumes (container_id, volume) VALUES (?, ?)",
+                         (container_id, volume))
+
+    def containers_using_volume(self, volume: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT c.name FROM container_volumes v JOIN containers c ON c.id = v.container_id "
+            "WHERE v.volume = ? ORDER BY c.name", (volume,)
+        ).fetchall()
+        return [r[0] for r in rows]
 
     # Cleanup tasks
 
@@ -262,6 +379,15 @@ def _exec_from_row(row: sqlite3.Row) -> Exec:
     return Exec(**{**raw, "command": tuple(json.loads(raw["command"])), "state": ExecState(raw["state"])})
 
 
+def _image_from_row(row: sqlite3.Row) -> Image:
+    raw = dict(row)
+    c = json.loads(raw.pop("config"))
+    config = ImageConfig(env=tuple(c.get("env", ())), workdir=c.get("workdir", ""),
+                         entrypoint=tuple(c.get("entrypoint", ())), cmd=tuple(c.get("cmd", ())),
+                         user=c.get("user", ""))
+    return Image(**raw, config=config)
+
+
 def _container_row(c: Container) -> dict[str, Any]:
     row = asdict(c)
     row["command"] = json.dumps(list(c.command))
@@ -277,6 +403,9 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
     spec["mounts"] = tuple((s, t, ro) for s, t, ro in spec.get("mounts", ()))
     spec["tmpfs"] = tuple((t, size) for t, size in spec.get("tmpfs", ()))
+    if "publish" in spec:
+        spec["publish"] = tuple(tuple(entry) for entry in spec["publish"])
+    spec["volumes"] = tuple((n, t, ro) for n, t, ro in spec.get("volumes", ()))
     return Container(
         **{
             **raw,

@@ -86,6 +86,42 @@ class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def CreateNetwork(self, name: "s", options: "a{sv}") -> "s":
+        network = await self._m.create_network(name, convert.unwrap(options))
+        return network.subnet
+
+    @method()
+    @bus_errors
+    async def RemoveNetwork(self, name: "s") -> None:
+        await self._m.remove_network(name)
+
+    @method()
+    @bus_errors
+    async def ListNetworks(self) -> "a(sssss)":
+        return [[n.name, n.subnet, n.gateway, n.bridge, n.egress] for n in self._m.list_networks()]
+
+    @method()
+    @bus_errors
+    async def RemoveImageEx(self, name: "s", options: "a{sv}") -> None:
+        await self._m.remove_image(name, convert.unwrap(options))
+
+    @method()
+    @bus_errors
+    async def CreateVolume(self, name: "s") -> None:
+        self._m.volumes.create(name)
+
+    @method()
+    @bus_errors
+    async def RemoveVolume(self, name: "s") -> None:
+        await self._m.volumes.remove(name)
+
+    @method()
+    @bus_errors
+    async def ListVolumes(self) -> "a(sst)":
+        return [[v.name, v.path, size] for v, size in await self._m.volumes.list()]
+
+    @method()
+    @bus_errors
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 
@@ -98,6 +134,10 @@ class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
     @signal()
     def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":
         return [id, name, state, exit_code]
+
+    @signal()
+    def ImportProgress(self, name: str, bytes_read: int, bytes_total: int) -> "stt":
+        return [name, bytes_read, bytes_total]
 
     @signal()
     def ContainerRemoved(self, id: str, name: str) -> "ss":

@@ -22,6 +22,7 @@ class BusService:
         self._containers: dict[str, ContainerInterface] = {}
         bus.export(MANAGER_PATH, self._interface)
         manager.add_listener(self)
+        manager.add_import_progress_listener(self._interface.ImportProgress)
         execs.add_listener(self)
 
     @property

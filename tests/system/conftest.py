@@ -64,3 +64,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+async def records(q: Any) -> list[tuple[str, str]]:
+    """(id, name) of every container on record: what a refused call must leave as it was.
+
+    States are left out: containers of earlier tests may still be starting or ending.
+    """
+    return [(row[0], row[1]) for row in await q.list_containers()]

@@ -8,7 +8,7 @@ import pytest
 from dbus_next.signature import Variant
 
 from quiltd import errors
-from tests.system.conftest import run
+from tests.system.conftest import records, run
 
 pytestmark = pytest.mark.system
 
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.system
         (["ok-name", "busybox", ["true"], {"memory_max": Variant("t", 1)}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"cpu_quota": Variant("d", -1.0)}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"tasks_max": Variant("t", 0)}], errors.InvalidArgument),
-        (["ok-name", "busybox", ["true"], {"network": Variant("s", "nowhere")}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"network": Variant("s", "nowhere")}], errors.NoSuchNetwork),
+        (["ok-name", "busybox", ["true"], {"network": Variant("s", "no/such")}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"workdir": Variant("s", "relative")}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"env": Variant("as", ["NOEQUALS"])}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"bogus": Variant("b", True)}], errors.InvalidArgument),
@@ -36,10 +37,10 @@ def test_create_refuses_bad_input_and_leaves_nothing(quilt: Any, args: list[Any]
                                                      error: type[errors.QuiltError]) -> None:
     async def scenario() -> None:
         async with quilt() as q:
-            before = await q.list_containers()
+            before = await records(q)
             with pytest.raises(error):
                 await q.call("CreateContainer", "ssasa{sv}", *args)
-            assert await q.list_containers() == before
+            assert await records(q) == before
             assert (await q.system_info())["Version"]  # still answering
 
     run(scenario())

@@ -10,7 +10,7 @@ import pytest
 from dbus_next.signature import Variant
 
 from quiltd import errors
-from tests.system.conftest import run
+from tests.system.conftest import records, run
 from tests.system.test_security import journal_lines, run_to_end
 
 pytestmark = pytest.mark.system
@@ -112,9 +112,9 @@ def test_bad_mounts_are_named_and_leave_nothing(quilt: Any, options: dict[str, V
                                                 message: str) -> None:
     async def scenario() -> None:
         async with quilt() as q:
-            before = await q.list_containers()
+            before = await records(q)
             with pytest.raises(errors.InvalidArgument, match=message):
                 await q.call("CreateContainer", "ssasa{sv}", "bad-mount", "busybox", ["true"], options)
-            assert await q.list_containers() == before
+            assert await records(q) == before
 
     run(scenario())

@@ -1,0 +1,401 @@
+"""OCI image layouts (a directory or a tar of one) and `docker save` archives.
+
+The format is told by content: a directory must be an OCI layout; a plain
+tar is an OCI layout when it holds `oci-layout` and `index.json`, a docker
+archive when it holds `manifest.json`, and otherwise a rootfs tarball (the
+caller's business). The manifest is read, each layer is streamed from the
+source and applied in order onto one directory by images.LayeredImage (the
+rootfs tarball rules plus whiteouts), and every blob is checked against its
+digest where the format gives one. The image id is the sha256 of the config,
+as docker and podman count it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from quiltd import mounts
+from quiltd.errors import InvalidImage
+from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage
+from quiltd.model import ImageConfig
+from quiltd.options import ENV_RE, USER_RE
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+_JSON_MAX = 4 << 20  # manifests and configs are a few KiB; a bigger one is not read
+# An image archive has a few members per layer (docker allows ~127 layers) and
+# none deeper than blobs/sha256/<hex>. A tar with more, or with a deeper path,
+# is a rootfs, and its scan stops there: a 50,000-file rootfs took 6 s to scan whole.
+_INDEX_MAX = 10_000
+_DEPTH_MAX = 3  # blobs/sha256/<hex> is the deepest path an image archive needs
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+         "s390x": "s390x", "riscv64": "riscv64"}
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+@dataclass(frozen=True)
+class ImportedImage:
+    image_id: str  # sha256 of the config blob
+    size_bytes: int
+    config: ImageConfig
+    layers: int
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """An open file or a stretch of one: the source of a layer."""
+
+    fd: int
+    offset: int
+    size: int
+
+
+class _Source(Protocol):
+    docker: bool  # a docker save archive of the old layout, not an OCI layout
+
+    def blob(self, path: str, what: str) -> _Blob: ...
+    def close(self) -> None: ...
+
+
+class _DirSource:
+    """An OCI layout directory; no path inside it may go through a symlink."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._open: list[int] = []
+        self.docker = False
+
+    def blob(self, path: str, what: str) -> _Blob:
+        try:
+            fd = mounts.openat2(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+                                | mounts.RESOLVE_NO_MAGICLINKS)
+        except FileNotFoundError:
+            raise InvalidImage(f"{what}: {path} is missing") from None
+        except OSError as exc:
+            raise InvalidImage(f"{what}: {path}: {exc.strerror}") from None
+        self._open.append(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidImage(f"{what}: {path} is not a regular file")
+        os.set_blocking(fd, True)
+        return _Blob(fd, 0, st.st_size)
+
+    def close(self) -> None:
+        for fd in self._open:
+            os.close(fd)
+        os.close(self._fd)
+
+
+class _TarSource:
+    """A plain tar holding an image: blobs are read in place, never extracted to disk."""
+
+    def __init__(self, fd: int, members: dict[str, tuple[int, int]]) -> None:
+        self._fd = fd
+        self._members = members
+        # Newer docker writes an OCI layout with a manifest.json beside it: read it as OCI.
+        self.docker = not ("oci-layout" in members and "index.json" in members)
+
+    def blob(self, path: str, what: str) -> _Blob:
+        found = self._members.get(path)
+        if found is None:
+            raise InvalidImage(f"{what}: {path} is missing from the archive")
+        return _Blob(self._fd, *found)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _BlobReader(io.RawIOBase):
+    """A blob's bytes, hashed on the way and counted for progress."""
+
+    def __init__(self, blob: _Blob, on_read: Callable[[int], None] | None) -> None:
+        super().__init__()
+        self._blob = blob
+        self._pos = 0
+        self._on_read = on_read
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._blob.size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._blob.fd, want, self._blob.offset + self._pos)
+        if not data:
+            raise InvalidImage("the archive ends inside a blob")
+        n = len(data)
+        view[:n] = data
+        self._pos += n
+        self.digest.update(data)
+        if self._on_read is not None:
+            self._on_read(n)
+        return n
+
+
+def open_image_source(source: Path) -> _Source | None:
+    """The image in `source` if it is an OCI layout or docker archive; None for anything else."""
+    try:
+        fd = os.open(source, _OPEN)
+    except FileNotFoundError:
+        raise InvalidImage(f"{source}: no such file") from None
+    except OSError as exc:
+        raise InvalidImage(f"{source}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            dir_source = _DirSource(fd)
+            for marker in ("oci-layout", "index.json"):
+                try:
+                    os.stat(marker, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise InvalidImage(f"{source}: a directory must be an OCI image layout, "
+                                       f"and it has no {marker}") from None
+            return dir_source
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None  # the rootfs path gives the precise refusal
+        os.set_blocking(fd, True)
+        members = _scan_tar(fd)
+        if members is None:
+            os.close(fd)
+            return None
+        return _TarSource(fd, members)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
+def _scan_tar(fd: int) -> dict[str, tuple[int, int]] | None:
+    """(offset, size) of the shallow regular files of a plain tar holding an image; None if it does not."""
+    if os.pread(fd, 5, 257) != b"ustar" and not _looks_like_v7_tar(fd):
+        return None  # compressed or not a tar: a rootfs tarball, or garbage for that path to refuse
+    members: dict[str, tuple[int, int]] = {}
+    raw = os.fdopen(os.dup(fd), "rb")
+    try:
+        # Only headers are read; content is seeked over. An image archive has
+        # a few files per layer: past the cap this is a rootfs (or garbage).
+        with tarfile.open(fileobj=raw, mode="r:", tarinfo=CheckedTarInfo) as tf:
+            for _ in range(_INDEX_MAX):
+                member = tf.next()
+                if member is None:
+                    break
+                members_seen = getattr(tf, "members", None)  # kept by tarfile for every member
+                if isinstance(members_seen, list):
+                    members_seen.clear()
+                name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+                if name.count("/") >= _DEPTH_MAX:
+                    return None
+                if member.isreg() and ".." not in name.split("/"):
+                    members[name] = (member.offset_data, member.size)
+            else:
+                return None
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return None
+    finally:
+        raw.close()
+    if "oci-layout" in members and "index.json" in members:
+        return members
+    if "manifest.json" in members:
+        return members
+    return None
+
+
+def _looks_like_v7_tar(fd: int) -> bool:
+    header = os.pread(fd, 512, 0)
+    if len(header) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def import_image(source: _Source, dest: Path, limits: ImageLimits,
+                 on_progress: Callable[[int, int], None] | None = None) -> ImportedImage:
+    """Builds the image of `source` in the new directory `dest`; closes `source`."""
+    try:
+        config_blob, layers = _docker_manifest(source) if source.docker else _oci_manifest(source)
+        config_bytes = _read_json_bytes(source, config_blob[0], "image config")
+        if config_blob[1] and hashlib.sha256(config_bytes).hexdigest() != config_blob[1]:
+            raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
+        config_json = _json(config_bytes, "image config")
+        config = _image_config(config_json)
+        if source.docker:
+            # The old docker layout names layers by path only; the config's
+            # diff_ids are the digests of the uncompressed layers.
+            rootfs = config_json.get("rootfs")
+            diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+            if isinstance(diff_ids, list) and len(diff_ids) == len(layers):
+                layers = [(path, _digest_hex(d) if isinstance(d, str) else "")
+                          for (path, _), d in zip(layers, diff_ids, strict=True)]
+        blobs = [(path, digest, source.blob(path, "layer")) for path, digest in layers]
+        total = sum(b.size for _, _, b in blobs)
+        done = 0
+
+        def counted(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(done, total)
+
+        with LayeredImage(dest, limits) as image:
+            for number, (path, digest, blob) in enumerate(blobs, start=1):
+                what = f"layer {number} ({path})"
+                reader = _BlobReader(blob, counted)
+                magic = os.pread(blob.fd, 6, blob.offset)[: min(6, blob.size)]
+                image.apply_layer(reader, magic, what)
+                # Checked after: a hostile layer was refused by its content
+                # already, and a corrupt one may not even decompress.
+                compressed = magic.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ"))
+                if digest and reader.digest.hexdigest() != digest and not (source.docker and compressed):
+                    raise InvalidImage(f"{what}: content does not match its digest sha256:{digest}")
+            size_bytes, _ = image.finish()
+        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs))
+    finally:
+        source.close()
+
+
+def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    layout = _json(_read_json_bytes(source, "oci-layout", "oci-layout"), "oci-layout")
+    if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
+        raise InvalidImage("oci-layout: no imageLayoutVersion: not an OCI image layout")
+    index = _json(_read_json_bytes(source, "index.json", "index.json"), "index.json")
+    for _ in range(3):  # an index may point at an index (one per platform); not deeper
+        descriptor = _pick_manifest(index)
+        path, digest = _blob_path(descriptor, "manifest")
+        data = _read_json_bytes(source, path, "manifest")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise InvalidImage(f"manifest {path}: content does not match its digest")
+        manifest = _json(data, "manifest")
+        if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
+            index = manifest
+            continue
+        config = _blob_path(manifest.get("config"), "image config")
+        layers = manifest.get("layers")
+        if not isinstance(layers, list):
+            raise InvalidImage(f"manifest {path}: no list of layers")
+        return config, [_blob_path(d, "layer") for d in layers]
+    raise InvalidImage("index.json: image indexes nested too deep")
+
+
+def _pick_manifest(index: Any) -> Any:
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not manifests:
+        raise InvalidImage("index.json: no manifests")
+    if len(manifests) == 1:
+        return manifests[0]
+    arch = _ARCH.get(platform.machine(), platform.machine())
+    for m in manifests:
+        p = m.get("platform") if isinstance(m, dict) else None
+        if isinstance(p, dict) and p.get("os") == "linux" and p.get("architecture") == arch:
+            return m
+    raise InvalidImage(f"index.json: {len(manifests)} manifests and none for linux/{arch}")
+
+
+def _blob_path(descriptor: Any, what: str) -> tuple[str, str]:
+    digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+    match = _DIGEST_RE.match(digest) if isinstance(digest, str) else None
+    if match is None:
+        raise InvalidImage(f"{what}: descriptor without a sha256 digest ({digest!r})")
+    media = str(descriptor.get("mediaType", ""))
+    if "foreign" in media:
+        raise InvalidImage(f"{what} {digest}: foreign layers ({media}) are not supported")
+    return f"blobs/sha256/{match.group(1)}", match.group(1)
+
+
+def _docker_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    manifest = _json(_read_json_bytes(source, "manifest.json", "manifest.json"), "manifest.json")
+    if not isinstance(manifest, list) or not manifest:
+        raise InvalidImage("manifest.json: not a list of images")
+    if len(manifest) != 1:
+        raise InvalidImage(f"manifest.json: the archive holds {len(manifest)} images; import one at a time")
+    entry = manifest[0]
+    config = entry.get("Config") if isinstance(entry, dict) else None
+    layers = entry.get("Layers") if isinstance(entry, dict) else None
+    if not isinstance(config, str) or not isinstance(layers, list) or \
+            not all(isinstance(p, str) for p in layers):
+        raise InvalidImage("manifest.json: an entry needs Config (a path) and Layers (a list of paths)")
+    # The config's file name is its digest in both the old (<hex>.json) and new (blobs/sha256/<hex>) layout.
+    name = _archive_path(config, "Config").rsplit("/", 1)[-1].removesuffix(".json")
+    digest = name if re.fullmatch(r"[0-9a-f]{64}", name) else ""
+    return (_archive_path(config, "Config"), digest), [(_archive_path(p, "layer"), "") for p in layers]
+
+
+def _archive_path(path: str, what: str) -> str:
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/") or ".." in parts or not parts:
+        raise InvalidImage(f"manifest.json: {what} path {path!r} leaves the archive")
+    return "/".join(parts)
+
+
+def _digest_hex(digest: str) -> str:
+    match = _DIGEST_RE.match(digest)
+    return match.group(1) if match else ""
+
+
+def _read_json_bytes(source: _Source, path: str, what: str) -> bytes:
+    blob = source.blob(path, what)
+    if blob.size > _JSON_MAX:
+        raise InvalidImage(f"{what} {path}: {blob.size} bytes is too large for a JSON document")
+    data = os.pread(blob.fd, blob.size, blob.offset)
+    if len(data) != blob.size:
+        raise InvalidImage(f"{what} {path}: truncated")
+    return data
+
+
+def _json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidImage(f"{what}: not valid JSON: {exc}") from None
+
+
+def _image_config(config_json: Any) -> ImageConfig:
+    """The defaults for containers, checked as strictly as a client's options."""
+    if not isinstance(config_json, dict):
+        raise InvalidImage("image config: not a JSON object")
+    c = config_json.get("config") or {}
+    if not isinstance(c, dict):
+        raise InvalidImage("image config: 'config' is not an object")
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = c.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
+            raise InvalidImage(f"image config: {key} is not a list of strings")
+        return tuple(value)
+
+    env = strings("Env")
+    for item in env:
+        if not ENV_RE.match(item):
+            raise InvalidImage(f"image config: invalid Env entry {item!r}")
+    workdir = c.get("WorkingDir") or ""
+    if not isinstance(workdir, str) or (workdir and not workdir.startswith("/")) or "\0" in workdir:
+        raise InvalidImage(f"image config: WorkingDir must be an absolute path, got {workdir!r}")
+    user = c.get("User") or ""
+    if not isinstance(user, str) or (user and not USER_RE.match(user)):
+        raise InvalidImage(f"image config: invalid User {user!r}")
+    return ImageConfig(env=env, workdir=workdir, entrypoint=strings("Entrypoint"), cmd=strings("Cmd"),
+                       user=user)

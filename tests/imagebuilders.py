@@ -1,0 +1,154 @@
+"""Builds OCI image layouts and docker save archives with tarfile and json, for tests.
+
+No registry and no docker: every byte of an image is made here, so a test
+says exactly which layers, whiteouts and config it imports.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MTIME = 1_600_000_000
+
+
+def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.mode = mode
+    ti.mtime = MTIME
+    return ti
+
+
+def file(name: str, data: bytes = b"", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes | None]:
+    ti = _info(name, tarfile.REGTYPE, mode)
+    ti.size = len(data)
+    return ti, data
+
+
+def directory(name: str, mode: int = 0o755) -> tuple[tarfile.TarInfo, bytes | None]:
+    return _info(name, tarfile.DIRTYPE, mode), None
+
+
+def symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    ti = _info(name, tarfile.SYMTYPE, 0o777)
+    ti.linkname = target
+    return ti, None
+
+
+def hardlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    ti = _info(name, tarfile.LNKTYPE, 0o644)
+    ti.linkname = target
+    return ti, None
+
+
+def device(name: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    ti = _info(name, tarfile.CHRTYPE, 0o666)
+    ti.devmajor, ti.devminor = 1, 3
+    return ti, None
+
+
+def whiteout(path: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    """Deletes `path` of lower layers."""
+    parent, _, base = path.rpartition("/")
+    return file(f"{parent}/.wh.{base}" if parent else f".wh.{base}")
+
+
+def opaque(directory_path: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    """Hides everything lower layers put in the directory."""
+    return file(f"{directory_path}/.wh..wh..opq")
+
+
+Member = tuple[tarfile.TarInfo, "bytes | None"]
+
+
+def tar_bytes(members: Sequence[Member]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def config_json(config: dict[str, Any], layers: Sequence[bytes]) -> bytes:
+    """An image config; diff_ids are the digests of the uncompressed layers."""
+    diff_ids = []
+    for layer in layers:
+        raw = gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer
+        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    return json.dumps({
+        "architecture": "amd64", "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }).encode()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
+    """The files of an OCI image layout: path -> content."""
+    cfg = config_json(config, layers)
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(cfg),
+                   "size": len(cfg)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar"
+                    + ("+gzip" if layer[:2] == b"\x1f\x8b" else ""),
+                    "digest": _digest(layer), "size": len(layer)} for layer in layers],
+    }).encode()
+    index = json.dumps({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": _digest(manifest), "size": len(manifest)}],
+    }).encode()
+    files = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index}
+    for blob in (cfg, manifest, *layers):
+        files[f"blobs/sha256/{hashlib.sha256(blob).hexdigest()}"] = blob
+    return files
+
+
+def docker_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
+    """The files of a `docker save` archive in its classic layout."""
+    cfg = config_json(config, layers)
+    config_name = hashlib.sha256(cfg).hexdigest() + ".json"
+    files = {config_name: cfg}
+    paths = []
+    for number, layer in enumerate(layers):
+        path = f"{number:064x}/layer.tar"
+        files[path] = layer
+        paths.append(path)
+    files["manifest.json"] = json.dumps(
+        [{"Config": config_name, "RepoTags": ["test:latest"], "Layers": paths}]
+    ).encode()
+    files["repositories"] = b"{}"
+    return files
+
+
+def write_dir(files: dict[str, bytes], dest: Path) -> Path:
+    for path, data in files.items():
+        target = dest / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return dest
+
+
+def write_tar(files: dict[str, bytes], dest: Path) -> Path:
+    members = []
+    dirs = sorted({p.rsplit("/", 1)[0] for p in files if "/" in p})
+    for d in dirs:
+        parts = d.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in [m[0].name for m in members]:
+                members.append(directory(sub))
+    members += [file(path, data) for path, data in files.items()]
+    dest.write_bytes(tar_bytes(members))
+    return dest

@@ -1,0 +1,75 @@
+"""A corpus of hostile tarballs through ImportImage: each refused by name, nothing left behind.
+
+(The fork bomb and the memory hog are in test_lifecycle.py, filling the
+writable layer past disk_max in test_disk_max.py.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import secrets
+from typing import Any
+
+import pytest
+from dbus_next.signature import Variant
+
+from quiltd import errors
+from tests import imagebuilders as b
+from tests.system.conftest import run
+
+pytestmark = pytest.mark.system
+
+BOMB_CAP = 1 << 20
+BOMB = gzip.compress(b.tar_bytes([b.directory("big"), b.file("big/zeros", bytes(10 * BOMB_CAP))]))
+
+CORPUS = {
+    "traversal": (b.tar_bytes([b.file("../../../../tmp/quilt-escaped", b"x")]), r"\.\./\.\./"),
+    "absolute-path": (b.tar_bytes([b.file("/tmp/quilt-escaped", b"x")]), "'/tmp/quilt-escaped'"),
+    "absolute-symlink": (b.tar_bytes([b.symlink("etc", "/etc")]), "'etc': symlink to absolute path"),
+    "escaping-symlink": (b.tar_bytes([b.directory("a"), b.symlink("a/up", "../../etc")]),
+                         "'a/up': symlink target '../../etc' escapes"),
+    "hardlink-to-shadow": (b.tar_bytes([b.hardlink("shadow", "/etc/shadow")]),
+                           "'shadow': absolute hard link target '/etc/shadow'"),
+    "hardlink-up": (b.tar_bytes([b.hardlink("shadow", "../../../etc/shadow")]), "'shadow'.*'\\.\\.'"),
+    "device-node": (b.tar_bytes([b.directory("dev"), b.device("dev/mem")]),
+                    "'dev/mem': device nodes are not allowed"),
+    "bomb": (BOMB, "'big/zeros': image content exceeds the limit of 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(CORPUS))
+def test_hostile_tarball_is_invalid_image_naming_the_path(sandbox: Any, quilt: Any, attack: str) -> None:
+    data, message = CORPUS[attack]
+    if attack == "bomb":
+        assert len(data) < BOMB_CAP  # the archive is under the cap; its content is 10 times over it
+    source = f"/var/tmp/quilt-attack-{attack}-{secrets.token_hex(3)}.tar"
+    sandbox.host_path(source).write_bytes(data)
+    images_dir = sandbox.host_path("/var/lib/quilt/images")
+    before = sorted(p.name for p in images_dir.iterdir())
+    image = f"attack-{attack}"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidImage, match=message):
+                await q.import_image(image, source, max_bytes=BOMB_CAP)
+            assert image not in [i[0] for i in await q.images()]
+            assert (await q.system_info())["Version"]  # the daemon is unharmed
+
+    try:
+        run(scenario())
+    finally:
+        sandbox.host_path(source).unlink()
+    assert sorted(p.name for p in images_dir.iterdir()) == before
+    assert sandbox.run(["test", "-e", "/tmp/quilt-escaped"], check=False).returncode != 0
+
+
+def test_max_bytes_option_is_checked(quilt: Any) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidArgument, match="max_bytes"):
+                await q.import_image("x", "/var/tmp/none.tar", max_bytes=0)
+            with pytest.raises(errors.InvalidArgument, match="unknown option"):
+                await q.call("ImportImage", "ssa{sv}", "x", "/var/tmp/none.tar",
+                             {"bogus": Variant("b", True)})
+
+    run(scenario())
