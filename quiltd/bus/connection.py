@@ -16,8 +16,6 @@ from typing import Any
 
 from dbus_next.aio import message_bus as aio_bus
 
-from quiltd.bus import wire
-
 _BATCH_BYTES = 256 << 10
 
 
@@ -75,10 +73,6 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
             for fut in self.futs:
                 aio_bus._future_set_exception(fut, e)
             self.bus._finalize(e)
-
-
-# Every message quiltd (and its client) marshals goes through the faster writer.
-wire.install()
 
 
 class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
