@@ -51,6 +51,10 @@ def test_quick_bench_reports_every_metric(
     for metric in MEMORY_METRICS:
         assert memory[metric]["n"] == 2 and memory[metric]["min"] > 0, (metric, memory[metric])
     assert isinstance(memory["quiltd_uss_growth_kib"]["median"], float | int)
+    recovery = result["recovery"]
+    assert recovery["still_running"] == recovery["containers"] > 0  # a restart stops none
+    assert recovery["restart"]["n"] == 3 and recovery["restart"]["p50_ms"] > 0
+    assert recovery["exit_file_us"]["write"] > 0 and recovery["exit_file_us"]["read"] > 0
 
     # Its sandbox is gone, whatever happened inside.
     assert name not in sandbox_module.Sandbox.names()
