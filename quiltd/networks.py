@@ -168,6 +168,10 @@ class Networks:
         if lease is None:
             return None
         network = self.find(lease.network)
+        # The init binds these while the veth is still being made: they
+        # must exist before it is told what to bind.
+        if not self._hosts_path(network.name).exists():
+            self._write_files(network)
         prefix = ipaddress.IPv4Network(network.subnet).prefixlen
         return Attachment(
             ifname=CONTAINER_IFNAME,
@@ -274,8 +278,6 @@ class Networks:
         if lease is None:
             return
         network = self.find(lease.network)
-        if not self._hosts_path(network.name).exists():
-            self._write_files(network)
         # The bridge is made on first use, by the same worker, in the same request.
         await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid)
         if c.spec.publish:
