@@ -155,6 +155,16 @@ class QuiltClient:
         """The daemon writes `<usec> <stream> <line>\\n` to (its copy of) fd; close yours of the write end."""
         await self.call("FollowLogs", "sa{sv}h", ref, _log_options(options), 0, unix_fds=[fd])
 
+    async def copy_in(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """Extracts the tar stream the daemon reads from (its copy of) fd at path; close your write end."""
+        variants = {k: Variant("t", v) for k, v in options.items()}
+        (info,) = await self.call("CopyInEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
+
+    async def copy_out(self, ref: str, path: str, fd: int) -> None:
+        """The daemon writes path as a tar stream to (its copy of) fd; close your copy of the write end."""
+        await self.call("CopyOut", "ssh", ref, path, 0, unix_fds=[fd])
+
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
         """Calls back for every ContainerStateChanged signal from now on."""
         await self.watch_signal("ContainerStateChanged", lambda body: callback(StateChange(*body)))
