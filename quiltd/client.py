@@ -128,6 +128,13 @@ class QuiltClient:
         code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, command, _exec_options(options))
         return code, bytes(out), bytes(err), {k: v.value for k, v in info.items()}
 
+    async def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+                            **options: Any) -> int:
+        """Runs command on (the daemon's copies of) these descriptors; returns its exit code."""
+        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, command, _exec_options(options), 0, 1, 2,
+                                  unix_fds=[stdin, stdout, stderr])
+        return int(code)
+
     async def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
         (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, command, _exec_options(options))
         return str(exec_id)
