@@ -1,4 +1,4 @@
-"""A typed asyncio client of the Quilt D-Bus API.
+"""Typed clients of the Quilt D-Bus API: QuiltClient (asyncio) and Quilt (plain calls).
 
 Errors come back as the same QuiltError classes the daemon raised, found by
 their D-Bus names.
@@ -7,9 +7,9 @@ their D-Bus names.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
@@ -19,11 +19,14 @@ from quiltd import errors
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.names import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 
+T = TypeVar("T")
+
 # The D-Bus type of each CreateContainer option.
 OPTION_TYPES = {
     "env": "as", "workdir": "s", "hostname": "s", "memory_max": "t", "cpu_quota": "d",
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
+    "publish": "a(qqs)",
 }
 
 # The D-Bus type of each Exec / ExecStart option.
@@ -113,6 +116,18 @@ class QuiltClient:
 
     async def remove_image(self, name: str) -> None:
         await self.call("RemoveImage", "s", name)
+
+    async def create_network(self, name: str, **options: Any) -> str:
+        variants = {k: Variant("as" if isinstance(v, list) else "s", v) for k, v in options.items()}
+        (subnet,) = await self.call("CreateNetwork", "sa{sv}", name, variants)
+        return str(subnet)
+
+    async def remove_network(self, name: str) -> None:
+        await self.call("RemoveNetwork", "s", name)
+
+    async def networks(self) -> list[tuple[str, str, str, str, str]]:
+        (rows,) = await self.call("ListNetworks")
+        return [tuple(r) for r in rows]
 
     async def system_info(self) -> dict[str, Any]:
         (info,) = await self.call("GetSystemInfo")
@@ -212,3 +227,118 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class ContainerSummary:
+    id: str
+    name: str
+    image: str
+    state: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    name: str
+    id: str
+    size_bytes: int
+    created_usec: int
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class LogLine:
+    usec: int
+    stream: str
+    line: str
+
+
+class Quilt:
+    """The API without asyncio, for scripts and platforms that are not async.
+
+    Each call runs the asyncio client on a private event loop; use one Quilt
+    per thread. Errors are the same QuiltError classes.
+    """
+
+    def __init__(self, address: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(QuiltClient.connect(address))
+
+    def close(self) -> None:
+        self._client.close()
+        self._loop.close()
+
+    def __enter__(self) -> Quilt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coro)
+
+    def create(self, name: str, image: str, command: list[str], **options: Any) -> str:
+        """Creates (and, unless start=False, starts) a container; returns its id."""
+        container_id, _ = self._run(self._client.create(name, image, command, **options))
+        return container_id
+
+    def start(self, ref: str) -> None:
+        self._run(self._client.start(ref))
+
+    def stop(self, ref: str, timeout_sec: int = 10) -> None:
+        self._run(self._client.stop(ref, timeout_sec))
+
+    def kill(self, ref: str, signal: int) -> None:
+        self._run(self._client.kill(ref, signal))
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        self._run(self._client.remove(ref, force))
+
+    def wait(self, ref: str, timeout_usec: int = 0) -> tuple[str, int]:
+        return self._run(self._client.wait(ref, timeout_usec))
+
+    def info(self, ref: str) -> dict[str, Any]:
+        return self._run(self._client.info(ref))
+
+    def containers(self, **filters: Any) -> list[ContainerSummary]:
+        return [ContainerSummary(*row) for row in self._run(self._client.list_containers(**filters))]
+
+    def exec(self, ref: str, command: list[str], **options: Any) -> ExecResult:
+        return ExecResult(*self._run(self._client.exec(ref, command, **options)))
+
+    def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
+        return self._run(self._client.exec_start(ref, command, **options))
+
+    def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
+        return self._run(self._client.exec_wait(exec_id, timeout_usec))
+
+    def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+                      **options: Any) -> int:
+        return self._run(self._client.exec_with_fds(ref, command, stdin, stdout, stderr, **options))
+
+    def logs(self, ref: str, **options: Any) -> list[LogLine]:
+        return [LogLine(*row) for row in self._run(self._client.logs(ref, **options))]
+
+    def copy_in(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """Extracts the tar stream in fd (a file, or a pipe another thread writes) at path."""
+        return self._run(self._client.copy_in(ref, path, fd, **options))
+
+    def copy_out(self, ref: str, path: str, fd: int) -> None:
+        """Writes path as a tar stream to fd (a file, or a pipe another thread reads)."""
+        self._run(self._client.copy_out(ref, path, fd))
+
+    def import_image(self, name: str, source: str) -> str:
+        return self._run(self._client.import_image(name, source))
+
+    def images(self) -> list[ImageSummary]:
+        return [ImageSummary(*row) for row in self._run(self._client.images())]
+
+    def remove_image(self, name: str) -> None:
+        self._run(self._client.remove_image(name))

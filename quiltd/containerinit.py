@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux, mounts, security
+from quiltd import linux, mounts, netconfig, security
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import LaunchSpec
 
@@ -100,8 +100,11 @@ def _enter_root(spec: LaunchSpec) -> None:
     security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
     security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))
     _make_dev(root)
+    for source, target in ((spec.hosts_file, "etc/hosts"), (spec.resolv_file, "etc/resolv.conf")):
+        if source:
+            _bind_file_ro(root, source, os.path.join(root, target))
     socket.sethostname(spec.hostname)
-    _loopback_up()
+    netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
     os.chdir(root)
     # pivot_root(".", ".") stacks the old root under the new one; detaching
     # it leaves no path back to the host's tree.
@@ -131,15 +134,19 @@ def _make_dev(root: str) -> None:
         os.symlink(target, os.path.join(dev, link))
 
 
-def _loopback_up() -> None:
-    import fcntl
-    import struct
-
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
-        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+def _bind_file_ro(root: str, source: str, target: str) -> None:
+    # Before pivot_root a symlinked /etc would lead into the host's tree.
+    if not os.path.realpath(os.path.dirname(target)).startswith(os.path.realpath(root) + "/"):
+        raise OSError(f"{target} leads out of the container's root")
+    # The target is made in the overlay's upper layer if the image lacks it.
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    if os.path.islink(target):
+        os.unlink(target)  # a link could point anywhere once the root is switched
+    if not os.path.exists(target):
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    linux.mount(source, target, None, linux.MS_BIND)
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+                | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
 
 def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> NoReturn:

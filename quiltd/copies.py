@@ -24,11 +24,10 @@ from quiltd.errors import (
     QuiltError,
     Timeout,
 )
-from quiltd.execs import _read_to_end
 from quiltd.manager import Manager
 from quiltd.model import Container, State
 from quiltd.scopes import Systemd
-from quiltd.spawner import ForkServer
+from quiltd.spawner import ForkServer, read_to_end
 
 log = logging.getLogger("quiltd")
 
@@ -142,7 +141,7 @@ class Copies:
             raise
         finally:
             os.close(go_w)  # end of file without the go byte stops the copy
-        answer = await _read_to_end(result_r)
+        answer = await read_to_end(result_r)
         if not answer:
             # Only a SIGKILL ends the copy before it answers: the scope was killed.
             raise InvalidState(f"container {c.name} was stopped during the copy")

@@ -26,6 +26,7 @@ from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager, RecoveryOutcome
+from quiltd.network import Netlink
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
 from quiltd.spawner import ForkServer
@@ -89,7 +90,8 @@ class Daemon:
         await BusGate(bus).install()
         systemd = Systemd(bus)
         await systemd.connect()
-        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver)
+        netlink = Netlink()
+        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
         execs = Execs(manager, self._paths, store, systemd, self._forkserver)
         copies = Copies(manager, systemd, self._forkserver)
         service = BusService(bus, manager, execs, Logs(manager, execs), copies)
@@ -126,6 +128,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
         bus.disconnect()
+        netlink.close()
         store.close()
         return 0
 

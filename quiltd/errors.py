@@ -93,3 +93,11 @@ class CopyFailed(QuiltError):
     """A file could not be read or written inside the container (read-only, full, ...)."""
 
     dbus_name = ERROR_PREFIX + "CopyFailed"
+class NoSuchNetwork(QuiltError):
+    dbus_name = ERROR_PREFIX + "NoSuchNetwork"
+
+
+class AddressesExhausted(QuiltError):
+    """A network has no free address left for one more container."""
+
+    dbus_name = ERROR_PREFIX + "AddressesExhausted"

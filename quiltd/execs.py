@@ -30,7 +30,7 @@ from quiltd.manager import JOURNAL_SOCKET, Manager
 from quiltd.model import Container, Exec, ExecState, State
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
-from quiltd.spawner import Forked, ForkServer, open_pidfd, watch_exit
+from quiltd.spawner import Forked, ForkServer, open_pidfd, read_to_end, watch_exit
 from quiltd.store import Store
 
 log = logging.getLogger("quiltd")
@@ -367,7 +367,7 @@ class Execs:
             raise
         finally:
             os.close(go_w)  # end of file without the go byte stops the supervisor
-        failure = await _read_to_end(error_r)
+        failure = await read_to_end(error_r)
         if failure:
             os.close(forked.pidfd)
             raise _failure_error(c, failure)
@@ -383,32 +383,6 @@ def _failure_error(c: Container, failure: str) -> Exception:
     if kind == FAILURE_GONE:
         return InvalidState(f"container {c.name} is not running: {reason}")
     return Internal(f"exec in container {c.name} failed: {failure}")
-
-
-async def _read_to_end(fd: int) -> str:
-    """Everything written to a pipe until its last writer closes it."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    data = bytearray()
-    done = loop.create_future()
-
-    def ready() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        if chunk:
-            data.extend(chunk)
-        elif not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    return data.decode(errors="replace")
 
 
 class _Capture:

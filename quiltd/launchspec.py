@@ -26,6 +26,13 @@ class LaunchSpec:
     # (host source, target inside the root, read-only), bound in this order
     binds: tuple[tuple[str, str, bool], ...] = ()
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target inside the root, size_bytes)
+    # The container's network; empty for loopback only. The veth's inner end
+    # is already in the container's namespace when init reads this.
+    net_ifname: str = ""
+    net_interface: str = ""  # address/prefix
+    net_gateway: str = ""
+    hosts_file: str = ""  # bind-mounted read-only onto /etc/hosts
+    resolv_file: str = ""  # and onto /etc/resolv.conf
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from quiltd import __version__, hostimage, images, mountopts, options
+from quiltd import __version__, hostimage, images, mountopts, networks, options
 from quiltd.cleanup import Cleaner
 from quiltd.errors import (
     Internal,
@@ -35,7 +35,9 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, State, scope_unit
+from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, Network, State, scope_unit
+from quiltd.network import Netlink
+from quiltd.networks import Networks
 from quiltd.paths import Paths
 from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, watch_exit
@@ -66,6 +68,7 @@ class RecoveryOutcome(enum.Enum):
 class ContainerInfo:
     container: Container
     usage: Usage | None  # None when no process runs
+    ip_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,14 @@ def now_usec() -> int:
 
 
 class Manager:
-    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer) -> None:
+    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
+                 netlink: Netlink | None = None) -> None:
         self.paths = paths
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
-        self._listeners: list[Listener] = []
+        self._networks = Networks(paths, store, netlink or Netlink())
+        self._listeners: list[Listener] = [self._networks]
         self._locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
         self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
@@ -135,7 +140,10 @@ class Manager:
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)
-        return ContainerInfo(c, await self.usage(c))
+        return ContainerInfo(c, await self.usage(c), self._networks.address(c.id))
+
+    def ip_address(self, container_id: str) -> str:
+        return self._networks.address(container_id)
 
     async def usage(self, c: Container) -> Usage | None:
         if c.state not in (State.RUNNING, State.STOPPING):
@@ -172,24 +180,34 @@ class Manager:
         mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
         spec = replace(spec, mounts=mounts, tmpfs=tmpfs)
         image = self._find_image(image_name)
+        if spec.network != networks.NONE:
+            self._networks.find(spec.network)
         if self._store.name_in_use(name):
             raise NameTaken(f"a container named {name!r} exists already")
         c = Container(
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
             command=argv, spec=spec, created_usec=now_usec(),
         )
+        self._networks.check_published(c)
+        # Committed as starting, with its address, before the reply: a
+        # daemon killed right after answering resumes this start when it
+        # comes back. One transaction, so a failed lease leaves no row.
+        starting = replace(c, state=State.STARTING) if start else None
         try:
             with self._store.transaction():
                 self._store.insert_container(c)
+                if starting is not None:
+                    self._store.update_container(starting)
+                    self._networks.take_lease(starting)
         except sqlite3.IntegrityError as e:
             raise NameTaken(f"a container named {name!r} exists already") from e
         for listener in self._listeners:
             listener.container_added(c)
-        if start:
-            # Committed as starting before the reply: a daemon killed right
-            # after answering resumes this start when it comes back.
-            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
-            self._start_in_background(c, resume=False)
+        if starting is not None:
+            for listener in self._listeners:
+                listener.container_changed(starting, c)
+            self._start_in_background(starting, resume=False)
+            return starting
         return c
 
     async def start(self, ref: str) -> Container:
@@ -199,7 +217,8 @@ class Manager:
             if c.state not in (State.CREATED, State.EXITED, State.FAILED):
                 raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
                                    "containers can be started")
-            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE)
+            c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE,
+                                 _with=self._networks.take_lease)
             c = await self._run_start(c.id) or c
         if c.state == State.FAILED:
             raise StartFailed(f"container {c.name} failed to start: {c.reason}")
@@ -219,11 +238,21 @@ class Manager:
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
             launched = await self._forkserver.launch()
-            await self._systemd.start_scope(
-                c.unit, launched.pid,
-                ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max, c.spec.ttl_sec or None),
-                f"Quilt container {c.name}",
+            # The veth is made while systemd makes the scope: the init waits
+            # for its spec either way, and the two waits overlap.
+            scope, veth = await asyncio.gather(
+                self._systemd.start_scope(
+                    c.unit, launched.pid,
+                    ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max,
+                                c.spec.ttl_sec or None),
+                    f"Quilt container {c.name}",
+                ),
+                self._networks.attach(c, launched.pid),
+                return_exceptions=True,
             )
+            for result in (scope, veth):
+                if isinstance(result, BaseException):
+                    raise result
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
             failure = await go_and_confirm(launched, spec)
         except Exception as e:
@@ -231,6 +260,8 @@ class Manager:
                 launched.close()  # init reads end of file instead of a spec and exits
                 with contextlib.suppress(Internal):
                     await self._systemd.stop(c.unit)
+                with contextlib.suppress(Internal):
+                    await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
             return self._transition(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
                                     finished_usec=now_usec())
@@ -254,7 +285,7 @@ class Manager:
         for sub in ("upper", "work", "rootfs"):
             (layer / sub).mkdir(parents=True, exist_ok=True)
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
-        return LaunchSpec(
+        spec = LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
             env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
             upperdir=str(layer / "upper"), overlay_workdir=str(layer / "work"),
@@ -263,6 +294,11 @@ class Manager:
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
             tmpfs=c.spec.tmpfs,
         )
+        net = self._networks.attachment(c)
+        if net is None:
+            return spec
+        return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
+                       hosts_file=net.hosts_file, resolv_file=net.resolv_file)
 
     def layers(self, c: Container) -> LaunchSpec:
         """What a start would mount for c (its layers, binds and tmpfs), for work on a stopped container."""
@@ -397,12 +433,17 @@ class Manager:
                                        "remove with force")
                 await self._kill_scope(c)
                 await self._wait_exit(c.id, None)
+            # Its veth goes with its namespace; a stray one is deleted at the next start.
+            with contextlib.suppress(Internal):
+                await self._networks.detach(c)
             # The row goes and what is left to undo is recorded in one
             # transaction; the cleaner undoes it now, or later if it must.
             with self._store.transaction():
                 self._store.delete_container(c.id)
                 leftovers = self._queue_container_leftovers(c.id)
             await self.cleaner.now(leftovers)
+            with contextlib.suppress(Internal):
+                await self._networks.forget(c)
         self._locks.pop(c.id, None)
         for listener in self._listeners:
             listener.container_removed(c)
@@ -472,6 +513,20 @@ class Manager:
             leftover = self._store.add_cleanup(CleanupKind.TREE, image.path)
         await self.cleaner.now([leftover])
 
+    # Networks
+
+    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
+        if not options.NAME_RE.match(name):
+            raise InvalidArgument(f"invalid network name {name!r}: use 1-63 letters, digits or '-', "
+                                  "not starting with '-'")
+        return await self._networks.create_network(name, opts)
+
+    async def remove_network(self, name: str) -> None:
+        await self._networks.remove_network(name)
+
+    def list_networks(self) -> list[Network]:
+        return self._networks.all()
+
     # Recovery
 
     async def recover(self) -> dict[RecoveryOutcome, list[str]]:
@@ -494,6 +549,11 @@ class Manager:
             else:
                 self._on_exit(c.id)
                 found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
+        active = [c for c in self._store.list_containers() if c.state.is_active and c.pid]
+        try:
+            await self._networks.recover(active)
+        except Internal:
+            log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
         self.cleaner.start()
         return found
@@ -512,10 +572,14 @@ class Manager:
 
     # Helpers
 
-    def _transition(self, c: Container, **changes: object) -> Container:
+    def _transition(self, c: Container, _with: Callable[[Container], object] | None = None,
+                    **changes: object) -> Container:
+        """Commits changes to c; _with(new) runs inside the same transaction."""
         new = replace(c, **changes)  # type: ignore[arg-type]
         with self._store.transaction():
             self._store.update_container(new)
+            if _with is not None:
+                _with(new)
         for listener in self._listeners:
             listener.container_changed(new, c)
         return new

@@ -47,6 +47,7 @@ class ContainerSpec:
     auto_remove: bool = False
     mounts: tuple[tuple[str, str, bool], ...] = ()  # (host source, target, read_only)
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target, size_bytes)
+    publish: tuple[tuple[int, int, str], ...] = ()  # (host port, container port, "tcp" or "udp")
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,22 @@ class Exec:
     exit_code: int = NO_EXIT_CODE
     created_usec: int = 0
     finished_usec: int = 0
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    bridge: str  # the bridge device in the daemon's network namespace
+    subnet: str  # CIDR, e.g. 10.88.0.0/16
+    gateway: str  # the bridge's own address in the subnet
+    egress: str = "none"  # "none", "all", or comma-separated "CIDR" / "CIDR:PORT" entries
+    created_usec: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A container's address on its network, held from its first start until it is removed."""
+
+    container_id: str
+    network: str
+    address: str

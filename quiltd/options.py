@@ -17,15 +17,16 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-NETWORKS = ("none",)
+DEFAULT_NETWORK = "bridge"
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once
 MAX_TASKS = 1 << 22
 
 KNOWN_OPTIONS = frozenset({
     "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
-    "labels", "ttl_sec", "auto_remove", "start",
+    "labels", "ttl_sec", "auto_remove", "start", "publish",
     "mounts", "tmpfs",  # checked by mountopts
 })
+PROTOCOLS = ("tcp", "udp")
 
 
 def check_name(name: object) -> str:
@@ -79,14 +80,18 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
             raise InvalidArgument(f"cpu_quota must be a number of cores from 0.01 to 4096, got {cpu_quota!r}")
         cpu_quota = float(cpu_quota)
     tasks_max = _optional_int(options, "tasks_max", 1, MAX_TASKS)
-    network = _str(options, "network", "none")
-    if network not in NETWORKS:
-        raise InvalidArgument(f"unknown network {network!r}: known are {', '.join(NETWORKS)}")
+    # "none", or a network's name; the core checks that it exists.
+    network = _str(options, "network", DEFAULT_NETWORK)
+    if network != "none" and not NAME_RE.match(network):
+        raise InvalidArgument(f"invalid network name {network!r}")
     labels = options.get("labels", {})
     if not isinstance(labels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):
         raise InvalidArgument("labels must be a map of strings to strings (a{ss})")
+    publish = _publish(options.get("publish", []))
+    if publish and network == "none":
+        raise InvalidArgument("publish needs a network: network 'none' has no address to forward to")
     ttl_sec = _optional_int(options, "ttl_sec", 0, 1 << 40) or 0
     auto_remove = _bool(options, "auto_remove", False)
     start = _bool(options, "start", True)
@@ -101,8 +106,29 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         labels=tuple(sorted(labels.items())),
         ttl_sec=ttl_sec,
         auto_remove=auto_remove,
+        publish=publish,
     )
     return spec, start
+
+
+def _publish(value: object) -> tuple[tuple[int, int, str], ...]:
+    """publish a(qqs): (host port, container port, protocol) entries."""
+    if not isinstance(value, list):
+        raise InvalidArgument("option publish must be a list of (host port, container port, proto): a(qqs)")
+    entries: list[tuple[int, int, str]] = []
+    for entry in value:
+        if not isinstance(entry, list | tuple) or len(entry) != 3:
+            raise InvalidArgument(f"invalid publish entry {entry!r}: use (host port, container port, proto)")
+        host, inner, proto = entry
+        for port in (host, inner):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise InvalidArgument(f"invalid port {port!r} in publish entry {entry!r}: use 1-65535")
+        if proto not in PROTOCOLS:
+            raise InvalidArgument(f"invalid protocol {proto!r} in publish entry {entry!r}: use tcp or udp")
+        if any((host, proto) == (h, p) for h, _, p in entries):
+            raise InvalidArgument(f"host port {host}/{proto} is published twice")
+        entries.append((host, inner, proto))
+    return tuple(entries)
 
 
 def _str(options: Mapping[str, object], key: str, default: str) -> str:

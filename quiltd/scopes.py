@@ -46,6 +46,9 @@ class Usage:
     tasks_current: int
 
 
+MAX_PENDING_CALLS = 64
+
+
 def unit_path(unit: str) -> str:
     """systemd's object path for a unit name (its bus_label_escape)."""
     escaped = "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in unit)
@@ -55,6 +58,10 @@ def unit_path(unit: str) -> str:
 class Systemd:
     def __init__(self, bus: MessageBus) -> None:
         self._bus = bus
+        # The system bus refuses a connection more than 128 pending calls
+        # (LimitsExceeded); hundreds of containers started or removed at
+        # once would go past that. Replies from clients share the budget.
+        self._in_flight = asyncio.Semaphore(MAX_PENDING_CALLS)
         self._waiting: dict[str, asyncio.Future[str]] = {}
         # JobRemoved can arrive before the reply that names the job.
         self._finished: OrderedDict[str, str] = OrderedDict()
@@ -168,10 +175,11 @@ class Systemd:
     async def _call(
         self, destination: str, path: str, interface: str, member: str, signature: str, body: list[object]
     ) -> list[Any]:
-        reply = await self._bus.call(
-            Message(destination=destination, path=path, interface=interface, member=member,
-                    signature=signature, body=body)
-        )
+        async with self._in_flight:
+            reply = await self._bus.call(
+                Message(destination=destination, path=path, interface=interface, member=member,
+                        signature=signature, body=body)
+            )
         if reply is None:
             raise Internal(f"no reply from {destination} to {member}")
         if reply.message_type == MessageType.ERROR:

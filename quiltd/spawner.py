@@ -138,17 +138,33 @@ async def go_and_confirm(launched: Launched, spec: LaunchSpec) -> str:
     # Far below a pipe's capacity, so this write does not block.
     os.write(launched.spec_fd, spec.to_json())
     os.close(launched.spec_fd)
-    os.set_blocking(launched.error_fd, False)
-    report = b""
+    return await read_to_end(launched.error_fd)
+
+
+async def read_to_end(fd: int) -> str:
+    """Everything written to a pipe until its last writer closes it; closes fd."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    data = bytearray()
+    done = loop.create_future()
+
+    def ready() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            data.extend(chunk)
+        elif not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, ready)
     try:
-        while True:
-            await _readable(launched.error_fd)
-            chunk = os.read(launched.error_fd, 4096)
-            if not chunk:
-                return report.decode(errors="replace")
-            report += chunk
+        await done
     finally:
-        os.close(launched.error_fd)
+        loop.remove_reader(fd)
+        os.close(fd)
+    return data.decode(errors="replace")
 
 
 def watch_exit(pidfd: int, on_exit: Callable[[], None]) -> None:

@@ -24,6 +24,8 @@ from quiltd.model import (
     Exec,
     ExecState,
     Image,
+    Lease,
+    Network,
     State,
 )
 
@@ -82,6 +84,26 @@ MIGRATIONS = (
         finished_usec INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX execs_container ON execs(container_id);
+    """,
+    # Networks and address leases. A lease goes with its container (cascade),
+    # and the primary key makes handing out one address twice impossible.
+    """
+    CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        bridge TEXT NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        gateway TEXT NOT NULL,
+        egress TEXT NOT NULL,
+        created_usec INTEGER NOT NULL
+    );
+    INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec)
+        VALUES ('bridge', 'quilt0', '10.88.0.0/16', '10.88.0.1', 'none', 0);
+    CREATE TABLE leases (
+        network TEXT NOT NULL REFERENCES networks(name),
+        address TEXT NOT NULL,
+        container_id TEXT NOT NULL UNIQUE REFERENCES containers(id) ON DELETE CASCADE,
+        PRIMARY KEY (network, address)
+    );
     """,
 )
 
@@ -218,6 +240,46 @@ class Store:
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
 
+    # Networks and leases
+
+    def insert_network(self, n: Network) -> None:
+        self._db.execute(
+            "INSERT INTO networks (name, bridge, subnet, gateway, egress, created_usec) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (n.name, n.bridge, n.subnet, n.gateway, n.egress, n.created_usec),
+        )
+
+    def find_network(self, name: str) -> Network | None:
+        row = self._db.execute("SELECT * FROM networks WHERE name = ?", (name,)).fetchone()
+        return Network(**dict(row)) if row else None
+
+    def list_networks(self) -> list[Network]:
+        return [Network(**dict(r)) for r in self._db.execute("SELECT * FROM networks ORDER BY name")]
+
+    def delete_network(self, name: str) -> None:
+        self._db.execute("DELETE FROM networks WHERE name = ?", (name,))
+
+    def insert_lease(self, lease: Lease) -> None:
+        self._db.execute(
+            "INSERT INTO leases (network, address, container_id) VALUES (?, ?, ?)",
+            (lease.network, lease.address, lease.container_id),
+        )
+
+    def find_lease(self, container_id: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE container_id = ?", (container_id,)).fetchone()
+        return Lease(**dict(row)) if row else None
+
+    def containers_on_network(self, network: str) -> list[str]:
+        rows = self._db.execute("SELECT name, spec FROM containers ORDER BY name").fetchall()
+        return [r[0] for r in rows if json.loads(r[1]).get("network") == network]
+
+    def leases(self, network: str | None = None) -> list[Lease]:
+        if network is None:
+            rows = self._db.execute("SELECT * FROM leases ORDER BY network, address")
+        else:
+            rows = self._db.execute("SELECT * FROM leases WHERE network = ? ORDER BY address", (network,))
+        return [Lease(**dict(r)) for r in rows]
+
 
     # Cleanup tasks
 
@@ -277,6 +339,8 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
     spec["mounts"] = tuple((s, t, ro) for s, t, ro in spec.get("mounts", ()))
     spec["tmpfs"] = tuple((t, size) for t, size in spec.get("tmpfs", ()))
+    if "publish" in spec:
+        spec["publish"] = tuple(tuple(entry) for entry in spec["publish"])
     return Container(
         **{
             **raw,

@@ -98,7 +98,7 @@ class ContainerInterface(ServiceInterface):
 
     @dbus_property(access=READ)
     def IPAddress(self) -> "s":
-        return ""  # no addresses while the only network is "none"
+        return self._m.ip_address(self._id)
 
     @dbus_property(access=READ)
     def Labels(self) -> "a{ss}":

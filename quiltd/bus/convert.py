@@ -44,6 +44,8 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "Workdir": Variant("s", c.spec.workdir),
         "Hostname": Variant("s", c.spec.hostname),
         "Network": Variant("s", c.spec.network),
+        "IPAddress": Variant("s", info.ip_address),
+        "Publish": Variant("a(qqs)", [list(entry) for entry in c.spec.publish]),
         "Labels": Variant("a{ss}", dict(c.spec.labels)),
         "MemoryMax": Variant("t", c.spec.memory_max or 0),
         "CPUQuota": Variant("d", c.spec.cpu_quota or 0.0),

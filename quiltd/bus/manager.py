@@ -89,6 +89,22 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def CreateNetwork(self, name: "s", options: "a{sv}") -> "s":
+        network = await self._m.create_network(name, convert.unwrap(options))
+        return network.subnet
+
+    @method()
+    @bus_errors
+    async def RemoveNetwork(self, name: "s") -> None:
+        await self._m.remove_network(name)
+
+    @method()
+    @bus_errors
+    async def ListNetworks(self) -> "a(sssss)":
+        return [[n.name, n.subnet, n.gateway, n.bridge, n.egress] for n in self._m.list_networks()]
+
+    @method()
+    @bus_errors
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 

@@ -54,6 +54,9 @@ def test_restart_keeps_fifty_running_containers(sandbox: Any, quilt: Any, name: 
                 assert info["State"] == "running", n
                 after[n] = (info["Pid"], info["StartedUsec"])
             assert after == before
+            # Each still answers an exec, in its own namespaces.
+            results = await asyncio.gather(*(q.exec(n, ["hostname"]) for n in names))
+            assert [r[1].decode().strip() for r in results] == names
             # Still controllable: each one stops through the adopted pidfd.
             await asyncio.gather(*(q.stop(n, 10) for n in names))
             assert {await q.wait(n) for n in names} == {("exited", 143)}

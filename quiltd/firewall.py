@@ -1,0 +1,158 @@
+"""quiltd's nftables table: networks kept apart, egress as each network allows.
+
+The whole table is generated from the networks on record and loaded with
+one `nft -f -` run: nft applies a file as one transaction, so the rules are
+never half-replaced, and a daemon killed at any point leaves a table the
+next start simply replaces. The `nft` tool rather than pyroute2's nftables
+module: its rule language is stable across nftables versions and readable in
+`nft list table inet quilt`, while pyroute2's nftables API differs between
+0.7 and current releases and covers few expressions.
+
+Rules, for each network (bridge B, subnet S):
+- nothing enters B from elsewhere but replies to its own connections;
+- traffic from B goes to its own containers, and beyond only as its egress
+  allows: "none" (only ping to its gateway), "all" (masqueraded), or a list
+  of CIDRs, each optionally with a port (tcp and udp).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from dataclasses import dataclass
+
+from quiltd.errors import Internal, InvalidArgument
+
+TABLE = "quilt"
+EGRESS_NONE = "none"
+EGRESS_ALL = "all"
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    cidr: str
+    port: int = 0  # 0: every port and protocol
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A published port: host_port/proto on any local address goes to address:port."""
+
+    host_port: int
+    proto: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    bridge: str
+    subnet: str
+    gateway: str
+    egress: str  # "none", "all" or "list"
+    rules: tuple[EgressRule, ...] = ()
+
+
+def parse_egress(value: object) -> tuple[str, tuple[EgressRule, ...]]:
+    """The egress option: "none", "all", or a list of "CIDR" or "CIDR:PORT" strings."""
+    if value in (EGRESS_NONE, EGRESS_ALL):
+        return str(value), ()
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument("egress must be 'none', 'all' or a non-empty list of 'CIDR' or 'CIDR:PORT'")
+    rules = []
+    for item in value:
+        cidr, _, port = item.partition(":")
+        try:
+            network = ipaddress.IPv4Network(cidr, strict=False)
+        except ValueError as e:
+            raise InvalidArgument(f"invalid egress CIDR {cidr!r}: {e}") from e
+        if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+            raise InvalidArgument(f"invalid egress port {port!r} in {item!r}: use 1-65535")
+        rules.append(EgressRule(str(network), int(port or 0)))
+    return "list", tuple(rules)
+
+
+def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
+    """The nft script that replaces quiltd's table with rules for these networks."""
+    forward_in: list[str] = []
+    forward_out: list[str] = []
+    inbound: list[str] = []
+    nat: list[str] = []
+    for p in policies:
+        b = f'"{p.bridge}"'
+        forward_in += [
+            f"iifname {b} oifname {b} accept",
+            f"oifname {b} ct state established,related accept",
+            f"oifname {b} ct status dnat accept",  # published ports
+            f"oifname {b} drop",
+        ]
+        allowed = _allowed(p)
+        forward_out += [f"iifname {b} {rule}" for rule in allowed] + [f"iifname {b} drop"]
+        inbound += [
+            f"iifname {b} ct state established,related accept",
+            f"iifname {b} ip daddr {p.gateway} icmp type echo-request accept",
+            *(f"iifname {b} {rule}" for rule in allowed),
+            f"iifname {b} drop",
+        ]
+        if p.egress != EGRESS_NONE:
+            nat.append(f"ip saddr {p.subnet} oifname != {b} masquerade")
+    lines = [
+        # Declaring the table first makes the delete valid when it does not exist yet.
+        f"table inet {TABLE} {{}}",
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        # Every network's inbound rules come first, so one network's egress
+        # never opens another network.
+        *(f"    {r}" for r in forward_in + forward_out),
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        *(f"    {r}" for r in inbound),
+        "  }",
+        # Published ports, for packets from elsewhere and from the host itself.
+        *(line for hook in ("prerouting", "output") for line in (
+            f"  chain {hook} {{",
+            # -100 is dstnat; older nft accepts the name only for prerouting.
+            f"    type nat hook {hook} priority -100; policy accept;",
+            *(f"    fib daddr type local {f.proto} dport {f.host_port} dnat ip to {f.address}:{f.port}"
+              for f in forwards),
+            "  }",
+        )),
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        *(f"    {r}" for r in nat),
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def remove_script() -> str:
+    return f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+
+
+def _allowed(p: Policy) -> list[str]:
+    if p.egress == EGRESS_ALL:
+        return ["accept"]
+    if p.egress == EGRESS_NONE:
+        return []
+    rules = []
+    for r in p.rules:
+        if r.port:
+            rules += [f"ip daddr {r.cidr} tcp dport {r.port} accept",
+                      f"ip daddr {r.cidr} udp dport {r.port} accept"]
+        else:
+            rules.append(f"ip daddr {r.cidr} accept")
+    return rules
+
+
+def load(script: str) -> None:
+    """Runs nft on the script (blocking: call from a worker thread)."""
+    try:
+        result = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Internal(f"could not run nft: {e}") from e
+    if result.returncode != 0:
+        raise Internal(f"nft failed: {result.stderr.decode(errors='replace').strip()}")

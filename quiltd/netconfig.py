@@ -1,0 +1,89 @@
+"""Configures a container's network from inside it: run by the container's init.
+
+Init is already in the container's network namespace, so plain socket
+ioctls reach the right interfaces, with no netlink library to import and no
+fork (which is what a library's "enter a namespace" helper would do from the
+threaded daemon). Only IPv4, which is all Quilt hands out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import ipaddress
+import socket
+import struct
+
+SIOCADDRT = 0x890B
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+IFF_UP = 0x1
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+
+
+class _SockaddrIn(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_ushort),
+        ("port", ctypes.c_ushort),
+        ("addr", ctypes.c_uint8 * 4),
+        ("zero", ctypes.c_uint8 * 8),
+    ]
+
+
+class _RtEntry(ctypes.Structure):
+    # struct rtentry from <net/route.h>; ctypes lays out the longs and
+    # pointers for the running architecture.
+    _fields_ = [
+        ("rt_pad1", ctypes.c_ulong),
+        ("rt_dst", _SockaddrIn),
+        ("rt_gateway", _SockaddrIn),
+        ("rt_genmask", _SockaddrIn),
+        ("rt_flags", ctypes.c_ushort),
+        ("rt_pad2", ctypes.c_short),
+        ("rt_pad3", ctypes.c_ulong),
+        ("rt_pad4", ctypes.c_void_p),
+        ("rt_metric", ctypes.c_short),
+        ("rt_dev", ctypes.c_char_p),
+        ("rt_mtu", ctypes.c_ulong),
+        ("rt_window", ctypes.c_ulong),
+        ("rt_irtt", ctypes.c_ushort),
+    ]
+
+
+def _sockaddr(address: str) -> _SockaddrIn:
+    sa = _SockaddrIn()
+    sa.family = socket.AF_INET
+    sa.addr[:] = list(socket.inet_aton(address))
+    return sa
+
+
+def _ifreq_addr(ifname: str, address: str) -> bytes:
+    return struct.pack("16s", ifname.encode()) + bytes(_sockaddr(address))
+
+
+def link_up(sock: socket.socket, ifname: str) -> None:
+    ifreq = struct.pack("16sH14x", ifname.encode(), 0)
+    flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
+    fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", ifname.encode(), flags | IFF_UP))
+
+
+def configure(ifname: str, interface: str, gateway: str) -> None:
+    """Brings up lo and ifname with interface ("10.88.0.5/16") and a default route via gateway."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        link_up(s, "lo")
+        if not ifname:
+            return
+        iface = ipaddress.IPv4Interface(interface)
+        fcntl.ioctl(s, SIOCSIFADDR, _ifreq_addr(ifname, str(iface.ip)))
+        fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq_addr(ifname, str(iface.netmask)))
+        link_up(s, ifname)
+        if gateway:
+            route = _RtEntry()
+            route.rt_dst = _sockaddr("0.0.0.0")
+            route.rt_genmask = _sockaddr("0.0.0.0")
+            route.rt_gateway = _sockaddr(gateway)
+            route.rt_flags = RTF_UP | RTF_GATEWAY
+            fcntl.ioctl(s, SIOCADDRT, bytes(route))

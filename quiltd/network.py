@@ -1,0 +1,190 @@
+"""Links in the daemon's network namespace: bridges and containers' veth pairs.
+
+pyroute2's synchronous IPRoute, in the form both Debian 12's 0.7 and the
+current releases accept. Every call runs on one worker thread that owns the
+netlink socket: netlink requests take milliseconds (deleting a link waits
+for an RCU grace period, about 20 ms), and the event loop must not wait for
+them. One thread also means one request at a time on the socket, which
+IPRoute does not promise to handle from several threads.
+
+The container's end of a veth pair is created directly inside the
+container's network namespace, named eth0, so the daemon never has to enter
+that namespace; the container's init gives it its address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from quiltd.errors import Internal
+
+T = TypeVar("T")
+
+VETH_PREFIX = "qv"  # host ends: qv + the first 13 hex digits of the container id (15 chars, IFNAMSIZ-1)
+CONTAINER_IFNAME = "eth0"
+
+
+def veth_name(container_id: str) -> str:
+    return VETH_PREFIX + container_id[:13]
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    kind: str
+    master: str  # the bridge this link is a port of, or ""
+
+
+class NetworkError(Internal):
+    """A netlink request failed; the message names the request and the kernel's reason."""
+
+
+class Netlink:
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self._ipr: Any = None
+        self._bridges: dict[str, int] = {}  # name -> index, of bridges known to be set up
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except NetlinkError as e:
+            raise NetworkError(f"{what}: {_reason(e)}") from e
+
+    def _ip(self) -> Any:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    # The event loop's side
+
+    async def ensure_bridge(self, name: str, gateway: str) -> None:
+        """Creates bridge name with address gateway ("10.88.0.1/16") and brings it up, unless it is."""
+        await self._run(f"setting up bridge {name}", self._ensure_bridge, name, gateway)
+
+    async def add_veth(self, container_id: str, bridge: str, gateway: str, pid: int) -> None:
+        """A veth pair: the host end a port of bridge, the other eth0 in pid's network namespace."""
+        await self._run(f"creating the veth of {container_id}", self._add_veth, container_id, bridge,
+                        gateway, pid)
+
+    async def delete_link(self, name: str) -> bool:
+        """Deletes a link; False if there was none."""
+        return await self._run(f"deleting {name}", self._delete_link, name)
+
+    async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn on the worker thread: other blocking network work, in turn with netlink's."""
+        return await self._run(what, fn, *args)
+
+    async def links(self) -> list[Link]:
+        return await self._run("listing links", self._links)
+
+    async def set_master(self, name: str, bridge: str) -> None:
+        await self._run(f"attaching {name} to {bridge}", self._set_master, name, bridge)
+
+    # The worker thread's side
+
+    def _ensure_bridge(self, name: str, gateway: str) -> int:
+        ipr = self._ip()
+        iface = ipaddress.IPv4Interface(gateway)
+        try:
+            index: int = ipr.link("get", ifname=name)[0]["index"]
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            # A fixed MAC: a bridge otherwise takes the lowest of its ports'
+            # MACs, which changes as containers come and go and leaves stale
+            # ARP entries for the gateway in them.
+            ipr.link("add", ifname=name, kind="bridge", address=_local_mac())
+            index = ipr.link("get", ifname=name)[0]["index"]
+        have = {
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)
+        }
+        if (str(iface.ip), iface.network.prefixlen) not in have:
+            ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        ipr.link("set", index=index, state="up")
+        self._bridges[name] = index
+        return index
+
+    def _add_veth(self, container_id: str, bridge: str, gateway: str, pid: int) -> None:
+        ipr = self._ip()
+        index = self._bridges.get(bridge) or self._ensure_bridge(bridge, gateway)
+        try:
+            self._veth(ipr, container_id, index, pid)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                # The container's previous run: the kernel deletes a veth
+                # with its namespace, but later, from a work queue.
+                self._delete_link(veth_name(container_id))
+            elif e.code == errno.ENODEV:
+                # The bridge went away behind our back: make it again.
+                self._bridges.pop(bridge, None)
+                index = self._ensure_bridge(bridge, gateway)
+            else:
+                raise
+            self._veth(ipr, container_id, index, pid)
+
+    @staticmethod
+    def _veth(ipr: Any, container_id: str, bridge_index: int, pid: int) -> None:
+        # One request: created as a port of the bridge, up, with its peer
+        # born inside the container's namespace.
+        ipr.link(
+            "add", ifname=veth_name(container_id), kind="veth", master=bridge_index, state="up",
+            peer={"ifname": CONTAINER_IFNAME, "net_ns_pid": pid},
+        )
+
+    def _delete_link(self, name: str) -> bool:
+        try:
+            self._ip().link("del", ifname=name)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise
+        self._bridges.pop(name, None)
+        return True
+
+    def _set_master(self, name: str, bridge: str) -> None:
+        ipr = self._ip()
+        index = ipr.link("get", ifname=bridge)[0]["index"]
+        ipr.link("set", ifname=name, master=index)
+
+    def _links(self) -> list[Link]:
+        ipr = self._ip()
+        raw = list(ipr.get_links())
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in raw}
+        result = []
+        for m in raw:
+            info = m.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            master = names.get(m.get_attr("IFLA_MASTER") or 0, "")
+            result.append(Link(m.get_attr("IFLA_IFNAME"), kind or "", master))
+        return result
+
+
+def _local_mac() -> str:
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02  # locally administered, unicast
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _reason(e: NetlinkError) -> str:
+    with contextlib.suppress(TypeError, ValueError, OverflowError):
+        return f"{errno.errorcode.get(e.code, e.code)} ({os.strerror(e.code)})"
+    return str(e)

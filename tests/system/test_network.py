@@ -1,0 +1,481 @@
+"""Container networking as a user sees it: addresses, links in the sandbox, names, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from tests.system.conftest import eventually, run
+
+pytestmark = pytest.mark.system
+
+GATEWAY = "10.88.0.1"
+BRIDGE = "quilt0"
+
+
+def sh(sandbox: Any, *argv: str, check: bool = True) -> str:
+    return sandbox.run(list(argv), check=check).stdout.decode()
+
+
+def ports(sandbox: Any) -> set[str]:
+    """The bridge's ports, as `ip link` in the daemon's network namespace shows them."""
+    out = sh(sandbox, "ip", "-br", "link", "show", "master", BRIDGE, check=False)
+    return {line.split()[0].split("@")[0] for line in out.splitlines() if line.strip()}
+
+
+def in_netns(sandbox: Any, pid: int, *argv: str, check: bool = True) -> str:
+    return sh(sandbox, "nsenter", "-t", str(pid), "-n", *argv, check=check)
+
+
+def journal(sandbox: Any, name: str) -> str:
+    return sh(sandbox, "journalctl", f"QUILT_CONTAINER_NAME={name}", "-o", "cat", "--no-pager")
+
+
+async def running(q: Any, name: str) -> dict[str, Any]:
+    info: dict[str, Any]
+    async def is_running() -> bool:
+        return bool((await q.info(name))["State"] == "running")
+
+    try:
+        await eventually(is_running)
+    except AssertionError:
+        info = await q.info(name)
+        raise AssertionError(f"{name} is {info['State']}, not running: {info['Reason']}") from None
+    info = await q.info(name)
+    return info
+
+
+def test_default_network_gives_an_address_a_route_and_a_veth(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, path = await q.create(name, "busybox", ["sleep", "600"])
+            try:
+                info = await running(q, name)
+                address = info["IPAddress"]
+                assert info["Network"] == "bridge"
+                assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network("10.88.0.0/16")
+                prop = await q.call("Get", "ss", "org.quilt.Quilt1.Container", "IPAddress", path=path,
+                                    interface="org.freedesktop.DBus.Properties")
+                assert prop[0].value == address
+                pid = info["Pid"]
+                assert f"inet {address}/16" in in_netns(sandbox, pid, "ip", "-4", "addr", "show", "eth0")
+                assert f"default via {GATEWAY} dev eth0" in in_netns(sandbox, pid, "ip", "route")
+                assert "UP" in in_netns(sandbox, pid, "ip", "link", "show", "lo")
+                in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", GATEWAY)
+                assert f"qv{cid[:13]}" in ports(sandbox)
+                assert f"{GATEWAY}/16" in sh(sandbox, "ip", "-4", "addr", "show", BRIDGE)
+            finally:
+                await q.remove(name, force=True)
+            assert f"qv{cid[:13]}" not in ports(sandbox)
+            assert f"qv{cid[:13]}" not in sh(sandbox, "ip", "-br", "link")
+
+    run(scenario())
+
+
+def test_network_none_keeps_only_loopback(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "600"], network="none")
+            try:
+                info = await running(q, name)
+                assert info["IPAddress"] == "" and info["Network"] == "none"
+                links = in_netns(sandbox, info["Pid"], "ip", "-br", "link")
+                assert [line.split()[0] for line in links.splitlines()] == ["lo"]
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_unknown_network_is_refused_and_leaves_nothing(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            before = await q.list_containers()
+            with pytest.raises(errors.NoSuchNetwork, match="nowhere"):
+                await q.create(name, "busybox", ["true"], network="nowhere")
+            assert await q.list_containers() == before
+
+    run(scenario())
+
+
+def test_address_is_kept_across_restarts_of_container_and_daemon(sandbox: Any, quilt: Any,
+                                                                  name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, _ = await q.create(name, "busybox", ["sleep", "600"])
+            try:
+                first = (await running(q, name))["IPAddress"]
+                await q.stop(name, 0)
+                await q.start(name)
+                assert (await running(q, name))["IPAddress"] == first
+                sandbox.run(["systemctl", "restart", "quiltd"])
+            except BaseException:
+                await q.remove(name, force=True)
+                raise
+        async with quilt() as q:
+            try:
+                info = await running(q, name)
+                assert info["IPAddress"] == first
+                assert f"qv{cid[:13]}" in ports(sandbox)
+                in_netns(sandbox, info["Pid"], "busybox", "ping", "-c1", "-W2", GATEWAY)
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_containers_reach_each_other_by_name(sandbox: Any, quilt: Any, name: str) -> None:
+    server, client = f"{name}-srv", f"{name}-cli"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(server, "busybox", ["nc", "-l", "-p", "5000"])
+                await running(q, server)
+                await q.create(client, "busybox", [
+                    "sh", "-c",
+                    f"for i in $(seq 50); do echo hello-from-client | nc -w 1 {server} 5000 && exit 0; "
+                    "sleep 0.2; done; exit 1",
+                ])
+                assert await q.wait(client, 30_000_000) == ("exited", 0)
+                assert await q.wait(server, 30_000_000) == ("exited", 0)
+                deadline = time.monotonic() + 10
+                while "hello-from-client" not in journal(sandbox, server) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert journal(sandbox, server).split() == ["hello-from-client"]
+            finally:
+                for ref in (server, client):
+                    await _remove(q, ref)
+
+    run(scenario())
+
+
+def test_hosts_follow_containers_coming_and_going(sandbox: Any, quilt: Any, name: str) -> None:
+    watcher, other = f"{name}-w", f"{name}-o"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(watcher, "busybox", ["sleep", "600"])
+                pid = (await running(q, watcher))["Pid"]
+
+                def hosts() -> str:
+                    return sh(sandbox, "nsenter", "-t", str(pid), "-m", "cat", "/etc/hosts")
+
+                assert f"\t{watcher}\n" in hosts()
+                await q.create(other, "busybox", ["sleep", "600"])
+                address = (await running(q, other))["IPAddress"]
+                await eventually(lambda: _true(f"{address}\t{other}\n" in hosts()))
+                await q.remove(other, force=True)
+                await eventually(lambda: _true(other not in hosts()))
+                # Read-only for the container.
+                out = sandbox.run(["nsenter", "-t", str(pid), "-m", "-n", "-p", "sh", "-c",
+                                   "echo x >> /etc/hosts"], check=False)
+                assert out.returncode != 0
+            finally:
+                for ref in (watcher, other):
+                    await _remove(q, ref)
+
+    run(scenario())
+
+
+def test_200_concurrent_creates_get_distinct_addresses(sandbox: Any, quilt: Any, name: str) -> None:
+    names = [f"{name}-{i}" for i in range(200)]
+    infos: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        # The system bus allows a connection 128 pending calls: four clients
+        # with 50 calls in flight each.
+        async with quilt() as q0, quilt() as q1, quilt() as q2, quilt() as q3:
+            clients = (q0, q1, q2, q3)
+            try:
+                started = time.monotonic()
+                await asyncio.gather(*(
+                    clients[i % 4].create(n, "busybox", ["sleep", "600"]) for i, n in enumerate(names)
+                ))
+
+                async def all_running() -> bool:
+                    rows = await q0.list_containers(state="running")
+                    return len({r[1] for r in rows} & set(names)) == len(names)
+
+                await eventually(all_running, timeout=300)
+                elapsed = time.monotonic() - started
+                infos.extend(await asyncio.gather(*(clients[i % 4].info(n) for i, n in enumerate(names))))
+                addresses = [i["IPAddress"] for i in infos]
+                assert all(addresses) and len(set(addresses)) == len(names)
+                assert {f"qv{i['Id'][:13]}" for i in infos} <= ports(sandbox)
+                # The last one reaches the first across the bridge.
+                in_netns(sandbox, infos[-1]["Pid"], "busybox", "ping", "-c1", "-W2", addresses[0])
+                print(f"200 containers running on one bridge after {elapsed:.1f} s")
+            finally:
+                await asyncio.gather(*(_remove(clients[i % 4], n) for i, n in enumerate(names)))
+            left = {f"qv{i['Id'][:13]}" for i in infos} & ports(sandbox)
+            assert not left
+
+    run(scenario())
+
+
+async def _remove(q: Any, ref: str) -> None:
+    with contextlib.suppress(errors.NoSuchContainer):
+        await q.remove(ref, force=True)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def snapshot(sandbox: Any) -> tuple[str, str, str]:
+    """Links, addresses and quiltd's nft rules in the daemon's network namespace."""
+    links = sh(sandbox, "ip", "-br", "link")
+    addrs = sh(sandbox, "ip", "-br", "addr")
+    rules = sh(sandbox, "nft", "list", "table", "inet", "quilt", check=False)
+    # Bridges show carrier and MACs that change with their ports; names and addresses are what count.
+    return (
+        "\n".join(sorted(line.split()[0] for line in links.splitlines())),
+        "\n".join(sorted(" ".join(w for w in line.split() if not w.startswith("fe80")) for line in
+                         addrs.splitlines())).replace(" UP", "").replace(" DOWN", "").replace(" UNKNOWN", ""),
+        rules,
+    )
+
+
+async def connects(sandbox: Any, pid: int, address: str, port: int, tries: int = 1) -> bool:
+    """Whether a TCP connection from the container's namespace to address:port succeeds."""
+    for _ in range(tries):
+        out = sandbox.run(["nsenter", "-t", str(pid), "-n", "busybox", "nc", "-w", "2", address, str(port)],
+                          input=b"ping\n", check=False)
+        if out.returncode == 0:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def test_networks_are_isolated_from_each_other(sandbox: Any, quilt: Any, name: str) -> None:
+    net_a, net_b = f"{name}-a"[:63], f"{name}-b"[:63]
+    before = snapshot(sandbox)
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create_network(net_a)
+                # egress all: routing is on, so only the rules keep b out of a.
+                await q.create_network(net_b, egress="all")
+                listed = {row[0]: row for row in await q.networks()}
+                assert listed[net_b][4] == "all" and listed[net_a][4] == "none"
+                await q.create(f"{name}-srv", "busybox", ["nc", "-ll", "-p", "5000", "-e", "true"],
+                               network=net_a)
+                await q.create(f"{name}-peer", "busybox", ["sleep", "600"], network=net_a)
+                await q.create(f"{name}-out", "busybox", ["sleep", "600"], network=net_b)
+                srv = await running(q, f"{name}-srv")
+                peer = await running(q, f"{name}-peer")
+                out = await running(q, f"{name}-out")
+                assert srv["IPAddress"].rsplit(".", 1)[0] == peer["IPAddress"].rsplit(".", 1)[0]
+                assert await connects(sandbox, peer["Pid"], srv["IPAddress"], 5000, tries=5)
+                assert not await connects(sandbox, out["Pid"], srv["IPAddress"], 5000)
+                with pytest.raises(errors.InvalidState, match=f"{name}-srv"):
+                    await q.remove_network(net_a)
+            finally:
+                for ref in (f"{name}-srv", f"{name}-peer", f"{name}-out"):
+                    await _remove(q, ref)
+                for net in (net_a, net_b):
+                    with contextlib.suppress(errors.NoSuchNetwork):
+                        await q.remove_network(net)
+            assert net_a not in {row[0] for row in await q.networks()}
+
+    run(scenario())
+    assert snapshot(sandbox) == before
+
+
+@pytest.mark.parametrize(("egress", "reach_8080", "reach_8081"), [
+    ("none", False, False),
+    ("all", True, True),
+    (["GATEWAY:8080"], True, False),
+])
+def test_egress_to_the_host_side(sandbox: Any, quilt: Any, name: str, egress: Any, reach_8080: bool,
+                                 reach_8081: bool) -> None:
+    net = f"{name}-n"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            servers = []
+            try:
+                gateway = "10.123.0.1"
+                wanted = egress
+                if isinstance(egress, list):
+                    wanted = [e.replace("GATEWAY", gateway) for e in egress]
+                assert await q.create_network(net, subnet="10.123.0.0/24", egress=wanted) == "10.123.0.0/24"
+                for port in (8080, 8081):
+                    unit = f"egress-{port}-{name}"[:60]
+                    sandbox.run(["systemd-run", f"--unit={unit}", "busybox", "nc", "-ll", "-p", str(port),
+                                 "-e", "true"])
+                    servers.append(unit)
+                await q.create(name, "busybox", ["sleep", "600"], network=net)
+                pid = (await running(q, name))["Pid"]
+                # Expected successes get a few tries: the servers may not be listening yet.
+                assert await connects(sandbox, pid, gateway, 8080, 5 if reach_8080 else 1) == reach_8080
+                assert await connects(sandbox, pid, gateway, 8081, 5 if reach_8081 else 1) == reach_8081
+                in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", gateway)  # always allowed
+            finally:
+                await _remove(q, name)
+                for unit in servers:
+                    sandbox.run(["systemctl", "stop", unit], check=False)
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())
+
+
+def test_network_bad_input_leaves_nothing(sandbox: Any, quilt: Any, name: str) -> None:
+    before = snapshot(sandbox)
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            listed = await q.networks()
+            cases: list[tuple[str, dict[str, Any], type[errors.QuiltError], str]] = [
+                ("bridge", {}, errors.NameTaken, "bridge"),
+                ("-bad", {}, errors.InvalidArgument, "invalid network name"),
+                ("none", {}, errors.InvalidArgument, "none"),
+                (name, {"subnet": "10.88.5.0/24"}, errors.InvalidArgument, "overlaps network bridge"),
+                (name, {"subnet": "10.1.2.3/33"}, errors.InvalidArgument, "invalid subnet"),
+                (name, {"subnet": "10.77.0.0/30"}, errors.InvalidArgument, "too small"),
+                (name, {"egress": "some"}, errors.InvalidArgument, "egress"),
+                (name, {"egress": ["10.0.0.0/8:99999"]}, errors.InvalidArgument, "port"),
+                (name, {"colour": "red"}, errors.InvalidArgument, "colour"),
+            ]
+            for net, opts, error, match in cases:
+                with pytest.raises(error, match=match):
+                    await q.create_network(net, **opts)
+            with pytest.raises(errors.NoSuchNetwork):
+                await q.remove_network(name)
+            with pytest.raises(errors.InvalidState, match="default"):
+                await q.remove_network("bridge")
+            assert await q.networks() == listed
+
+    run(scenario())
+    assert snapshot(sandbox) == before
+
+
+def test_subnet_exhausted_is_a_named_error_and_leaves_nothing(quilt: Any, name: str) -> None:
+    net = f"{name}-tiny"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create_network(net, subnet="10.124.0.0/29")  # five addresses
+            names = [f"{name}-{i}" for i in range(5)]
+            try:
+                for n in names:
+                    await q.create(n, "busybox", ["true"], network=net)
+                before = await q.list_containers()
+                with pytest.raises(errors.AddressesExhausted, match=net):
+                    await q.create(f"{name}-6", "busybox", ["true"], network=net)
+                assert await q.list_containers() == before
+                await q.create(f"{name}-6", "busybox", ["true"], network=net, start=False)
+                with pytest.raises(errors.AddressesExhausted):
+                    await q.start(f"{name}-6")
+                assert (await q.info(f"{name}-6"))["State"] == "created"
+                await q.remove(names[0], force=True)
+                await q.start(f"{name}-6")  # the freed address
+            finally:
+                for n in [*names, f"{name}-6"]:
+                    await _remove(q, n)
+                await q.remove_network(net)
+
+    run(scenario())
+
+
+def test_kill_9_leaves_nothing_the_next_start_does_not_clean(sandbox: Any, quilt: Any, name: str) -> None:
+    before = snapshot(sandbox)
+    # What a daemon killed half-way through RemoveNetwork or a start could
+    # leave: a bridge of no network on record, a stray veth, stale rules.
+    sandbox.run(["ip", "link", "add", "qbdeadbeef0000", "type", "bridge"])
+    sandbox.run(["ip", "link", "add", "qv0000deadbeef0", "type", "veth", "peer", "name", "qvpeer-stray"])
+    sandbox.run(["nft", "add", "rule", "inet", "quilt", "forward", "iifname", "qbdeadbeef0000", "accept"])
+    main_pid = sh(sandbox, "systemctl", "show", "-p", "MainPID", "--value", "quiltd").strip()
+    sandbox.run(["kill", "-9", main_pid])
+
+    async def scenario() -> None:
+        # systemd restarts it, or the next call activates it; the first
+        # calls may still reach the dying one.
+        for _ in range(50):
+            with contextlib.suppress(errors.QuiltError):
+                async with quilt() as q:
+                    await q.system_info()
+                    return
+            await asyncio.sleep(0.2)
+
+    run(scenario())
+    assert snapshot(sandbox) == before
+
+
+def test_published_port_reaches_the_container_and_conflicts_are_named(sandbox: Any, quilt: Any,
+                                                                       name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(name, "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "published-ok"],
+                               publish=[[18080, 80, "tcp"]])
+                await running(q, name)
+                with pytest.raises(errors.NameTaken, match=f"18080/tcp is published by container {name}"):
+                    await q.create(f"{name}-2", "busybox", ["true"], publish=[[18080, 81, "tcp"]])
+                with pytest.raises(errors.InvalidArgument, match="network"):
+                    await q.create(f"{name}-2", "busybox", ["true"], network="none",
+                                   publish=[[18081, 80, "tcp"]])
+                with pytest.raises(errors.InvalidArgument, match="protocol"):
+                    await q.create(f"{name}-2", "busybox", ["true"], publish=[[18081, 80, "sctp"]])
+                assert "18080" in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+                # From the host side: any of its addresses, here the gateway.
+                for _ in range(10):
+                    out = sandbox.run(["busybox", "nc", "-w", "2", GATEWAY, "18080"], check=False)
+                    if b"published-ok" in out.stdout:
+                        break
+                    await asyncio.sleep(0.5)
+                assert b"published-ok" in out.stdout
+            finally:
+                await _remove(q, name)
+            assert "18080" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+
+    run(scenario())
+
+
+def test_egress_all_is_masqueraded_to_a_remote_host(sandbox: Any, quilt: Any, name: str) -> None:
+    """A "remote" host in a network namespace of the sandbox, with no route back to any container."""
+    net = f"{name}-n"[:63]
+    netns = f"remote-{name}"[:40]
+    unit = f"remote-server-{name}"[:60]
+    sandbox.run(["ip", "netns", "add", netns])
+    try:
+        sandbox.run(["ip", "link", "add", "qtestremote", "type", "veth",
+                     "peer", "name", "eth0", "netns", netns])
+        sandbox.run(["ip", "addr", "add", "192.0.2.1/24", "dev", "qtestremote"])
+        sandbox.run(["ip", "link", "set", "qtestremote", "up"])
+        sandbox.run(["ip", "-n", netns, "addr", "add", "192.0.2.2/24", "dev", "eth0"])
+        sandbox.run(["ip", "-n", netns, "link", "set", "eth0", "up"])
+        sandbox.run(["systemd-run", f"--unit={unit}", "ip", "netns", "exec", netns,
+                     "busybox", "nc", "-ll", "-p", "9000", "-e", "echo", "remote-ok"])
+
+        async def scenario() -> None:
+            async with quilt() as q:
+                try:
+                    await q.create_network(net, egress="all")
+                    await q.create(name, "busybox", ["sleep", "600"], network=net)
+                    await q.create(f"{name}-none", "busybox", ["sleep", "600"])  # default: egress none
+                    pid = (await running(q, name))["Pid"]
+                    closed = (await running(q, f"{name}-none"))["Pid"]
+                    assert await connects(sandbox, pid, "192.0.2.2", 9000, tries=5)
+                    assert not await connects(sandbox, closed, "192.0.2.2", 9000)
+                finally:
+                    await _remove(q, name)
+                    await _remove(q, f"{name}-none")
+                    with contextlib.suppress(errors.NoSuchNetwork):
+                        await q.remove_network(net)
+
+        run(scenario())
+    finally:
+        sandbox.run(["systemctl", "stop", unit], check=False)
+        sandbox.run(["ip", "link", "del", "qtestremote"], check=False)
+        sandbox.run(["ip", "netns", "del", netns], check=False)

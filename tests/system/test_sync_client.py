@@ -1,0 +1,36 @@
+"""The agent loop of the README through the plain (non-asyncio) client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from quiltd.client import ExecResult, Quilt
+
+pytestmark = pytest.mark.system
+
+
+def test_agent_loop_with_the_sync_client(sandbox: Any, busybox_image: str, name: str) -> None:
+    with Quilt(sandbox.bus_address) as quilt:
+        container_id = quilt.create(name, "busybox", ["sleep", "3600"], memory_max=256 << 20)
+        deadline = time.monotonic() + 10
+        while quilt.info(name)["State"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert quilt.info(name)["State"] == "running"
+        result = quilt.exec(name, ["sh", "-c", "echo $((6*7)); echo oops >&2"])
+        assert result == ExecResult(0, b"42\n", b"oops\n")
+        quilt.exec(name, ["sh", "-c", "echo report > /tmp/out.txt"])
+        assert quilt.exec(name, ["cat", "/tmp/out.txt"]).stdout == b"report\n"
+        background = quilt.exec_start(name, ["sh", "-c", "echo from-background; exit 3"])
+        assert quilt.exec_wait(background, 10_000_000) == ("exited", 3)
+        assert [c.name for c in quilt.containers(name=name)] == [name]
+        assert [c.id for c in quilt.containers(name=name)] == [container_id]
+        assert "busybox" in [i.name for i in quilt.images()]
+        with pytest.raises(errors.InvalidState):
+            quilt.remove(name)
+        quilt.remove(name, force=True)
+        with pytest.raises(errors.NoSuchContainer):
+            quilt.info(name)
