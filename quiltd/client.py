@@ -158,6 +158,13 @@ class QuiltClient:
         code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, command, _exec_options(options))
         return code, bytes(out), bytes(err), {k: v.value for k, v in info.items()}
 
+    async def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+                            **options: Any) -> int:
+        """Runs command on (the daemon's copies of) these descriptors; returns its exit code."""
+        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, command, _exec_options(options), 0, 1, 2,
+                                  unix_fds=[stdin, stdout, stderr])
+        return int(code)
+
     async def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
         (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, command, _exec_options(options))
         return str(exec_id)
@@ -184,6 +191,16 @@ class QuiltClient:
     async def follow_logs(self, ref: str, fd: int, **options: Any) -> None:
         """The daemon writes `<usec> <stream> <line>\\n` to (its copy of) fd; close yours of the write end."""
         await self.call("FollowLogs", "sa{sv}h", ref, _log_options(options), 0, unix_fds=[fd])
+
+    async def copy_in(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """Extracts the tar stream the daemon reads from (its copy of) fd at path; close your write end."""
+        variants = {k: Variant("t", v) for k, v in options.items()}
+        (info,) = await self.call("CopyInEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
+
+    async def copy_out(self, ref: str, path: str, fd: int) -> None:
+        """The daemon writes path as a tar stream to (its copy of) fd; close your copy of the write end."""
+        await self.call("CopyOut", "ssh", ref, path, 0, unix_fds=[fd])
 
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
         """Calls back for every ContainerStateChanged signal from now on."""
@@ -317,8 +334,20 @@ class Quilt:
     def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         return self._run(self._client.exec_wait(exec_id, timeout_usec))
 
+    def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+                      **options: Any) -> int:
+        return self._run(self._client.exec_with_fds(ref, command, stdin, stdout, stderr, **options))
+
     def logs(self, ref: str, **options: Any) -> list[LogLine]:
         return [LogLine(*row) for row in self._run(self._client.logs(ref, **options))]
+
+    def copy_in(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """Extracts the tar stream in fd (a file, or a pipe another thread writes) at path."""
+        return self._run(self._client.copy_in(ref, path, fd, **options))
+
+    def copy_out(self, ref: str, path: str, fd: int) -> None:
+        """Writes path as a tar stream to fd (a file, or a pipe another thread reads)."""
+        self._run(self._client.copy_out(ref, path, fd))
 
     def import_image(self, name: str, source: str) -> str:
         return self._run(self._client.import_image(name, source))

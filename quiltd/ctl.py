@@ -1,8 +1,9 @@
 """quiltctl: the command line of Quilt, with the habits of podman and machinectl.
 
 Every verb is a thin layer over quiltd.client. Output of containers comes from
-the journal (journalctl), where quiltd's container init writes it. Exit codes
-are listed in docs/quiltctl.md and in EXIT_CODES below.
+quiltd (GetLogsRaw, FollowLogs), which reads the journal, so a member of group
+quilt needs no access to the journal. Exit codes are listed in
+docs/quiltctl.md and in EXIT_CODES below.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from dbus_next.errors import AuthError
 
-from quiltd import __version__, errors
+from quiltd import __version__, ctlstreams, errors
 from quiltd.client import QuiltClient
 
 SOCKET_ADDRESS = "unix:path=/run/quilt/quiltd.sock"
@@ -29,23 +32,22 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # quiltd answered with an error
 EXIT_USAGE = 2  # bad command line
 EXIT_UNREACHABLE = 3  # no connection to quiltd
-EXIT_RUN_FAILED = 125  # `run`: the container never ran (as podman)
+EXIT_RUN_FAILED = 125  # `run`: the container never ran; `exec`: the command could not be started (as podman)
+EXIT_CANNOT_EXEC = 126  # `exec`: the program could not be executed
+EXIT_NOT_FOUND = 127  # `exec`: the program was not found
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "quiltd refused or failed the request (the message says why)",
     EXIT_USAGE: "the command line is wrong",
     EXIT_UNREACHABLE: "quiltd could not be reached",
-    EXIT_RUN_FAILED: "run: the container could not be created or started",
+    EXIT_RUN_FAILED: "run: the container could not be created or started; exec: the command could not be run",
+    EXIT_CANNOT_EXEC: "exec: the program could not be executed",
+    EXIT_NOT_FOUND: "exec: the program or workdir was not found",
 }
 # Verbs of the design that this quiltd does not offer yet.
-NOT_YET = {
-    "exec": "Exec", "cp": "CopyIn/CopyOut", "volume": "CreateVolume", "network": "networks",
-}
-# After a container exits, its last lines may still be on their way into the
-# journal: follow until it has been quiet this long (or at most DRAIN_MAX).
-DRAIN_QUIET = 0.3
-DRAIN_MAX = 3.0
+NOT_YET = {"volume": "CreateVolume", "network": "networks"}
 STOP_TIMEOUT = 10
+RELAY_WAIT = 2.0  # after an exec ends, how long its output may still drain through our relays
 
 
 class Failure(Exception):
@@ -160,7 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_const", const="ids", dest="format", help="ids only")
     s = verb("inspect", "show everything about containers as JSON", cmd_inspect)
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
-    s = verb("logs", "show a container's output (from the journal)", cmd_logs)
+    s = verb("exec", "run a command in a running container; exits with its code", cmd_exec)
+    s.add_argument("-i", "--interactive", action="store_true", help="pass our stdin to the command")
+    s.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable (repeatable)")
+    s.add_argument("-w", "--workdir", help="working directory inside the container")
+    s.add_argument("-u", "--user", help="user[:group], by name or number (default root)")
+    s.add_argument("ref", metavar="CONTAINER")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    s = verb("cp", "copy files between a container and here, as tar streams", cmd_cp)
+    s.add_argument("source", metavar="SRC", help="CONTAINER:PATH, a local path, or - for a tar on stdin")
+    s.add_argument("dest", metavar="DEST", help="CONTAINER:PATH, a local path, or - for a tar on stdout")
+    s = verb("logs", "show a container's output (from the journal, through quiltd)", cmd_logs)
     s.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     s.add_argument("-n", "--tail", default="all", help="only the last N lines")
     s.add_argument("ref", metavar="CONTAINER")
@@ -243,18 +256,21 @@ async def cmd_run(q: QuiltClient, args: argparse.Namespace) -> int:
         cid, _ = await q.create(_name(args), args.image, command, **_create_options(args, False))
     except errors.QuiltError as e:
         raise Failure(_message(e), EXIT_RUN_FAILED) from None
-    # Output is followed from before the start, so no line is missed.
-    journal = await Journal.open(cid, follow=True)
+    since = time.time_ns() // 1000  # every line of this run is logged after this
+    follow: LogFollow | None = None
     try:
         try:
             await q.start(cid)
         except errors.QuiltError as e:
             raise Failure(_message(e), EXIT_RUN_FAILED) from None
+        # Ends with the container, once the last lines are written.
+        follow = await LogFollow.open(q, cid, since_usec=since)
         with _forward_signals(q, cid):
             state, code = await q.wait(cid)
-        await journal.drain()
+            await follow.finished()
     finally:
-        await journal.close()
+        if follow is not None:
+            follow.close()
         if args.rm:
             with contextlib.suppress(errors.QuiltError):
                 await q.remove(cid, True)
@@ -370,21 +386,148 @@ async def cmd_inspect(q: QuiltClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_logs(q: QuiltClient, args: argparse.Namespace) -> int:
-    info = await q.info(args.ref)
     if args.tail != "all" and not args.tail.isdigit():
         raise Failure(f"--tail takes a number of lines, got {args.tail!r}", EXIT_USAGE)
-    active = info["State"] in ("created", "starting", "running", "stopping")
-    journal = await Journal.open(info["Id"], follow=args.follow and active, lines=args.tail)
-    try:
-        if args.follow and active:
-            with contextlib.suppress(errors.QuiltError):  # removed meanwhile: its lines are out anyway
-                await q.wait(info["Id"])
-            await journal.drain()
-        else:
-            await journal.finished()
-    finally:
-        await journal.close()
+    options = {} if args.tail == "all" else {"tail": int(args.tail)}
+    if args.follow:
+        follow = await LogFollow.open(q, args.ref, **options)
+        try:
+            await follow.finished()
+        finally:
+            follow.close()
+        return EXIT_OK
+    for _, stream, data in await q.logs_raw(args.ref, **options):
+        _write_line(stream, data)
     return EXIT_OK
+
+
+async def cmd_exec(q: QuiltClient, args: argparse.Namespace) -> int:
+    command = _command(args)
+    options: dict[str, Any] = {"env": args.env} if args.env else {}
+    if args.workdir:
+        options["workdir"] = args.workdir
+    if args.user:
+        options["user"] = args.user
+    loop = asyncio.get_running_loop()
+    relays: list[threading.Thread] = []
+    ours: list[int] = []  # our copies of what quiltd gets; closed once it has them
+    stdio: list[int] = []
+    for std in (0, 1, 2):
+        if std == 0 and not args.interactive:
+            r, w = os.pipe()
+            os.close(w)  # empty: end of file at once
+            stdio.append(r)
+            ours.append(r)
+        elif ctlstreams.passable(std):
+            stdio.append(std)  # quiltd takes our own descriptor: no copy on the way
+        else:
+            # A terminal: quiltd does not hand it to a container, so it goes through a pipe.
+            r, w = os.pipe()
+            if std == 0:
+                # Not waited for: it may sit in a read of the terminal when the command is done.
+                ctlstreams.start(ctlstreams.pump, os.dup(std), w, True)
+                stdio.append(r)
+                ours.append(r)
+            else:
+                relays.append(ctlstreams.start(ctlstreams.pump, r, std, False))
+                stdio.append(w)
+                ours.append(w)
+    try:
+        code = await q.exec_with_fds(args.ref, command, stdio[0], stdio[1], stdio[2], **options)
+    except errors.ExecFailed as e:
+        missing = "No such file" in e.message
+        raise Failure(_message(e), EXIT_NOT_FOUND if missing else EXIT_CANNOT_EXEC) from None
+    except errors.QuiltError as e:
+        raise Failure(_message(e), EXIT_RUN_FAILED) from None
+    finally:
+        for fd in ours:
+            os.close(fd)
+    for relay in relays:  # our stdout and stderr, when they are terminals
+        await loop.run_in_executor(None, relay.join, RELAY_WAIT)
+    return code
+
+
+def _container_path(text: str) -> tuple[str, str] | None:
+    """(container, path) for CONTAINER:PATH; None for a local path (write ./a:b for a local name with ':')."""
+    ref, sep, path = text.partition(":")
+    if not sep or not ref or "/" in ref:
+        return None
+    if not path.startswith("/"):
+        raise Failure(f"the path in {text!r} must be absolute inside the container", EXIT_USAGE)
+    return ref, path
+
+
+async def cmd_cp(q: QuiltClient, args: argparse.Namespace) -> int:
+    source, dest = _container_path(args.source), _container_path(args.dest)
+    if (source is None) == (dest is None):
+        raise Failure("give exactly one of SRC and DEST as CONTAINER:PATH", EXIT_USAGE)
+    if dest is not None:
+        await _copy_in(q, args.source, *dest)
+    else:
+        assert source is not None
+        await _copy_out(q, *source, args.dest)
+    return EXIT_OK
+
+
+async def _copy_in(q: QuiltClient, local: str, ref: str, path: str) -> None:
+    if local == "-":
+        if not ctlstreams.passable(0):
+            raise Failure("stdin is a terminal: pipe a tar stream into `quiltctl cp -`", EXIT_USAGE)
+        await q.copy_in(ref, path, 0)
+        return
+    source = Path(local)
+    if not source.exists() and not source.is_symlink():
+        raise Failure(f"{local}: no such file or directory", EXIT_USAGE)
+    arcname = source.resolve().name if source.name in ("", ".", "..") else source.name
+    try:
+        # Into path if it is a directory, as path/<name>.
+        await _send_tar(q, ref, path, source, arcname)
+    except (errors.NoSuchPath, errors.InvalidArgument) as e:
+        if isinstance(e, errors.InvalidArgument) and "not a directory" not in e.message:
+            raise
+        # Else as path itself, in its parent (which must exist), as cp does.
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if not name:
+            raise
+        await _send_tar(q, ref, parent or "/", source, name)
+
+
+async def _send_tar(q: QuiltClient, ref: str, path: str, source: Path, arcname: str) -> None:
+    r, w = os.pipe()
+    writer = ctlstreams.start(ctlstreams.write_tar, source, arcname, w)
+    try:
+        await q.copy_in(ref, path, r)
+    finally:
+        os.close(r)  # a writer still writing after an error gets a broken pipe and stops
+        await asyncio.get_running_loop().run_in_executor(None, writer.join)
+
+
+async def _copy_out(q: QuiltClient, ref: str, path: str, local: str) -> None:
+    if local == "-":
+        if not ctlstreams.passable(1):
+            raise Failure("stdout is a terminal: redirect the tar stream of `quiltctl cp ... -`", EXIT_USAGE)
+        await q.copy_out(ref, path, 1)
+        return
+    dest = Path(local)
+    name = path.rstrip("/").rpartition("/")[2]
+    if dest.is_dir():
+        into, rename = dest, None  # as dest/<name>
+    elif dest.parent.is_dir() and not dest.exists():
+        into, rename = dest.parent, dest.name  # as dest itself
+    else:
+        raise Failure(f"{local}: not a directory, and not a new name in an existing directory", EXIT_USAGE)
+    if not name and rename is None:
+        rename = None  # the container's / comes as "."
+    r, w = os.pipe()
+    problems: list[str] = []
+    reader = ctlstreams.start(ctlstreams.extract_tar, r, into, rename, problems)
+    try:
+        await q.copy_out(ref, path, w)
+    finally:
+        os.close(w)
+        await asyncio.get_running_loop().run_in_executor(None, reader.join)
+    if problems:
+        raise Failure(f"extracting into {into}: {problems[0]}")
 
 
 async def cmd_info(q: QuiltClient, args: argparse.Namespace) -> int:
@@ -446,90 +589,48 @@ def _message(e: errors.QuiltError) -> str:
     return f"{text.splitlines()[0] if text else short} ({short})"
 
 
-class Journal:
-    """A container's lines from journalctl, written to our stdout or stderr as they were."""
+def _write_line(stream: str, data: bytes) -> None:
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.flush()
+    out.buffer.write(data + b"\n")
+    out.buffer.flush()
 
-    def __init__(self, container_id: str, lines: str) -> None:
-        journalctl = shutil.which("journalctl")
-        if journalctl is None:
-            raise Failure("journalctl is not installed: cannot show container output")
-        self._argv = [journalctl, "--no-pager", "--output=json", f"QUILT_CONTAINER_ID={container_id}"]
-        self._lines = lines
-        self._cursor = ""  # of the last entry written out
-        self._follower: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[int] | None = None
+
+class LogFollow:
+    """A container's lines from FollowLogs, written to our stdout or stderr as they were."""
+
+    def __init__(self, r: int) -> None:
+        self._r = r
+        self._thread = ctlstreams.start(self._copy)
 
     @classmethod
-    async def open(cls, container_id: str, follow: bool, lines: str = "all") -> Journal:
-        journal = cls(container_id, lines)
-        if follow:
-            journal._follower = await journal._spawn(["--follow"])
-            journal._pump = asyncio.get_running_loop().create_task(journal._copy(journal._follower))
-        return journal
+    async def open(cls, q: QuiltClient, ref: str, **options: Any) -> LogFollow:
+        r, w = os.pipe()
+        try:
+            await q.follow_logs(ref, w, **options)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)  # quiltd holds its copy until the container ends
+        return cls(r)
 
-    async def _spawn(self, extra: list[str]) -> asyncio.subprocess.Process:
-        where = [f"--after-cursor={self._cursor}"] if self._cursor else [f"--lines={self._lines}"]
-        return await asyncio.create_subprocess_exec(
-            *self._argv, *where, *extra, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, limit=1 << 22,
-        )
-
-    async def _copy(self, proc: asyncio.subprocess.Process) -> int:
-        assert proc.stdout is not None
-        written = 0
-        async for raw in proc.stdout:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
-            message = entry.get("MESSAGE", "")
-            data = bytes(message) if isinstance(message, list) else str(message).encode()
-            out = sys.stderr if entry.get("QUILT_STREAM") == "stderr" else sys.stdout
-            out.flush()
-            out.buffer.write(data + b"\n")
-            out.buffer.flush()
-            self._cursor = entry.get("__CURSOR", self._cursor)
-            written += 1
-        return written
-
-    async def _once(self) -> int:
-        proc = await self._spawn([])
-        written = await self._copy(proc)
-        await proc.wait()
-        return written
+    def _copy(self) -> None:
+        rest = b""
+        with contextlib.suppress(OSError), os.fdopen(self._r, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1 << 16):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    _, stream, data = [*line.split(b" ", 2), b"", b""][:3]
+                    _write_line(stream.decode(errors="replace"), data)
 
     async def finished(self) -> None:
-        """Everything on record now."""
-        await self._once()
+        """Once quiltd has written the last line and closed its end."""
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    async def drain(self) -> None:
-        """After the container ended: the rest, until the journal stays quiet a moment.
-
-        A fresh journalctl reads all that journald has stored, whatever the
-        follower had reached; its last lines may still be on their way in.
-        """
-        await self._stop_follower()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_MAX
-        quiet = 0
-        while quiet < 2 and loop.time() < deadline:
-            quiet = quiet + 1 if await self._once() == 0 else 0
-            if quiet < 2:
-                await asyncio.sleep(DRAIN_QUIET / 2)
-
-    async def _stop_follower(self) -> None:
-        proc, self._follower = self._follower, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        if self._pump is not None:
-            with contextlib.suppress(Exception):
-                await self._pump  # what it had printed before the signal still counts
-        await proc.wait()
-
-    async def close(self) -> None:
-        await self._stop_follower()
+    def close(self) -> None:
+        pass  # the thread ends with quiltd's end of the pipe; it is a daemon thread
 
 
 # ---------------------------------------------------------------- main

@@ -22,6 +22,7 @@ from quiltd.bus.gate import BusGate
 from quiltd.bus.names import BUS_NAME
 from quiltd.bus.peer import PeerServer, listeners_from_fds
 from quiltd.bus.service import BusService
+from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager, RecoveryOutcome
@@ -95,7 +96,8 @@ class Daemon:
         netlink = Netlink()
         manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
         execs = Execs(manager, self._paths, store, systemd, self._forkserver)
-        service = BusService(bus, manager, execs, Logs(manager, execs))
+        copies = Copies(manager, systemd, self._forkserver)
+        service = BusService(bus, manager, execs, Logs(manager, execs), copies)
         found = await manager.recover()
         await execs.recover()
         service.export_existing()

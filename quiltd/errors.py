@@ -81,6 +81,22 @@ class OutputTruncated(QuiltError):
     dbus_name = ERROR_PREFIX + "OutputTruncated"
 
 
+class NoSuchPath(QuiltError):
+    """A path named in a call does not exist inside the container."""
+
+    dbus_name = ERROR_PREFIX + "NoSuchPath"
+
+
+class LimitExceeded(QuiltError):
+    """A size cap was reached (CopyIn's max_bytes); the message names the cap and how to raise it."""
+
+    dbus_name = ERROR_PREFIX + "LimitExceeded"
+
+
+class CopyFailed(QuiltError):
+    """A file could not be read or written inside the container (read-only, full, ...)."""
+
+    dbus_name = ERROR_PREFIX + "CopyFailed"
 class NoSuchNetwork(QuiltError):
     dbus_name = ERROR_PREFIX + "NoSuchNetwork"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from quiltd import images, options
+from quiltd import fdcheck, images, options
 from quiltd.errors import ExecFailed, Internal, InvalidArgument, InvalidState, NoSuchExec, Timeout
 from quiltd.execspec import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecSpec, ExecStatus, OutputMode
 from quiltd.manager import JOURNAL_SOCKET, Manager
@@ -83,11 +83,12 @@ def now_usec() -> int:
     return time.time_ns() // 1000
 
 
-def parse_exec_options(opts: Mapping[str, object], background: bool) -> ExecOptions:
+def parse_exec_options(opts: Mapping[str, object], background: bool,
+                       hint: str = " (ExecStart output goes to the journal, stdin is empty)") -> ExecOptions:
     known = BACKGROUND_KEYS if background else SYNC_KEYS
     unknown = sorted(set(opts) - known)
     if unknown:
-        where = " (ExecStart output goes to the journal, stdin is empty)" if background else ""
+        where = hint if background else ""
         raise InvalidArgument(f"unknown exec option(s){where}: {', '.join(unknown)}")
     env = opts.get("env", [])
     if not isinstance(env, list) or not all(isinstance(v, str) for v in env):
@@ -168,6 +169,37 @@ class Execs:
                 os.close(fd)
         try:
             return await self._collect(c, exec_id, forked, o, *ours)
+        finally:
+            images.remove_tree(self._run_dir(c.id, exec_id))
+
+    async def run_with_fds(self, ref: str, command: list[str], opts: Mapping[str, object],
+                           stdio: tuple[int, int, int]) -> int:
+        """Runs command on the caller's stdin, stdout and stderr; returns its exit code. Takes fds over."""
+        try:
+            c = self._manager.get(ref)
+            argv = options.check_command(command)
+            o = parse_exec_options(opts, background=True, hint=" (ExecWithFds takes stdin as a descriptor, "
+                                   "and its output goes to the caller's descriptors)")
+            for fd, what, writable in zip(stdio, ("stdin", "stdout", "stderr"), (False, True, True),
+                                          strict=True):
+                fdcheck.check(fd, writable, what)
+            exec_id = secrets.token_hex(8)
+            forked = await self._spawn(c, exec_id, argv, o, OutputMode.CAPTURE, list(stdio))
+        finally:
+            # The supervisor holds its own copies now; the same descriptor may come twice.
+            for fd in set(stdio):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        watch_exit(forked.pidfd, on_exit)
+        try:
+            await exited
+            return self._read_status(c.id, exec_id).exit_code
         finally:
             images.remove_tree(self._run_dir(c.id, exec_id))
 

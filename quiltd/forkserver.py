@@ -18,7 +18,8 @@ command was executed).
 The second kind of request runs a command in a running container: a JSON
 ExecSpec with the descriptors the daemon made for it. The server forks that
 exec's supervisor (see execsupervisor) and answers with its pid, start time
-and a pidfd.
+and a pidfd. The third, a CopySpec, forks a copy into or out of a container
+(see copyhelper) and answers the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 
-from quiltd import containerinit, execsupervisor, linux, security
+from quiltd import containerinit, copyhelper, execsupervisor, linux, security
+from quiltd.copyspec import REQUEST_PREFIX as COPY_REQUEST
+from quiltd.copyspec import CopySpec
 from quiltd.execspec import ExecSpec
 
 CONTAINER_NAMESPACES = (
@@ -86,6 +89,8 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
         try:
             if request == b"launch":
                 reply, fds = (pool.popleft() if pool else _fork_init()).reply()
+            elif request.startswith(COPY_REQUEST):
+                reply, fds = _fork_copy(CopySpec.from_request(request), received)
             else:
                 reply, fds = _fork_exec(ExecSpec.from_json(request), received)
         except Exception as e:
@@ -124,17 +129,35 @@ def _fork_exec(spec: ExecSpec, fds: list[int]) -> tuple[dict[str, object], list[
     go_r, error_w, *stdio = fds
     pid = os.fork()
     if pid == 0:
-        try:
-            gc.disable()
-            linux.close_fds_except(set(fds))
-            null = os.open("/dev/null", os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)
-            os.close(null)
-        except BaseException:
-            os._exit(127)
+        _child_keeping(fds)
         execsupervisor.run(spec, go_r, error_w, (stdio[0], stdio[1], stdio[2]) if stdio else None)
     return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
+
+
+def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:
+    """Forks a copy; fds are its go pipe, the caller's descriptor and the result pipe."""
+    if len(fds) != 3:
+        raise ValueError(f"a copy needs 3 descriptors, got {len(fds)}")
+    pid = os.fork()
+    if pid == 0:
+        _child_keeping(fds)
+        copyhelper.run(spec, fds[0], fds[1], fds[2])
+    return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
+
+
+def _child_keeping(fds: list[int]) -> None:
+    """In a fresh child: nothing of the server's but fds, and /dev/null for stdio."""
+    try:
+        gc.disable()
+        linux.close_fds_except(set(fds))
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1, 2):
+            if std not in fds:
+                os.dup2(null, std)
+        if null > 2:
+            os.close(null)
+    except BaseException:
+        os._exit(127)
 
 
 def _middle(spec_r: int, error_w: int, report_w: int) -> None:

@@ -342,6 +342,14 @@ class Manager:
         self.volumes.ensure(n for n, _, _ in c.spec.volumes)
         return tuple((self.volumes.path(n), target, ro) for n, target, ro in c.spec.volumes)
 
+    def layers(self, c: Container) -> LaunchSpec:
+        """What a start would mount for c (its layers, binds and tmpfs), for work on a stopped container."""
+        return self._launch_spec(c, self._find_image(c.image))
+
+    def container_lock(self, container_id: str) -> asyncio.Lock:
+        """Held by start, stop and remove; work on a stopped container's layers holds it too."""
+        return self._lock(container_id)
+
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
         watch_exit(pidfd, lambda: self._on_exit(c.id))

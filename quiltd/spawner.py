@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from quiltd.copyspec import CopySpec
 from quiltd.errors import Internal
 from quiltd.execspec import ExecSpec
 from quiltd.launchspec import GO, LaunchSpec
@@ -100,6 +101,13 @@ class ForkServer:
         reply, received = await self._request(spec.to_json(), fds, 1)
         if not reply["ok"]:
             raise Internal(f"could not fork the exec's supervisor: {reply['error']}")
+        return Forked(reply["pid"], reply["starttime"], received[0])
+
+    async def copy(self, spec: CopySpec, fds: list[int]) -> Forked:
+        """Forks a copy into or out of a container, handing it fds (go, the caller's, result)."""
+        reply, received = await self._request(spec.to_request(), fds, 1)
+        if not reply["ok"]:
+            raise Internal(f"could not fork the copy: {reply['error']}")
         return Forked(reply["pid"], reply["starttime"], received[0])
 
     async def _request(

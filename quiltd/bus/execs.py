@@ -54,6 +54,12 @@ class ExecMethods:
 
     @method()
     @bus_errors
+    async def ExecWithFds(self, ref: "s", command: "as", options: "a{sv}", stdin: "h", stdout: "h",
+                          stderr: "h") -> "i":
+        return await self._execs.run_with_fds(ref, command, convert.unwrap(options), (stdin, stdout, stderr))
+
+    @method()
+    @bus_errors
     async def ExecStart(self, ref: "s", command: "as", options: "a{sv}") -> "s":
         return (await self._execs.start(ref, command, convert.unwrap(options))).id
 

@@ -5,21 +5,24 @@
 from dbus_next.service import ServiceInterface, method, signal
 
 from quiltd.bus import convert
+from quiltd.bus.copies import CopyMethods
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import ExecMethods
 from quiltd.bus.logs import LogMethods
 from quiltd.bus.names import MANAGER_INTERFACE, container_path
+from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager
 
 
-class ManagerInterface(ExecMethods, LogMethods, ServiceInterface):
-    def __init__(self, manager: Manager, execs: Execs, logs: Logs) -> None:
+class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
+    def __init__(self, manager: Manager, execs: Execs, logs: Logs, copies: Copies) -> None:
         super().__init__(MANAGER_INTERFACE)
         self._m = manager
         self._execs = execs
         self._logs = logs
+        self._copies = copies
 
     @method()
     @bus_errors

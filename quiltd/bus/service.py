@@ -5,6 +5,7 @@ from dbus_next.aio.message_bus import MessageBus
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
 from quiltd.bus.names import MANAGER_PATH, container_path
+from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager
@@ -14,11 +15,11 @@ from quiltd.model import Container, Exec
 class BusService:
     """The manager's Listener: keeps the exported objects in step with the store."""
 
-    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs) -> None:
+    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs, copies: Copies) -> None:
         self._bus = bus
         self._manager = manager
         self._execs = execs
-        self._interface = ManagerInterface(manager, execs, logs)
+        self._interface = ManagerInterface(manager, execs, logs, copies)
         self._containers: dict[str, ContainerInterface] = {}
         bus.export(MANAGER_PATH, self._interface)
         manager.add_listener(self)

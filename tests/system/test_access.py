@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +175,28 @@ def test_quiltd_started_by_hand_serves_the_bus(sandbox: Any, busybox_image: str)
             hand.kill()
             hand.wait()
     assert hand.returncode == 0, hand.stderr.read() if hand.stderr else b""
+
+
+def test_a_member_sees_output_without_journal_access(sandbox: Any, member: str, busybox_image: str) -> None:
+    """quiltctl reads output through quiltd, so group quilt is enough (no systemd-journal, no adm)."""
+    quiltctl = str(Path(__file__).resolve().parents[2] / ".venv/bin/quiltctl")
+    groups = sandbox.run(["id", "-nG", member]).stdout.decode().split()
+    assert "systemd-journal" not in groups and "adm" not in groups
+    name = f"member-logs-{secrets.token_hex(3)}"
+    # The checkout's interpreter may live under a private home: open the way
+    # to it inside the sandbox only (its root is an overlay on a tmpfs).
+    blocked = [d for d in Path(sys.executable).resolve().parents
+               if d != Path("/") and sandbox.run([*AS_MEMBER, "test", "-x", str(d)], check=False).returncode]
+    modes = {d: sandbox.run(["stat", "-c", "%a", str(d)]).stdout.decode().strip() for d in blocked}
+    for d in blocked:
+        sandbox.run(["chmod", "o+x", str(d)])
+    try:
+        run = sandbox.run([*AS_MEMBER, quiltctl, "run", "--name", name, "busybox", "sh", "-c",
+                           "echo hello; echo oops >&2; exit 4"], check=False)
+        assert (run.returncode, run.stdout, run.stderr) == (4, b"hello\n", b"oops\n")
+        logs = sandbox.run([*AS_MEMBER, quiltctl, "logs", name])
+        assert (logs.stdout, logs.stderr) == (b"hello\n", b"oops\n")
+    finally:
+        sandbox.run([quiltctl, "rm", "-f", name], check=False)
+        for d, mode in modes.items():
+            sandbox.run(["chmod", mode, str(d)], check=False)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
 QUILT_METRICS = ("create", "create_start", "info", "info_created", "running", "running_daemon",
-                 "run_true")
+                 "run_true", "exec_true", "exec_start", "get_logs")
 MEMORY_METRICS = ("init_pss_kib", "init_rss_kib", "container_pss_kib", "memory_current_kib")
 
 
@@ -26,7 +26,7 @@ def test_quick_bench_reports_every_metric(
 ) -> None:
     name = sandbox_name("bench")
     r = subprocess.run(
-        [str(REPO / "tools/bench"), "--quick", "--json", "--iterations", "3", "--idle", "2",
+        [str(REPO / "tools/bench"), "--quick", "--json", "--iterations", "3", "--idle", "2", "--copy-mb", "4",
          "--sandbox-name", name],
         capture_output=True, text=True, timeout=300, check=False,
     )
@@ -46,6 +46,11 @@ def test_quick_bench_reports_every_metric(
     podman = result["peers"]["podman"]
     assert "skipped" in podman or podman["p50_ms"] > 0, podman
 
+    copy = result["copy"]
+    assert copy["files"] == 4
+    for key in ("copy_in_mb_s", "copy_out_mb_s", "tar_pipe_mb_s"):
+        assert copy[key] > 0, copy
+
     memory = result["memory"]
     assert memory["containers"] == 2
     for metric in MEMORY_METRICS:
@@ -64,7 +69,8 @@ def test_quick_bench_reports_every_metric(
     for line in ("CreateContainer round trip (start=false)", "GetContainerInfo round trip",
                  "create -> running (client: signal)", "whole run of `true`",
                  "systemd-run --scope + unshare + chroot", "bwrap --unshare-all",
-                 "container init PSS", "scope MemoryCurrent"):
+                 "container init PSS", "scope MemoryCurrent", "Exec of `true` round trip",
+                 "GetLogs of 1,000 lines", "CopyIn (tar -c | CopyIn)", "tar -c | tar -x, same tree"):
         assert line in table, (line, table)
     assert f"{result['quilt']['create']['p50_ms']:.2f}" in table
 

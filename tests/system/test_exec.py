@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from typing import Any
@@ -181,6 +182,52 @@ def test_fifty_long_execs_do_not_slow_the_daemon(quilt: Any, name: str) -> None:
             # (generous bounds, the machine is shared).
             assert statistics.median(during) < max(0.05, 10 * statistics.median(usual)), (usual, during)
             assert max(during) < 1.0, during
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_exec_with_fds_streams_live_and_returns_the_code(quilt: Any, name: str) -> None:
+    """The caller's own descriptors: output arrives while the command still runs."""
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            script = "echo first; read line; echo got $line; echo oops >&2; exit 5"
+            call = asyncio.ensure_future(q.exec_with_fds(name, ["sh", "-c", script], in_r, out_w, err_w,
+                                                         env=["X=1"]))
+            loop = asyncio.get_running_loop()
+            # "first" comes before we write a byte: the command is blocked on read meanwhile.
+            first = await loop.run_in_executor(None, os.read, out_r, 100)
+            assert first == b"first\n" and not call.done()
+            os.write(in_w, b"hello\n")
+            assert await asyncio.wait_for(call, 30) == 5
+            for fd in (in_r, in_w, out_w, err_w):
+                os.close(fd)
+            assert os.read(out_r, 100) == b"got hello\n" and os.read(out_r, 100) == b""
+            assert os.read(err_r, 100) == b"oops\n"
+            os.close(out_r)
+            os.close(err_r)
+
+            # Bad descriptors: a device (as a terminal would be), the wrong direction.
+            null = os.open("/dev/null", os.O_RDWR)
+            r, w = os.pipe()
+            try:
+                with pytest.raises(errors.InvalidArgument, match="pipe, a socket or a regular file"):
+                    await q.exec_with_fds(name, ["true"], null, w, w)
+                with pytest.raises(errors.InvalidArgument, match="stdout is not open for writing"):
+                    await q.exec_with_fds(name, ["true"], r, r, w)
+                with pytest.raises(errors.InvalidArgument, match="unknown exec option"):
+                    await q.exec_with_fds(name, ["true"], r, w, w, max_output=5)
+                await q.stop(name, 1)
+                with pytest.raises(errors.InvalidState):
+                    await q.exec_with_fds(name, ["true"], r, w, w)
+            finally:
+                for fd in (null, r, w):
+                    os.close(fd)
             await q.remove(name, force=True)
 
     run(scenario())

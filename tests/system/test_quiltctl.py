@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import secrets
 import subprocess
+import tarfile
+import time
 from typing import Any
 
 import pytest
@@ -96,7 +100,9 @@ def test_images_and_info(sandbox: Any, busybox_image: str) -> None:
     (["run", "no-such-image", "true"], 125, "quiltctl: no image 'no-such-image' (NoSuchImage)"),
     (["run", "busybox", "no-such-program"], 125, "No such file or directory (StartFailed)"),
     (["--address=unix:path=/nonexistent", "ps"], 3, "quiltctl: cannot connect to quiltd"),
-    (["exec", "x", "true"], 2, "quiltctl: exec is not available yet"),
+    (["volume", "ls"], 2, "quiltctl: volume is not available yet"),
+    (["exec", "no-such-container", "true"], 125, "(NoSuchContainer)"),
+    (["cp", "a", "b"], 2, "give exactly one of SRC and DEST as CONTAINER:PATH"),
     (["kill", "-s", "NOPE", "x"], 2, "unknown signal 'NOPE'"),
 ])
 def test_errors_are_one_line_with_a_documented_code(sandbox: Any, busybox_image: str, args: list[str],
@@ -121,3 +127,73 @@ def test_direct_socket(sandbox: Any, busybox_image: str) -> None:
         assert (result.returncode, result.stdout) == (0, b"direct\n"), result.stderr
     finally:
         sandbox.run(["systemctl", "stop", "quiltd.socket", "quiltd"], check=False)
+
+
+def _run_detached(sandbox: Any, name: str, *command: str) -> None:
+    """run -d, then wait until running: -d returns while the container may still be starting."""
+    ctl(sandbox, "run", "-d", "--name", name, "busybox", *command)
+    deadline = time.monotonic() + 30
+    while json.loads(ctl(sandbox, "inspect", name).stdout)[0]["State"] != "running":
+        assert time.monotonic() < deadline, "the container did not come up"
+        time.sleep(0.05)
+
+
+def test_exec_propagates_the_code_and_takes_options_and_stdin(sandbox: Any, busybox_image: str,
+                                                            name: str) -> None:
+    _run_detached(sandbox, name, "sleep", "1000")
+    try:
+        assert ctl(sandbox, "exec", name, "sh", "-c", "echo out; echo err >&2; exit 7", check=False) \
+            .returncode == 7
+        result = ctl(sandbox, "exec", "-e", "A=b", "-w", "/tmp", "-u", "nobody", name,
+                     "sh", "-c", "echo $A; pwd; id -u; echo to-err >&2")
+        assert (result.stdout, result.stderr) == (b"b\n/tmp\n65534\n", b"to-err\n")
+        data = bytes(range(256)) * 512
+        piped = sandbox.run([QUILTCTL, "exec", "-i", name, "sh", "-c", "cat; echo end"], input=data)
+        assert piped.stdout == data + b"end\n"
+        # Without -i the command's stdin is empty, not ours.
+        assert sandbox.run([QUILTCTL, "exec", name, "cat"], input=b"not passed").stdout == b""
+        missing = ctl(sandbox, "exec", name, "no-such-program", check=False)
+        assert missing.returncode == 127 and b"(ExecFailed)" in missing.stderr
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def test_cp_both_ways_with_directories_and_tar_streams(sandbox: Any, busybox_image: str, name: str) -> None:
+    tag = secrets.token_hex(3)
+    src, out = f"/var/tmp/cp-src-{tag}", f"/var/tmp/cp-out-{tag}"
+    host_src = sandbox.host_path(src)
+    (host_src / "a").mkdir(parents=True)
+    (host_src / "a" / "b.txt").write_bytes(b"bee\n")
+    sandbox.host_path(out).mkdir()
+    _run_detached(sandbox, name, "sleep", "1000")
+    try:
+        ctl(sandbox, "cp", src, f"{name}:/tmp")  # an existing directory: into it
+        ctl(sandbox, "cp", src, f"{name}:/tmp/renamed")  # a new name: as it
+        listing = ctl(sandbox, "exec", name, "cat", f"/tmp/cp-src-{tag}/a/b.txt", "/tmp/renamed/a/b.txt")
+        assert listing.stdout == b"bee\nbee\n"
+        ctl(sandbox, "cp", f"{name}:/tmp/renamed", out)  # into an existing directory
+        ctl(sandbox, "cp", f"{name}:/tmp/renamed/a", f"{out}/new")  # as a new name
+        assert (sandbox.host_path(out) / "renamed" / "a" / "b.txt").read_bytes() == b"bee\n"
+        assert (sandbox.host_path(out) / "new" / "b.txt").read_bytes() == b"bee\n"
+        # Tar streams on stdin and stdout.
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("from-stdin")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"in\n"))
+        sandbox.run([QUILTCTL, "cp", "-", f"{name}:/tmp"], input=buf.getvalue())
+        stream = ctl(sandbox, "cp", f"{name}:/tmp/from-stdin", "-").stdout
+        with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+            member = tar.next()
+            assert member is not None and member.name == "from-stdin"
+            f = tar.extractfile(member)
+            assert f is not None and f.read() == b"in\n"
+        # A stopped container too.
+        ctl(sandbox, "stop", "-t", "0", name)
+        ctl(sandbox, "cp", f"{name}:/tmp/from-stdin", f"{out}/stopped")
+        assert (sandbox.host_path(out) / "stopped").read_bytes() == b"in\n"
+        missing = ctl(sandbox, "cp", f"{name}:/nope", out, check=False)
+        assert missing.returncode == 1 and b"(NoSuchPath)" in missing.stderr
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
+        sandbox.run(["rm", "-rf", src, out], check=False)

@@ -1,0 +1,32 @@
+# D-Bus signatures are string annotations that dbus-next reads; they are not Python types.
+# mypy: disable-error-code="name-defined,valid-type,empty-body"
+"""The copy part of org.quilt.Quilt1.Manager: tar streams into and out of containers."""
+
+from dbus_next.service import method
+from dbus_next.signature import Variant
+
+from quiltd.bus import convert
+from quiltd.bus.errors import bus_errors
+from quiltd.copies import Copies
+
+
+class CopyMethods:
+    """Mixed into ManagerInterface; dbus-next finds these members on the class."""
+
+    _copies: Copies
+
+    @method()
+    @bus_errors
+    async def CopyIn(self, ref: "s", path: "s", tar_fd: "h") -> None:
+        await self._copies.copy_in(ref, path, tar_fd, {})
+
+    @method()
+    @bus_errors
+    async def CopyInEx(self, ref: "s", path: "s", tar_fd: "h", options: "a{sv}") -> "a{sv}":
+        result = await self._copies.copy_in(ref, path, tar_fd, convert.unwrap(options))
+        return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}
+
+    @method()
+    @bus_errors
+    async def CopyOut(self, ref: "s", path: "s", fd: "h") -> None:
+        await self._copies.copy_out(ref, path, fd)

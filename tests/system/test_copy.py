@@ -1,0 +1,267 @@
+"""CopyIn and CopyOut: tar streams into and out of running and stopped containers, never out of them."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quiltd import errors
+from tests.system.conftest import eventually, run
+
+pytestmark = pytest.mark.system
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass  # the daemon stopped reading: its answer says why
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, into: list[bytes]) -> None:
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            into.append(chunk)
+    finally:
+        os.close(fd)
+
+
+async def copy_in(q: Any, ref: str, path: str, data: bytes, **options: Any) -> dict[str, Any]:
+    r, w = os.pipe()
+    writer = threading.Thread(target=_write_all, args=(w, data))
+    writer.start()
+    try:
+        info: dict[str, Any] = await q.copy_in(ref, path, r, **options)
+        return info
+    finally:
+        os.close(r)
+        writer.join(30)
+
+
+async def copy_out(q: Any, ref: str, path: str) -> bytes:
+    r, w = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_read_all, args=(r, chunks))
+    reader.start()
+    try:
+        await q.copy_out(ref, path, w)
+    finally:
+        os.close(w)  # the daemon's copy is closed once it answered: the reader sees the end
+        reader.join(30)
+    return b"".join(chunks)
+
+
+def make_tar(files: dict[str, bytes], mode: int = 0o644, uid: int = 0, mtime: int = 1_600_000_000) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), mode, uid, uid, mtime
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def members(data: bytes) -> dict[str, bytes | str]:
+    """name -> content for files, '-> target' for symlinks, 'dir' for directories."""
+    found: dict[str, bytes | str] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar:
+            if m.isreg():
+                f = tar.extractfile(m)
+                assert f is not None
+                found[m.name] = f.read()
+            else:
+                found[m.name] = f"-> {m.linkname}" if m.issym() else "dir" if m.isdir() else m.type.decode()
+    return found
+
+
+async def _running(q: Any, name: str, command: list[str]) -> None:
+    await q.create(name, "busybox", command)
+
+    async def up() -> bool:
+        return bool((await q.info(name))["State"] == "running")
+
+    await eventually(up)
+
+
+def test_copy_in_and_out_of_a_running_container(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sleep", "1000"])
+            data = make_tar({"d/a.txt": b"alpha\n", "d/sub/b.bin": bytes(range(256)) * 4000}, mode=0o751,
+                            uid=1234)
+            info = await copy_in(q, name, "/tmp", data)
+            assert info == {"bytes": len(data), "entries": 2}
+            code, out, _ = await q.exec(name, ["sh", "-c", "cat /tmp/d/a.txt; stat -c '%a %u %g %Y' "
+                                               "/tmp/d/a.txt; md5sum < /tmp/d/sub/b.bin"])
+            lines = out.decode().splitlines()
+            assert code == 0 and lines[:2] == ["alpha", "751 1234 1234 1600000000"]
+            back = members(await copy_out(q, name, "/tmp/d"))
+            assert back["d/a.txt"] == b"alpha\n" and back["d/sub/b.bin"] == bytes(range(256)) * 4000
+            assert back["d/sub"] == "dir"
+            await q.exec(name, ["ln", "-s", "/etc/passwd", "/tmp/link"])
+            assert members(await copy_out(q, name, "/tmp/link")) == {"link": "-> /etc/passwd"}
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_copy_in_and_out_of_stopped_containers(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["cat", "/etc/greeting"], start=False)
+            await copy_in(q, name, "/etc", make_tar({"greeting": b"copied before the start\n"}))
+            got = members(await copy_out(q, name, "/etc/greeting"))
+            assert got == {"greeting": b"copied before the start\n"}
+            await q.start(name)
+            assert await q.wait(name, 10_000_000) == ("exited", 0)
+            logs = [line for _, _, line in await q.logs(name)]
+            assert logs == ["copied before the start"]
+            # Exited now: the upper layer keeps what the command and CopyIn wrote.
+            await copy_in(q, name, "/", make_tar({"later/x": b"after\n"}))
+            assert members(await copy_out(q, name, "/later")) == {"later": "dir", "later/x": b"after\n"}
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_copy_bad_input_gets_named_errors(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sleep", "1000"])
+            with pytest.raises(errors.InvalidArgument, match="not a tar"):
+                await copy_in(q, name, "/tmp", b"this is no tar stream, just text\n" * 100)
+            with pytest.raises(errors.InvalidArgument, match="not a tar"):
+                await copy_in(q, name, "/tmp", b"")
+            with pytest.raises(errors.NoSuchPath):
+                await copy_in(q, name, "/no/such/dir", make_tar({"f": b"x"}))
+            with pytest.raises(errors.NoSuchPath):
+                await copy_out(q, name, "/no/such/file")
+            with pytest.raises(errors.InvalidArgument, match="not a directory"):
+                await copy_in(q, name, "/etc/passwd", make_tar({"f": b"x"}))
+            with pytest.raises(errors.InvalidArgument, match="absolute"):
+                await copy_out(q, name, "etc")
+            with pytest.raises(errors.InvalidArgument, match=r"'\.\.'"):
+                await copy_in(q, name, "/tmp", make_tar({"../../etc/x": b"x"}))
+            with pytest.raises(errors.LimitExceeded, match="max_bytes"):
+                await copy_in(q, name, "/tmp", make_tar({"big": bytes(200_000)}), max_bytes=100_000)
+            with pytest.raises(errors.InvalidArgument, match="proc or sysfs"):
+                await copy_in(q, name, "/proc/sys/kernel", make_tar({"core_pattern": b"|/bin/sh"}))
+            with pytest.raises(errors.NoSuchContainer):
+                await copy_out(q, "no-such-container", "/")
+            # Bad descriptors: a terminal-like device, the wrong direction.
+            null = os.open("/dev/null", os.O_RDWR)
+            r, w = os.pipe()
+            try:
+                with pytest.raises(errors.InvalidArgument, match="pipe, a socket or a regular file"):
+                    await q.copy_out(name, "/etc", null)
+                with pytest.raises(errors.InvalidArgument, match="not open for writing"):
+                    await q.copy_out(name, "/etc", r)
+                with pytest.raises(errors.InvalidArgument, match="not open for reading"):
+                    await q.copy_in(name, "/tmp", w)
+            finally:
+                for fd in (null, r, w):
+                    os.close(fd)
+            code, out, _ = await q.exec(name, ["ls", "/tmp"])
+            assert code == 0 and b"big" not in out.split()
+            assert (await q.info(name))["State"] == "running"
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_symlink_swap_during_copies_never_reaches_the_host(sandbox: Any, quilt: Any, name: str) -> None:
+    """A process in the container flips /work/x between a directory and a symlink to / while we copy."""
+    tag = secrets.token_hex(4)
+    canary = Path(f"/var/tmp/quilt-canary-{tag}")
+    written = Path(f"/etc/quilt-written-{tag}")
+    host_canary = sandbox.host_path(canary)
+    host_canary.write_bytes(b"host secret\n")
+    before = host_canary.stat()
+    flip = ("mkdir -p /work; while true; do rm -rf /work/x; mkdir -p /work/x/etc; "
+            "echo inside > /work/x/file; rm -rf /work/x; ln -s / /work/x; done")
+    seen: dict[str, int] = {}
+
+    def count(what: str) -> None:
+        seen[what] = seen.get(what, 0) + 1
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", flip])
+            payload = make_tar({str(canary).lstrip("/"): b"pwned\n", f"etc/quilt-written-{tag}": b"pwned\n"})
+            deadline = time.monotonic() + 60
+            for i in range(300):
+                try:
+                    out = await copy_out(q, name, f"/work/x/{str(canary).lstrip('/')}")
+                    count("out-file")
+                    assert b"host secret" not in out
+                except (errors.NoSuchPath, errors.CopyFailed):
+                    count("out-file-missing")
+                try:
+                    found = members(await copy_out(q, name, "/work/x/etc"))
+                    count("out-etc")
+                    # The container's /etc when x is the link: busybox's, not the host's.
+                    assert not any(n.endswith(("os-release", "machine-id")) for n in found), found
+                    assert not any(isinstance(v, bytes) and b"host secret" in v for v in found.values())
+                except (errors.NoSuchPath, errors.CopyFailed):
+                    count("out-etc-missing")
+                try:
+                    await copy_in(q, name, "/work/x", payload)
+                    count("in")
+                except (errors.NoSuchPath, errors.CopyFailed, errors.InvalidArgument):
+                    count("in-failed")
+                assert host_canary.read_bytes() == b"host secret\n"
+                assert not sandbox.host_path(written).exists()
+                both = seen.get("out-etc", 0) and seen.get("out-etc-missing", 0)
+                if (both and i >= 30) or time.monotonic() > deadline:
+                    break
+            await q.remove(name, force=True)
+
+    try:
+        run(scenario())
+        after = host_canary.stat()
+        assert host_canary.read_bytes() == b"host secret\n"
+        assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
+        assert not sandbox.host_path(written).exists()
+        # The race was live: the same path was a directory for some copies and the symlink for others.
+        print("copy outcomes under the swap:", seen)
+        assert seen.get("out-etc") and seen.get("out-etc-missing"), seen
+    finally:
+        host_canary.unlink(missing_ok=True)
+        sandbox.host_path(written).unlink(missing_ok=True)
+
+
+def test_symlink_to_the_root_in_a_stopped_container(sandbox: Any, quilt: Any, name: str) -> None:
+    tag = secrets.token_hex(4)
+    host_canary = sandbox.host_path(f"/var/tmp/quilt-canary-{tag}")
+    host_canary.write_bytes(b"host secret\n")
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", "mkdir /work && ln -s / /work/evil"])
+            assert await q.wait(name, 10_000_000) == ("exited", 0)
+            with pytest.raises(errors.NoSuchPath):
+                await copy_out(q, name, f"/work/evil/var/tmp/quilt-canary-{tag}")
+            await copy_in(q, name, "/work/evil", make_tar({f"var/tmp/quilt-canary-{tag}": b"pwned\n"}))
+            # It went to the container's own /var/tmp, through the link resolved in its root.
+            got = members(await copy_out(q, name, f"/var/tmp/quilt-canary-{tag}"))
+            assert got == {f"quilt-canary-{tag}": b"pwned\n"}
+            await q.remove(name)
+
+    try:
+        run(scenario())
+        assert host_canary.read_bytes() == b"host secret\n"
+    finally:
+        host_canary.unlink(missing_ok=True)

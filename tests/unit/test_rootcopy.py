@@ -1,0 +1,150 @@
+"""Tar streams into and out of a root directory: kept metadata, and no way out of the root."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quiltd import rootcopy
+from quiltd.copyspec import Failure
+from quiltd.rootcopy import CopyError, Progress
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership is kept only as root")
+
+
+@pytest.fixture
+def roots() -> Iterator[tuple[Path, Path]]:
+    """A container-like root, and a canary beside it, outside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp, "root")
+        root.mkdir()
+        outside = Path(tmp, "outside")
+        outside.mkdir()
+        (outside / "canary").write_bytes(b"host secret\n")
+        yield root, outside
+
+
+def _archive(root: Path, path: str) -> bytes:
+    with tempfile.TemporaryFile() as out:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        try:
+            rootcopy.archive(fd, path, out.fileno(), Progress(lambda: None))
+        finally:
+            os.close(fd)
+        out.seek(0)
+        return out.read()
+
+
+def _extract(root: Path, dest: str, data: bytes, max_bytes: int = 1 << 30) -> Progress:
+    progress = Progress(lambda: None)
+    with tempfile.TemporaryFile() as src:
+        src.write(data)
+        src.seek(0)
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        try:
+            rootcopy.extract(fd, dest, src.fileno(), max_bytes, progress)
+        finally:
+            os.close(fd)
+    return progress
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@needs_root
+def test_round_trip_keeps_modes_owners_times_links(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    tree = root / "src" / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"data" * 10000)
+    os.chown(tree / "sub" / "f", 1234, 5678)
+    os.chmod(tree / "sub" / "f", 0o4751)
+    os.utime(tree / "sub" / "f", ns=(1_600_000_000_500_000_000, 1_600_000_000_500_000_000))
+    os.link(tree / "sub" / "f", tree / "hard")
+    os.symlink("/etc/shadow", tree / "link")
+    os.mkfifo(tree / "fifo", 0o640)
+    os.chmod(tree / "sub", 0o710)
+    os.utime(tree / "sub", (1_500_000_000, 1_500_000_000))
+    data = _archive(root, "/src/tree")
+    (root / "dest").mkdir()
+    progress = _extract(root, "/dest", data)
+    assert progress.entries == 6 and progress.bytes == len(data)
+    got = root / "dest" / "tree"
+    f = os.stat(got / "sub" / "f")
+    assert (stat.S_IMODE(f.st_mode), f.st_uid, f.st_gid, f.st_mtime_ns) == \
+        (0o4751, 1234, 5678, 1_600_000_000_500_000_000)
+    assert (got / "sub" / "f").read_bytes() == b"data" * 10000
+    assert os.stat(got / "hard").st_ino == f.st_ino
+    assert os.readlink(got / "link") == "/etc/shadow"
+    assert stat.S_ISFIFO(os.stat(got / "fifo").st_mode)
+    sub = os.stat(got / "sub")
+    assert (stat.S_IMODE(sub.st_mode), sub.st_mtime) == (0o710, 1_500_000_000)
+
+
+def test_symlinks_resolve_inside_the_root(roots: tuple[Path, Path]) -> None:
+    root, outside = roots
+    os.symlink("/", root / "up")
+    os.symlink("../../../" + str(outside).lstrip("/"), root / "dots")
+    os.symlink(str(outside / "canary"), root / "direct")
+    # Out: the host's canary is never reached, whichever way the link points.
+    for path in (f"/up{outside}/canary", "/dots/canary"):
+        with pytest.raises(CopyError) as e:
+            _archive(root, path)
+        assert e.value.failure == Failure.NO_PATH
+    with tarfile.open(fileobj=io.BytesIO(_archive(root, "/direct"))) as tar:
+        (member,) = tar.getmembers()
+    assert member.issym()  # the link itself, not what it names
+    # In: written below the root, the host's canary untouched.
+    info = tarfile.TarInfo(f"{str(outside).lstrip('/')}/canary")
+    _extract(root, "/up", _tar((info, b"overwritten")))
+    assert (outside / "canary").read_bytes() == b"host secret\n"
+    assert (root / str(outside).lstrip("/") / "canary").read_bytes() == b"overwritten"
+    # A member named through a symlink of the stream itself stays inside too.
+    link = tarfile.TarInfo("esc")
+    link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+    _extract(root, "/", _tar((link, b""), (tarfile.TarInfo("esc/canary"), b"again")))
+    assert (outside / "canary").read_bytes() == b"host secret\n"
+
+
+@pytest.mark.parametrize("data, failure, message", [
+    (b"", Failure.INVALID, "not a tar"),
+    (b"hello, this is not a tar stream at all" * 100, Failure.INVALID, "not a tar"),
+])
+def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str) -> None:
+    root, _ = roots
+    with pytest.raises(CopyError, match=message) as e:
+        _extract(root, "/", data)
+    assert e.value.failure == failure
+
+
+def test_refusals(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    cases: list[tuple[bytes, str, Failure, str, int]] = []
+    dots = tarfile.TarInfo("a/../../x")
+    cases.append((_tar((dots, b"x")), "/", Failure.INVALID, "'..'", 1 << 30))
+    dev = tarfile.TarInfo("sda")
+    dev.type, dev.devmajor, dev.devminor = tarfile.BLKTYPE, 8, 0
+    cases.append((_tar((dev, b"")), "/", Failure.INVALID, "device node", 1 << 30))
+    cases.append((_tar((tarfile.TarInfo("big"), bytes(100_000))), "/", Failure.LIMIT, "max_bytes", 50_000))
+    empty = _tar((tarfile.TarInfo("f"), b""))
+    cases.append((empty, "/missing", Failure.NO_PATH, "no such directory", 1 << 30))
+    (root / "file").write_bytes(b"")
+    cases.append((empty, "/file", Failure.INVALID, "not a directory", 1 << 30))
+    for data, dest, failure, message, cap in cases:
+        with pytest.raises(CopyError, match=message) as e:
+            _extract(root, dest, data, cap)
+        assert e.value.failure == failure
+    assert not (root / "sda").exists()
