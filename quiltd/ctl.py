@@ -45,7 +45,6 @@ EXIT_CODES = {
     EXIT_NOT_FOUND: "exec: the program or workdir was not found",
 }
 # Verbs of the design that this quiltd does not offer yet.
-NOT_YET = {"volume": "CreateVolume", "network": "networks"}
 STOP_TIMEOUT = 10
 RELAY_WAIT = 2.0  # after an exec ends, how long its output may still drain through our relays
 
@@ -181,9 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("info", "show quiltd's version, counts and directories", cmd_info)
     s.add_argument("--json", action="store_true", help="as JSON")
-    for name, method in NOT_YET.items():
-        s = verb(name, f"not available yet: this quiltd has no {method}", cmd_not_yet)
-        s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    volumes = verb("volume", "list, create and remove named volumes", cmd_volume_ls)
+    volumes.add_argument("--json", action="store_true", help="as JSON")
+    volume_verbs = volumes.add_subparsers(dest="volume_verb", metavar="VOLUME_VERB")
+    s = volume_verbs.add_parser("ls", help="list volumes", description="list volumes")
+    s.add_argument("--json", action="store_true", help="as JSON")
+    s.set_defaults(fn=cmd_volume_ls)
+    s = volume_verbs.add_parser("create", help="create a volume", description="create a named volume")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_volume_create)
+    s = volume_verbs.add_parser("rm", help="remove volumes", description="remove volumes no container uses")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.set_defaults(fn=cmd_volume_rm)
+
+    networks = verb("network", "list, create and remove networks", cmd_network_ls)
+    networks.add_argument("--json", action="store_true", help="as JSON")
+    network_verbs = networks.add_subparsers(dest="network_verb", metavar="NETWORK_VERB")
+    s = network_verbs.add_parser("ls", help="list networks", description="list networks")
+    s.add_argument("--json", action="store_true", help="as JSON")
+    s.set_defaults(fn=cmd_network_ls)
+    s = network_verbs.add_parser("create", help="create a network",
+                                 description="create a network: its own bridge and subnet")
+    s.add_argument("--subnet", help="CIDR, e.g. 10.90.0.0/24 (default: a free /16)")
+    s.add_argument("--egress", help="none (default), all, or comma-separated CIDR[:PORT] entries")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_network_create)
+    s = network_verbs.add_parser("rm", help="remove networks",
+                                 description="remove networks no container uses")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.set_defaults(fn=cmd_network_rm)
 
     images = verb("images", "list, import and remove images", cmd_images_ls)
     images.add_argument("--json", action="store_true", help="as JSON")
@@ -317,10 +342,6 @@ async def _each(refs: Sequence[str], action: Callable[[str], Awaitable[None]], e
         if echo:
             print(ref)
     return code
-
-
-async def cmd_not_yet(q: QuiltClient, args: argparse.Namespace) -> int:
-    raise Failure(f"{args.verb} is not available yet: this quiltd has no {NOT_YET[args.verb]}", EXIT_USAGE)
 
 
 async def cmd_start(q: QuiltClient, args: argparse.Namespace) -> int:
@@ -562,6 +583,45 @@ async def cmd_images_rm(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.names, q.remove_image)
 
 
+async def cmd_volume_ls(q: QuiltClient, args: argparse.Namespace) -> int:
+    rows = await q.volumes()
+    if args.json:
+        print(json.dumps([dict(zip(("name", "path", "size_bytes"), r, strict=True)) for r in rows], indent=2))
+        return EXIT_OK
+    _table(["NAME", "SIZE", "PATH"], [[name, _size(size), path] for name, path, size in rows])
+    return EXIT_OK
+
+
+async def cmd_volume_create(q: QuiltClient, args: argparse.Namespace) -> int:
+    await q.create_volume(args.name)
+    print(args.name)
+    return EXIT_OK
+
+
+async def cmd_volume_rm(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.names, q.remove_volume)
+
+
+async def cmd_network_ls(q: QuiltClient, args: argparse.Namespace) -> int:
+    rows = await q.networks()
+    keys = ("name", "subnet", "gateway", "bridge", "egress")
+    if args.json:
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return EXIT_OK
+    _table([k.upper() for k in keys], [list(r) for r in rows])
+    return EXIT_OK
+
+
+async def cmd_network_create(q: QuiltClient, args: argparse.Namespace) -> int:
+    options = {k: v for k, v in (("subnet", args.subnet), ("egress", args.egress)) if v is not None}
+    print(await q.create_network(args.name, **options))
+    return EXIT_OK
+
+
+async def cmd_network_rm(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.names, q.remove_network)
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -657,8 +717,6 @@ def fail(message: str, code: int) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.verb in NOT_YET:
-        fail(f"{args.verb} is not available yet: this quiltd has no {NOT_YET[args.verb]}", EXIT_USAGE)
     try:
         code = asyncio.run(_main(args))
     except Failure as e:

@@ -197,3 +197,20 @@ def test_cp_both_ways_with_directories_and_tar_streams(sandbox: Any, busybox_ima
     finally:
         ctl(sandbox, "rm", "-f", name, check=False)
         sandbox.run(["rm", "-rf", src, out], check=False)
+
+
+def test_volume_and_network_verbs(sandbox: Any, busybox_image: str, name: str) -> None:
+    volume, network = f"{name[:40]}-v", f"{name[:40]}-n"
+    assert ctl(sandbox, "volume", "create", volume).stdout.decode().strip() == volume
+    listed = json.loads(ctl(sandbox, "volume", "ls", "--json").stdout)
+    assert [v["name"] for v in listed if v["name"] == volume] == [volume]
+    subnet = ctl(sandbox, "network", "create", "--subnet", "10.99.7.0/24", network).stdout.decode().strip()
+    assert subnet == "10.99.7.0/24"
+    table = ctl(sandbox, "network", "ls").stdout.decode()
+    assert network in table and "10.99.7.0/24" in table
+    ctl(sandbox, "volume", "rm", volume)
+    ctl(sandbox, "network", "rm", network)
+    assert volume not in ctl(sandbox, "volume", "ls").stdout.decode()
+    assert network not in ctl(sandbox, "network", "ls").stdout.decode()
+    missing = ctl(sandbox, "network", "rm", network, check=False)
+    assert missing.returncode != 0 and network in missing.stderr.decode()
