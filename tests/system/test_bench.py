@@ -56,6 +56,8 @@ def test_quick_bench_reports_every_metric(
     for metric in MEMORY_METRICS:
         assert memory[metric]["n"] == 2 and memory[metric]["min"] > 0, (metric, memory[metric])
     assert isinstance(memory["quiltd_uss_growth_kib"]["median"], float | int)
+    for transport in ("bus", "direct"):  # through the broker, and straight over quiltd.socket
+        assert 0 < result["direct"][transport]["p50_ms"] <= result["direct"][transport]["p99_ms"]
     recovery = result["recovery"]
     assert recovery["still_running"] == recovery["containers"] > 0  # a restart stops none
     assert recovery["restart"]["n"] == 3 and recovery["restart"]["p50_ms"] > 0
