@@ -33,10 +33,6 @@ def in_netns(sandbox: Any, pid: int, *argv: str, check: bool = True) -> str:
     return sh(sandbox, "nsenter", "-t", str(pid), "-n", *argv, check=check)
 
 
-def journal(sandbox: Any, name: str) -> str:
-    return sh(sandbox, "journalctl", f"QUILT_CONTAINER_NAME={name}", "-o", "cat", "--no-pager")
-
-
 async def running(q: Any, name: str) -> dict[str, Any]:
     info: dict[str, Any]
     async def is_running() -> bool:
