@@ -100,7 +100,7 @@ def test_images_and_info(sandbox: Any, busybox_image: str) -> None:
     (["run", "no-such-image", "true"], 125, "quiltctl: no image 'no-such-image' (NoSuchImage)"),
     (["run", "busybox", "no-such-program"], 125, "No such file or directory (StartFailed)"),
     (["--address=unix:path=/nonexistent", "ps"], 3, "quiltctl: cannot connect to quiltd"),
-    (["volume", "ls"], 2, "quiltctl: volume is not available yet"),
+    (["volume", "rm", "no-such-volume"], 1, "quiltctl: no-such-volume: "),
     (["exec", "no-such-container", "true"], 125, "(NoSuchContainer)"),
     (["cp", "a", "b"], 2, "give exactly one of SRC and DEST as CONTAINER:PATH"),
     (["kill", "-s", "NOPE", "x"], 2, "unknown signal 'NOPE'"),
