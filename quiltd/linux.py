@@ -31,6 +31,21 @@ MS_PRIVATE = 0x40000
 MS_SLAVE = 0x80000
 MNT_DETACH = 0x2
 
+# The new mount API: the same numbers on every architecture (added after the
+# syscall tables were unified).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 0x1
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
@@ -80,6 +95,39 @@ def pivot_root(new_root: str, put_old: str) -> None:
     if number is None:
         raise OSError(0, f"pivot_root: unknown syscall number on {platform.machine()}")
     _check(_libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()), "pivot_root")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount at path (not its submounts), as a descriptor."""
+    return _check(
+        _libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), path.encode(),
+                      ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC)),
+        f"open_tree {path}", path,
+    )
+
+
+def mount_setattr(fd: int, attr_set: int, userns_fd: int = 0) -> None:
+    """Sets attributes (MOUNT_ATTR_*) on the mount fd names; an idmap needs userns_fd."""
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
+    _check(
+        _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(fd), b"", ctypes.c_uint(AT_EMPTY_PATH),
+                      ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+        "mount_setattr",
+    )
+
+
+def move_mount_to_fd(fd: int, target_fd: int) -> None:
+    """Attaches the detached mount fd onto the place target_fd (O_PATH) names."""
+    _check(
+        _libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(fd), b"", ctypes.c_int(target_fd), b"",
+                      ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
+        "move_mount",
+    )
 
 
 def prctl(option: int, arg2: int = 0) -> None:

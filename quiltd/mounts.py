@@ -45,11 +45,13 @@ def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
     return openat2(rootfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
 
-def bind_into(root: str, source: str, target: str, read_only: bool) -> None:
+def bind_into(root: str, source: str, target: str, read_only: bool, userns_fd: int | None = None) -> None:
     """Binds the host path source onto target, resolved inside root as if root were /.
 
     A missing target is made (a directory, or an empty file for a file
     source). The mount is nosuid and nodev whatever the source's mount is.
+    With userns_fd, the mount is idmapped through that user namespace (see
+    idmapped_bind), and only source's own mount is bound, not those below it.
     """
     src_fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -57,6 +59,9 @@ def bind_into(root: str, source: str, target: str, read_only: bool) -> None:
         is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
         fd = _make_target(rootfd, target, is_dir)
         try:
+            if userns_fd is not None:
+                idmapped_bind(f"/proc/self/fd/{src_fd}", fd, userns_fd, read_only)
+                return
             linux.mount(f"/proc/self/fd/{src_fd}", f"/proc/self/fd/{fd}", None, linux.MS_BIND | linux.MS_REC)
         finally:
             os.close(fd)
@@ -71,6 +76,60 @@ def bind_into(root: str, source: str, target: str, read_only: bool) -> None:
     finally:
         os.close(src_fd)
         os.close(rootfd)
+
+
+def idmapped_bind(source: str, target_fd: int, userns_fd: int, read_only: bool) -> None:
+    """Binds source onto target_fd (O_PATH) with its ids seen through a user namespace, nosuid and nodev.
+
+    A file stored as owned by id N shows as owned by whatever host id the
+    namespace maps N to, and a write through the mount stores the reverse.
+    So a tree stored with plain ids (0 is root) is owned by the container's
+    root when seen from inside its namespace, and is the same tree for any
+    container, whatever its range.
+    """
+    tree = linux.open_tree_clone(source)
+    try:
+        flags = linux.MOUNT_ATTR_IDMAP | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+        try:
+            linux.mount_setattr(tree, flags | (linux.MOUNT_ATTR_RDONLY if read_only else 0), userns_fd)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot map ids on {source}: user namespaces need a filesystem "
+                          f"with idmapped mounts (ext4, xfs, btrfs, tmpfs): {e.strerror}") from None
+        linux.move_mount_to_fd(tree, target_fd)
+    finally:
+        os.close(tree)
+
+
+def mount_overlay(rootfs: str, lowerdir: str, upperdir: str, workdir: str, flags: int,
+                  userns_fd: int | None = None, userns_base: int = 0) -> None:
+    """The container's root: its writable upperdir over the image's lowerdir, on rootfs.
+
+    With userns_fd (mapping container id 0 to host id userns_base), the
+    image is seen through an idmapped mount, so its root-owned files belong
+    to the container's root; files made in the upper layer get the host ids
+    of their container ids. The idmapped view is bound next to rootfs only
+    long enough for overlayfs to take its own private copy.
+    """
+    if userns_fd is None:
+        linux.mount("overlay", rootfs, "overlay", flags,
+                    f"lowerdir={lowerdir},upperdir={upperdir},workdir={workdir}")
+        return
+    # The root directory's owner comes from the upper layer: make it the
+    # image root's, as the container sees it.
+    image_root = os.stat(lowerdir)
+    os.chown(upperdir, userns_base + image_root.st_uid, userns_base + image_root.st_gid)
+    staging = os.path.join(os.path.dirname(rootfs), "lower")
+    os.makedirs(staging, mode=0o700, exist_ok=True)
+    fd = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        idmapped_bind(lowerdir, fd, userns_fd, read_only=True)
+    finally:
+        os.close(fd)
+    try:
+        linux.mount("overlay", rootfs, "overlay", flags,
+                    f"lowerdir={staging},upperdir={upperdir},workdir={workdir}")
+    finally:
+        linux.umount2(staging, linux.MNT_DETACH)
 
 
 def mount_in_root(root: str, target: str, fstype: str, flags: int, data: str) -> None:
