@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux, mounts, netconfig, security
+from quiltd import linux, mounts, netconfig, security, userns
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 from quiltd.launchspec import GO, LaunchSpec
 
@@ -36,6 +36,7 @@ FORWARDED_SIGNALS = tuple(
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
 MAX_LINE = 32 * 1024  # longer lines are split; a datagram must stay well under the socket's limit
 STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
 
@@ -71,7 +72,8 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         # directory is held open across the root switch.
         exit_dir, exit_name = os.path.split(spec.exit_path)
         exit_dir_fd = os.open(exit_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        _enter_root(spec)
+        userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
+        _enter_root(spec, userns_fd)
     except BaseException as e:  # a failed start, told to the daemon once it is ready to hear it
         with contextlib.suppress(OSError):
             os.write(error_fd, f"{type(e).__name__}: {e}".encode())
@@ -92,6 +94,16 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os.close(exit_dir_fd)
         # Only now, inside the scope, so the container's cgroup root is its scope.
         linux.unshare(linux.CLONE_NEWCGROUP)
+        if userns_fd is not None:
+            # The last step that needs host root: every namespace above is
+            # the host's to own, and this init becomes the container's root.
+            userns.enter(userns_fd)
+            os.close(userns_fd)
+        # An image's WorkingDir need not exist in it; made as the container's
+        # root, like any directory its root makes. A failure is the command's
+        # chdir to report.
+        with contextlib.suppress(OSError):
+            os.makedirs(spec.workdir, mode=0o755, exist_ok=True)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         command_pid = os.fork()
@@ -109,10 +121,14 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os._exit(127)
 
 
-def _enter_root(spec: LaunchSpec) -> None:
+def _enter_root(spec: LaunchSpec, userns_fd: int | None) -> None:
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = spec.rootfs
+    # In a user namespace the filesystems made here belong to its root, and
+    # /dev/pts's tty group is the container's own.
+    base = spec.userns_base
+    owner = f",uid={base},gid={base}" if userns_fd is not None else ""
     if spec.disk_max:
         # Private to this namespace, so the host never sees it and it goes
         # when the container's last process does; writes past the size get
@@ -121,19 +137,19 @@ def _enter_root(spec: LaunchSpec) -> None:
                     f"size={spec.disk_max},mode=0700")
         os.mkdir(spec.upperdir, 0o755)
         os.mkdir(spec.overlay_workdir, 0o700)
-    linux.mount(
-        "overlay", root, "overlay", 0,
-        f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}",
-    )
+    mounts.mount_overlay(root, spec.lowerdir, spec.upperdir, spec.overlay_workdir, 0, userns_fd, base)
     for source, target, read_only in spec.binds:
         mounts.bind_into(root, source, target, read_only)
+    # Volumes hold plain ids on disk, so any container can share them.
+    for source, target, read_only in spec.volume_binds:
+        mounts.bind_into(root, source, target, read_only, userns_fd)
     for target, size in spec.tmpfs:
         mounts.mount_in_root(root, target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                             f"size={size},mode=1777")
+                             f"size={size},mode=1777{owner}")
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     security.mask_proc(_mount_at(root, "proc", "proc", "proc", nosuid_nodev_noexec))
     security.mask_sys(_mount_at(root, "sys", "sysfs", "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY))
-    _make_dev(root)
+    _make_dev(root, owner, base + TTY_GID)
     for source, target in ((spec.hosts_file, "etc/hosts"), (spec.resolv_file, "etc/resolv.conf")):
         if source:
             _bind_file_ro(root, source, os.path.join(root, target))
@@ -153,15 +169,16 @@ def _mount_at(root: str, rel: str, source: str, fstype: str, flags: int, data: s
     return target
 
 
-def _make_dev(root: str) -> None:
-    dev = _mount_at(root, "dev", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=755,size=64k")
+def _make_dev(root: str, owner: str, tty_gid: int) -> None:
+    dev = _mount_at(root, "dev", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC,
+                    f"mode=755,size=64k{owner}")
     for name in DEVICES:
         path = os.path.join(dev, name)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
         linux.mount(f"/dev/{name}", path, None, linux.MS_BIND)
     _mount_at(dev, "pts", "devpts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-              "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_at(dev, "shm", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777,size=64m")
+              f"newinstance,ptmxmode=0666,mode=0620,gid={tty_gid}")
+    _mount_at(dev, "shm", "tmpfs", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"mode=1777,size=64m{owner}")
     for link, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, link))

@@ -105,7 +105,8 @@ class Copies:
     def _spec(self, c: Container, direction: Direction, path: str, max_bytes: int, pid: int,
               starttime: int) -> CopySpec:
         return CopySpec(direction=direction, name=c.name, path=path, init_pid=pid, init_starttime=starttime,
-                        lowerdir="", upperdir="", overlay_workdir="", rootfs="", binds=(), tmpfs=(),
+                        lowerdir="", upperdir="", overlay_workdir="", rootfs="", binds=(), volume_binds=(),
+                        tmpfs=(), userns_base=0,
                         max_bytes=max_bytes, idle_timeout_sec=IDLE_TIMEOUT_SEC)
 
     def _stopped_spec(self, c: Container, direction: Direction, path: str, max_bytes: int) -> CopySpec:
@@ -113,7 +114,8 @@ class Copies:
         return CopySpec(direction=direction, name=c.name, path=path, init_pid=0, init_starttime=0,
                         lowerdir=layers.lowerdir, upperdir=layers.upperdir,
                         overlay_workdir=layers.overlay_workdir, rootfs=layers.rootfs, binds=layers.binds,
-                        tmpfs=tuple(target for target, _ in layers.tmpfs), max_bytes=max_bytes,
+                        volume_binds=layers.volume_binds, tmpfs=tuple(target for target, _ in layers.tmpfs),
+                        userns_base=layers.userns_base, max_bytes=max_bytes,
                         idle_timeout_sec=IDLE_TIMEOUT_SEC)
 
     async def _fork(self, c: Container, spec: CopySpec, fd: int, unit: str) -> CopyResult:

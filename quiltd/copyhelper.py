@@ -31,7 +31,7 @@ import signal
 import time
 from typing import Any, NoReturn
 
-from quiltd import linux, mounts, rootcopy
+from quiltd import linux, mounts, rootcopy, userns
 from quiltd.copyspec import CopyResult, CopySpec, Direction, Failure
 from quiltd.rootcopy import CopyError, Progress
 
@@ -47,7 +47,12 @@ def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
             os._exit(0)  # the daemon gave up on this copy
         os.close(go_fd)
         os.umask(0)  # modes come from the tar stream or the files, exactly
-        root_fd, init_pidfd = _open_root(spec)
+        root_fd, init_pidfd, userns_fd = _open_root(spec)
+        if userns_fd is not None:
+            # The copy acts as the container's root: what it makes is owned
+            # by the container's ids, and it may touch only what that root may.
+            userns.enter(userns_fd)
+            os.close(userns_fd)
         _Watch(spec, init_pidfd, progress).start()
         if spec.direction == Direction.IN:
             rootcopy.extract(root_fd, spec.path, data_fd, spec.max_bytes, progress)
@@ -74,33 +79,38 @@ def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
     os._exit(0)
 
 
-def _open_root(spec: CopySpec) -> tuple[int, int | None]:
-    """A descriptor of the container's root, and the init's pidfd when it runs."""
+def _open_root(spec: CopySpec) -> tuple[int, int | None, int | None]:
+    """A descriptor of the container's root, the init's pidfd when it runs, and its user namespace if any."""
     if spec.init_pid:
         try:
             pidfd = os.pidfd_open(spec.init_pid)
         except ProcessLookupError:
             raise CopyError(Failure.GONE, f"container {spec.name} is not running") from None
         root_fd = os.open(f"/proc/{spec.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        userns_fd = userns.foreign(spec.init_pid)
         # Checked after opening, while the pidfd pins the process: the root
         # cannot be that of a process that took over a reused pid.
         if select.select([pidfd], [], [], 0)[0] or \
                 linux.process_starttime(spec.init_pid) != spec.init_starttime:
             raise CopyError(Failure.GONE, f"container {spec.name} is not running")
-        return root_fd, pidfd
+        return root_fd, pidfd, userns_fd
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount("overlay", spec.rootfs, "overlay", linux.MS_NODEV | linux.MS_NOSUID,
-                f"lowerdir={spec.lowerdir},upperdir={spec.upperdir},workdir={spec.overlay_workdir}")
+    # A namespace with the container's map, made again: its ids are on record.
+    userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
     try:
+        mounts.mount_overlay(spec.rootfs, spec.lowerdir, spec.upperdir, spec.overlay_workdir,
+                             linux.MS_NODEV | linux.MS_NOSUID, userns_fd, spec.userns_base)
         for source, target, read_only in spec.binds:
             mounts.bind_into(spec.rootfs, source, target, read_only)
+        for source, target, read_only in spec.volume_binds:
+            mounts.bind_into(spec.rootfs, source, target, read_only, userns_fd)
         for target in spec.tmpfs:
             mounts.mount_in_root(spec.rootfs, target, "tmpfs",
                                  linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY, "size=4k")
     except OSError as e:
         raise CopyError(Failure.IO, f"cannot mount the container's volumes: {e}") from None
-    return os.open(spec.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), None
+    return os.open(spec.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), None, userns_fd
 
 
 class _Watch:

@@ -32,7 +32,9 @@ class CopySpec:
     overlay_workdir: str
     rootfs: str
     binds: tuple[tuple[str, str, bool], ...]
+    volume_binds: tuple[tuple[str, str, bool], ...]
     tmpfs: tuple[str, ...]
+    userns_base: int  # the container's user namespace range; 0 = none
     max_bytes: int  # of the tar stream read, for IN
     idle_timeout_sec: int  # no byte moved for this long ends the copy
 
@@ -43,7 +45,8 @@ class CopySpec:
     def from_request(cls, data: bytes) -> CopySpec:
         raw = json.loads(data[len(REQUEST_PREFIX):])
         raw["direction"] = Direction(raw["direction"])
-        raw["binds"] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw["binds"])
+        for key in ("binds", "volume_binds"):
+            raw[key] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw[key])
         raw["tmpfs"] = tuple(str(t) for t in raw["tmpfs"])
         return cls(**raw)
 

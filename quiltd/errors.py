@@ -88,7 +88,7 @@ class NoSuchPath(QuiltError):
 
 
 class LimitExceeded(QuiltError):
-    """A size cap was reached (CopyIn's max_bytes); the message names the cap and how to raise it."""
+    """A cap was reached (CopyIn's max_bytes, the user namespace ranges); the message names it."""
 
     dbus_name = ERROR_PREFIX + "LimitExceeded"
 

@@ -5,8 +5,8 @@ daemon puts it into the container's scope first, then tells it to go. It
 stays in the host's mount namespace, so it can write the exit status to the
 run dir and reach journald, and enters only the container's PID namespace,
 which applies to its children. Its one child joins every other namespace of
-the container's init (mount, UTS, IPC, network, cgroup), switches to the
-container's root, takes the exec's user and the container command's
+the container's init (mount, UTS, IPC, network, cgroup, and last its user
+namespace if it has one), switches to the container's root, takes the exec's user and the container command's
 restrictions and executes the command.
 
 The supervisor then waits for that child: it enforces the timeout, relays
@@ -24,7 +24,7 @@ import stat
 import time
 from typing import NoReturn
 
-from quiltd import linux
+from quiltd import linux, userns
 from quiltd.containerinit import FORWARDED_SIGNALS, RESTORED_SIGNALS, _Output, harden_before_exec
 from quiltd.execspec import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecSpec, ExecStatus, OutputMode
 from quiltd.journalstream import JournalStream
@@ -115,6 +115,9 @@ def _open_container(spec: ExecSpec) -> tuple[dict[str, int], int]:
     proc = f"/proc/{spec.init_pid}"
     fds = {name: os.open(f"{proc}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
            for name in ("pid", *(n for n, _ in NAMESPACES))}
+    user = userns.foreign(spec.init_pid)
+    if user is not None:
+        fds["user"] = user
     root_fd = os.open(f"{proc}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     exited = select.select([pidfd], [], [], 0)[0]
     os.close(pidfd)
@@ -135,6 +138,8 @@ def _enter_and_exec(
         os.fchdir(root_fd)
         os.chroot(".")
         os.chdir("/")
+        if "user" in ns_fds:  # last: it ends this process's privilege over the others
+            userns.enter(ns_fds["user"])
         for sig in (*FORWARDED_SIGNALS, *RESTORED_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)

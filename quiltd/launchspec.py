@@ -29,6 +29,7 @@ class LaunchSpec:
     journal_socket: str
     # (host source, target inside the root, read-only), bound in this order
     binds: tuple[tuple[str, str, bool], ...] = ()
+    volume_binds: tuple[tuple[str, str, bool], ...] = ()  # the same, for named volumes, bound after
     tmpfs: tuple[tuple[str, int], ...] = ()  # (target inside the root, size_bytes)
     # The container's network; empty for loopback only. The veth's inner end
     # is already in the container's namespace when init reads this.
@@ -42,6 +43,8 @@ class LaunchSpec:
     disk_dir: str = ""
     disk_max: int = 0
     user: str = ""  # looked up in the container's /etc/passwd and /etc/group; "" = root
+    # The first host id of the container's user namespace range; 0 = none.
+    userns_base: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -51,6 +54,7 @@ class LaunchSpec:
         raw = json.loads(data)
         raw["command"] = tuple(raw["command"])
         raw["env"] = tuple(raw["env"])
-        raw["binds"] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw.get("binds", ()))
+        for key in ("binds", "volume_binds"):
+            raw[key] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw.get(key, ()))
         raw["tmpfs"] = tuple((str(t), int(size)) for t, size in raw.get("tmpfs", ()))
         return cls(**raw)

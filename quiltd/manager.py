@@ -31,6 +31,7 @@ from quiltd import (
     mountopts,
     networks,
     options,
+    userns,
     volumes,
 )
 from quiltd.cleanup import Cleaner
@@ -38,6 +39,7 @@ from quiltd.errors import (
     Internal,
     InvalidArgument,
     InvalidState,
+    LimitExceeded,
     NameTaken,
     NoSuchContainer,
     NoSuchImage,
@@ -212,12 +214,15 @@ class Manager:
         self._networks.check_published(c)
         volume_names = [n for n, _, _ in wanted_volumes]
         made = self.volumes.ensure(volume_names)
-        # Committed as starting, with its address, before the reply: a
-        # daemon killed right after answering resumes this start when it
-        # comes back. One transaction, so a failed lease leaves no row.
-        starting = replace(c, state=State.STARTING) if start else None
+        # Committed as starting, with its address and its user namespace
+        # range, before the reply: a daemon killed right after answering
+        # resumes this start when it comes back. One transaction, so a
+        # failed lease leaves no row and no range taken.
         try:
             with self._store.transaction():
+                if spec.userns:
+                    c = replace(c, userns_base=self._free_userns_base())
+                starting = replace(c, state=State.STARTING) if start else None
                 self._store.insert_container(c)
                 self.volumes.attach(c.id, volume_names)
                 if starting is not None:
@@ -326,15 +331,21 @@ class Manager:
             user=c.spec.user,
             rootfs=str(layer / "rootfs"), exit_path=str(self.paths.exit_file(c.id)),
             journal_socket=JOURNAL_SOCKET,
-            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts
-            + self._volume_binds(c),
-            tmpfs=c.spec.tmpfs,
+            binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
+            volume_binds=self._volume_binds(c),
+            tmpfs=c.spec.tmpfs, userns_base=c.userns_base,
         )
         net = self._networks.attachment(c)
         if net is None:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _free_userns_base(self) -> int:
+        base = userns.free_base(self._store.userns_bases())
+        if base is None:
+            raise LimitExceeded("every user namespace range is in use: remove a container made with userns")
+        return base
 
     def _volume_binds(self, c: Container) -> tuple[tuple[str, str, bool], ...]:
         # Made again if someone removed the directory by hand: a volume is

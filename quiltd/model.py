@@ -51,6 +51,7 @@ class ContainerSpec:
     volumes: tuple[tuple[str, str, bool], ...] = ()  # (volume name, target, read_only)
     disk_max: int | None = None  # bytes: the writable layer lives on a tmpfs of this size
     user: str = ""  # "user" or "user:group" as in the container's /etc/passwd; "" = root
+    userns: bool = False  # root in the container is an unprivileged range of host ids
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Container:
     created_usec: int = 0
     started_usec: int = 0
     finished_usec: int = 0
+    # With spec.userns: the host id its ids start at, held from create to removal.
+    userns_base: int = 0
 
     @property
     def unit(self) -> str:

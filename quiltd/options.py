@@ -29,7 +29,7 @@ KNOWN_OPTIONS = frozenset({
     "labels", "ttl_sec", "auto_remove", "start", "publish",
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
-    "disk_max", "user",
+    "disk_max", "user", "userns",
 })
 PROTOCOLS = ("tcp", "udp")
 
@@ -103,6 +103,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
     user = _str(options, "user", "")
     if user and not USER_RE.match(user):
         raise InvalidArgument(f"invalid user {user!r}: use a name or number, optionally :group")
+    userns = _bool(options, "userns", False)
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -118,6 +119,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         publish=publish,
         disk_max=disk_max,
         user=user,
+        userns=userns,
     )
     return spec, start
 

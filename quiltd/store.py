@@ -128,11 +128,17 @@ MIGRATIONS = (
     -- (No semicolon in comments: migrations are split on it.)
     ALTER TABLE images ADD COLUMN config TEXT NOT NULL DEFAULT '{}';
     """,
+    """
+    -- The first host id of a container's user namespace range, 0 for none.
+    -- Unique, so two containers can never be given the same range.
+    ALTER TABLE containers ADD COLUMN userns_base INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX containers_userns_base ON containers(userns_base) WHERE userns_base > 0;
+    """,
 )
 
 _CONTAINER_COLUMNS = (
     "id", "name", "image", "image_id", "command", "spec", "state", "reason", "pid", "pid_starttime",
-    "exit_code", "created_usec", "started_usec", "finished_usec",
+    "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base",
 )
 
 
@@ -209,6 +215,11 @@ class Store:
 
     def name_in_use(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM containers WHERE name = ?", (name,)).fetchone() is not None
+
+    def userns_bases(self) -> list[int]:
+        """The user namespace ranges in use, by their first host id."""
+        rows = self._db.execute("SELECT userns_base FROM containers WHERE userns_base > 0")
+        return [row[0] for row in rows]
 
     def list_containers(self) -> list[Container]:
         rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()

@@ -57,6 +57,7 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "Volumes": Variant("a(ssb)", [list(v) for v in c.spec.volumes]),
         "DiskMax": Variant("t", c.spec.disk_max or 0),
         "User": Variant("s", c.spec.user),
+        "UserNamespaceBase": Variant("u", c.userns_base),
         "CreatedUsec": Variant("t", c.created_usec),
         "StartedUsec": Variant("t", c.started_usec),
         "FinishedUsec": Variant("t", c.finished_usec),

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.system
         (["ok-name", "busybox", ["true"], {"workdir": Variant("s", "relative")}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"env": Variant("as", ["NOEQUALS"])}], errors.InvalidArgument),
         (["ok-name", "busybox", ["true"], {"bogus": Variant("b", True)}], errors.InvalidArgument),
+        (["ok-name", "busybox", ["true"], {"userns": Variant("s", "yes")}], errors.InvalidArgument),
     ],
 )
 def test_create_refuses_bad_input_and_leaves_nothing(quilt: Any, args: list[Any],
