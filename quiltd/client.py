@@ -206,18 +206,28 @@ class QuiltClient:
         """Calls back for every ContainerStateChanged signal from now on."""
         await self.watch_signal("ContainerStateChanged", lambda body: callback(StateChange(*body)))
 
-    async def watch_signal(self, member: str, callback: Callable[[list[Any]], None]) -> None:
-        """Calls back with the body of every signal `member` of the manager from now on."""
-        await self.call("AddMatch", "s",
-                        f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_INTERFACE}',"
-                        f"member='{member}'",
+    async def watch_signal(self, member: str, callback: Callable[[list[Any]], None], *,
+                           interface: str = MANAGER_INTERFACE, path_namespace: str = "") -> None:
+        """Calls back with the body of every signal `member` of the manager from now on.
+
+        `interface` names another interface than the manager's. With
+        `path_namespace`, only signals of the objects at or below that path
+        count, and the callback gets the object's path before the body.
+        """
+        rule = f"type='signal',sender='{BUS_NAME}',interface='{interface}',member='{member}'"
+        if path_namespace:
+            rule += f",path_namespace='{path_namespace}'"
+        await self.call("AddMatch", "s", rule,
                         path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
                         destination="org.freedesktop.DBus")
 
         def handler(msg: Message) -> bool:
-            if msg.message_type == MessageType.SIGNAL and msg.member == member \
-                    and msg.interface == MANAGER_INTERFACE:
+            if msg.message_type != MessageType.SIGNAL or msg.member != member or msg.interface != interface:
+                return False
+            if not path_namespace:
                 callback(list(msg.body))
+            elif msg.path == path_namespace or msg.path.startswith(path_namespace + "/"):
+                callback([msg.path, *msg.body])
             return False
 
         self.bus.add_message_handler(handler)

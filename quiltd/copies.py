@@ -26,8 +26,7 @@ from quiltd.errors import (
 )
 from quiltd.manager import Manager
 from quiltd.model import Container, State
-from quiltd.scopes import Systemd
-from quiltd.spawner import ForkServer, read_to_end
+from quiltd.spawner import ForkServer
 
 log = logging.getLogger("quiltd")
 
@@ -58,9 +57,8 @@ def check_path(path: object) -> str:
 
 
 class Copies:
-    def __init__(self, manager: Manager, systemd: Systemd, forkserver: ForkServer) -> None:
+    def __init__(self, manager: Manager, forkserver: ForkServer) -> None:
         self._manager = manager
-        self._systemd = systemd
         self._forkserver = forkserver
 
     async def copy_in(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
@@ -132,18 +130,7 @@ class Copies:
             os.close(go_r)
             os.close(result_w)
         os.close(forked.pidfd)
-        try:
-            if unit:
-                await self._systemd.attach(unit, forked.pid)
-            os.write(go_w, b"1")
-        except BaseException as e:
-            os.close(result_r)
-            if isinstance(e, Internal) and self._manager.get(c.id).state != State.RUNNING:
-                raise InvalidState(f"container {c.name} is not running") from e
-            raise
-        finally:
-            os.close(go_w)  # end of file without the go byte stops the copy
-        answer = await read_to_end(result_r)
+        answer = await self._manager.go_in_scope(c, unit, forked.pid, go_w, result_r)
         if not answer:
             # Only a SIGKILL ends the copy before it answers: the scope was killed.
             raise InvalidState(f"container {c.name} was stopped during the copy")

@@ -114,6 +114,28 @@ def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
 
+# An argument: its names or flags, and add_argument's keywords.
+_Arg = tuple[tuple[str, ...], dict[str, Any]]
+JSON_ARG: _Arg = (("--json",), {"action": "store_true", "help": "as JSON"})
+NAME_ARG: _Arg = (("name",), {})
+NAMES_ARG: _Arg = (("names",), {"nargs": "+", "metavar": "NAME"})
+
+
+def _subverbs(p: argparse.ArgumentParser, dest: str,
+              table: list[tuple[str, str, str, Callable[..., Awaitable[int]], list[_Arg]]]) -> None:
+    """The verbs under volume, network or images: (name, help, description, function, arguments).
+
+    The verb alone lists, as its ls does, so it takes --json as well.
+    """
+    p.add_argument(*JSON_ARG[0], **JSON_ARG[1])
+    verbs = p.add_subparsers(dest=dest, metavar=dest.upper())
+    for name, text, description, fn, arguments in table:
+        s = verbs.add_parser(name, help=text, description=description)
+        for flags, keywords in arguments:
+            s.add_argument(*flags, **keywords)
+        s.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="quiltctl", description="Run and manage Quilt containers through quiltd.",
@@ -180,51 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("info", "show quiltd's version, counts and directories", cmd_info)
     s.add_argument("--json", action="store_true", help="as JSON")
-    volumes = verb("volume", "list, create and remove named volumes", cmd_volume_ls)
-    volumes.add_argument("--json", action="store_true", help="as JSON")
-    volume_verbs = volumes.add_subparsers(dest="volume_verb", metavar="VOLUME_VERB")
-    s = volume_verbs.add_parser("ls", help="list volumes", description="list volumes")
-    s.add_argument("--json", action="store_true", help="as JSON")
-    s.set_defaults(fn=cmd_volume_ls)
-    s = volume_verbs.add_parser("create", help="create a volume", description="create a named volume")
-    s.add_argument("name")
-    s.set_defaults(fn=cmd_volume_create)
-    s = volume_verbs.add_parser("rm", help="remove volumes", description="remove volumes no container uses")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(fn=cmd_volume_rm)
-
-    networks = verb("network", "list, create and remove networks", cmd_network_ls)
-    networks.add_argument("--json", action="store_true", help="as JSON")
-    network_verbs = networks.add_subparsers(dest="network_verb", metavar="NETWORK_VERB")
-    s = network_verbs.add_parser("ls", help="list networks", description="list networks")
-    s.add_argument("--json", action="store_true", help="as JSON")
-    s.set_defaults(fn=cmd_network_ls)
-    s = network_verbs.add_parser("create", help="create a network",
-                                 description="create a network: its own bridge and subnet")
-    s.add_argument("--subnet", help="CIDR, e.g. 10.90.0.0/24 (default: a free /16)")
-    s.add_argument("--egress", help="none (default), all, or comma-separated CIDR[:PORT] entries")
-    s.add_argument("name")
-    s.set_defaults(fn=cmd_network_create)
-    s = network_verbs.add_parser("rm", help="remove networks",
-                                 description="remove networks no container uses")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(fn=cmd_network_rm)
-
-    images = verb("images", "list, import and remove images", cmd_images_ls)
-    images.add_argument("--json", action="store_true", help="as JSON")
-    image_verbs = images.add_subparsers(dest="image_verb", metavar="IMAGE_VERB")
-    s = image_verbs.add_parser("ls", help="list images", description="list images")
-    s.add_argument("--json", action="store_true", help="as JSON")
-    s.set_defaults(fn=cmd_images_ls)
-    s = image_verbs.add_parser("import", help="import a rootfs tarball the daemon can read",
-                               description="import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst) "
-                                           "by its absolute path on quiltd's host")
-    s.add_argument("name")
-    s.add_argument("source", help="path of the tarball")
-    s.set_defaults(fn=cmd_images_import)
-    s = image_verbs.add_parser("rm", help="remove images", description="remove images")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(fn=cmd_images_rm)
+    _subverbs(verb("volume", "list, create and remove named volumes", cmd_volume_ls), "volume_verb", [
+        ("ls", "list volumes", "list volumes", cmd_volume_ls, [JSON_ARG]),
+        ("create", "create a volume", "create a named volume", cmd_volume_create, [NAME_ARG]),
+        ("rm", "remove volumes", "remove volumes no container uses", cmd_volume_rm, [NAMES_ARG]),
+    ])
+    _subverbs(verb("network", "list, create and remove networks", cmd_network_ls), "network_verb", [
+        ("ls", "list networks", "list networks", cmd_network_ls, [JSON_ARG]),
+        ("create", "create a network", "create a network: its own bridge and subnet", cmd_network_create, [
+            (("--subnet",), {"help": "CIDR, e.g. 10.90.0.0/24 (default: a free /16)"}),
+            (("--egress",), {"help": "none (default), all, or comma-separated CIDR[:PORT] entries"}),
+            NAME_ARG,
+        ]),
+        ("rm", "remove networks", "remove networks no container uses", cmd_network_rm, [NAMES_ARG]),
+    ])
+    _subverbs(verb("images", "list, import and remove images", cmd_images_ls), "image_verb", [
+        ("ls", "list images", "list images", cmd_images_ls, [JSON_ARG]),
+        ("import", "import a rootfs tarball the daemon can read",
+         "import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst) by its absolute path on quiltd's host",
+         cmd_images_import, [NAME_ARG, (("source",), {"help": "path of the tarball"})]),
+        ("rm", "remove images", "remove images", cmd_images_rm, [NAMES_ARG]),
+    ])
     return p
 
 

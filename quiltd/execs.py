@@ -29,8 +29,7 @@ from quiltd.execspec import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecSpec, 
 from quiltd.manager import JOURNAL_SOCKET, Manager
 from quiltd.model import Container, Exec, ExecState, State
 from quiltd.paths import Paths
-from quiltd.scopes import Systemd
-from quiltd.spawner import Forked, ForkServer, open_pidfd, read_to_end, watch_exit
+from quiltd.spawner import Forked, ForkServer, open_pidfd, watch_exit
 from quiltd.store import Store
 
 log = logging.getLogger("quiltd")
@@ -133,12 +132,10 @@ def merged_env(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]
 
 
 class Execs:
-    def __init__(self, manager: Manager, paths: Paths, store: Store, systemd: Systemd,
-                 forkserver: ForkServer) -> None:
+    def __init__(self, manager: Manager, paths: Paths, store: Store, forkserver: ForkServer) -> None:
         self._manager = manager
         self._paths = paths
         self._store = store
-        self._systemd = systemd
         self._forkserver = forkserver
         self._listeners: list[ExecListener] = []
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -355,22 +352,13 @@ class Execs:
             os.close(go_r)
             os.close(error_w)
         try:
-            # In the scope before it does anything: its cgroup and limits are
-            # the container's, and so are its child's.
-            await self._systemd.attach(c.unit, forked.pid)
-            os.write(go_w, b"1")
-        except BaseException as e:
+            # The supervisor's child is in the scope too: its cgroup and limits are the container's.
+            failure = await self._manager.go_in_scope(c, c.unit, forked.pid, go_w, error_r)
+            if failure:
+                raise _failure_error(c, failure)
+        except BaseException:
             os.close(forked.pidfd)
-            os.close(error_r)
-            if isinstance(e, Internal) and self._manager.get(c.id).state != State.RUNNING:
-                raise InvalidState(f"container {c.name} is not running") from e
             raise
-        finally:
-            os.close(go_w)  # end of file without the go byte stops the supervisor
-        failure = await read_to_end(error_r)
-        if failure:
-            os.close(forked.pidfd)
-            raise _failure_error(c, failure)
         return forked
 
 

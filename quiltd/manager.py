@@ -52,7 +52,15 @@ from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
 from quiltd.scopes import ScopeLimits, Systemd, Usage
-from quiltd.spawner import ForkServer, Launched, go_and_confirm, open_pidfd, send_spec, watch_exit
+from quiltd.spawner import (
+    ForkServer,
+    Launched,
+    go_and_confirm,
+    open_pidfd,
+    read_to_end,
+    send_spec,
+    watch_exit,
+)
 from quiltd.store import Store
 
 log = logging.getLogger("quiltd")
@@ -360,6 +368,26 @@ class Manager:
     def container_lock(self, container_id: str) -> asyncio.Lock:
         """Held by start, stop and remove; work on a stopped container's layers holds it too."""
         return self._lock(container_id)
+
+    async def go_in_scope(self, c: Container, unit: str, pid: int, go_fd: int, answer_fd: int) -> str:
+        """Lets a child of the fork server go and returns its answer; takes go_fd and answer_fd over.
+
+        The child is moved into unit first (c's scope; "" leaves it where it
+        is), so its cgroup and limits are the container's before it does
+        anything. End of file without the go byte stops it.
+        """
+        try:
+            if unit:
+                await self._systemd.attach(unit, pid)
+            os.write(go_fd, b"1")
+        except BaseException as e:
+            os.close(answer_fd)
+            if isinstance(e, Internal) and self.get(c.id).state != State.RUNNING:
+                raise InvalidState(f"container {c.name} is not running") from e
+            raise
+        finally:
+            os.close(go_fd)
+        return await read_to_end(answer_fd)
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd

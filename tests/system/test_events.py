@@ -6,10 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
 
-from quiltd.bus.names import BUS_NAME, CONTAINER_PATH_PREFIX
+from quiltd.bus.names import CONTAINER_PATH_PREFIX
 from tests.system.conftest import eventually, run
 
 pytestmark = pytest.mark.system
@@ -23,22 +21,16 @@ def test_hundred_containers_every_transition_in_order(quilt: Any, name: str) -> 
             props: dict[str, list[dict[str, Any]]] = {}  # per container, one dict per signal
             states: dict[str, list[str]] = {}
             removed: list[str] = []
-            await q.call("AddMatch", "s",
-                         f"type='signal',sender='{BUS_NAME}',interface='org.freedesktop.DBus.Properties',"
-                         f"member='PropertiesChanged',path_namespace='{CONTAINER_PATH_PREFIX.rstrip('/')}'",
-                         path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-                         destination="org.freedesktop.DBus")
 
-            def on_properties(msg: Message) -> bool:
-                if msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged":
-                    cid = (msg.path or "").rsplit("/", 1)[-1]
-                    changed = {k: v.value for k, v in msg.body[1].items()
-                               if k in ("State", "Pid", "ExitCode")}
-                    if changed:
-                        props.setdefault(cid, []).append(changed)
-                return False
+            def on_properties(body: list[Any]) -> None:
+                path, _, values, _ = body
+                changed = {k: v.value for k, v in values.items() if k in ("State", "Pid", "ExitCode")}
+                if changed:
+                    props.setdefault(path.rsplit("/", 1)[-1], []).append(changed)
 
-            q.bus.add_message_handler(on_properties)
+            await q.watch_signal("PropertiesChanged", on_properties,
+                                 interface="org.freedesktop.DBus.Properties",
+                                 path_namespace=CONTAINER_PATH_PREFIX.rstrip("/"))
             await q.watch_signal("ContainerStateChanged", lambda b: states.setdefault(b[0], []).append(b[2]))
             await q.watch_signal("ContainerRemoved", lambda b: removed.append(b[0]))
 
