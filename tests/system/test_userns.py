@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 import tarfile
@@ -12,6 +13,7 @@ import pytest
 from quiltd import errors
 from tests.system.conftest import eventually, run
 from tests.system.test_copy import copy_in, copy_out, make_tar
+from tests.system.test_security import journal_lines, run_to_end
 
 pytestmark = pytest.mark.system
 
@@ -60,7 +62,8 @@ def test_container_root_is_an_unprivileged_range_of_host_ids(sandbox: Any, quilt
                 # Inside: root, with the map the daemon recorded.
                 assert await sh(q, name, "id -u; id -g") == "0\n0\n"
                 for table in ("uid_map", "gid_map"):
-                    assert (await sh(q, name, f"cat /proc/self/{table}")).split() == ["0", str(base), str(RANGE)]
+                    mapping = (await sh(q, name, f"cat /proc/self/{table}")).split()
+                    assert mapping == ["0", str(base), str(RANGE)]
                 # Outside: the init and an exec run as the range's first id.
                 status = sandbox.run(["cat", f"/proc/{info['Pid']}/status"]).stdout.decode()
                 uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
@@ -118,10 +121,8 @@ def test_ranges_are_distinct_kept_across_restarts_and_freed_on_removal(sandbox: 
         finally:
             async with quilt() as q:
                 for ref in (first, second, third):
-                    try:
+                    with contextlib.suppress(errors.NoSuchContainer):
                         await q.remove(ref, force=True)
-                    except errors.NoSuchContainer:
-                        pass
 
     run(scenario())
 
@@ -165,3 +166,13 @@ def test_volumes_and_copies_keep_container_ids(sandbox: Any, quilt: Any, name: s
 
     run(scenario())
 
+
+
+@pytest.mark.parametrize("userns", [False, True])
+def test_a_missing_workdir_is_made_as_the_containers_root(sandbox: Any, quilt: Any, name: str,
+                                                          userns: bool) -> None:
+    # An image's WorkingDir (or the option) need not exist in the image.
+    cid, code = run_to_end(quilt, name, "busybox", ["sh", "-c", "pwd; stat -c %u .; echo done 0"],
+                           workdir="/srv/new/app", userns=userns)
+    assert code == 0
+    assert journal_lines(sandbox, cid) == ["/srv/new/app", "0", "done 0"]
