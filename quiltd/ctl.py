@@ -106,7 +106,9 @@ def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--memory", type=_memory, metavar="SIZE", help="memory limit, e.g. 512M")
     p.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
     p.add_argument("--pids-limit", type=int, dest="tasks_max", metavar="N", help="most tasks at once")
-    p.add_argument("--network", help="network: none (default) or one quiltd knows")
+    p.add_argument("--network", help="network: bridge (default), none, or one quiltd knows")
+    p.add_argument("--userns", action="store_true",
+                   help="run as root of a user namespace: an unprivileged range of host ids")
     p.add_argument("--ttl", type=int, metavar="SECONDS", help="stop the container after this long")
     p.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
                    help="label (repeatable)")
@@ -235,7 +237,7 @@ def _create_options(args: argparse.Namespace, start: bool) -> dict[str, Any]:
         ("env", args.env), ("workdir", args.workdir), ("hostname", args.hostname),
         ("memory_max", args.memory), ("cpu_quota", args.cpus), ("tasks_max", args.tasks_max),
         ("network", args.network), ("ttl_sec", args.ttl), ("labels", dict(args.label)),
-        ("mounts", [list(m) for m in args.volume]),
+        ("mounts", [list(m) for m in args.volume]), ("userns", args.userns or None),
     ]
     for key, value in pairs:
         if value not in (None, [], {}):

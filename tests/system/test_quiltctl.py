@@ -38,6 +38,12 @@ def test_run_shows_output_and_exits_with_the_containers_code(sandbox: Any, busyb
     assert name not in names(sandbox)  # --rm
 
 
+def test_run_userns_maps_root_to_an_unprivileged_range(sandbox: Any, busybox_image: str, name: str) -> None:
+    result = ctl(sandbox, "run", "--rm", "--userns", "--name", name, "busybox", "cat", "/proc/self/uid_map")
+    inside, outside, count = (int(f) for f in result.stdout.split())
+    assert (inside, count) == (0, 65536) and outside >= 0x80000, result.stdout
+
+
 def test_detached_life_cycle(sandbox: Any, busybox_image: str, name: str) -> None:
     cid = ctl(sandbox, "run", "-d", "--name", name, "--memory", "64M", "--cpus", "0.5", "-l", "team=a",
               "busybox", "sh", "-c", "echo started; sleep 1000").stdout.decode().strip()
