@@ -176,3 +176,13 @@ def test_a_missing_workdir_is_made_as_the_containers_root(sandbox: Any, quilt: A
                            workdir="/srv/new/app", userns=userns)
     assert code == 0
     assert journal_lines(sandbox, cid) == ["/srv/new/app", "0", "done 0"]
+
+
+def test_host_image_with_a_capped_layer_in_a_user_namespace(sandbox: Any, quilt: Any, name: str) -> None:
+    # The host's /usr is not idmapped: root-owned there, it shows as nobody's
+    # and stays usable read-only; the capped layer on its tmpfs is root's.
+    script = ("python3 -c 'import os; print(os.getuid())'; stat -c %u /usr/bin/python3; "
+              "touch /made && stat -c %u /made; echo done 0")
+    cid, code = run_to_end(quilt, name, "host", ["sh", "-c", script], userns=True, disk_max=8 << 20)
+    assert code == 0, journal_lines(sandbox, cid)
+    assert journal_lines(sandbox, cid) == ["0", "65534", "0", "done 0"]
