@@ -28,6 +28,7 @@ OPTION_TYPES = {
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
     "publish": "a(qqs)",
     "disk_max": "t", "user": "s", "userns": "b",
+    "nested_userns": "b",
 }
 
 # The D-Bus type of each Exec / ExecStart option.

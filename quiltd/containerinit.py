@@ -216,7 +216,7 @@ def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> No
         if spec.user:
             _switch_user(spec.user, env)
         os.chdir(spec.workdir)
-        harden_before_exec()
+        harden_before_exec(spec.nested_userns)
         os.execvpe(spec.command[0], list(spec.command), env)
     except BaseException as e:  # reported to the daemon as the start failure
         reason = f"{spec.command[0]}: {e.strerror}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
@@ -238,7 +238,7 @@ def _switch_user(user: str, env: dict[str, str]) -> None:
     os.setuid(uid)
 
 
-def harden_before_exec() -> None:
+def harden_before_exec(nested_userns: bool) -> None:
     """The last step before a container's command, or a command exec'd into it, is executed.
 
     The one place that sets what a process in a container may do, so the
@@ -251,7 +251,7 @@ def harden_before_exec() -> None:
     # A process already switched to another user holds no capabilities (the
     # switch cleared them) and, under no_new_privs, cannot gain any: only
     # root has a set to reduce, and only root may reduce the bounding set.
-    security.restrict_command(drop_capabilities=os.geteuid() == 0)
+    security.restrict_command(drop_capabilities=os.geteuid() == 0, nested_userns=nested_userns)
 
 
 def _supervise(command_pid: int, pipes: dict[int, int], journal: JournalStream) -> int:

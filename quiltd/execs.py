@@ -336,6 +336,7 @@ class Execs:
             command=argv, env=merged_env(c.spec.env, o.env), workdir=o.workdir or c.spec.workdir,
             user=o.user, timeout_sec=o.timeout_sec, mode=mode, status_path=str(run_dir / "status"),
             pid_path=str(run_dir / "pid"), journal_socket=JOURNAL_SOCKET,
+            nested_userns=c.spec.nested_userns,
         )
         if len(spec.to_json()) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")

@@ -31,6 +31,7 @@ class ExecSpec:
     status_path: str  # where the supervisor leaves the exit status, outside the container
     pid_path: str  # where it leaves the command's host pid and start time, for signals
     journal_socket: str
+    nested_userns: bool = False  # the container's: its command and execs get the same seccomp filter
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -160,7 +160,7 @@ def _enter_and_exec(
             os.dup2(fd, std)
         os.closerange(3, error_fd)
         os.closerange(error_fd + 1, 1 << 16)
-        harden_before_exec()
+        harden_before_exec(spec.nested_userns)
         try:
             os.execvpe(spec.command[0], list(spec.command), env)
         except OSError as e:

@@ -45,6 +45,7 @@ class LaunchSpec:
     user: str = ""  # looked up in the container's /etc/passwd and /etc/group; "" = root
     # The first host id of the container's user namespace range; 0 = none.
     userns_base: int = 0
+    nested_userns: bool = False  # the command may make user namespaces (and mount in them)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -341,7 +341,7 @@ class Manager:
             journal_socket=JOURNAL_SOCKET,
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
             volume_binds=self._volume_binds(c),
-            tmpfs=c.spec.tmpfs, userns_base=c.userns_base,
+            tmpfs=c.spec.tmpfs, userns_base=c.userns_base, nested_userns=c.spec.nested_userns,
         )
         net = self._networks.attachment(c)
         if net is None:

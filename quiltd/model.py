@@ -52,6 +52,7 @@ class ContainerSpec:
     disk_max: int | None = None  # bytes: the writable layer lives on a tmpfs of this size
     user: str = ""  # "user" or "user:group" as in the container's /etc/passwd; "" = root
     userns: bool = False  # root in the container is an unprivileged range of host ids
+    nested_userns: bool = False  # with userns: its processes may make user namespaces of their own
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ KNOWN_OPTIONS = frozenset({
     "labels", "ttl_sec", "auto_remove", "start", "publish",
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
-    "disk_max", "user", "userns",
+    "disk_max", "user", "userns", "nested_userns",
 })
 PROTOCOLS = ("tcp", "udp")
 
@@ -104,6 +104,11 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
     if user and not USER_RE.match(user):
         raise InvalidArgument(f"invalid user {user!r}: use a name or number, optionally :group")
     userns = _bool(options, "userns", False)
+    nested_userns = _bool(options, "nested_userns", False)
+    if nested_userns and not userns:
+        # Made from host root's namespace, a nested one would be owned by
+        # host root: only a container's own range may own it.
+        raise InvalidArgument("nested_userns needs userns=true")
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -120,6 +125,7 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         disk_max=disk_max,
         user=user,
         userns=userns,
+        nested_userns=nested_userns,
     )
     return spec, start
 

@@ -69,6 +69,14 @@ DENIED_SYSCALLS = (
 # A new user namespace would give back every capability inside it; its flag
 # is refused wherever it can be checked (unshare's and clone's flag word).
 DENIED_WITH_NEWUSER = ("unshare", "clone")
+# What a container asked for nested user namespaces may do after all: make
+# them, and set up namespaces of its own in them (bwrap, a browser's
+# sandbox, a rootless container engine). The kernel still refuses each of
+# these on anything the container's user namespace does not own.
+ALLOWED_WITH_NESTED_USERNS = (
+    "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
+    "fspick", "mount_setattr", "setns",
+)
 # clone3 passes its flags in memory a filter cannot read: report it missing,
 # so libc falls back to clone, which the filter can check.
 ENOSYS_SYSCALLS = ("clone3",)
@@ -118,7 +126,8 @@ class _Seccomp:
     does with the library's default attributes (no thread sync, no log).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nested_userns: bool) -> None:
+        self.nested_userns = nested_userns
         self._program: ctypes.Array[ctypes.c_char] | None = None
         self._fprog: _SockFprog | None = None
         self.error = "seccomp filter not prepared"
@@ -186,9 +195,11 @@ class _Seccomp:
             check(lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"seccomp rule {name}")
 
         eperm = _SCMP_ACT_ERRNO | errno.EPERM
+        allowed = ALLOWED_WITH_NESTED_USERNS if self.nested_userns else ()
         for name in DENIED_SYSCALLS:
-            rule(eperm, name)
-        for name in DENIED_WITH_NEWUSER:
+            if name not in allowed:
+                rule(eperm, name)
+        for name in () if self.nested_userns else DENIED_WITH_NEWUSER:
             rule(eperm, name, _ArgCmp(0, _SCMP_CMP_MASKED_EQ, linux.CLONE_NEWUSER, linux.CLONE_NEWUSER))
         for name in ENOSYS_SYSCALLS:
             rule(_SCMP_ACT_ERRNO | errno.ENOSYS, name)
@@ -203,15 +214,16 @@ class _Seccomp:
             raise OSError(err, f"loading the seccomp filter: {os.strerror(err)}")
 
 
-_seccomp = _Seccomp()
+_FILTERS = {nested: _Seccomp(nested) for nested in (False, True)}
 
 
 def prepare() -> None:
-    """Builds the seccomp filter; called once in the fork server before it forks."""
-    _seccomp.prepare()
+    """Builds the seccomp filters; called once in the fork server before it forks."""
+    for f in _FILTERS.values():
+        f.prepare()
 
 
-def restrict_command(drop_capabilities: bool = True) -> None:
+def restrict_command(drop_capabilities: bool = True, nested_userns: bool = False) -> None:
     """In the command's child, just before exec: fewer capabilities, then seccomp.
 
     no_new_privs must already be set: it lets an unprivileged filter load and
@@ -219,7 +231,7 @@ def restrict_command(drop_capabilities: bool = True) -> None:
     """
     if drop_capabilities:
         reduce_capabilities(DEFAULT_CAPABILITY_MASK)
-    _seccomp.load()
+    _FILTERS[nested_userns].load()
 
 
 def reduce_capabilities(keep: int) -> None:

@@ -58,6 +58,7 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "DiskMax": Variant("t", c.spec.disk_max or 0),
         "User": Variant("s", c.spec.user),
         "UserNamespaceBase": Variant("u", c.userns_base),
+        "NestedUserNamespaces": Variant("b", c.spec.nested_userns),
         "CreatedUsec": Variant("t", c.created_usec),
         "StartedUsec": Variant("t", c.started_usec),
         "FinishedUsec": Variant("t", c.finished_usec),

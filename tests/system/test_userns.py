@@ -186,3 +186,39 @@ def test_host_image_with_a_capped_layer_in_a_user_namespace(sandbox: Any, quilt:
     cid, code = run_to_end(quilt, name, "host", ["sh", "-c", script], userns=True, disk_max=8 << 20)
     assert code == 0, journal_lines(sandbox, cid)
     assert journal_lines(sandbox, cid) == ["0", "65534", "0", "done 0"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nested_user_namespaces_only_when_asked(quilt: Any, name: str, nested: bool) -> None:
+    # What bwrap or a browser's sandbox does: a user namespace of its own,
+    # and a mount in a mount namespace that one owns.
+    nest = "mkdir -p /mnt && unshare -U -r -m sh -c 'mount -t tmpfs none /mnt && touch /mnt/x && id -u'"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "1000"], userns=True, nested_userns=nested)
+            try:
+                await running(q, name)
+                assert (await q.info(name))["NestedUserNamespaces"] is nested
+                code, out, err = await q.exec(name, ["sh", "-c", nest])
+                if nested:
+                    assert (code, out) == (0, b"0\n"), err
+                    # Still nothing over what the host owns: the container's own mount table.
+                    code, _, err = await q.exec(name, ["mount", "-t", "tmpfs", "none", "/mnt"])
+                    assert code != 0 and b"permission denied" in err, err  # busybox's words for EPERM
+                else:
+                    assert code != 0 and b"not permitted" in err, err
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_nested_userns_needs_userns(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidArgument, match="nested_userns needs userns"):
+                await q.create(name, "busybox", ["true"], nested_userns=True)
+            assert name not in [row[1] for row in await q.list_containers()]
+
+    run(scenario())
