@@ -617,13 +617,9 @@ class _Extractor:
                     )
             else:
                 depth += 1
-        parent = self._parent_fd(parts, name)
-        self._clear(parent, parts, keep_dir=False)
-        base = parts[-1]
-        os.symlink(target, base, dir_fd=parent)
-        if self._chown:
-            os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        # Linux has no mode on a symlink to set.
+        self._add_node(parts, name, meta, lambda base, parent: os.symlink(target, base, dir_fd=parent),
+                       set_mode=False)
 
     def _add_hardlink(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         name, target = member.name, member.linkname
@@ -665,14 +661,22 @@ class _Extractor:
                 os.close(target_parent)
 
     def _add_fifo(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
+        self._add_node(parts, name, meta, lambda base, parent: os.mkfifo(base, 0o600, dir_fd=parent),
+                       set_mode=True)
+
+    def _add_node(self, parts: tuple[str, ...], name: str, meta: _Meta,
+                  make: Callable[[str, int], None], *, set_mode: bool) -> None:
+        """Makes parts[-1] with make(base, parent_fd), then sets its owner, mode and mtime."""
         parent = self._parent_fd(parts, name)
         self._clear(parent, parts, keep_dir=False)
         base = parts[-1]
-        os.mkfifo(base, 0o600, dir_fd=parent)
+        make(base, parent)
         if self._chown:
             os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        # Following is harmless here: we just created this name as a FIFO.
-        os.chmod(base, meta.mode, dir_fd=parent)
+        if set_mode:
+            # After chown, which clears setuid/setgid. It follows a link, so
+            # only for a node just made that is none (a FIFO).
+            os.chmod(base, meta.mode, dir_fd=parent)
         os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     # -- the tree -----------------------------------------------------------
