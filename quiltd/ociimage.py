@@ -60,6 +60,13 @@ class ImportedImage:
 
 
 @dataclass(frozen=True)
+class _Layer:
+    path: str
+    digest: str  # hex sha256 of the bytes as stored (OCI blobs); "" when the format gives none
+    diff_id: str = ""  # hex sha256 of the uncompressed tar (docker archives)
+
+
+@dataclass(frozen=True)
 class _Blob:
     """An open file or a stretch of one: the source of a layer."""
 
@@ -244,15 +251,9 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
         config_json = _json(config_bytes, "image config")
         config = _image_config(config_json)
         if source.docker:
-            # The old docker layout names layers by path only; the config's
-            # diff_ids are the digests of the uncompressed layers.
-            rootfs = config_json.get("rootfs")
-            diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-            if isinstance(diff_ids, list) and len(diff_ids) == len(layers):
-                layers = [(path, _digest_hex(d) if isinstance(d, str) else "")
-                          for (path, _), d in zip(layers, diff_ids, strict=True)]
-        blobs = [(path, digest, source.blob(path, "layer")) for path, digest in layers]
-        total = sum(b.size for _, _, b in blobs)
+            layers = _with_diff_ids(layers, config_json)
+        blobs = [(layer, source.blob(layer.path, "layer")) for layer in layers]
+        total = sum(b.size for _, b in blobs)
         done = 0
 
         def counted(n: int) -> None:
@@ -262,23 +263,25 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
                 on_progress(done, total)
 
         with LayeredImage(dest, limits) as image:
-            for number, (path, digest, blob) in enumerate(blobs, start=1):
-                what = f"layer {number} ({path})"
+            for number, (layer, blob) in enumerate(blobs, start=1):
+                what = f"layer {number} ({layer.path})"
                 reader = _BlobReader(blob, counted)
                 magic = os.pread(blob.fd, 6, blob.offset)[: min(6, blob.size)]
-                image.apply_layer(reader, magic, what)
+                tar_digest = image.apply_layer(reader, magic, what)
                 # Checked after: a hostile layer was refused by its content
                 # already, and a corrupt one may not even decompress.
-                compressed = magic.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ"))
-                if digest and reader.digest.hexdigest() != digest and not (source.docker and compressed):
-                    raise InvalidImage(f"{what}: content does not match its digest sha256:{digest}")
+                if layer.digest and reader.digest.hexdigest() != layer.digest:
+                    raise InvalidImage(f"{what}: content does not match its digest sha256:{layer.digest}")
+                if layer.diff_id and tar_digest != layer.diff_id:
+                    raise InvalidImage(f"{what}: the uncompressed layer does not match its diff_id "
+                                       f"sha256:{layer.diff_id} in the image config")
             size_bytes, _ = image.finish()
         return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs))
     finally:
         source.close()
 
 
-def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[_Layer]]:
     layout = _json(_read_json_bytes(source, "oci-layout", "oci-layout"), "oci-layout")
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         raise InvalidImage("oci-layout: no imageLayoutVersion: not an OCI image layout")
@@ -297,7 +300,7 @@ def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str
         layers = manifest.get("layers")
         if not isinstance(layers, list):
             raise InvalidImage(f"manifest {path}: no list of layers")
-        return config, [_blob_path(d, "layer") for d in layers]
+        return config, [_Layer(*_blob_path(d, "layer")) for d in layers]
     raise InvalidImage("index.json: image indexes nested too deep")
 
 
@@ -326,7 +329,7 @@ def _blob_path(descriptor: Any, what: str) -> tuple[str, str]:
     return f"blobs/sha256/{match.group(1)}", match.group(1)
 
 
-def _docker_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+def _docker_manifest(source: _Source) -> tuple[tuple[str, str], list[_Layer]]:
     manifest = _json(_read_json_bytes(source, "manifest.json", "manifest.json"), "manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise InvalidImage("manifest.json: not a list of images")
@@ -339,9 +342,34 @@ def _docker_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, 
             not all(isinstance(p, str) for p in layers):
         raise InvalidImage("manifest.json: an entry needs Config (a path) and Layers (a list of paths)")
     # The config's file name is its digest in both the old (<hex>.json) and new (blobs/sha256/<hex>) layout.
-    name = _archive_path(config, "Config").rsplit("/", 1)[-1].removesuffix(".json")
+    config_path = _archive_path(config, "Config")
+    name = config_path.rsplit("/", 1)[-1].removesuffix(".json")
     digest = name if re.fullmatch(r"[0-9a-f]{64}", name) else ""
-    return (_archive_path(config, "Config"), digest), [(_archive_path(p, "layer"), "") for p in layers]
+    return (config_path, digest), [_docker_layer(_archive_path(p, "layer")) for p in layers]
+
+
+def _docker_layer(path: str) -> _Layer:
+    """A layer named <id>/layer.tar has no digest of its bytes; one named blobs/sha256/<hex> has."""
+    match = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", path)
+    return _Layer(path, match.group(1) if match else "")
+
+
+def _with_diff_ids(layers: list[_Layer], config_json: Any) -> list[_Layer]:
+    """The layers of a docker archive with the config's diff_ids: the digests of the uncompressed tars."""
+    rootfs = config_json.get("rootfs") if isinstance(config_json, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise InvalidImage("image config: no rootfs.diff_ids to check the layers against")
+    if len(diff_ids) != len(layers):
+        raise InvalidImage(f"image config: {len(diff_ids)} rootfs.diff_ids for the {len(layers)} layers "
+                           "of manifest.json")
+    checked = []
+    for layer, diff_id in zip(layers, diff_ids, strict=True):
+        hex_digest = _digest_hex(diff_id) if isinstance(diff_id, str) else ""
+        if not hex_digest:
+            raise InvalidImage(f"image config: rootfs.diff_ids entry {diff_id!r} is not a sha256 digest")
+        checked.append(_Layer(layer.path, layer.digest, hex_digest))
+    return checked
 
 
 def _archive_path(path: str, what: str) -> str:

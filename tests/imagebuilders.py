@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
+import subprocess
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,12 +78,28 @@ def tar_bytes(members: Sequence[Member]) -> bytes:
     return buf.getvalue()
 
 
+def compress(data: bytes, how: str) -> bytes:
+    """A layer as registries and tools store it: "gzip", "xz" or "zstd"."""
+    if how == "gzip":
+        return gzip.compress(data)
+    if how == "xz":
+        return lzma.compress(data)
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+def uncompressed(layer: bytes) -> bytes:
+    if layer[:2] == b"\x1f\x8b":
+        return gzip.decompress(layer)
+    if layer[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(layer)
+    if layer[:4] == b"\x28\xb5\x2f\xfd":
+        return subprocess.run(["zstd", "-q", "-d", "-c"], input=layer, capture_output=True, check=True).stdout
+    return layer
+
+
 def config_json(config: dict[str, Any], layers: Sequence[bytes]) -> bytes:
     """An image config; diff_ids are the digests of the uncompressed layers."""
-    diff_ids = []
-    for layer in layers:
-        raw = gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer
-        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    diff_ids = ["sha256:" + hashlib.sha256(uncompressed(layer)).hexdigest() for layer in layers]
     return json.dumps({
         "architecture": "amd64", "os": "linux", "config": config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -115,14 +133,18 @@ def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, byte
     return files
 
 
-def docker_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
-    """The files of a `docker save` archive in its classic layout."""
+def docker_files(layers: Sequence[bytes], config: dict[str, Any], *, blobs: bool = False) -> dict[str, bytes]:
+    """The files of a `docker save` archive in its classic layout.
+
+    With `blobs`, layers are stored as blobs/sha256/<digest of their bytes>,
+    as newer docker names them, still without an OCI layout beside them.
+    """
     cfg = config_json(config, layers)
     config_name = hashlib.sha256(cfg).hexdigest() + ".json"
     files = {config_name: cfg}
     paths = []
     for number, layer in enumerate(layers):
-        path = f"{number:064x}/layer.tar"
+        path = f"blobs/sha256/{hashlib.sha256(layer).hexdigest()}" if blobs else f"{number:064x}/layer.tar"
         files[path] = layer
         paths.append(path)
     files["manifest.json"] = json.dumps(

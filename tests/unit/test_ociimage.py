@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -137,3 +139,52 @@ def test_docker_path_out_of_the_archive_is_refused(tmp_path: Path) -> None:
     source = b.write_tar(files, tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match="leaves the archive"):
         imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "xz", "zstd"])
+@pytest.mark.parametrize("blobs", [False, True], ids=["id-dirs", "blobs"])
+def test_docker_layers_are_checked_against_their_diff_ids(tmp_path: Path, compression: str,
+                                                          blobs: bool) -> None:
+    def layer(data: bytes) -> bytes:
+        tar = b.tar_bytes([b.file("f", data)])
+        return tar if compression == "none" else b.compress(tar, compression)
+
+    one = layer(b"one")
+    files = b.docker_files([layer(b"base"), one], {}, blobs=blobs)
+    good = b.write_tar(files, tmp_path / "good.tar")
+    got = imageimport.run(good, tmp_path / "good", ImageLimits(), lambda *_: None)
+    assert (got.kind, (tmp_path / "good/f").read_bytes()) == ("docker", b"one")
+
+    # The second layer swapped for another, stored under the same name: only
+    # the config's diff_id (of the uncompressed tar) can tell.
+    path = next(p for p, data in files.items() if data == one)
+    files[path] = layer(b"two")
+    bad = b.write_tar(files, tmp_path / "bad.tar")
+    with pytest.raises(InvalidImage, match=rf"layer 2 \({path}\): .*does not match") as caught:
+        imageimport.run(bad, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert ("diff_id" in caught.value.message) != blobs  # a blob's name is checked first
+    assert not os.path.lexists(tmp_path / "image")
+
+
+@pytest.mark.parametrize(
+    ("rootfs", "message"),
+    [
+        (None, "no rootfs.diff_ids"),
+        ({"type": "layers", "diff_ids": []}, "0 rootfs.diff_ids for the 1 layers"),
+        ({"type": "layers", "diff_ids": ["md5:0"]}, "not a sha256 digest"),
+    ],
+)
+def test_docker_config_without_usable_diff_ids_is_refused(tmp_path: Path, rootfs: object,
+                                                           message: str) -> None:
+    files = b.docker_files([b.tar_bytes([b.file("f")])], {})
+    config_name = next(p for p in files if p.endswith(".json") and p != "manifest.json")
+    config = json.loads(files.pop(config_name))
+    config["rootfs"] = rootfs
+    data = json.dumps(config).encode()
+    new_name = hashlib.sha256(data).hexdigest() + ".json"
+    files[new_name] = data
+    files["manifest.json"] = files["manifest.json"].replace(config_name.encode(), new_name.encode())
+    source = b.write_tar(files, tmp_path / "image.tar")
+    with pytest.raises(InvalidImage, match=message):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert not os.path.lexists(tmp_path / "image")
