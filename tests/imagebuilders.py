@@ -110,8 +110,9 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
-    """The files of an OCI image layout: path -> content."""
+def oci_files(layers: Sequence[bytes], config: dict[str, Any],
+              annotations: dict[str, str] | None = None) -> dict[str, bytes]:
+    """The files of an OCI image layout: path -> content; `annotations` go on its index entry."""
     cfg = config_json(config, layers)
     manifest = json.dumps({
         "schemaVersion": 2,
@@ -125,7 +126,8 @@ def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, byte
     index = json.dumps({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": _digest(manifest), "size": len(manifest)}],
+                       "digest": _digest(manifest), "size": len(manifest),
+                       **({"annotations": annotations} if annotations else {})}],
     }).encode()
     files = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index}
     for blob in (cfg, manifest, *layers):
@@ -133,7 +135,8 @@ def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, byte
     return files
 
 
-def docker_files(layers: Sequence[bytes], config: dict[str, Any], *, blobs: bool = False) -> dict[str, bytes]:
+def docker_files(layers: Sequence[bytes], config: dict[str, Any], *, blobs: bool = False,
+                 tags: Sequence[str] = ("test:latest",)) -> dict[str, bytes]:
     """The files of a `docker save` archive in its classic layout.
 
     With `blobs`, layers are stored as blobs/sha256/<digest of their bytes>,
@@ -143,14 +146,33 @@ def docker_files(layers: Sequence[bytes], config: dict[str, Any], *, blobs: bool
     config_name = hashlib.sha256(cfg).hexdigest() + ".json"
     files = {config_name: cfg}
     paths = []
-    for number, layer in enumerate(layers):
-        path = f"blobs/sha256/{hashlib.sha256(layer).hexdigest()}" if blobs else f"{number:064x}/layer.tar"
+    for layer in layers:
+        digest = hashlib.sha256(layer).hexdigest()
+        # Named by content, as docker does (by a v1 id), so images can share an archive.
+        path = f"blobs/sha256/{digest}" if blobs else f"{digest}/layer.tar"
         files[path] = layer
         paths.append(path)
     files["manifest.json"] = json.dumps(
-        [{"Config": config_name, "RepoTags": ["test:latest"], "Layers": paths}]
+        [{"Config": config_name, "RepoTags": list(tags) or None, "Layers": paths}]
     ).encode()
     files["repositories"] = b"{}"
+    return files
+
+
+def merged(*archives: dict[str, bytes]) -> dict[str, bytes]:
+    """One archive holding the images of several (all docker or all OCI), as `docker save a b` writes."""
+    files: dict[str, bytes] = {}
+    entries: list[Any] = []
+    for archive in archives:
+        files.update(archive)
+        if "index.json" in archive:
+            entries += json.loads(archive["index.json"])["manifests"]
+        else:
+            entries += json.loads(archive["manifest.json"])
+    if "index.json" in files:
+        files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": entries}).encode()
+    else:
+        files["manifest.json"] = json.dumps(entries).encode()
     return files
 
 
