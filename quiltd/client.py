@@ -108,8 +108,11 @@ class QuiltClient:
         (rows,) = await self.call("ListContainers", "a{sv}", variants)
         return [tuple(r) for r in rows]
 
-    async def import_image(self, name: str, source: str, max_bytes: int | None = None) -> str:
+    async def import_image(self, name: str, source: str, max_bytes: int | None = None,
+                           ref: str | None = None) -> str:
         options = {} if max_bytes is None else {"max_bytes": Variant("t", max_bytes)}
+        if ref is not None:
+            options["ref"] = Variant("s", ref)
         (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, options)
         return str(image_id)
 
@@ -360,8 +363,8 @@ class Quilt:
         """Writes path as a tar stream to fd (a file, or a pipe another thread reads)."""
         self._run(self._client.copy_out(ref, path, fd))
 
-    def import_image(self, name: str, source: str) -> str:
-        return self._run(self._client.import_image(name, source))
+    def import_image(self, name: str, source: str, ref: str | None = None) -> str:
+        return self._run(self._client.import_image(name, source, ref=ref))
 
     def images(self) -> list[ImageSummary]:
         return [ImageSummary(*row) for row in self._run(self._client.images())]

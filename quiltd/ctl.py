@@ -220,9 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     ])
     _subverbs(verb("images", "list, import and remove images", cmd_images_ls), "image_verb", [
         ("ls", "list images", "list images", cmd_images_ls, [JSON_ARG]),
-        ("import", "import a rootfs tarball the daemon can read",
-         "import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst) by its absolute path on quiltd's host",
-         cmd_images_import, [NAME_ARG, (("source",), {"help": "path of the tarball"})]),
+        ("import", "import an image archive the daemon can read",
+         "import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst), an OCI image layout (directory or tar) "
+         "or a docker save archive by its path on quiltd's host",
+         cmd_images_import, [
+             (("--ref",), {"help": "which image of an archive holding several, e.g. busybox:latest "
+                                   "(a docker RepoTag or an OCI ref name)"}),
+             NAME_ARG,
+             (("source",), {"help": "path of the archive or layout"}),
+         ]),
         ("rm", "remove images", "remove images", cmd_images_rm, [NAMES_ARG]),
     ])
     return p
@@ -575,7 +581,7 @@ async def cmd_images_ls(q: QuiltClient, args: argparse.Namespace) -> int:
 
 async def cmd_images_import(q: QuiltClient, args: argparse.Namespace) -> int:
     source = os.path.abspath(args.source)
-    print(await q.import_image(args.name, source))
+    print(await q.import_image(args.name, source, ref=args.ref))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ seconds, from the worker thread; the caller hands it to its event loop.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,14 +30,28 @@ class Imported:
     kind: str  # "rootfs", "oci" or "docker"
 
 
-def parse_options(opts: Mapping[str, object]) -> images.ImageLimits:
-    unknown = sorted(set(opts) - {"max_bytes"})
+# A reference as docker and OCI layouts write them: no spaces or control characters.
+_REF_RE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    limits: images.ImageLimits
+    ref: str | None = None  # which image of an archive holding several
+
+
+def parse_options(opts: Mapping[str, object]) -> ImportOptions:
+    unknown = sorted(set(opts) - {"max_bytes", "ref"})
     if unknown:
         raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
     max_bytes = opts.get("max_bytes", images.ImageLimits.max_bytes)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 < max_bytes <= 1 << 44:
         raise InvalidArgument(f"option max_bytes must be an integer from 1 to 2^44, got {max_bytes!r}")
-    return images.ImageLimits(max_bytes=max_bytes)
+    ref = opts.get("ref")
+    if ref is not None and not (isinstance(ref, str) and _REF_RE.fullmatch(ref)):
+        raise InvalidArgument("option ref must be an image reference such as 'busybox:latest' "
+                              f"(1-255 printable ASCII characters, no spaces), got {ref!r}")
+    return ImportOptions(images.ImageLimits(max_bytes=max_bytes), ref)
 
 
 class _Throttle:
@@ -61,15 +76,22 @@ class _Throttle:
             self._send(*self._latest)
 
 
-def run(source: Path, dest: Path, limits: images.ImageLimits, progress: ProgressCallback) -> Imported:
-    """Imports source into the new directory dest; on any error dest is gone again."""
+def run(source: Path, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
+        ref: str | None = None) -> Imported:
+    """Imports source into the new directory dest; on any error dest is gone again.
+
+    `ref` picks an image of an OCI layout or docker archive holding several.
+    """
     throttled = _Throttle(progress)
     image_source = ociimage.open_image_source(source)
     if image_source is not None:
         kind = "docker" if image_source.docker else "oci"
-        got = ociimage.import_image(image_source, dest, limits, throttled)
+        got = ociimage.import_image(image_source, dest, limits, throttled, ref)
         throttled.flush()
         return Imported(got.image_id, got.size_bytes, got.config, kind)
+    if ref is not None:
+        raise InvalidArgument(f"{source} is a rootfs tarball, which holds one image and no names; "
+                              "the option ref is for OCI layouts and docker save archives")
     total = _size(source)
     done = 0
 

@@ -166,16 +166,21 @@ def _stream_cap(limits: ImageLimits) -> int:
     return limits.max_bytes + limits.max_entries * 2048 + (16 << 20)
 
 
-def _apply(hashed: io.RawIOBase, magic: bytes, extractor: _Extractor, stream_cap: int) -> None:
-    """Decompresses (by magic) and extracts one tar stream, reading `hashed` to its very end."""
+def _apply(hashed: io.RawIOBase, magic: bytes, extractor: _Extractor, stream_cap: int,
+           tar_digest: hashlib._Hash | None = None) -> None:
+    """Decompresses (by magic) and extracts one tar stream, reading `hashed` to its very end.
+
+    With `tar_digest`, the decompressed tar stream is hashed into it as it
+    goes, to its very end (what an image config's diff_ids name).
+    """
     if magic.startswith(_ZSTD_MAGIC):
         with _ZstdPipe(hashed) as pipe:
-            _untar(_Capped(pipe.stdout, stream_cap), extractor)
+            _untar(_Capped(pipe.stdout, stream_cap, tar_digest), extractor)
             pipe.finish()
     else:
         inner = _decompressor(magic, io.BufferedReader(hashed, _CHUNK))
         try:
-            _untar(_Capped(inner, stream_cap), extractor)
+            _untar(_Capped(inner, stream_cap, tar_digest), extractor)
         finally:
             inner.close()
         # Compressed formats may end with bytes the decompressor
@@ -262,13 +267,14 @@ class _HashingReader(io.RawIOBase):
 
 
 class _Capped(io.RawIOBase):
-    """The decompressed tar stream, cut off once it grows past a bound."""
+    """The decompressed tar stream, cut off once it grows past a bound, and hashed if asked."""
 
-    def __init__(self, inner: _Stream, cap: int) -> None:
+    def __init__(self, inner: _Stream, cap: int, digest: hashlib._Hash | None = None) -> None:
         super().__init__()
         self._inner = inner
         self._cap = cap
         self._seen = 0
+        self._digest = digest
 
     def readable(self) -> bool:
         return True
@@ -283,6 +289,8 @@ class _Capped(io.RawIOBase):
                 f"archive expands past {self._cap} bytes of tar stream; refusing it"
             )
         view[:n] = data
+        if self._digest is not None:
+            self._digest.update(data)
         return n
 
 
@@ -617,13 +625,9 @@ class _Extractor:
                     )
             else:
                 depth += 1
-        parent = self._parent_fd(parts, name)
-        self._clear(parent, parts, keep_dir=False)
-        base = parts[-1]
-        os.symlink(target, base, dir_fd=parent)
-        if self._chown:
-            os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        # Linux has no mode on a symlink to set.
+        self._add_node(parts, name, meta, lambda base, parent: os.symlink(target, base, dir_fd=parent),
+                       set_mode=False)
 
     def _add_hardlink(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         name, target = member.name, member.linkname
@@ -665,14 +669,22 @@ class _Extractor:
                 os.close(target_parent)
 
     def _add_fifo(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
+        self._add_node(parts, name, meta, lambda base, parent: os.mkfifo(base, 0o600, dir_fd=parent),
+                       set_mode=True)
+
+    def _add_node(self, parts: tuple[str, ...], name: str, meta: _Meta,
+                  make: Callable[[str, int], None], *, set_mode: bool) -> None:
+        """Makes parts[-1] with make(base, parent_fd), then sets its owner, mode and mtime."""
         parent = self._parent_fd(parts, name)
         self._clear(parent, parts, keep_dir=False)
         base = parts[-1]
-        os.mkfifo(base, 0o600, dir_fd=parent)
+        make(base, parent)
         if self._chown:
             os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        # Following is harmless here: we just created this name as a FIFO.
-        os.chmod(base, meta.mode, dir_fd=parent)
+        if set_mode:
+            # After chown, which clears setuid/setgid. It follows a link, so
+            # only for a node just made that is none (a FIFO).
+            os.chmod(base, meta.mode, dir_fd=parent)
         os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     # -- the tree -----------------------------------------------------------
@@ -796,15 +808,20 @@ class LayeredImage:
             raise
         self._extractor = _Extractor(self._root, limits, layers=True)
 
-    def apply_layer(self, raw: io.RawIOBase, magic: bytes, what: str) -> None:
-        """Extracts one layer (tar, gzip, xz or zstd by magic), reading raw to its end."""
+    def apply_layer(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
+        """Extracts one layer (tar, gzip, xz or zstd by magic), reading raw to its end.
+
+        Returns the sha256 (hex) of the layer's uncompressed tar stream.
+        """
         self._extractor.begin_layer()
+        tar_digest = hashlib.sha256()
         try:
-            _apply(raw, magic, self._extractor, _stream_cap(self._limits))
+            _apply(raw, magic, self._extractor, _stream_cap(self._limits), tar_digest)
         except InvalidImage as exc:
             raise InvalidImage(f"{what}: {exc.message}") from exc
         except _ARCHIVE_ERRORS as exc:
             raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
+        return tar_digest.hexdigest()
 
     def finish(self) -> tuple[int, int]:
         """Applies the directories' metadata; returns (content bytes, entries)."""

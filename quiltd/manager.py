@@ -560,7 +560,7 @@ class Manager:
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
         options.check_image_name(name)
-        limits = imageimport.parse_options(opts)
+        import_options = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if not source.startswith("/"):
@@ -573,7 +573,8 @@ class Manager:
         def progress(done: int, total: int) -> None:  # in the worker thread
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
-        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest, limits, progress)
+        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest,
+                                              import_options.limits, progress, import_options.ref)
         image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
                       created_usec=now_usec(), config=imported.config)
         try:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quiltd import mounts
-from quiltd.errors import InvalidImage
+from quiltd.errors import InvalidArgument, InvalidImage
 from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage
 from quiltd.model import ImageConfig
 from quiltd.options import ENV_RE, USER_RE
@@ -44,6 +44,11 @@ _DEPTH_MAX = 3  # blobs/sha256/<hex> is the deepest path an image archive needs
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json")
+# Where an OCI index names its images: the tag (or full name) of the layout
+# spec, and the full name containerd and docker (25 and later) add.
+_REF_NAME = "org.opencontainers.image.ref.name"
+_CONTAINERD_NAME = "io.containerd.image.name"
+_DOCKER_HUB = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
          "s390x": "s390x", "riscv64": "riscv64"}
 _OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -57,6 +62,13 @@ class ImportedImage:
     size_bytes: int
     config: ImageConfig
     layers: int
+
+
+@dataclass(frozen=True)
+class _Layer:
+    path: str
+    digest: str  # hex sha256 of the bytes as stored (OCI blobs); "" when the format gives none
+    diff_id: str = ""  # hex sha256 of the uncompressed tar (docker archives)
 
 
 @dataclass(frozen=True)
@@ -234,25 +246,24 @@ def _looks_like_v7_tar(fd: int) -> bool:
 
 
 def import_image(source: _Source, dest: Path, limits: ImageLimits,
-                 on_progress: Callable[[int, int], None] | None = None) -> ImportedImage:
-    """Builds the image of `source` in the new directory `dest`; closes `source`."""
+                 on_progress: Callable[[int, int], None] | None = None,
+                 ref: str | None = None) -> ImportedImage:
+    """Builds the image of `source` in the new directory `dest`; closes `source`.
+
+    `ref` picks one image of an archive holding several (see _select); an
+    archive of one image is imported without it.
+    """
     try:
-        config_blob, layers = _docker_manifest(source) if source.docker else _oci_manifest(source)
+        config_blob, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
         config_bytes = _read_json_bytes(source, config_blob[0], "image config")
         if config_blob[1] and hashlib.sha256(config_bytes).hexdigest() != config_blob[1]:
             raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
         config_json = _json(config_bytes, "image config")
         config = _image_config(config_json)
         if source.docker:
-            # The old docker layout names layers by path only; the config's
-            # diff_ids are the digests of the uncompressed layers.
-            rootfs = config_json.get("rootfs")
-            diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-            if isinstance(diff_ids, list) and len(diff_ids) == len(layers):
-                layers = [(path, _digest_hex(d) if isinstance(d, str) else "")
-                          for (path, _), d in zip(layers, diff_ids, strict=True)]
-        blobs = [(path, digest, source.blob(path, "layer")) for path, digest in layers]
-        total = sum(b.size for _, _, b in blobs)
+            layers = _with_diff_ids(layers, config_json)
+        blobs = [(layer, source.blob(layer.path, "layer")) for layer in layers]
+        total = sum(b.size for _, b in blobs)
         done = 0
 
         def counted(n: int) -> None:
@@ -262,27 +273,29 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
                 on_progress(done, total)
 
         with LayeredImage(dest, limits) as image:
-            for number, (path, digest, blob) in enumerate(blobs, start=1):
-                what = f"layer {number} ({path})"
+            for number, (layer, blob) in enumerate(blobs, start=1):
+                what = f"layer {number} ({layer.path})"
                 reader = _BlobReader(blob, counted)
                 magic = os.pread(blob.fd, 6, blob.offset)[: min(6, blob.size)]
-                image.apply_layer(reader, magic, what)
+                tar_digest = image.apply_layer(reader, magic, what)
                 # Checked after: a hostile layer was refused by its content
                 # already, and a corrupt one may not even decompress.
-                compressed = magic.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ"))
-                if digest and reader.digest.hexdigest() != digest and not (source.docker and compressed):
-                    raise InvalidImage(f"{what}: content does not match its digest sha256:{digest}")
+                if layer.digest and reader.digest.hexdigest() != layer.digest:
+                    raise InvalidImage(f"{what}: content does not match its digest sha256:{layer.digest}")
+                if layer.diff_id and tar_digest != layer.diff_id:
+                    raise InvalidImage(f"{what}: the uncompressed layer does not match its diff_id "
+                                       f"sha256:{layer.diff_id} in the image config")
             size_bytes, _ = image.finish()
         return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs))
     finally:
         source.close()
 
 
-def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+def _oci_manifest(source: _Source, ref: str | None) -> tuple[tuple[str, str], list[_Layer]]:
     layout = _json(_read_json_bytes(source, "oci-layout", "oci-layout"), "oci-layout")
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         raise InvalidImage("oci-layout: no imageLayoutVersion: not an OCI image layout")
-    index = _json(_read_json_bytes(source, "index.json", "index.json"), "index.json")
+    index = _select_in_index(_json(_read_json_bytes(source, "index.json", "index.json"), "index.json"), ref)
     for _ in range(3):  # an index may point at an index (one per platform); not deeper
         descriptor = _pick_manifest(index)
         path, digest = _blob_path(descriptor, "manifest")
@@ -297,7 +310,7 @@ def _oci_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str
         layers = manifest.get("layers")
         if not isinstance(layers, list):
             raise InvalidImage(f"manifest {path}: no list of layers")
-        return config, [_blob_path(d, "layer") for d in layers]
+        return config, [_Layer(*_blob_path(d, "layer")) for d in layers]
     raise InvalidImage("index.json: image indexes nested too deep")
 
 
@@ -315,6 +328,68 @@ def _pick_manifest(index: Any) -> Any:
     raise InvalidImage(f"index.json: {len(manifests)} manifests and none for linux/{arch}")
 
 
+def _select_in_index(index: Any, ref: str | None) -> Any:
+    """index.json, cut down to the manifests of the one image `ref` names.
+
+    Manifests are told apart by their names (annotations). Several that
+    share a name, or have none, are one image's platforms, which
+    _pick_manifest chooses from as before.
+    """
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not manifests:
+        return index  # _pick_manifest names the problem
+    names = [_oci_names(m) for m in manifests]
+    chosen = _select([n for n in names if n], ref, "index.json")
+    if ref is None or chosen is None:
+        return index  # one image, or none named: all its manifests, one per platform
+    return {**index, "manifests": [m for m, n in zip(manifests, names, strict=True) if n == chosen]}
+
+
+def _oci_names(descriptor: Any) -> tuple[str, ...]:
+    annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
+    if not isinstance(annotations, dict):
+        return ()
+    found = (annotations.get(_CONTAINERD_NAME), annotations.get(_REF_NAME))
+    return tuple(n for n in found if isinstance(n, str) and n)
+
+
+def _select(images: list[tuple[str, ...]], ref: str | None, where: str) -> tuple[str, ...] | None:
+    """The names of the image `ref` names, among the names of each image of an archive.
+
+    Without `ref`, the one image (None when there is none to tell apart).
+    The first name of each image is the one shown. `ref` matches any name
+    as docker would: "busybox" is "busybox:latest" and
+    "docker.io/library/busybox:latest" too.
+    """
+    distinct = list(dict.fromkeys(images))
+    shown = ", ".join(names[0] for names in distinct)
+    if ref is None:
+        if len(distinct) > 1:
+            raise InvalidArgument(f"{where}: the archive holds {len(distinct)} images; choose one with "
+                                  f"the option ref: {shown}")
+        return distinct[0] if distinct else None
+    want = _familiar(ref)
+    matches = [names for names in distinct if want in {_familiar(n) for n in names}]
+    if not matches:
+        raise InvalidArgument(f"{where}: no image {ref!r} in the archive; it holds: "
+                              f"{shown or 'no named image'}")
+    if len(matches) > 1:
+        raise InvalidArgument(f"{where}: {ref!r} names {len(matches)} images; use one of: "
+                              + ", ".join(names[0] for names in matches))
+    return matches[0]
+
+
+def _familiar(ref: str) -> str:
+    """A reference as docker shows it, with its tag: docker.io/library/busybox is busybox:latest."""
+    for prefix in _DOCKER_HUB:
+        if ref.startswith(prefix):
+            ref = ref[len(prefix):]
+            break
+    if "@" not in ref and ":" not in ref.rsplit("/", 1)[-1]:
+        ref += ":latest"
+    return ref
+
+
 def _blob_path(descriptor: Any, what: str) -> tuple[str, str]:
     digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
     match = _DIGEST_RE.match(digest) if isinstance(digest, str) else None
@@ -326,22 +401,54 @@ def _blob_path(descriptor: Any, what: str) -> tuple[str, str]:
     return f"blobs/sha256/{match.group(1)}", match.group(1)
 
 
-def _docker_manifest(source: _Source) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+def _docker_manifest(source: _Source, ref: str | None) -> tuple[tuple[str, str], list[_Layer]]:
     manifest = _json(_read_json_bytes(source, "manifest.json", "manifest.json"), "manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise InvalidImage("manifest.json: not a list of images")
-    if len(manifest) != 1:
-        raise InvalidImage(f"manifest.json: the archive holds {len(manifest)} images; import one at a time")
-    entry = manifest[0]
-    config = entry.get("Config") if isinstance(entry, dict) else None
-    layers = entry.get("Layers") if isinstance(entry, dict) else None
-    if not isinstance(config, str) or not isinstance(layers, list) or \
-            not all(isinstance(p, str) for p in layers):
-        raise InvalidImage("manifest.json: an entry needs Config (a path) and Layers (a list of paths)")
-    # The config's file name is its digest in both the old (<hex>.json) and new (blobs/sha256/<hex>) layout.
-    name = _archive_path(config, "Config").rsplit("/", 1)[-1].removesuffix(".json")
-    digest = name if re.fullmatch(r"[0-9a-f]{64}", name) else ""
-    return (_archive_path(config, "Config"), digest), [(_archive_path(p, "layer"), "") for p in layers]
+    entries: list[tuple[tuple[str, ...], str, str, list[str]]] = []
+    for entry in manifest:
+        config = entry.get("Config") if isinstance(entry, dict) else None
+        layers = entry.get("Layers") if isinstance(entry, dict) else None
+        if not isinstance(config, str) or not isinstance(layers, list) or \
+                not all(isinstance(p, str) for p in layers):
+            raise InvalidImage("manifest.json: an entry needs Config (a path) and Layers (a list of paths)")
+        # The config's file name is its digest in both the old (<hex>.json)
+        # and new (blobs/sha256/<hex>) layout.
+        config_path = _archive_path(config, "Config")
+        name = config_path.rsplit("/", 1)[-1].removesuffix(".json")
+        digest = name if re.fullmatch(r"[0-9a-f]{64}", name) else ""
+        tags = entry.get("RepoTags")
+        names = tuple(t for t in tags if isinstance(t, str) and t) if isinstance(tags, list) else ()
+        # An image saved by id has no tag: its id (the config digest) names it.
+        names = (*names, f"sha256:{digest}") if digest else names
+        entries.append((names or (f"image {len(entries) + 1}",), config_path, digest, layers))
+    chosen = _select([names for names, *_ in entries], ref, "manifest.json")
+    _, config_path, digest, layers = next(e for e in entries if e[0] == chosen)
+    return (config_path, digest), [_docker_layer(_archive_path(p, "layer")) for p in layers]
+
+
+def _docker_layer(path: str) -> _Layer:
+    """A layer named <id>/layer.tar has no digest of its bytes; one named blobs/sha256/<hex> has."""
+    match = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", path)
+    return _Layer(path, match.group(1) if match else "")
+
+
+def _with_diff_ids(layers: list[_Layer], config_json: Any) -> list[_Layer]:
+    """The layers of a docker archive with the config's diff_ids: the digests of the uncompressed tars."""
+    rootfs = config_json.get("rootfs") if isinstance(config_json, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise InvalidImage("image config: no rootfs.diff_ids to check the layers against")
+    if len(diff_ids) != len(layers):
+        raise InvalidImage(f"image config: {len(diff_ids)} rootfs.diff_ids for the {len(layers)} layers "
+                           "of manifest.json")
+    checked = []
+    for layer, diff_id in zip(layers, diff_ids, strict=True):
+        hex_digest = _digest_hex(diff_id) if isinstance(diff_id, str) else ""
+        if not hex_digest:
+            raise InvalidImage(f"image config: rootfs.diff_ids entry {diff_id!r} is not a sha256 digest")
+        checked.append(_Layer(layer.path, layer.digest, hex_digest))
+    return checked
 
 
 def _archive_path(path: str, what: str) -> str:

@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
+import subprocess
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,12 +78,28 @@ def tar_bytes(members: Sequence[Member]) -> bytes:
     return buf.getvalue()
 
 
+def compress(data: bytes, how: str) -> bytes:
+    """A layer as registries and tools store it: "gzip", "xz" or "zstd"."""
+    if how == "gzip":
+        return gzip.compress(data)
+    if how == "xz":
+        return lzma.compress(data)
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+def uncompressed(layer: bytes) -> bytes:
+    if layer[:2] == b"\x1f\x8b":
+        return gzip.decompress(layer)
+    if layer[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(layer)
+    if layer[:4] == b"\x28\xb5\x2f\xfd":
+        return subprocess.run(["zstd", "-q", "-d", "-c"], input=layer, capture_output=True, check=True).stdout
+    return layer
+
+
 def config_json(config: dict[str, Any], layers: Sequence[bytes]) -> bytes:
     """An image config; diff_ids are the digests of the uncompressed layers."""
-    diff_ids = []
-    for layer in layers:
-        raw = gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer
-        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    diff_ids = ["sha256:" + hashlib.sha256(uncompressed(layer)).hexdigest() for layer in layers]
     return json.dumps({
         "architecture": "amd64", "os": "linux", "config": config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -92,8 +110,9 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
-    """The files of an OCI image layout: path -> content."""
+def oci_files(layers: Sequence[bytes], config: dict[str, Any],
+              annotations: dict[str, str] | None = None) -> dict[str, bytes]:
+    """The files of an OCI image layout: path -> content; `annotations` go on its index entry."""
     cfg = config_json(config, layers)
     manifest = json.dumps({
         "schemaVersion": 2,
@@ -107,7 +126,8 @@ def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, byte
     index = json.dumps({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": _digest(manifest), "size": len(manifest)}],
+                       "digest": _digest(manifest), "size": len(manifest),
+                       **({"annotations": annotations} if annotations else {})}],
     }).encode()
     files = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index}
     for blob in (cfg, manifest, *layers):
@@ -115,20 +135,44 @@ def oci_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, byte
     return files
 
 
-def docker_files(layers: Sequence[bytes], config: dict[str, Any]) -> dict[str, bytes]:
-    """The files of a `docker save` archive in its classic layout."""
+def docker_files(layers: Sequence[bytes], config: dict[str, Any], *, blobs: bool = False,
+                 tags: Sequence[str] = ("test:latest",)) -> dict[str, bytes]:
+    """The files of a `docker save` archive in its classic layout.
+
+    With `blobs`, layers are stored as blobs/sha256/<digest of their bytes>,
+    as newer docker names them, still without an OCI layout beside them.
+    """
     cfg = config_json(config, layers)
     config_name = hashlib.sha256(cfg).hexdigest() + ".json"
     files = {config_name: cfg}
     paths = []
-    for number, layer in enumerate(layers):
-        path = f"{number:064x}/layer.tar"
+    for layer in layers:
+        digest = hashlib.sha256(layer).hexdigest()
+        # Named by content, as docker does (by a v1 id), so images can share an archive.
+        path = f"blobs/sha256/{digest}" if blobs else f"{digest}/layer.tar"
         files[path] = layer
         paths.append(path)
     files["manifest.json"] = json.dumps(
-        [{"Config": config_name, "RepoTags": ["test:latest"], "Layers": paths}]
+        [{"Config": config_name, "RepoTags": list(tags) or None, "Layers": paths}]
     ).encode()
     files["repositories"] = b"{}"
+    return files
+
+
+def merged(*archives: dict[str, bytes]) -> dict[str, bytes]:
+    """One archive holding the images of several (all docker or all OCI), as `docker save a b` writes."""
+    files: dict[str, bytes] = {}
+    entries: list[Any] = []
+    for archive in archives:
+        files.update(archive)
+        if "index.json" in archive:
+            entries += json.loads(archive["index.json"])["manifests"]
+        else:
+            entries += json.loads(archive["manifest.json"])
+    if "index.json" in files:
+        files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": entries}).encode()
+    else:
+        files["manifest.json"] = json.dumps(entries).encode()
     return files
 
 

@@ -63,6 +63,31 @@ def test_hostile_tarball_is_invalid_image_naming_the_path(sandbox: Any, quilt: A
     assert sandbox.run(["test", "-e", "/tmp/quilt-escaped"], check=False).returncode != 0
 
 
+@pytest.mark.parametrize("compression", ["gzip", "xz", "zstd"])
+def test_docker_layer_not_matching_its_diff_id_leaves_nothing(sandbox: Any, quilt: Any,
+                                                              compression: str) -> None:
+    files = b.docker_files([b.compress(b.tar_bytes([b.file("f", b"good")]), compression)], {})
+    layer = next(p for p in files if p.endswith("/layer.tar"))
+    files[layer] = b.compress(b.tar_bytes([b.file("f", b"evil")]), compression)
+    source = f"/var/tmp/quilt-attack-diff-id-{secrets.token_hex(3)}.tar"
+    b.write_tar(files, sandbox.host_path(source))
+    images_dir = sandbox.host_path("/var/lib/quilt/images")
+    before = sorted(p.name for p in images_dir.iterdir())
+    image = f"attack-diff-id-{compression}"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidImage, match=rf"layer 1 \({layer}\): .* diff_id"):
+                await q.import_image(image, source)
+            assert image not in [i[0] for i in await q.images()]
+
+    try:
+        run(scenario())
+    finally:
+        sandbox.host_path(source).unlink()
+    assert sorted(p.name for p in images_dir.iterdir()) == before
+
+
 def test_max_bytes_option_is_checked(quilt: Any) -> None:
     async def scenario() -> None:
         async with quilt() as q:

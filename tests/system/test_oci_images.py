@@ -137,3 +137,44 @@ def test_remove_image_with_force_takes_ended_containers_only(quilt: Any, name: s
                     await q.remove_image(image, force=True)
 
     run(scenario())
+
+
+def test_docker_save_of_several_images_imports_the_one_asked_for(sandbox: Any, quilt: Any, name: str,
+                                                                 archive_dir: Path) -> None:
+    base = sandbox.host_path(BUSYBOX_TARBALL).read_bytes()
+
+    def image(which: str, tag: str) -> dict[str, bytes]:
+        layers = [base, b.tar_bytes([b.file("which", which.encode())])]
+        return b.docker_files(layers, {"Cmd": ["cat", "/which"], "Env": ["PATH=/bin"]}, tags=[tag])
+
+    source = b.write_tar(b.merged(image("first", "first:1.0"), image("second", "second:2.0")),
+                         archive_dir / "two.tar")
+    images_dir = sandbox.host_path("/var/lib/quilt/images")
+    before = sorted(p.name for p in images_dir.iterdir())
+    chosen = f"docker-pair-{secrets.token_hex(3)}"
+
+    async def scenario() -> str:
+        async with quilt() as q:
+            listed = r"first:1\.0, second:2\.0$"
+            with pytest.raises(errors.InvalidArgument, match=r"2 images; choose one with the option ref: "
+                               + listed):
+                await q.import_image(chosen, inside(sandbox, source))
+            with pytest.raises(errors.InvalidArgument, match=r"no image 'third:1' in the archive; it holds: "
+                               + listed):
+                await q.import_image(chosen, inside(sandbox, source), ref="third:1")
+            assert chosen not in [i[0] for i in await q.images()]
+            assert sorted(p.name for p in images_dir.iterdir()) == before
+
+            await q.import_image(chosen, inside(sandbox, source), ref="second:2.0")
+            try:
+                await q.create(name, chosen, [])
+                try:
+                    assert await q.wait(name, 30_000_000) == ("exited", 0)
+                    return str((await q.info(name))["Id"])
+                finally:
+                    await q.remove(name, force=True)
+            finally:
+                await q.remove_image(chosen)
+
+    cid = run(scenario())
+    assert journal_lines(sandbox, cid) == ["second"]

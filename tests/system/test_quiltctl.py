@@ -100,6 +100,14 @@ def test_images_and_info(sandbox: Any, busybox_image: str) -> None:
     assert info["StateDirectory"] == "/var/lib/quilt"
 
 
+def test_images_import_passes_ref(sandbox: Any, busybox_image: str) -> None:
+    refused = ctl(sandbox, "images", "import", "--ref", "busybox:latest", "bb-ref", BUSYBOX_TARBALL,
+                  check=False)
+    assert refused.returncode == 1
+    assert b"the option ref is for OCI layouts and docker save archives (InvalidArgument)" in refused.stderr
+    assert "bb-ref" not in ctl(sandbox, "images").stdout.decode()
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["rm", "no-such-container"], 1, "quiltctl: no-such-container: no container 'no-such-container' "
                                       "(NoSuchContainer)"),

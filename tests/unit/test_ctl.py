@@ -35,6 +35,13 @@ def test_completion_knows_every_available_verb() -> None:
     assert set(line.split('"')[1].split()) == set(verbs())
 
 
+def test_images_import_takes_a_ref_and_completes_it() -> None:
+    args = ctl.build_parser().parse_args(["images", "import", "--ref", "alpine:3.19", "alpine", "x.tar"])
+    assert (args.ref, args.name, args.source) == ("alpine:3.19", "alpine", "x.tar")
+    assert ctl.build_parser().parse_args(["images", "import", "bb", "x.tar"]).ref is None
+    assert 'opts="--ref"' in COMPLETION.read_text()
+
+
 def test_exit_codes_are_documented() -> None:
     text = DOC.read_text()
     for code in ctl.EXIT_CODES:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from quiltd import imageimport
-from quiltd.errors import InvalidImage
+from quiltd.errors import InvalidArgument, InvalidImage
 from quiltd.images import ImageLimits
 from quiltd.model import ImageConfig
 from tests import imagebuilders as b
@@ -137,3 +140,185 @@ def test_docker_path_out_of_the_archive_is_refused(tmp_path: Path) -> None:
     source = b.write_tar(files, tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match="leaves the archive"):
         imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "xz", "zstd"])
+@pytest.mark.parametrize("blobs", [False, True], ids=["id-dirs", "blobs"])
+def test_docker_layers_are_checked_against_their_diff_ids(tmp_path: Path, compression: str,
+                                                          blobs: bool) -> None:
+    def layer(data: bytes) -> bytes:
+        tar = b.tar_bytes([b.file("f", data)])
+        return tar if compression == "none" else b.compress(tar, compression)
+
+    one = layer(b"one")
+    files = b.docker_files([layer(b"base"), one], {}, blobs=blobs)
+    good = b.write_tar(files, tmp_path / "good.tar")
+    got = imageimport.run(good, tmp_path / "good", ImageLimits(), lambda *_: None)
+    assert (got.kind, (tmp_path / "good/f").read_bytes()) == ("docker", b"one")
+
+    # The second layer swapped for another, stored under the same name: only
+    # the config's diff_id (of the uncompressed tar) can tell.
+    path = next(p for p, data in files.items() if data == one)
+    files[path] = layer(b"two")
+    bad = b.write_tar(files, tmp_path / "bad.tar")
+    with pytest.raises(InvalidImage, match=rf"layer 2 \({path}\): .*does not match") as caught:
+        imageimport.run(bad, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert ("diff_id" in caught.value.message) != blobs  # a blob's name is checked first
+    assert not os.path.lexists(tmp_path / "image")
+
+
+@pytest.mark.parametrize(
+    ("rootfs", "message"),
+    [
+        (None, "no rootfs.diff_ids"),
+        ({"type": "layers", "diff_ids": []}, "0 rootfs.diff_ids for the 1 layers"),
+        ({"type": "layers", "diff_ids": ["md5:0"]}, "not a sha256 digest"),
+    ],
+)
+def test_docker_config_without_usable_diff_ids_is_refused(tmp_path: Path, rootfs: object,
+                                                           message: str) -> None:
+    files = b.docker_files([b.tar_bytes([b.file("f")])], {})
+    config_name = next(p for p in files if p.endswith(".json") and p != "manifest.json")
+    config = json.loads(files.pop(config_name))
+    config["rootfs"] = rootfs
+    data = json.dumps(config).encode()
+    new_name = hashlib.sha256(data).hexdigest() + ".json"
+    files[new_name] = data
+    files["manifest.json"] = files["manifest.json"].replace(config_name.encode(), new_name.encode())
+    source = b.write_tar(files, tmp_path / "image.tar")
+    with pytest.raises(InvalidImage, match=message):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert not os.path.lexists(tmp_path / "image")
+
+
+def ends(message: str) -> str:
+    """A pattern for an error message ending in exactly `message`."""
+    return re.escape(message) + "$"
+
+
+def marked(which: str) -> list[bytes]:
+    """One layer whose file /which says which image this is."""
+    return [b.tar_bytes([b.file("which", which.encode())])]
+
+
+def docker_pair(tmp_path: Path) -> Path:
+    files = b.merged(b.docker_files(marked("busybox"), {"Cmd": ["busybox"]}, tags=["busybox:latest"]),
+                     b.docker_files(marked("alpine"), {"Cmd": ["alpine"]},
+                                    tags=["alpine:3.19", "registry.example:5000/team/alpine:3.19"]))
+    return b.write_tar(files, tmp_path / "two.tar")
+
+
+@pytest.mark.parametrize(
+    ("ref", "which"),
+    [
+        ("busybox:latest", "busybox"),
+        ("busybox", "busybox"),  # no tag is :latest, as with docker
+        ("docker.io/library/busybox:latest", "busybox"),
+        ("alpine:3.19", "alpine"),
+        ("registry.example:5000/team/alpine:3.19", "alpine"),
+    ],
+)
+def test_docker_archive_of_several_images_imports_the_one_asked_for(tmp_path: Path, ref: str,
+                                                                    which: str) -> None:
+    got = imageimport.run(docker_pair(tmp_path), tmp_path / "image", ImageLimits(), lambda *_: None, ref)
+    assert (tmp_path / "image/which").read_bytes() == which.encode()
+    assert got.config.cmd == (which,)
+
+
+def test_docker_archive_of_several_images_needs_a_ref_and_lists_them(tmp_path: Path) -> None:
+    source = docker_pair(tmp_path)
+    with pytest.raises(InvalidArgument, match=ends("holds 2 images; choose one with the option ref: "
+                                                   "busybox:latest, alpine:3.19")):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    with pytest.raises(InvalidArgument, match=ends("no image 'alpine:3.20' in the archive; it holds: "
+                                                   "busybox:latest, alpine:3.19")):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine:3.20")
+    assert not os.path.lexists(tmp_path / "image")
+
+
+def test_docker_archive_of_one_image_needs_no_ref_but_checks_one_given(tmp_path: Path) -> None:
+    source = b.write_tar(b.docker_files(marked("only"), {}, tags=["only:1"]), tmp_path / "one.tar")
+    imageimport.run(source, tmp_path / "a", ImageLimits(), lambda *_: None)
+    imageimport.run(source, tmp_path / "b", ImageLimits(), lambda *_: None, "only:1")
+    with pytest.raises(InvalidArgument, match=ends("it holds: only:1")):
+        imageimport.run(source, tmp_path / "c", ImageLimits(), lambda *_: None, "only:2")
+    assert not os.path.lexists(tmp_path / "c")
+
+
+def test_untagged_docker_images_are_named_by_their_id(tmp_path: Path) -> None:
+    first = b.docker_files(marked("first"), {}, tags=[])
+    files = b.merged(first, b.docker_files(marked("second"), {}, tags=[]))
+    source = b.write_tar(files, tmp_path / "two.tar")
+    with pytest.raises(InvalidArgument, match=r"the option ref: sha256:[0-9a-f]{64}, sha256:[0-9a-f]{64}$"):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    image_id = "sha256:" + next(p for p in first if p.endswith(".json")).removesuffix(".json")
+    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, image_id)
+    assert ("sha256:" + got.image_id, (tmp_path / "image/which").read_bytes()) == (image_id, b"first")
+
+
+def oci_pair(tmp_path: Path, annotations: tuple[dict[str, str], dict[str, str]]) -> Path:
+    files = b.merged(b.oci_files(marked("busybox"), {}, annotations[0]),
+                     b.oci_files(marked("alpine"), {}, annotations[1]))
+    return b.write_tar(files, tmp_path / "two.tar")
+
+
+# Tags only, as the layout spec and skopeo write them; full names beside
+# them, as containerd and docker (25 and later) do.
+SPEC = ({"org.opencontainers.image.ref.name": "1.36"}, {"org.opencontainers.image.ref.name": "3.19"})
+DOCKER = ({"io.containerd.image.name": "docker.io/library/busybox:1.36",
+           "org.opencontainers.image.ref.name": "1.36"},
+          {"io.containerd.image.name": "docker.io/library/alpine:3.19",
+           "org.opencontainers.image.ref.name": "3.19"})
+
+
+@pytest.mark.parametrize(
+    ("annotations", "ref", "which"),
+    [(SPEC, "1.36", "busybox"), (SPEC, "3.19", "alpine"),
+     (DOCKER, "busybox:1.36", "busybox"), (DOCKER, "docker.io/library/alpine:3.19", "alpine"),
+     (DOCKER, "3.19", "alpine")],
+)
+def test_oci_layout_of_several_images_imports_the_one_named(
+    tmp_path: Path, annotations: tuple[dict[str, str], dict[str, str]], ref: str, which: str
+) -> None:
+    source = oci_pair(tmp_path, annotations)
+    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, ref)
+    assert (got.kind, (tmp_path / "image/which").read_bytes()) == ("oci", which.encode())
+
+
+def test_oci_layout_of_several_images_needs_a_ref_and_lists_them(tmp_path: Path) -> None:
+    source = oci_pair(tmp_path, DOCKER)
+    with pytest.raises(InvalidArgument, match=ends("index.json: the archive holds 2 images; choose one with "
+                       "the option ref: docker.io/library/busybox:1.36, docker.io/library/alpine:3.19")):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    with pytest.raises(InvalidArgument, match="no image 'busybox' in the archive"):  # busybox:latest
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
+    assert not os.path.lexists(tmp_path / "image")
+
+
+def test_a_ref_naming_two_images_is_refused(tmp_path: Path) -> None:
+    both_latest = ({"io.containerd.image.name": "docker.io/library/busybox:latest",
+                    "org.opencontainers.image.ref.name": "latest"},
+                   {"io.containerd.image.name": "docker.io/library/alpine:latest",
+                    "org.opencontainers.image.ref.name": "latest"})
+    source = oci_pair(tmp_path, both_latest)
+    with pytest.raises(InvalidArgument, match=ends("'latest' names 2 images; use one of: "
+                                                   "docker.io/library/busybox:latest, "
+                                                   "docker.io/library/alpine:latest")):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "latest")
+    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine")
+    assert (got.kind, (tmp_path / "image/which").read_bytes()) == ("oci", b"alpine")
+
+
+def test_ref_is_refused_for_a_rootfs_tarball(tmp_path: Path) -> None:
+    source = tmp_path / "rootfs.tar"
+    source.write_bytes(b.tar_bytes([b.file("f")]))
+    with pytest.raises(InvalidArgument, match="rootfs tarball"):
+        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
+    assert not os.path.lexists(tmp_path / "image")
+
+
+@pytest.mark.parametrize("ref", ["", "two words", "x" * 256, 3])
+def test_ref_option_is_checked(ref: object) -> None:
+    with pytest.raises(InvalidArgument, match="option ref"):
+        imageimport.parse_options({"ref": ref})
+    assert imageimport.parse_options({"ref": "busybox:latest"}).ref == "busybox:latest"
