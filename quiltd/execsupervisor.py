@@ -6,8 +6,9 @@ stays in the host's mount namespace, so it can write the exit status to the
 run dir and reach journald, and enters only the container's PID namespace,
 which applies to its children. Its one child joins every other namespace of
 the container's init (mount, UTS, IPC, network, cgroup, and last its user
-namespace if it has one), switches to the container's root, takes the exec's user and the container command's
-restrictions and executes the command.
+namespace if it has one), switches to the container's root, takes the
+exec's user and the container command's restrictions and executes the
+command.
 
 The supervisor then waits for that child: it enforces the timeout, relays
 output to journald in journal mode, and writes the exit status to a file, so
