@@ -87,3 +87,17 @@ def configure(ifname: str, interface: str, gateway: str) -> None:
             route.rt_gateway = _sockaddr(gateway)
             route.rt_flags = RTF_UP | RTF_GATEWAY
             fcntl.ioctl(s, SIOCADDRT, bytes(route))
+
+
+# Every group may open ICMP echo sockets (SOCK_DGRAM, IPPROTO_ICMP), as in
+# Docker: ping then needs no raw socket, and so no CAP_NET_RAW, which root in
+# a user namespace never holds over this network. Only echo is allowed.
+PING_GROUP_RANGE = "0 2147483647"
+
+
+def allow_ping() -> None:
+    """Lets every group of this network namespace ping; before /proc/sys turns read-only."""
+    # Network sysctls belong to the namespace of whoever opens the file.
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write(PING_GROUP_RANGE)
+

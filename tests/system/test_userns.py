@@ -222,3 +222,22 @@ def test_nested_userns_needs_userns(quilt: Any, name: str) -> None:
             assert name not in [row[1] for row in await q.list_containers()]
 
     run(scenario())
+
+
+def test_icmp_echo_needs_no_raw_socket(quilt: Any, name: str) -> None:
+    # Root in a user namespace has no CAP_NET_RAW over its network; an ICMP
+    # echo socket is what ping (iputils, Python) uses instead.
+    echo = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); "
+            "s.settimeout(5); s.sendto(bytes([8, 0, 0xf7, 0xff, 0, 0, 0, 0]), ('10.88.0.1', 0)); "
+            "reply, _ = s.recvfrom(64); print(reply[0])")  # type 0: echo reply
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "host", ["sleep", "1000"], userns=True)
+            try:
+                await running(q, name)
+                assert await q.exec(name, ["python3", "-c", echo]) == (0, b"0\n", b"")
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
