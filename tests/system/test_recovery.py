@@ -185,7 +185,8 @@ async def _client(sandbox: Any, prefix: str, ledger: Ledger, quota: int, seed: i
                 serial += 1
                 name = f"{prefix}-{serial}"
                 live.append(name)  # may exist even if the answer is lost
-                await q.create(name, "busybox", ["sleep", "1000"])
+                # Half in user namespaces: a resumed start must keep the range on record.
+                await q.create(name, "busybox", ["sleep", "1000"], userns=rng.random() < 0.5)
                 ledger.created.add(name)
             done += 1
             ledger.ops += 1
@@ -227,6 +228,7 @@ def test_sigkill_at_random_moments_loses_nothing(sandbox: Any, quilt: Any, name:
 
             await eventually(settled, 60)
             rows = await q.list_containers()
+            infos = [await q.info(r[0]) for r in rows if r[3] == "running"]
         finally:
             q.close()
         names = {r[1] for r in rows}
@@ -238,6 +240,10 @@ def test_sigkill_at_random_moments_loses_nothing(sandbox: Any, quilt: Any, name:
                    "quilt-*.scope")
         active = {line.split()[0] for line in units.splitlines() if line.strip()}
         assert active == running
+        for info in infos:  # each init runs as its recorded range's root, or as host root
+            status = sh(sandbox, "cat", f"/proc/{info['Pid']}/status")
+            uid = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]
+            assert int(uid) == info["UserNamespaceBase"], (info["Name"], uid)
         layers = {p.name for p in sandbox.host_path("/var/lib/quilt/containers").iterdir()}
         assert layers <= {r[0] for r in rows}
         assert sql(sandbox, "PRAGMA integrity_check").strip() == "[('ok',)]"
