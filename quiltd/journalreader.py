@@ -17,11 +17,6 @@ from dataclasses import dataclass
 
 from systemd import journal
 
-# The raw line and the timestamp in µs, not python-systemd's str and datetime.
-CONVERTERS: dict[str, Callable[[object], object]] = {
-    "MESSAGE": lambda v: bytes(v) if isinstance(v, bytes | bytearray) else str(v).encode(),
-    "__REALTIME_TIMESTAMP": lambda v: int(v),  # type: ignore[call-overload]
-}
 POLL_SEC = 0.5  # how often a follow looks at its stop flag and its descriptor
 SETTLE_SEC = 0.5  # after its end, how long a follow waits for lines journald has not written yet
 
@@ -43,7 +38,7 @@ class Line:
 
 
 def _reader(q: Query) -> journal.Reader:
-    r = journal.Reader(converters=CONVERTERS)
+    r = journal.Reader()
     r.add_match(QUILT_CONTAINER_ID=q.container_id)
     if q.stream:
         r.add_match(QUILT_STREAM=q.stream)
@@ -52,17 +47,27 @@ def _reader(q: Query) -> journal.Reader:
     return r
 
 
-def _line(q: Query, entry: dict[str, object]) -> Line | None:
+# The entry under the reader is read a field at a time, through the
+# reader's own calls (sd_journal_get_data and friends): get_next() would
+# build a dict of every field of every entry, with conversions, which made
+# reading a thousand lines four times slower.
+
+def _field(r: journal.Reader, name: str) -> bytes | None:
+    try:
+        value: bytes = r._get(name)
+    except KeyError:
+        return None
+    return value
+
+
+def _line(r: journal.Reader, q: Query) -> Line | None:
+    """The entry under the reader, if it is one of the query's lines."""
     # journald cannot match on a field being absent: the container's own
     # lines are those without QUILT_EXEC_ID.
-    if not entry or (q.exec_id == "" and "QUILT_EXEC_ID" in entry):
+    if q.exec_id == "" and _field(r, "QUILT_EXEC_ID") is not None:
         return None
-    usec = entry.get("__REALTIME_TIMESTAMP", 0)
-    data = entry.get("MESSAGE", b"")
-    stream = entry.get("QUILT_STREAM", "")
-    if not isinstance(usec, int) or not isinstance(data, bytes) or not isinstance(stream, str):
-        return None
-    return Line(usec, stream, data)
+    stream = _field(r, "QUILT_STREAM") or b""
+    return Line(r._get_realtime(), stream.decode(errors="replace"), _field(r, "MESSAGE") or b"")
 
 
 def read(q: Query, limit: int) -> tuple[list[Line], bool]:
@@ -84,11 +89,8 @@ def read(q: Query, limit: int) -> tuple[list[Line], bool]:
 
 
 def _forward(r: journal.Reader, q: Query) -> Iterator[Line]:
-    while True:
-        entry = r.get_next()
-        if not entry:
-            return
-        line = _line(q, entry)
+    while r._next():
+        line = _line(r, q)
         if line is not None and line.usec >= q.since_usec:
             yield line
 
@@ -104,12 +106,11 @@ def _read_tail_and_cursor(r: journal.Reader, q: Query, limit: int) -> tuple[list
     lines: list[Line] = []
     cursor = ""
     while len(lines) < q.tail:
-        entry = r.get_previous()
-        if not entry:
+        if not r._previous():
             break
         if not cursor:
-            cursor = str(entry.get("__CURSOR", ""))
-        line = _line(q, entry)
+            cursor = r._get_cursor()
+        line = _line(r, q)
         if line is None:
             continue
         if line.usec < q.since_usec:
@@ -155,7 +156,7 @@ class Follower(threading.Thread):
                     # From the last entry already seen, so nothing that came
                     # meanwhile is missed.
                     r.seek_cursor(cursor)
-                    r.get_next()
+                    r._next()
                 else:
                     r.seek_head()
             elif self.query.since_usec:
