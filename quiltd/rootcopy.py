@@ -32,6 +32,10 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# How tarfile tells an end-of-archive block from a bad or cut header: these
+# classes have been in tarfile since Python 3.2, outside its documented API.
+from tarfile import EOFHeaderError, InvalidHeaderError, TruncatedHeaderError  # type: ignore[attr-defined]
+
 from quiltd.copyspec import Failure
 from quiltd.mounts import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
@@ -110,6 +114,67 @@ class _Input:
                          "pass a larger max_bytes to CopyInEx")
 
 
+def _after(tar: tarfile.TarFile) -> str:
+    """Where a stream went wrong, for messages: after which member."""
+    members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # the stream's, so far
+    if not members:
+        return "before any member"
+    last = members[-1]
+    return f"after member {last.name!r} (its header at offset {last.offset})"
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Reads headers as TarInfo does, but lets no malformed stream pass for a complete one.
+
+    In stream mode tarfile takes a bad header after the first member, or a
+    stream cut inside a header, for the end of the archive, and extraction
+    would succeed with the members before it. The rule here instead: the
+    archive ends at its first all-zero header block (the end-of-archive
+    marker; writers put two, then pad with zeros), or at an end of stream that
+    falls exactly where a header would start. After the marker only zero
+    bytes may follow; they are read to the end, so the writer never sees a
+    broken pipe. Anything else is an error that names the offset and the
+    last whole member.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _StrictTarInfo:
+        stream = tar.fileobj
+        assert stream is not None
+        start = stream.tell()
+        # A header that follows a pax or GNU extended header is read through
+        # here too; tarfile reports those failures itself.
+        outer = start == tar.offset
+        try:
+            return super().fromtarfile(tar)
+        except EOFHeaderError:
+            if outer:
+                _read_zeros_to_end(tar, start)
+            raise
+        except (TruncatedHeaderError, InvalidHeaderError) as e:
+            if not outer or start == 0:
+                raise  # the first header: "not a tar stream", as tarfile says
+            if isinstance(e, TruncatedHeaderError):
+                raise CopyError(Failure.INVALID, f"the tar stream ends inside a header at offset {start}, "
+                                f"{_after(tar)}") from None
+            raise CopyError(Failure.INVALID, f"bad tar header at offset {start} ({e}), "
+                            f"{_after(tar)}") from None
+
+
+def _read_zeros_to_end(tar: tarfile.TarFile, marker: int) -> None:
+    """Reads what follows the end-of-archive marker at offset marker; it must be zeros only."""
+    stream = tar.fileobj
+    assert stream is not None
+    offset = stream.tell()
+    while chunk := stream.read(CHUNK):
+        if chunk.count(0) != len(chunk):
+            at = offset + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise CopyError(Failure.INVALID, f"data at offset {at} after the end-of-archive marker at "
+                            f"offset {marker}, {_after(tar)}; only zero padding may follow it "
+                            "(concatenated archives are not read)")
+        offset += len(chunk)
+
+
 class _Dirs:
     """Directory descriptors by path under the destination, looked up (and made) in the root.
 
@@ -175,7 +240,8 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
     os.close(_open_dir(root_fd, dest_parts, dest))  # exists, and is a directory
     source = _Input(in_fd, max_bytes, progress)
     try:
-        tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]  # noqa: SIM115
+        tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]  # noqa: SIM115
+                           tarinfo=_StrictTarInfo)
     except tarfile.ReadError as e:
         raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
     dirs = _Dirs(root_fd, dest_parts)
@@ -195,7 +261,12 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                     raise source.over()  # before a byte of it is written
                 data = tar.extractfile(member)
                 assert data is not None
-                _write_file(parent, name, member, data, progress)
+                try:
+                    _write_file(parent, name, member, data, progress)
+                except tarfile.ReadError:
+                    raise CopyError(Failure.INVALID, f"the tar stream ends inside the data of member "
+                                    f"{member.name!r} (its header at offset {member.offset}, "
+                                    f"{member.size} bytes of data)") from None
             elif member.issym():
                 _replace(parent, name, keep_dir=False)
                 os.symlink(member.linkname, name, dir_fd=parent)
@@ -229,11 +300,10 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                 os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
             finally:
                 os.close(fd)
-        # Tar writers pad to a record; read it, so the writer does not see a broken pipe.
-        while source.read(CHUNK):
-            pass
     except tarfile.TarError as e:
-        raise CopyError(Failure.INVALID, f"bad tar stream: {e}") from None
+        # The data or padding of a member skipped over ends early, or an
+        # extended header is not followed by a good one.
+        raise CopyError(Failure.INVALID, f"bad tar stream {_after(tar)}: {e}") from None
     except OSError as e:
         raise _io_error("writing in the container", e) from None
     finally:

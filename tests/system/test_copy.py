@@ -182,6 +182,31 @@ def test_copy_bad_input_gets_named_errors(sandbox: Any, quilt: Any, name: str) -
     run(scenario())
 
 
+def test_copy_in_refuses_corrupt_and_truncated_streams(quilt: Any, name: str) -> None:
+    good = make_tar({"a": b"A" * 1000, "b": b"B" * 1000})  # headers at 0 and 1536, the end marker at 3072
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sleep", "1000"])
+            await q.exec(name, ["mkdir", "/cut", "/junk", "/whole", "/bare"])
+            with pytest.raises(errors.InvalidArgument,
+                               match=r"ends inside the data of member 'b' \(its header at offset 1536"):
+                await copy_in(q, name, "/cut", good[:1536 + 512 + 300])
+            with pytest.raises(errors.InvalidArgument, match=r"bad tar header at offset 3072 .*member 'b'"):
+                await copy_in(q, name, "/junk", good[:3072] + b"garbage!" * 1000)
+            # The daemon keeps answering, and normal streams still go in: with
+            # the end marker and padding, or ending right after the last member.
+            assert await copy_in(q, name, "/whole", good) == {"bytes": len(good), "entries": 2}
+            assert await copy_in(q, name, "/bare", good[:3072]) == {"bytes": 3072, "entries": 2}
+            files = ["/whole/a", "/whole/b", "/bare/a", "/bare/b"]
+            code, out, _ = await q.exec(name, ["stat", "-c", "%n %s", *files])
+            assert code == 0 and out.decode().splitlines() == [
+                "/whole/a 1000", "/whole/b 1000", "/bare/a 1000", "/bare/b 1000"], out
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
 def test_symlink_swap_during_copies_never_reaches_the_host(sandbox: Any, quilt: Any, name: str) -> None:
     """A process in the container flips /work/x between a directory and a symlink to / while we copy."""
     tag = secrets.token_hex(4)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -119,15 +121,64 @@ def test_symlinks_resolve_inside_the_root(roots: tuple[Path, Path]) -> None:
     assert (outside / "canary").read_bytes() == b"host secret\n"
 
 
+def _two_files() -> bytes:
+    """Members a (1000 bytes, header at 0) and b (1000 bytes, header at 1536), then the end marker."""
+    return _tar((tarfile.TarInfo("a"), b"A" * 1000), (tarfile.TarInfo("b"), b"B" * 1000))
+
+
+END = 2 * 1536  # where the end-of-archive marker of _two_files starts
+
+
 @pytest.mark.parametrize("data, failure, message", [
     (b"", Failure.INVALID, "not a tar"),
     (b"hello, this is not a tar stream at all" * 100, Failure.INVALID, "not a tar"),
+    # Garbage where a third header would be: tarfile alone would stop there quietly.
+    (_two_files()[:END] + b"garbage!" * 100, Failure.INVALID,
+     r"bad tar header at offset 3072 .*after member 'b' \(its header at offset 1536\)"),
+    # Cut inside a header, inside a member's data, inside its padding.
+    (_two_files()[:1536 + 100], Failure.INVALID,
+     "the tar stream ends inside a header at offset 1536, after member 'a'"),
+    (_two_files()[:1536 + 512 + 300], Failure.INVALID,
+     r"ends inside the data of member 'b' \(its header at offset 1536, 1000 bytes of data\)"),
+    (_two_files()[:1536 + 512 + 1000], Failure.INVALID, "after member 'b'.*unexpected end of data"),
+    # Data after the end marker: a second archive, say, that tar would skip.
+    (_two_files()[:END + 1024] + _two_files(), Failure.INVALID,
+     "data at offset 4096 after the end-of-archive marker at offset 3072"),
 ])
 def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str) -> None:
     root, _ = roots
     with pytest.raises(CopyError, match=message) as e:
         _extract(root, "/", data)
     assert e.value.failure == failure
+
+
+def _gnu_tar(root: Path) -> bytes:
+    if not shutil.which("tar"):
+        pytest.skip("no tar program")
+    src = root / "gnu"
+    src.mkdir()
+    (src / "a").write_bytes(b"A" * 1000)
+    (src / "b").write_bytes(b"B" * 1000)
+    return subprocess.run(["tar", "-c", "-f", "-", "-C", str(src), "a", "b"], check=True,
+                          stdout=subprocess.PIPE).stdout
+
+
+@pytest.mark.parametrize("ending", ["python", "gnu", "no marker", "one zero block", "marker, no padding"])
+def test_well_ended_streams(roots: tuple[Path, Path], ending: str) -> None:
+    """Writers end with two zero blocks, padded with zeros; some stop right after the last member."""
+    root, _ = roots
+    data = {
+        "python": _two_files(),  # two zero blocks, padded with zeros to 10240 bytes
+        "gnu": _gnu_tar(root) if ending == "gnu" else b"",
+        "no marker": _two_files()[:END],
+        "one zero block": _two_files()[:END + 512],
+        "marker, no padding": _two_files()[:END + 1024],
+    }[ending]
+    (root / "dest").mkdir()
+    progress = _extract(root, "/dest", data)
+    assert (progress.entries, progress.bytes) == (2, len(data))
+    assert (root / "dest" / "a").read_bytes() == b"A" * 1000
+    assert (root / "dest" / "b").read_bytes() == b"B" * 1000
 
 
 def test_refusals(roots: tuple[Path, Path]) -> None:
