@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -340,30 +341,50 @@ def _make_dir(parent: int, name: str, member: tarfile.TarInfo) -> None:
 
 
 def _write_file(parent: int, name: str, member: tarfile.TarInfo, data: object, progress: Progress) -> None:
+    """Writes the member under a temporary name beside name, then renames it over name.
+
+    So no file is left half written by a copy that fails (a stream cut in
+    the member's data, a full disk, a timeout), and a file it replaces stays
+    whole until the new one is complete.
+    """
     for attempt in range(3):
-        _replace(parent, name, keep_dir=False)
+        temp = f".quilt-copy-{secrets.token_hex(8)}"
         try:
-            # O_EXCL: a symlink (or anything) put there since is an error, never followed.
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            # O_EXCL: anything put there since is an error, never followed.
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=parent)
             break
         except FileExistsError:
             if attempt == 2:
                 raise
     try:
-        read = data.read  # type: ignore[attr-defined]
-        while True:
-            chunk = read(CHUNK)
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            progress.tick()
-        _set_meta(fd, member)
-        os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
-    finally:
-        os.close(fd)
+        try:
+            read = data.read  # type: ignore[attr-defined]
+            while True:
+                chunk = read(CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                progress.tick()
+            _set_meta(fd, member)
+            os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
+        finally:
+            os.close(fd)
+        for attempt in range(3):
+            try:
+                # rename never follows a symlink at name: it replaces the link itself.
+                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
+                _replace(parent, name, keep_dir=False)  # a directory in the way
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=parent)
+        raise
 
 
 def _set_meta(fd: int, member: tarfile.TarInfo) -> None:

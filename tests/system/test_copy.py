@@ -198,6 +198,10 @@ def test_copy_in_refuses_corrupt_and_truncated_streams(quilt: Any, name: str) ->
             # the end marker and padding, or ending right after the last member.
             assert await copy_in(q, name, "/whole", good) == {"bytes": len(good), "entries": 2}
             assert await copy_in(q, name, "/bare", good[:3072]) == {"bytes": 3072, "entries": 2}
+            code, out, _ = await q.exec(name, ["sh", "-c", "cd / && ls -A cut junk whole bare | xargs"])
+            # A failed copy leaves the members before the error, and no part of the one it was writing.
+            assert code == 0 and out.decode().split() == [
+                "bare:", "a", "b", "cut:", "a", "junk:", "a", "b", "whole:", "a", "b"], out
             files = ["/whole/a", "/whole/b", "/bare/a", "/bare/b"]
             code, out, _ = await q.exec(name, ["stat", "-c", "%n %s", *files])
             assert code == 0 and out.decode().splitlines() == [

@@ -199,3 +199,25 @@ def test_refusals(roots: tuple[Path, Path]) -> None:
             _extract(root, dest, data, cap)
         assert e.value.failure == failure
     assert not (root / "sda").exists()
+
+
+def test_a_failed_copy_leaves_no_half_written_file(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    (root / "b").write_bytes(b"old b\n")
+    with pytest.raises(CopyError, match="ends inside the data of member 'b'"):
+        _extract(root, "/", _two_files()[:1536 + 512 + 300])
+    # a was whole and stays; b keeps its old content; no temporary file is left.
+    assert sorted(os.listdir(root)) == ["a", "b"]
+    assert (root / "a").read_bytes() == b"A" * 1000 and (root / "b").read_bytes() == b"old b\n"
+
+
+def test_files_replace_what_is_in_their_way(roots: tuple[Path, Path]) -> None:
+    root, outside = roots
+    (root / "a").mkdir()
+    (root / "a" / "inner").write_bytes(b"")
+    os.symlink(outside / "canary", root / "b")
+    _extract(root, "/", _two_files())
+    assert sorted(os.listdir(root)) == ["a", "b"]
+    assert (root / "a").read_bytes() == b"A" * 1000
+    assert not (root / "b").is_symlink() and (root / "b").read_bytes() == b"B" * 1000
+    assert (outside / "canary").read_bytes() == b"host secret\n"
