@@ -115,13 +115,30 @@ class _Input:
                          "pass a larger max_bytes to CopyInEx")
 
 
+def _last(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+    members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # the stream's, so far
+    return members[-1] if members else None
+
+
 def _after(tar: tarfile.TarFile) -> str:
     """Where a stream went wrong, for messages: after which member."""
-    members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # the stream's, so far
-    if not members:
+    last = _last(tar)
+    if last is None:
         return "before any member"
-    last = members[-1]
     return f"after member {last.name!r} (its header at offset {last.offset})"
+
+
+def _bad_stream(tar: tarfile.TarFile, e: tarfile.TarError, length: int) -> CopyError:
+    """tarfile's error, said with the member it is about; length: the stream's bytes, if it ended."""
+    last = _last(tar)
+    if last is not None and last.isreg():
+        where = f"member {last.name!r} (its header at offset {last.offset}, {last.size} bytes of data)"
+        if length < last.offset_data + last.size:
+            return CopyError(Failure.INVALID, f"the tar stream ends inside the data of {where}")
+        if length < last.offset_data + last.size + -last.size % BLOCK:
+            return CopyError(Failure.INVALID, f"the tar stream ends inside the padding of {where}")
+    # An extended header not followed by a good one, say.
+    return CopyError(Failure.INVALID, f"bad tar stream {_after(tar)}: {e}")
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -235,11 +252,83 @@ class _Dirs:
         self.key = None
 
 
+def _check_member(member: tarfile.TarInfo) -> list[str]:
+    """The member's path components under the destination, if it is a member we extract at all."""
+    parts = _components(member.name, "tar member")
+    if not parts:
+        return parts  # "." or "/": the destination itself, which we leave as it is
+    if member.ischr() or member.isblk():
+        raise CopyError(Failure.INVALID, f"tar member {member.name!r} is a device node; "
+                        "device nodes are not copied into containers")
+    if not (member.isdir() or member.isreg() or member.issym() or member.islnk() or member.isfifo()):
+        raise CopyError(Failure.INVALID, f"tar member {member.name!r} has an unknown type")
+    if member.islnk() and not _components(member.linkname, "hard link target"):
+        raise CopyError(Failure.INVALID, f"hard link {member.name!r} to the destination itself")
+    return parts
+
+
+class _Ahead:
+    """A regular file, read with pread from where the copy starts reading it: the file's offset stays."""
+
+    def __init__(self, fd: int, start: int, length: int, progress: Progress) -> None:
+        self.fd = fd
+        self.start = start
+        self.length = length
+        self.progress = progress
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(self.length - self.pos, 0)
+        size = left if size < 0 else min(size, left)
+        try:
+            data = os.pread(self.fd, size, self.start + self.pos)
+        except OSError as e:
+            raise _io_error("reading the tar stream", e) from None
+        self.pos += len(data)
+        self.progress.tick()
+        return data
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence] + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _check_ahead(in_fd: int, max_bytes: int, progress: Progress, over: Callable[[], CopyError]) -> None:
+    """When the stream is a regular file, checks all of it before anything is written.
+
+    Its headers are read (data is skipped) and held to the same rules as
+    during the copy: the end of the archive, member names and types, the
+    size. So a file that would fail on any of those fails with nothing
+    written. A pipe or socket can only be checked as it is read.
+    """
+    st = os.fstat(in_fd)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    start = os.lseek(in_fd, 0, os.SEEK_CUR)
+    length = max(st.st_size - start, 0)
+    if length > max_bytes:
+        raise over()
+    ahead = _Ahead(in_fd, start, length, progress)
+    try:
+        tar = tarfile.open(fileobj=ahead, mode="r:", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
+    except tarfile.ReadError as e:
+        raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
+    try:
+        for member in tar:
+            _check_member(member)
+    except tarfile.TarError as e:
+        raise _bad_stream(tar, e, length) from None
+
+
 def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progress) -> None:
     """Extracts the tar stream read from in_fd into the existing directory dest of the root."""
     dest_parts = _components(dest, "path")
     os.close(_open_dir(root_fd, dest_parts, dest))  # exists, and is a directory
     source = _Input(in_fd, max_bytes, progress)
+    _check_ahead(in_fd, max_bytes, progress, source.over)
     try:
         tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]  # noqa: SIM115
                            tarinfo=_StrictTarInfo)
@@ -249,9 +338,9 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
     later: list[tuple[list[str], tarfile.TarInfo]] = []  # directory times, set when all is in
     try:
         for member in tar:
-            parts = _components(member.name, "tar member")
+            parts = _check_member(member)
             if not parts:
-                continue  # "." or "/": the destination itself, which we leave as it is
+                continue
             parent = dirs.get(parts[:-1], make=True)
             name = parts[-1]
             if member.isdir():
@@ -262,20 +351,13 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                     raise source.over()  # before a byte of it is written
                 data = tar.extractfile(member)
                 assert data is not None
-                try:
-                    _write_file(parent, name, member, data, progress)
-                except tarfile.ReadError:
-                    raise CopyError(Failure.INVALID, f"the tar stream ends inside the data of member "
-                                    f"{member.name!r} (its header at offset {member.offset}, "
-                                    f"{member.size} bytes of data)") from None
+                _write_file(parent, name, member, data, progress)
             elif member.issym():
                 _replace(parent, name, keep_dir=False)
                 os.symlink(member.linkname, name, dir_fd=parent)
                 _set_meta_nofollow(parent, name, member)
             elif member.islnk():
                 target = _components(member.linkname, "hard link target")
-                if not target:
-                    raise CopyError(Failure.INVALID, f"hard link {member.name!r} to the destination itself")
                 source_dir = os.dup(dirs.get(target[:-1], make=False))
                 try:
                     parent = dirs.get(parts[:-1], make=True)
@@ -284,15 +366,10 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                     os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
                 finally:
                     os.close(source_dir)
-            elif member.isfifo():
+            else:  # a FIFO: _check_member let no other type through
                 _replace(parent, name, keep_dir=False)
                 os.mkfifo(name, member.mode & 0o7777, dir_fd=parent)
                 _set_meta_nofollow(parent, name, member)
-            elif member.ischr() or member.isblk():
-                raise CopyError(Failure.INVALID, f"tar member {member.name!r} is a device node; "
-                                "device nodes are not copied into containers")
-            else:
-                raise CopyError(Failure.INVALID, f"tar member {member.name!r} has an unknown type")
             progress.entries += 1
         dirs.close()
         for parts, member in reversed(later):
@@ -302,9 +379,9 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
             finally:
                 os.close(fd)
     except tarfile.TarError as e:
-        # The data or padding of a member skipped over ends early, or an
-        # extended header is not followed by a good one.
-        raise CopyError(Failure.INVALID, f"bad tar stream {_after(tar)}: {e}") from None
+        # Where tarfile found that the stream ended early, it has read all
+        # of it: progress.bytes is then its length.
+        raise _bad_stream(tar, e, progress.bytes) from None
     except OSError as e:
         raise _io_error("writing in the container", e) from None
     finally:

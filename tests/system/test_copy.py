@@ -6,6 +6,7 @@ import io
 import os
 import secrets
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -188,20 +189,28 @@ def test_copy_in_refuses_corrupt_and_truncated_streams(quilt: Any, name: str) ->
     async def scenario() -> None:
         async with quilt() as q:
             await _running(q, name, ["sleep", "1000"])
-            await q.exec(name, ["mkdir", "/cut", "/junk", "/whole", "/bare"])
+            await q.exec(name, ["mkdir", "/cut", "/cutfile", "/junk", "/whole", "/bare"])
             with pytest.raises(errors.InvalidArgument,
                                match=r"ends inside the data of member 'b' \(its header at offset 1536"):
                 await copy_in(q, name, "/cut", good[:1536 + 512 + 300])
+            # From a regular file, the whole archive is checked before anything is written.
+            with tempfile.TemporaryFile() as f:
+                f.write(good[:1536 + 512 + 300])
+                f.seek(0)
+                with pytest.raises(errors.InvalidArgument, match="ends inside the data of member 'b'"):
+                    await q.copy_in(name, "/cutfile", f.fileno())
             with pytest.raises(errors.InvalidArgument, match=r"bad tar header at offset 3072 .*member 'b'"):
                 await copy_in(q, name, "/junk", good[:3072] + b"garbage!" * 1000)
             # The daemon keeps answering, and normal streams still go in: with
             # the end marker and padding, or ending right after the last member.
             assert await copy_in(q, name, "/whole", good) == {"bytes": len(good), "entries": 2}
             assert await copy_in(q, name, "/bare", good[:3072]) == {"bytes": 3072, "entries": 2}
-            code, out, _ = await q.exec(name, ["sh", "-c", "cd / && ls -A cut junk whole bare | xargs"])
-            # A failed copy leaves the members before the error, and no part of the one it was writing.
+            listing = "cd / && ls -A cut cutfile junk whole bare | xargs"
+            code, out, _ = await q.exec(name, ["sh", "-c", listing])
+            # A failed copy from a pipe leaves the members before the error, and no part of the one it
+            # was writing; from a file, nothing.
             assert code == 0 and out.decode().split() == [
-                "bare:", "a", "b", "cut:", "a", "junk:", "a", "b", "whole:", "a", "b"], out
+                "bare:", "a", "b", "cut:", "a", "cutfile:", "junk:", "a", "b", "whole:", "a", "b"], out
             files = ["/whole/a", "/whole/b", "/bare/a", "/bare/b"]
             code, out, _ = await q.exec(name, ["stat", "-c", "%n %s", *files])
             assert code == 0 and out.decode().splitlines() == [

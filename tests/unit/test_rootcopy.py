@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -9,6 +10,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,17 +46,33 @@ def _archive(root: Path, path: str) -> bytes:
         return out.read()
 
 
-def _extract(root: Path, dest: str, data: bytes, max_bytes: int = 1 << 30) -> Progress:
+def _extract(root: Path, dest: str, data: bytes, max_bytes: int = 1 << 30, via: str = "file") -> Progress:
+    """Extracts data read from a regular file, which is checked ahead, or from a pipe, which cannot be."""
     progress = Progress(lambda: None)
-    with tempfile.TemporaryFile() as src:
-        src.write(data)
-        src.seek(0)
-        fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-        try:
-            rootcopy.extract(fd, dest, src.fileno(), max_bytes, progress)
-        finally:
-            os.close(fd)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        if via == "file":
+            with tempfile.TemporaryFile() as src:
+                src.write(data)
+                src.seek(0)
+                rootcopy.extract(fd, dest, src.fileno(), max_bytes, progress)
+        else:
+            r, w = os.pipe()
+            writer = threading.Thread(target=_write_all, args=(w, data))
+            writer.start()
+            try:
+                rootcopy.extract(fd, dest, r, max_bytes, progress)
+            finally:
+                os.close(r)
+                writer.join()
+    finally:
+        os.close(fd)
     return progress
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
@@ -140,15 +158,17 @@ END = 2 * 1536  # where the end-of-archive marker of _two_files starts
      "the tar stream ends inside a header at offset 1536, after member 'a'"),
     (_two_files()[:1536 + 512 + 300], Failure.INVALID,
      r"ends inside the data of member 'b' \(its header at offset 1536, 1000 bytes of data\)"),
-    (_two_files()[:1536 + 512 + 1000], Failure.INVALID, "after member 'b'.*unexpected end of data"),
+    (_two_files()[:1536 + 512 + 1000], Failure.INVALID,
+     r"ends inside the padding of member 'b' \(its header at offset 1536, 1000 bytes of data\)"),
     # Data after the end marker: a second archive, say, that tar would skip.
     (_two_files()[:END + 1024] + _two_files(), Failure.INVALID,
      "data at offset 4096 after the end-of-archive marker at offset 3072"),
 ])
-def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str) -> None:
+@pytest.mark.parametrize("via", ["file", "pipe"])
+def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str, via: str) -> None:
     root, _ = roots
     with pytest.raises(CopyError, match=message) as e:
-        _extract(root, "/", data)
+        _extract(root, "/", data, via=via)
     assert e.value.failure == failure
 
 
@@ -163,8 +183,9 @@ def _gnu_tar(root: Path) -> bytes:
                           stdout=subprocess.PIPE).stdout
 
 
+@pytest.mark.parametrize("via", ["file", "pipe"])
 @pytest.mark.parametrize("ending", ["python", "gnu", "no marker", "one zero block", "marker, no padding"])
-def test_well_ended_streams(roots: tuple[Path, Path], ending: str) -> None:
+def test_well_ended_streams(roots: tuple[Path, Path], ending: str, via: str) -> None:
     """Writers end with two zero blocks, padded with zeros; some stop right after the last member."""
     root, _ = roots
     data = {
@@ -175,7 +196,7 @@ def test_well_ended_streams(roots: tuple[Path, Path], ending: str) -> None:
         "marker, no padding": _two_files()[:END + 1024],
     }[ending]
     (root / "dest").mkdir()
-    progress = _extract(root, "/dest", data)
+    progress = _extract(root, "/dest", data, via=via)
     assert (progress.entries, progress.bytes) == (2, len(data))
     assert (root / "dest" / "a").read_bytes() == b"A" * 1000
     assert (root / "dest" / "b").read_bytes() == b"B" * 1000
@@ -204,11 +225,27 @@ def test_refusals(roots: tuple[Path, Path]) -> None:
 def test_a_failed_copy_leaves_no_half_written_file(roots: tuple[Path, Path]) -> None:
     root, _ = roots
     (root / "b").write_bytes(b"old b\n")
+    cut = _two_files()[:1536 + 512 + 300]
     with pytest.raises(CopyError, match="ends inside the data of member 'b'"):
-        _extract(root, "/", _two_files()[:1536 + 512 + 300])
+        _extract(root, "/", cut, via="pipe")
     # a was whole and stays; b keeps its old content; no temporary file is left.
     assert sorted(os.listdir(root)) == ["a", "b"]
     assert (root / "a").read_bytes() == b"A" * 1000 and (root / "b").read_bytes() == b"old b\n"
+
+
+@pytest.mark.parametrize("problem", ["cut", "device node", "'..'", "max_bytes"])
+def test_a_regular_file_is_checked_before_anything_is_written(roots: tuple[Path, Path], problem: str) -> None:
+    root, _ = roots
+    dev = tarfile.TarInfo("sda")
+    dev.type = tarfile.BLKTYPE
+    third = {"device node": dev, "'..'": tarfile.TarInfo("x/../../y")}.get(problem, tarfile.TarInfo("c"))
+    data = _tar((tarfile.TarInfo("a"), b"A" * 1000), (tarfile.TarInfo("b"), b"B" * 1000), (third, b""))
+    message = problem
+    if problem == "cut":
+        data, message = data[:1536 + 512 + 300], "ends inside the data of member 'b'"
+    with pytest.raises(CopyError, match=message):
+        _extract(root, "/", data, max_bytes=len(data) - 1 if problem == "max_bytes" else 1 << 30)
+    assert os.listdir(root) == []
 
 
 def test_files_replace_what_is_in_their_way(roots: tuple[Path, Path]) -> None:
