@@ -478,10 +478,26 @@ def _set_meta_nofollow(parent: int, name: str, member: tarfile.TarInfo) -> None:
 
 
 class _Output:
-    def __init__(self, fd: int, progress: Progress) -> None:
+    def __init__(self, fd: int, progress: Progress, max_bytes: int = 0) -> None:
         self.fd = fd
         self.progress = progress
+        self.max_bytes = max_bytes  # 0: no cap
         self.sendfile = True
+
+    def fits(self, arcname: str, header: int, size: int) -> None:
+        """Refuses, before a byte of it is written, a member that would take the archive past max_bytes.
+
+        The end-of-archive marker is counted in, so an archive that is
+        written whole is never over the cap.
+        """
+        if not self.max_bytes:
+            return
+        needed = self.progress.bytes + header + size + -size % BLOCK + 2 * BLOCK
+        if needed > self.max_bytes:
+            raise CopyError(Failure.LIMIT, f"the archive would pass max_bytes ({self.max_bytes} bytes) at "
+                            f"{arcname!r} ({size} bytes of data; {self.progress.bytes} bytes and "
+                            f"{self.progress.entries} members written before it); the stream ends there, "
+                            "without the end-of-archive marker")
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -522,10 +538,14 @@ class _Output:
             self.write(bytes(BLOCK - size % BLOCK))
 
 
-def archive(root_fd: int, path: str, out_fd: int, progress: Progress) -> None:
-    """Writes path of the root (not following it if it is a symlink) as a tar stream to out_fd."""
+def archive(root_fd: int, path: str, out_fd: int, progress: Progress, max_bytes: int = 0) -> None:
+    """Writes path of the root (not following it if it is a symlink) as a tar stream to out_fd.
+
+    With max_bytes, the stream stops before the first member that would take
+    it past that many bytes, end-of-archive marker included.
+    """
     parts = _components(path, "path")
-    out = _Output(out_fd, progress)
+    out = _Output(out_fd, progress, max_bytes)
     if not parts:
         fd = _open_dir(root_fd, [], path)
         try:
@@ -560,7 +580,9 @@ def _header(out: _Output, arcname: str, st: os.stat_result, kind: bytes, size: i
     info.linkname = linkname
     if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    out.fits(arcname, len(header), size)
+    out.write(header)
     out.progress.entries += 1
 
 

@@ -51,16 +51,18 @@ async def copy_in(q: Any, ref: str, path: str, data: bytes, **options: Any) -> d
         writer.join(30)
 
 
-async def copy_out(q: Any, ref: str, path: str) -> bytes:
+async def copy_out(q: Any, ref: str, path: str, into: list[bytes] | None = None, **options: Any) -> bytes:
+    """The stream of path; into gets it too, also when the copy fails."""
     r, w = os.pipe()
-    chunks: list[bytes] = []
+    chunks: list[bytes] = [] if into is None else into
     reader = threading.Thread(target=_read_all, args=(r, chunks))
     reader.start()
     try:
-        await q.copy_out(ref, path, w)
+        await q.copy_out(ref, path, w, **options)
     finally:
         os.close(w)  # the daemon's copy is closed once it answered: the reader sees the end
         reader.join(30)
+        assert not reader.is_alive()
     return b"".join(chunks)
 
 
@@ -215,6 +217,39 @@ def test_copy_in_refuses_corrupt_and_truncated_streams(quilt: Any, name: str) ->
             code, out, _ = await q.exec(name, ["stat", "-c", "%n %s", *files])
             assert code == 0 and out.decode().splitlines() == [
                 "/whole/a 1000", "/whole/b 1000", "/bare/a 1000", "/bare/b 1000"], out
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_copy_out_max_bytes(quilt: Any, name: str) -> None:
+    # A sparse file of 1 GiB costs the container nothing, and would be 1 GiB of stream.
+    setup = "mkdir /d && echo small > /d/a && dd if=/dev/zero of=/d/big bs=1 count=0 seek=1G && sleep 1000"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", setup])
+
+            async def ready() -> bool:
+                return (await q.exec(name, ["test", "-e", "/d/big"]))[0] == 0
+
+            await eventually(ready)
+            stream: list[bytes] = []
+            with pytest.raises(errors.LimitExceeded, match=r"pass max_bytes \(1048576 bytes\) at 'd/big'"):
+                await copy_out(q, name, "/d", into=stream, max_bytes=1 << 20)
+            # The reader saw the end of the stream: whole members before the big one, and no end marker.
+            data = b"".join(stream)
+            assert 0 < len(data) < 1 << 20 and data[-1024:] != bytes(1024)
+            assert list(members(data)) == ["d", "d/a"]
+            # Under the cap, CopyOutEx says what it wrote; the daemon answers as before.
+            with tempfile.TemporaryFile() as f:
+                info = await q.copy_out(name, "/d/a", f.fileno(), max_bytes=1 << 20)
+                f.seek(0)
+                one = f.read()
+            assert info == {"bytes": len(one), "entries": 1} and members(one) == {"a": b"small\n"}
+            with pytest.raises(errors.InvalidArgument, match="max_bytes"):
+                await copy_out(q, name, "/d/a", max_bytes=0)
+            assert (await q.info(name))["State"] == "running"
             await q.remove(name, force=True)
 
     run(scenario())

@@ -35,13 +35,17 @@ def roots() -> Iterator[tuple[Path, Path]]:
         yield root, outside
 
 
-def _archive(root: Path, path: str) -> bytes:
+def _archive(root: Path, path: str, max_bytes: int = 0, written: list[bytes] | None = None) -> bytes:
+    """The archive of path; what was written before an error goes to written."""
     with tempfile.TemporaryFile() as out:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
         try:
-            rootcopy.archive(fd, path, out.fileno(), Progress(lambda: None))
+            rootcopy.archive(fd, path, out.fileno(), Progress(lambda: None), max_bytes)
         finally:
             os.close(fd)
+            out.seek(0)
+            if written is not None:
+                written.append(out.read())
         out.seek(0)
         return out.read()
 
@@ -258,3 +262,27 @@ def test_files_replace_what_is_in_their_way(roots: tuple[Path, Path]) -> None:
     assert (root / "a").read_bytes() == b"A" * 1000
     assert not (root / "b").is_symlink() and (root / "b").read_bytes() == b"B" * 1000
     assert (outside / "canary").read_bytes() == b"host secret\n"
+
+
+def test_copy_out_stops_before_the_member_that_would_pass_max_bytes(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    (root / "d").mkdir()
+    for name in ("a", "b", "c"):
+        (root / "d" / name).write_bytes(name.encode() * 1000)
+        os.utime(root / "d" / name, (1_600_000_000, 1_600_000_000))
+    os.utime(root / "d", (1_600_000_000, 1_600_000_000))  # whole seconds: no pax header
+    whole = _archive(root, "/d")
+    assert len(whole) == 4 * 512 + 3 * 1024 + 1024  # 4 headers, 3 padded files, the end marker
+    assert _archive(root, "/d", max_bytes=len(whole)) == whole  # the cap counts the end marker in
+    for cap, kept in ((len(whole) - 1, ["d", "d/a", "d/b"]), (512 + 1536 + 1024, ["d", "d/a"]), (1, [])):
+        written: list[bytes] = []
+        with pytest.raises(CopyError, match=rf"would pass max_bytes \({cap} bytes\)") as e:
+            _archive(root, "/d", max_bytes=cap, written=written)
+        assert e.value.failure == Failure.LIMIT
+        # Whole members only, no end marker: what a reader gets is never over the cap.
+        (stream,) = written
+        assert len(stream) == (512 + 1536 * (len(kept) - 1) if kept else 0)
+        assert len(stream) <= cap and whole.startswith(stream)
+        if kept:
+            with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+                assert [m.name for m in tar] == kept
