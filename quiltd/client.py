@@ -202,9 +202,14 @@ class QuiltClient:
         (info,) = await self.call("CopyInEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
         return {k: v.value for k, v in info.items()}
 
-    async def copy_out(self, ref: str, path: str, fd: int) -> None:
-        """The daemon writes path as a tar stream to (its copy of) fd; close your copy of the write end."""
-        await self.call("CopyOut", "ssh", ref, path, 0, unix_fds=[fd])
+    async def copy_out(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """The daemon writes path as a tar stream to (its copy of) fd; close your copy of the write end.
+
+        max_bytes=N caps the stream: over it, LimitExceeded, and the stream ends early.
+        """
+        variants = {k: Variant("t", v) for k, v in options.items()}
+        (info,) = await self.call("CopyOutEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
 
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
         """Calls back for every ContainerStateChanged signal from now on."""
@@ -359,9 +364,9 @@ class Quilt:
         """Extracts the tar stream in fd (a file, or a pipe another thread writes) at path."""
         return self._run(self._client.copy_in(ref, path, fd, **options))
 
-    def copy_out(self, ref: str, path: str, fd: int) -> None:
-        """Writes path as a tar stream to fd (a file, or a pipe another thread reads)."""
-        self._run(self._client.copy_out(ref, path, fd))
+    def copy_out(self, ref: str, path: str, fd: int, **options: Any) -> dict[str, Any]:
+        """Writes path as a tar stream to fd (a file, or a pipe another thread reads); max_bytes=N caps it."""
+        return self._run(self._client.copy_out(ref, path, fd, **options))
 
     def import_image(self, name: str, source: str, ref: str | None = None) -> str:
         return self._run(self._client.import_image(name, source, ref=ref))

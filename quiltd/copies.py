@@ -34,16 +34,18 @@ DEFAULT_MAX_BYTES = 1 << 30
 MAX_BYTES_LIMIT = 1 << 40
 IDLE_TIMEOUT_SEC = 30
 MAX_PATH = 4096
-COPY_IN_KEYS = frozenset({"max_bytes"})
+COPY_KEYS = frozenset({"max_bytes"})
 STOPPED = (State.CREATED, State.EXITED, State.FAILED)
 
 
-def parse_copy_in_options(opts: Mapping[str, object]) -> int:
-    """max_bytes, the one option of CopyInEx."""
-    unknown = sorted(set(opts) - COPY_IN_KEYS)
+def parse_copy_options(opts: Mapping[str, object], default_max_bytes: int) -> int:
+    """max_bytes, the one option of CopyInEx and CopyOutEx."""
+    unknown = sorted(set(opts) - COPY_KEYS)
     if unknown:
         raise InvalidArgument(f"unknown copy option(s): {', '.join(unknown)}")
-    value = opts.get("max_bytes", DEFAULT_MAX_BYTES)
+    if "max_bytes" not in opts:
+        return default_max_bytes
+    value = opts["max_bytes"]
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BYTES_LIMIT:
         raise InvalidArgument(f"option max_bytes must be an integer from 1 to {MAX_BYTES_LIMIT}, "
                               f"got {value!r}")
@@ -65,7 +67,7 @@ class Copies:
         """Extracts the tar stream read from fd at path (an existing directory); takes fd over."""
         try:
             c = self._manager.get(ref)
-            max_bytes = parse_copy_in_options(opts)
+            max_bytes = parse_copy_options(opts, DEFAULT_MAX_BYTES)
             check_path(path)
             fdcheck.check(fd, writable=False, what="the tar stream")
         except BaseException:
@@ -73,16 +75,17 @@ class Copies:
             raise
         return await self._copy(c, Direction.IN, path, fd, max_bytes)
 
-    async def copy_out(self, ref: str, path: str, fd: int) -> CopyResult:
-        """Writes path as a tar stream to fd; takes fd over."""
+    async def copy_out(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
+        """Writes path as a tar stream to fd; takes fd over. No cap unless max_bytes is given."""
         try:
             c = self._manager.get(ref)
+            max_bytes = parse_copy_options(opts, 0)
             check_path(path)
             fdcheck.check(fd, writable=True, what="the tar stream")
         except BaseException:
             os.close(fd)
             raise
-        return await self._copy(c, Direction.OUT, path, fd, 0)
+        return await self._copy(c, Direction.OUT, path, fd, max_bytes)
 
     async def _copy(self, c: Container, direction: Direction, path: str, fd: int,
                     max_bytes: int) -> CopyResult:

@@ -57,7 +57,7 @@ def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
         if spec.direction == Direction.IN:
             rootcopy.extract(root_fd, spec.path, data_fd, spec.max_bytes, progress)
         else:
-            rootcopy.archive(root_fd, spec.path, data_fd, progress)
+            rootcopy.archive(root_fd, spec.path, data_fd, progress, spec.max_bytes)
         signal.setitimer(signal.ITIMER_REAL, 0)
         result = CopyResult(True, size=progress.bytes, entries=progress.entries)
     except CopyError as e:

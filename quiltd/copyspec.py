@@ -35,7 +35,7 @@ class CopySpec:
     volume_binds: tuple[tuple[str, str, bool], ...]
     tmpfs: tuple[str, ...]
     userns_base: int  # the container's user namespace range; 0 = none
-    max_bytes: int  # of the tar stream read, for IN
+    max_bytes: int  # of the tar stream read, for IN; written, for OUT (0: no cap)
     idle_timeout_sec: int  # no byte moved for this long ends the copy
 
     def to_request(self) -> bytes:
@@ -56,7 +56,7 @@ class Failure(str, enum.Enum):
 
     INVALID = "invalid"  # not a tar, a bad member name, a device node, a path that is no directory
     NO_PATH = "no-path"  # the path does not exist in the container
-    LIMIT = "limit"  # over max_bytes
+    LIMIT = "limit"  # over max_bytes, read or written
     TIMEOUT = "timeout"  # nothing moved for idle_timeout_sec
     GONE = "gone"  # the container's init ended
     IO = "io"  # reading or writing in the container failed (read-only, full, permissions)

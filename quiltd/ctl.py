@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", metavar="CONTAINER")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     s = verb("cp", "copy files between a container and here, as tar streams", cmd_cp)
+    s.add_argument("--max-bytes", type=_memory, metavar="SIZE",
+                   help="most bytes of tar stream, e.g. 4G (default: 1G into a container, no cap out of one)")
     s.add_argument("source", metavar="SRC", help="CONTAINER:PATH, a local path, or - for a tar on stdin")
     s.add_argument("dest", metavar="DEST", help="CONTAINER:PATH, a local path, or - for a tar on stdout")
     s = verb("logs", "show a container's output (from the journal, through quiltd)", cmd_logs)
@@ -488,19 +490,20 @@ async def cmd_cp(q: QuiltClient, args: argparse.Namespace) -> int:
     source, dest = _container_path(args.source), _container_path(args.dest)
     if (source is None) == (dest is None):
         raise Failure("give exactly one of SRC and DEST as CONTAINER:PATH", EXIT_USAGE)
+    options = {} if args.max_bytes is None else {"max_bytes": args.max_bytes}
     if dest is not None:
-        await _copy_in(q, args.source, *dest)
+        await _copy_in(q, args.source, *dest, options)
     else:
         assert source is not None
-        await _copy_out(q, *source, args.dest)
+        await _copy_out(q, *source, args.dest, options)
     return EXIT_OK
 
 
-async def _copy_in(q: QuiltClient, local: str, ref: str, path: str) -> None:
+async def _copy_in(q: QuiltClient, local: str, ref: str, path: str, options: dict[str, int]) -> None:
     if local == "-":
         if not ctlstreams.passable(0):
             raise Failure("stdin is a terminal: pipe a tar stream into `quiltctl cp -`", EXIT_USAGE)
-        await q.copy_in(ref, path, 0)
+        await q.copy_in(ref, path, 0, **options)
         return
     source = Path(local)
     if not source.exists() and not source.is_symlink():
@@ -508,7 +511,7 @@ async def _copy_in(q: QuiltClient, local: str, ref: str, path: str) -> None:
     arcname = source.resolve().name if source.name in ("", ".", "..") else source.name
     try:
         # Into path if it is a directory, as path/<name>.
-        await _send_tar(q, ref, path, source, arcname)
+        await _send_tar(q, ref, path, source, arcname, options)
     except (errors.NoSuchPath, errors.InvalidArgument) as e:
         if isinstance(e, errors.InvalidArgument) and "not a directory" not in e.message:
             raise
@@ -516,24 +519,25 @@ async def _copy_in(q: QuiltClient, local: str, ref: str, path: str) -> None:
         parent, _, name = path.rstrip("/").rpartition("/")
         if not name:
             raise
-        await _send_tar(q, ref, parent or "/", source, name)
+        await _send_tar(q, ref, parent or "/", source, name, options)
 
 
-async def _send_tar(q: QuiltClient, ref: str, path: str, source: Path, arcname: str) -> None:
+async def _send_tar(q: QuiltClient, ref: str, path: str, source: Path, arcname: str,
+                    options: dict[str, int]) -> None:
     r, w = os.pipe()
     writer = ctlstreams.start(ctlstreams.write_tar, source, arcname, w)
     try:
-        await q.copy_in(ref, path, r)
+        await q.copy_in(ref, path, r, **options)
     finally:
         os.close(r)  # a writer still writing after an error gets a broken pipe and stops
         await asyncio.get_running_loop().run_in_executor(None, writer.join)
 
 
-async def _copy_out(q: QuiltClient, ref: str, path: str, local: str) -> None:
+async def _copy_out(q: QuiltClient, ref: str, path: str, local: str, options: dict[str, int]) -> None:
     if local == "-":
         if not ctlstreams.passable(1):
             raise Failure("stdout is a terminal: redirect the tar stream of `quiltctl cp ... -`", EXIT_USAGE)
-        await q.copy_out(ref, path, 1)
+        await q.copy_out(ref, path, 1, **options)
         return
     dest = Path(local)
     name = path.rstrip("/").rpartition("/")[2]
@@ -549,7 +553,7 @@ async def _copy_out(q: QuiltClient, ref: str, path: str, local: str) -> None:
     problems: list[str] = []
     reader = ctlstreams.start(ctlstreams.extract_tar, r, into, rename, problems)
     try:
-        await q.copy_out(ref, path, w)
+        await q.copy_out(ref, path, w, **options)
     finally:
         os.close(w)
         await asyncio.get_running_loop().run_in_executor(None, reader.join)

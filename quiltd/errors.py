@@ -88,7 +88,7 @@ class NoSuchPath(QuiltError):
 
 
 class LimitExceeded(QuiltError):
-    """A cap was reached (CopyIn's max_bytes, the user namespace ranges); the message names it."""
+    """A cap was reached (a copy's max_bytes, the user namespace ranges); the message names it."""
 
     dbus_name = ERROR_PREFIX + "LimitExceeded"
 

@@ -26,11 +26,16 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# How tarfile tells an end-of-archive block from a bad or cut header: these
+# classes have been in tarfile since Python 3.2, outside its documented API.
+from tarfile import EOFHeaderError, InvalidHeaderError, TruncatedHeaderError  # type: ignore[attr-defined]
 
 from quiltd.copyspec import Failure
 from quiltd.mounts import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
@@ -110,6 +115,84 @@ class _Input:
                          "pass a larger max_bytes to CopyInEx")
 
 
+def _last(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+    members: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # the stream's, so far
+    return members[-1] if members else None
+
+
+def _after(tar: tarfile.TarFile) -> str:
+    """Where a stream went wrong, for messages: after which member."""
+    last = _last(tar)
+    if last is None:
+        return "before any member"
+    return f"after member {last.name!r} (its header at offset {last.offset})"
+
+
+def _bad_stream(tar: tarfile.TarFile, e: tarfile.TarError, length: int) -> CopyError:
+    """tarfile's error, said with the member it is about; length: the stream's bytes, if it ended."""
+    last = _last(tar)
+    if last is not None and last.isreg():
+        where = f"member {last.name!r} (its header at offset {last.offset}, {last.size} bytes of data)"
+        if length < last.offset_data + last.size:
+            return CopyError(Failure.INVALID, f"the tar stream ends inside the data of {where}")
+        if length < last.offset_data + last.size + -last.size % BLOCK:
+            return CopyError(Failure.INVALID, f"the tar stream ends inside the padding of {where}")
+    # An extended header not followed by a good one, say.
+    return CopyError(Failure.INVALID, f"bad tar stream {_after(tar)}: {e}")
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Reads headers as TarInfo does, but lets no malformed stream pass for a complete one.
+
+    In stream mode tarfile takes a bad header after the first member, or a
+    stream cut inside a header, for the end of the archive, and extraction
+    would succeed with the members before it. The rule here instead: the
+    archive ends at its first all-zero header block (the end-of-archive
+    marker; writers put two, then pad with zeros), or at an end of stream that
+    falls exactly where a header would start. After the marker only zero
+    bytes may follow; they are read to the end, so the writer never sees a
+    broken pipe. Anything else is an error that names the offset and the
+    last whole member.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _StrictTarInfo:
+        stream = tar.fileobj
+        assert stream is not None
+        start = stream.tell()
+        # A header that follows a pax or GNU extended header is read through
+        # here too; tarfile reports those failures itself.
+        outer = start == tar.offset
+        try:
+            return super().fromtarfile(tar)
+        except EOFHeaderError:
+            if outer:
+                _read_zeros_to_end(tar, start)
+            raise
+        except (TruncatedHeaderError, InvalidHeaderError) as e:
+            if not outer or start == 0:
+                raise  # the first header: "not a tar stream", as tarfile says
+            if isinstance(e, TruncatedHeaderError):
+                raise CopyError(Failure.INVALID, f"the tar stream ends inside a header at offset {start}, "
+                                f"{_after(tar)}") from None
+            raise CopyError(Failure.INVALID, f"bad tar header at offset {start} ({e}), "
+                            f"{_after(tar)}") from None
+
+
+def _read_zeros_to_end(tar: tarfile.TarFile, marker: int) -> None:
+    """Reads what follows the end-of-archive marker at offset marker; it must be zeros only."""
+    stream = tar.fileobj
+    assert stream is not None
+    offset = stream.tell()
+    while chunk := stream.read(CHUNK):
+        if chunk.count(0) != len(chunk):
+            at = offset + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise CopyError(Failure.INVALID, f"data at offset {at} after the end-of-archive marker at "
+                            f"offset {marker}, {_after(tar)}; only zero padding may follow it "
+                            "(concatenated archives are not read)")
+        offset += len(chunk)
+
+
 class _Dirs:
     """Directory descriptors by path under the destination, looked up (and made) in the root.
 
@@ -169,22 +252,95 @@ class _Dirs:
         self.key = None
 
 
+def _check_member(member: tarfile.TarInfo) -> list[str]:
+    """The member's path components under the destination, if it is a member we extract at all."""
+    parts = _components(member.name, "tar member")
+    if not parts:
+        return parts  # "." or "/": the destination itself, which we leave as it is
+    if member.ischr() or member.isblk():
+        raise CopyError(Failure.INVALID, f"tar member {member.name!r} is a device node; "
+                        "device nodes are not copied into containers")
+    if not (member.isdir() or member.isreg() or member.issym() or member.islnk() or member.isfifo()):
+        raise CopyError(Failure.INVALID, f"tar member {member.name!r} has an unknown type")
+    if member.islnk() and not _components(member.linkname, "hard link target"):
+        raise CopyError(Failure.INVALID, f"hard link {member.name!r} to the destination itself")
+    return parts
+
+
+class _Ahead:
+    """A regular file, read with pread from where the copy starts reading it: the file's offset stays."""
+
+    def __init__(self, fd: int, start: int, length: int, progress: Progress) -> None:
+        self.fd = fd
+        self.start = start
+        self.length = length
+        self.progress = progress
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(self.length - self.pos, 0)
+        size = left if size < 0 else min(size, left)
+        try:
+            data = os.pread(self.fd, size, self.start + self.pos)
+        except OSError as e:
+            raise _io_error("reading the tar stream", e) from None
+        self.pos += len(data)
+        self.progress.tick()
+        return data
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence] + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _check_ahead(in_fd: int, max_bytes: int, progress: Progress, over: Callable[[], CopyError]) -> None:
+    """When the stream is a regular file, checks all of it before anything is written.
+
+    Its headers are read (data is skipped) and held to the same rules as
+    during the copy: the end of the archive, member names and types, the
+    size. So a file that would fail on any of those fails with nothing
+    written. A pipe or socket can only be checked as it is read.
+    """
+    st = os.fstat(in_fd)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    start = os.lseek(in_fd, 0, os.SEEK_CUR)
+    length = max(st.st_size - start, 0)
+    if length > max_bytes:
+        raise over()
+    ahead = _Ahead(in_fd, start, length, progress)
+    try:
+        tar = tarfile.open(fileobj=ahead, mode="r:", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
+    except tarfile.ReadError as e:
+        raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
+    try:
+        for member in tar:
+            _check_member(member)
+    except tarfile.TarError as e:
+        raise _bad_stream(tar, e, length) from None
+
+
 def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progress) -> None:
     """Extracts the tar stream read from in_fd into the existing directory dest of the root."""
     dest_parts = _components(dest, "path")
     os.close(_open_dir(root_fd, dest_parts, dest))  # exists, and is a directory
     source = _Input(in_fd, max_bytes, progress)
+    _check_ahead(in_fd, max_bytes, progress, source.over)
     try:
-        tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]  # noqa: SIM115
+        tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]  # noqa: SIM115
+                           tarinfo=_StrictTarInfo)
     except tarfile.ReadError as e:
         raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
     dirs = _Dirs(root_fd, dest_parts)
     later: list[tuple[list[str], tarfile.TarInfo]] = []  # directory times, set when all is in
     try:
         for member in tar:
-            parts = _components(member.name, "tar member")
+            parts = _check_member(member)
             if not parts:
-                continue  # "." or "/": the destination itself, which we leave as it is
+                continue
             parent = dirs.get(parts[:-1], make=True)
             name = parts[-1]
             if member.isdir():
@@ -202,8 +358,6 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                 _set_meta_nofollow(parent, name, member)
             elif member.islnk():
                 target = _components(member.linkname, "hard link target")
-                if not target:
-                    raise CopyError(Failure.INVALID, f"hard link {member.name!r} to the destination itself")
                 source_dir = os.dup(dirs.get(target[:-1], make=False))
                 try:
                     parent = dirs.get(parts[:-1], make=True)
@@ -212,15 +366,10 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                     os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
                 finally:
                     os.close(source_dir)
-            elif member.isfifo():
+            else:  # a FIFO: _check_member let no other type through
                 _replace(parent, name, keep_dir=False)
                 os.mkfifo(name, member.mode & 0o7777, dir_fd=parent)
                 _set_meta_nofollow(parent, name, member)
-            elif member.ischr() or member.isblk():
-                raise CopyError(Failure.INVALID, f"tar member {member.name!r} is a device node; "
-                                "device nodes are not copied into containers")
-            else:
-                raise CopyError(Failure.INVALID, f"tar member {member.name!r} has an unknown type")
             progress.entries += 1
         dirs.close()
         for parts, member in reversed(later):
@@ -229,11 +378,10 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                 os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
             finally:
                 os.close(fd)
-        # Tar writers pad to a record; read it, so the writer does not see a broken pipe.
-        while source.read(CHUNK):
-            pass
     except tarfile.TarError as e:
-        raise CopyError(Failure.INVALID, f"bad tar stream: {e}") from None
+        # Where tarfile found that the stream ended early, it has read all
+        # of it: progress.bytes is then its length.
+        raise _bad_stream(tar, e, progress.bytes) from None
     except OSError as e:
         raise _io_error("writing in the container", e) from None
     finally:
@@ -270,30 +418,50 @@ def _make_dir(parent: int, name: str, member: tarfile.TarInfo) -> None:
 
 
 def _write_file(parent: int, name: str, member: tarfile.TarInfo, data: object, progress: Progress) -> None:
+    """Writes the member under a temporary name beside name, then renames it over name.
+
+    So no file is left half written by a copy that fails (a stream cut in
+    the member's data, a full disk, a timeout), and a file it replaces stays
+    whole until the new one is complete.
+    """
     for attempt in range(3):
-        _replace(parent, name, keep_dir=False)
+        temp = f".quilt-copy-{secrets.token_hex(8)}"
         try:
-            # O_EXCL: a symlink (or anything) put there since is an error, never followed.
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            # O_EXCL: anything put there since is an error, never followed.
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=parent)
             break
         except FileExistsError:
             if attempt == 2:
                 raise
     try:
-        read = data.read  # type: ignore[attr-defined]
-        while True:
-            chunk = read(CHUNK)
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            progress.tick()
-        _set_meta(fd, member)
-        os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
-    finally:
-        os.close(fd)
+        try:
+            read = data.read  # type: ignore[attr-defined]
+            while True:
+                chunk = read(CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                progress.tick()
+            _set_meta(fd, member)
+            os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
+        finally:
+            os.close(fd)
+        for attempt in range(3):
+            try:
+                # rename never follows a symlink at name: it replaces the link itself.
+                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
+                _replace(parent, name, keep_dir=False)  # a directory in the way
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=parent)
+        raise
 
 
 def _set_meta(fd: int, member: tarfile.TarInfo) -> None:
@@ -310,10 +478,26 @@ def _set_meta_nofollow(parent: int, name: str, member: tarfile.TarInfo) -> None:
 
 
 class _Output:
-    def __init__(self, fd: int, progress: Progress) -> None:
+    def __init__(self, fd: int, progress: Progress, max_bytes: int = 0) -> None:
         self.fd = fd
         self.progress = progress
+        self.max_bytes = max_bytes  # 0: no cap
         self.sendfile = True
+
+    def fits(self, arcname: str, header: int, size: int) -> None:
+        """Refuses, before a byte of it is written, a member that would take the archive past max_bytes.
+
+        The end-of-archive marker is counted in, so an archive that is
+        written whole is never over the cap.
+        """
+        if not self.max_bytes:
+            return
+        needed = self.progress.bytes + header + size + -size % BLOCK + 2 * BLOCK
+        if needed > self.max_bytes:
+            raise CopyError(Failure.LIMIT, f"the archive would pass max_bytes ({self.max_bytes} bytes) at "
+                            f"{arcname!r} ({size} bytes of data; {self.progress.bytes} bytes and "
+                            f"{self.progress.entries} members written before it); the stream ends there, "
+                            "without the end-of-archive marker")
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -354,10 +538,14 @@ class _Output:
             self.write(bytes(BLOCK - size % BLOCK))
 
 
-def archive(root_fd: int, path: str, out_fd: int, progress: Progress) -> None:
-    """Writes path of the root (not following it if it is a symlink) as a tar stream to out_fd."""
+def archive(root_fd: int, path: str, out_fd: int, progress: Progress, max_bytes: int = 0) -> None:
+    """Writes path of the root (not following it if it is a symlink) as a tar stream to out_fd.
+
+    With max_bytes, the stream stops before the first member that would take
+    it past that many bytes, end-of-archive marker included.
+    """
     parts = _components(path, "path")
-    out = _Output(out_fd, progress)
+    out = _Output(out_fd, progress, max_bytes)
     if not parts:
         fd = _open_dir(root_fd, [], path)
         try:
@@ -392,7 +580,9 @@ def _header(out: _Output, arcname: str, st: os.stat_result, kind: bytes, size: i
     info.linkname = linkname
     if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    out.fits(arcname, len(header), size)
+    out.write(header)
     out.progress.entries += 1
 
 

@@ -29,4 +29,10 @@ class CopyMethods:
     @method()
     @bus_errors
     async def CopyOut(self, ref: "s", path: "s", fd: "h") -> None:
-        await self._copies.copy_out(ref, path, fd)
+        await self._copies.copy_out(ref, path, fd, {})
+
+    @method()
+    @bus_errors
+    async def CopyOutEx(self, ref: "s", path: "s", fd: "h", options: "a{sv}") -> "a{sv}":
+        result = await self._copies.copy_out(ref, path, fd, convert.unwrap(options))
+        return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}

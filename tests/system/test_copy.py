@@ -6,6 +6,7 @@ import io
 import os
 import secrets
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,16 +51,18 @@ async def copy_in(q: Any, ref: str, path: str, data: bytes, **options: Any) -> d
         writer.join(30)
 
 
-async def copy_out(q: Any, ref: str, path: str) -> bytes:
+async def copy_out(q: Any, ref: str, path: str, into: list[bytes] | None = None, **options: Any) -> bytes:
+    """The stream of path; into gets it too, also when the copy fails."""
     r, w = os.pipe()
-    chunks: list[bytes] = []
+    chunks: list[bytes] = [] if into is None else into
     reader = threading.Thread(target=_read_all, args=(r, chunks))
     reader.start()
     try:
-        await q.copy_out(ref, path, w)
+        await q.copy_out(ref, path, w, **options)
     finally:
         os.close(w)  # the daemon's copy is closed once it answered: the reader sees the end
         reader.join(30)
+        assert not reader.is_alive()
     return b"".join(chunks)
 
 
@@ -176,6 +179,76 @@ def test_copy_bad_input_gets_named_errors(sandbox: Any, quilt: Any, name: str) -
                     os.close(fd)
             code, out, _ = await q.exec(name, ["ls", "/tmp"])
             assert code == 0 and b"big" not in out.split()
+            assert (await q.info(name))["State"] == "running"
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_copy_in_refuses_corrupt_and_truncated_streams(quilt: Any, name: str) -> None:
+    good = make_tar({"a": b"A" * 1000, "b": b"B" * 1000})  # headers at 0 and 1536, the end marker at 3072
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sleep", "1000"])
+            await q.exec(name, ["mkdir", "/cut", "/cutfile", "/junk", "/whole", "/bare"])
+            with pytest.raises(errors.InvalidArgument,
+                               match=r"ends inside the data of member 'b' \(its header at offset 1536"):
+                await copy_in(q, name, "/cut", good[:1536 + 512 + 300])
+            # From a regular file, the whole archive is checked before anything is written.
+            with tempfile.TemporaryFile() as f:
+                f.write(good[:1536 + 512 + 300])
+                f.seek(0)
+                with pytest.raises(errors.InvalidArgument, match="ends inside the data of member 'b'"):
+                    await q.copy_in(name, "/cutfile", f.fileno())
+            with pytest.raises(errors.InvalidArgument, match=r"bad tar header at offset 3072 .*member 'b'"):
+                await copy_in(q, name, "/junk", good[:3072] + b"garbage!" * 1000)
+            # The daemon keeps answering, and normal streams still go in: with
+            # the end marker and padding, or ending right after the last member.
+            assert await copy_in(q, name, "/whole", good) == {"bytes": len(good), "entries": 2}
+            assert await copy_in(q, name, "/bare", good[:3072]) == {"bytes": 3072, "entries": 2}
+            listing = "cd / && ls -A cut cutfile junk whole bare | xargs"
+            code, out, _ = await q.exec(name, ["sh", "-c", listing])
+            # A failed copy from a pipe leaves the members before the error, and no part of the one it
+            # was writing; from a file, nothing.
+            assert code == 0 and out.decode().split() == [
+                "bare:", "a", "b", "cut:", "a", "cutfile:", "junk:", "a", "b", "whole:", "a", "b"], out
+            files = ["/whole/a", "/whole/b", "/bare/a", "/bare/b"]
+            code, out, _ = await q.exec(name, ["stat", "-c", "%n %s", *files])
+            assert code == 0 and out.decode().splitlines() == [
+                "/whole/a 1000", "/whole/b 1000", "/bare/a 1000", "/bare/b 1000"], out
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_copy_out_max_bytes(quilt: Any, name: str) -> None:
+    # A sparse file of 1 GiB costs the container nothing, and would be 1 GiB of stream.
+    setup = "mkdir /d && echo small > /d/a && dd if=/dev/zero of=/d/big bs=1 count=0 seek=1G && sleep 1000"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", setup])
+
+            async def ready() -> bool:
+                return (await q.exec(name, ["test", "-e", "/d/big"]))[0] == 0
+
+            await eventually(ready)
+            stream: list[bytes] = []
+            with pytest.raises(errors.LimitExceeded, match=r"pass max_bytes \(1048576 bytes\) at 'd/big'"):
+                await copy_out(q, name, "/d", into=stream, max_bytes=1 << 20)
+            # The reader saw the end of the stream: whole members before the big one, and no end marker.
+            data = b"".join(stream)
+            assert 0 < len(data) < 1 << 20 and data[-1024:] != bytes(1024)
+            assert list(members(data)) == ["d", "d/a"]
+            # Under the cap, CopyOutEx says what it wrote; the daemon answers as before.
+            with tempfile.TemporaryFile() as f:
+                info = await q.copy_out(name, "/d/a", f.fileno(), max_bytes=1 << 20)
+                f.seek(0)
+                one = f.read()
+            assert info == {"bytes": len(one), "entries": 1} and members(one) == {"a": b"small\n"}
+            with pytest.raises(errors.InvalidArgument, match="max_bytes"):
+                await copy_out(q, name, "/d/a", max_bytes=0)
             assert (await q.info(name))["State"] == "running"
             await q.remove(name, force=True)
 

@@ -208,6 +208,13 @@ def test_cp_both_ways_with_directories_and_tar_streams(sandbox: Any, busybox_ima
         assert (sandbox.host_path(out) / "stopped").read_bytes() == b"in\n"
         missing = ctl(sandbox, "cp", f"{name}:/nope", out, check=False)
         assert missing.returncode == 1 and b"(NoSuchPath)" in missing.stderr
+        # --max-bytes caps the stream both ways.
+        over = ctl(sandbox, "cp", "--max-bytes", "1k", f"{name}:/tmp/renamed", "-", check=False)
+        assert over.returncode == 1 and b"(LimitExceeded)" in over.stderr and len(over.stdout) <= 1024
+        over = ctl(sandbox, "cp", "--max-bytes", "1k", src, f"{name}:/tmp", check=False)
+        assert over.returncode == 1 and b"(LimitExceeded)" in over.stderr
+        ctl(sandbox, "cp", "--max-bytes", "1M", f"{name}:/tmp/from-stdin", f"{out}/capped")
+        assert (sandbox.host_path(out) / "capped").read_bytes() == b"in\n"
     finally:
         ctl(sandbox, "rm", "-f", name, check=False)
         sandbox.run(["rm", "-rf", src, out], check=False)

@@ -42,6 +42,13 @@ def test_images_import_takes_a_ref_and_completes_it() -> None:
     assert 'opts="--ref"' in COMPLETION.read_text()
 
 
+def test_cp_takes_max_bytes_and_completes_it() -> None:
+    args = ctl.build_parser().parse_args(["cp", "--max-bytes", "4G", "web:/etc", "-"])
+    assert (args.max_bytes, args.source, args.dest) == (4 << 30, "web:/etc", "-")
+    assert ctl.build_parser().parse_args(["cp", "a", "web:/"]).max_bytes is None
+    assert 'cp) opts="--max-bytes"' in COMPLETION.read_text()
+
+
 def test_exit_codes_are_documented() -> None:
     text = DOC.read_text()
     for code in ctl.EXIT_CODES:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,28 +35,48 @@ def roots() -> Iterator[tuple[Path, Path]]:
         yield root, outside
 
 
-def _archive(root: Path, path: str) -> bytes:
+def _archive(root: Path, path: str, max_bytes: int = 0, written: list[bytes] | None = None) -> bytes:
+    """The archive of path; what was written before an error goes to written."""
     with tempfile.TemporaryFile() as out:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
         try:
-            rootcopy.archive(fd, path, out.fileno(), Progress(lambda: None))
+            rootcopy.archive(fd, path, out.fileno(), Progress(lambda: None), max_bytes)
         finally:
             os.close(fd)
+            out.seek(0)
+            if written is not None:
+                written.append(out.read())
         out.seek(0)
         return out.read()
 
 
-def _extract(root: Path, dest: str, data: bytes, max_bytes: int = 1 << 30) -> Progress:
+def _extract(root: Path, dest: str, data: bytes, max_bytes: int = 1 << 30, via: str = "file") -> Progress:
+    """Extracts data read from a regular file, which is checked ahead, or from a pipe, which cannot be."""
     progress = Progress(lambda: None)
-    with tempfile.TemporaryFile() as src:
-        src.write(data)
-        src.seek(0)
-        fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-        try:
-            rootcopy.extract(fd, dest, src.fileno(), max_bytes, progress)
-        finally:
-            os.close(fd)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        if via == "file":
+            with tempfile.TemporaryFile() as src:
+                src.write(data)
+                src.seek(0)
+                rootcopy.extract(fd, dest, src.fileno(), max_bytes, progress)
+        else:
+            r, w = os.pipe()
+            writer = threading.Thread(target=_write_all, args=(w, data))
+            writer.start()
+            try:
+                rootcopy.extract(fd, dest, r, max_bytes, progress)
+            finally:
+                os.close(r)
+                writer.join()
+    finally:
+        os.close(fd)
     return progress
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
@@ -119,15 +143,67 @@ def test_symlinks_resolve_inside_the_root(roots: tuple[Path, Path]) -> None:
     assert (outside / "canary").read_bytes() == b"host secret\n"
 
 
+def _two_files() -> bytes:
+    """Members a (1000 bytes, header at 0) and b (1000 bytes, header at 1536), then the end marker."""
+    return _tar((tarfile.TarInfo("a"), b"A" * 1000), (tarfile.TarInfo("b"), b"B" * 1000))
+
+
+END = 2 * 1536  # where the end-of-archive marker of _two_files starts
+
+
 @pytest.mark.parametrize("data, failure, message", [
     (b"", Failure.INVALID, "not a tar"),
     (b"hello, this is not a tar stream at all" * 100, Failure.INVALID, "not a tar"),
+    # Garbage where a third header would be: tarfile alone would stop there quietly.
+    (_two_files()[:END] + b"garbage!" * 100, Failure.INVALID,
+     r"bad tar header at offset 3072 .*after member 'b' \(its header at offset 1536\)"),
+    # Cut inside a header, inside a member's data, inside its padding.
+    (_two_files()[:1536 + 100], Failure.INVALID,
+     "the tar stream ends inside a header at offset 1536, after member 'a'"),
+    (_two_files()[:1536 + 512 + 300], Failure.INVALID,
+     r"ends inside the data of member 'b' \(its header at offset 1536, 1000 bytes of data\)"),
+    (_two_files()[:1536 + 512 + 1000], Failure.INVALID,
+     r"ends inside the padding of member 'b' \(its header at offset 1536, 1000 bytes of data\)"),
+    # Data after the end marker: a second archive, say, that tar would skip.
+    (_two_files()[:END + 1024] + _two_files(), Failure.INVALID,
+     "data at offset 4096 after the end-of-archive marker at offset 3072"),
 ])
-def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str) -> None:
+@pytest.mark.parametrize("via", ["file", "pipe"])
+def test_bad_streams(roots: tuple[Path, Path], data: bytes, failure: Failure, message: str, via: str) -> None:
     root, _ = roots
     with pytest.raises(CopyError, match=message) as e:
-        _extract(root, "/", data)
+        _extract(root, "/", data, via=via)
     assert e.value.failure == failure
+
+
+def _gnu_tar(root: Path) -> bytes:
+    if not shutil.which("tar"):
+        pytest.skip("no tar program")
+    src = root / "gnu"
+    src.mkdir()
+    (src / "a").write_bytes(b"A" * 1000)
+    (src / "b").write_bytes(b"B" * 1000)
+    return subprocess.run(["tar", "-c", "-f", "-", "-C", str(src), "a", "b"], check=True,
+                          stdout=subprocess.PIPE).stdout
+
+
+@pytest.mark.parametrize("via", ["file", "pipe"])
+@pytest.mark.parametrize("ending", ["python", "gnu", "no marker", "one zero block", "marker, no padding"])
+def test_well_ended_streams(roots: tuple[Path, Path], ending: str, via: str) -> None:
+    """Writers end with two zero blocks, padded with zeros; some stop right after the last member."""
+    root, _ = roots
+    data = {
+        "python": _two_files(),  # two zero blocks, padded with zeros to 10240 bytes
+        "gnu": _gnu_tar(root) if ending == "gnu" else b"",
+        "no marker": _two_files()[:END],
+        "one zero block": _two_files()[:END + 512],
+        "marker, no padding": _two_files()[:END + 1024],
+    }[ending]
+    (root / "dest").mkdir()
+    progress = _extract(root, "/dest", data, via=via)
+    assert (progress.entries, progress.bytes) == (2, len(data))
+    assert (root / "dest" / "a").read_bytes() == b"A" * 1000
+    assert (root / "dest" / "b").read_bytes() == b"B" * 1000
 
 
 def test_refusals(roots: tuple[Path, Path]) -> None:
@@ -148,3 +224,65 @@ def test_refusals(roots: tuple[Path, Path]) -> None:
             _extract(root, dest, data, cap)
         assert e.value.failure == failure
     assert not (root / "sda").exists()
+
+
+def test_a_failed_copy_leaves_no_half_written_file(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    (root / "b").write_bytes(b"old b\n")
+    cut = _two_files()[:1536 + 512 + 300]
+    with pytest.raises(CopyError, match="ends inside the data of member 'b'"):
+        _extract(root, "/", cut, via="pipe")
+    # a was whole and stays; b keeps its old content; no temporary file is left.
+    assert sorted(os.listdir(root)) == ["a", "b"]
+    assert (root / "a").read_bytes() == b"A" * 1000 and (root / "b").read_bytes() == b"old b\n"
+
+
+@pytest.mark.parametrize("problem", ["cut", "device node", "'..'", "max_bytes"])
+def test_a_regular_file_is_checked_before_anything_is_written(roots: tuple[Path, Path], problem: str) -> None:
+    root, _ = roots
+    dev = tarfile.TarInfo("sda")
+    dev.type = tarfile.BLKTYPE
+    third = {"device node": dev, "'..'": tarfile.TarInfo("x/../../y")}.get(problem, tarfile.TarInfo("c"))
+    data = _tar((tarfile.TarInfo("a"), b"A" * 1000), (tarfile.TarInfo("b"), b"B" * 1000), (third, b""))
+    message = problem
+    if problem == "cut":
+        data, message = data[:1536 + 512 + 300], "ends inside the data of member 'b'"
+    with pytest.raises(CopyError, match=message):
+        _extract(root, "/", data, max_bytes=len(data) - 1 if problem == "max_bytes" else 1 << 30)
+    assert os.listdir(root) == []
+
+
+def test_files_replace_what_is_in_their_way(roots: tuple[Path, Path]) -> None:
+    root, outside = roots
+    (root / "a").mkdir()
+    (root / "a" / "inner").write_bytes(b"")
+    os.symlink(outside / "canary", root / "b")
+    _extract(root, "/", _two_files())
+    assert sorted(os.listdir(root)) == ["a", "b"]
+    assert (root / "a").read_bytes() == b"A" * 1000
+    assert not (root / "b").is_symlink() and (root / "b").read_bytes() == b"B" * 1000
+    assert (outside / "canary").read_bytes() == b"host secret\n"
+
+
+def test_copy_out_stops_before_the_member_that_would_pass_max_bytes(roots: tuple[Path, Path]) -> None:
+    root, _ = roots
+    (root / "d").mkdir()
+    for name in ("a", "b", "c"):
+        (root / "d" / name).write_bytes(name.encode() * 1000)
+        os.utime(root / "d" / name, (1_600_000_000, 1_600_000_000))
+    os.utime(root / "d", (1_600_000_000, 1_600_000_000))  # whole seconds: no pax header
+    whole = _archive(root, "/d")
+    assert len(whole) == 4 * 512 + 3 * 1024 + 1024  # 4 headers, 3 padded files, the end marker
+    assert _archive(root, "/d", max_bytes=len(whole)) == whole  # the cap counts the end marker in
+    for cap, kept in ((len(whole) - 1, ["d", "d/a", "d/b"]), (512 + 1536 + 1024, ["d", "d/a"]), (1, [])):
+        written: list[bytes] = []
+        with pytest.raises(CopyError, match=rf"would pass max_bytes \({cap} bytes\)") as e:
+            _archive(root, "/d", max_bytes=cap, written=written)
+        assert e.value.failure == Failure.LIMIT
+        # Whole members only, no end marker: what a reader gets is never over the cap.
+        (stream,) = written
+        assert len(stream) == (512 + 1536 * (len(kept) - 1) if kept else 0)
+        assert len(stream) <= cap and whole.startswith(stream)
+        if kept:
+            with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+                assert [m.name for m in tar] == kept
