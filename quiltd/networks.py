@@ -279,7 +279,8 @@ class Networks:
             return
         network = self.find(lease.network)
         # The bridge is made on first use, by the same worker, in the same request.
-        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid)
+        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
+                                     lease.address)
         if c.spec.publish:
             await self.apply_firewall()
 

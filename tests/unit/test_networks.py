@@ -10,7 +10,7 @@ import pytest
 from quiltd import firewall
 from quiltd.errors import AddressesExhausted, InvalidArgument, NoSuchNetwork
 from quiltd.model import Container, ContainerSpec, Lease, Network
-from quiltd.network import Netlink
+from quiltd.network import Netlink, container_mac
 from quiltd.networks import (
     Networks,
     check_subnet,
@@ -125,6 +125,11 @@ def test_egress_option_and_rules() -> None:
     assert 'ip saddr 10.90.0.0/16 oifname != "qbb" masquerade' in script
     assert "10.89.0.0/16 oifname" not in script
     assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
+
+
+def test_container_mac_follows_the_address() -> None:
+    assert container_mac("10.88.0.2") == "02:51:0a:58:00:02"
+    assert container_mac("10.89.255.254") == "02:51:0a:59:ff:fe"
 
 
 def test_subnet_checks() -> None:
