@@ -131,6 +131,7 @@ class Netlink:
         if (str(iface.ip), iface.network.prefixlen) not in have:
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ipr.link("set", index=index, state="up")
+        _route_localnet(name)
         self._bridges[name] = index
         return index
 
@@ -187,6 +188,25 @@ class Netlink:
             master = names.get(m.get_attr("IFLA_MASTER") or 0, "")
             result.append(Link(m.get_attr("IFLA_IFNAME"), kind or "", master))
         return result
+
+
+def _route_localnet(bridge: str) -> None:
+    """Lets the bridge carry packets from and to the host's 127.0.0.0/8.
+
+    A connection to a published port at 127.0.0.1 is DNATed in the output
+    hook and then routed to the bridge with its loopback source still on
+    it; the kernel refuses to route such packets unless this is set on the
+    outgoing link (and on the incoming one, for the replies, whose
+    destination is 127.0.0.1 again once un-NATed). Set on quiltd's bridges
+    only: the firewall masquerades those connections toward the container
+    and drops anything else from the bridge to a loopback address.
+    """
+    path = f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet"
+    try:
+        with open(path, "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise Internal(f"could not set {path}: {e}") from e
 
 
 def _local_mac() -> str:

@@ -127,6 +127,23 @@ def test_egress_option_and_rules() -> None:
     assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
 
 
+def test_published_port_rules() -> None:
+    script = firewall.ruleset(
+        [firewall.Policy("qba", "10.89.0.0/16", "10.89.0.1", "none"),
+         firewall.Policy("qbb", "10.90.0.0/16", "10.90.0.1", "all")],
+        (firewall.Forward(8080, "tcp", "10.89.0.2", 80),),
+    )
+    chains = {name: script[script.index(f"chain {name} "):].split("}")[0]
+              for name in ("input", "prerouting", "output", "postrouting")}
+    for hook in ("prerouting", "output"):  # from elsewhere, and from the host itself
+        assert "fib daddr type local tcp dport 8080 dnat ip to 10.89.0.2:80" in chains[hook]
+    # Connections from loopback sources (the host's 127.0.0.1) come from the gateway.
+    assert 'oifname "qba" ip saddr 127.0.0.0/8 masquerade' in chains["postrouting"]
+    # The bridges route loopback addresses: no egress opens the host's own loopback.
+    assert chains["input"].index('iifname "qbb" ip daddr 127.0.0.0/8 drop') < chains["input"].index(
+        'iifname "qbb" accept')
+
+
 def test_container_mac_follows_the_address() -> None:
     assert container_mac("10.88.0.2") == "02:51:0a:58:00:02"
     assert container_mac("10.89.255.254") == "02:51:0a:59:ff:fe"
