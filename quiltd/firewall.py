@@ -16,9 +16,10 @@ Rules, for each network (bridge B, subnet S):
 - nothing from B reaches the host's loopback addresses.
 
 Published ports are DNAT on every local address, for packets from elsewhere
-(prerouting) and from the host itself (output). Connections to them from a
-loopback address (which the bridge routes: network.py sets route_localnet on
-it) are masqueraded behind the gateway.
+(prerouting) and from the host itself (output). Two kinds of connection to
+them are masqueraded behind the gateway: from a loopback address (which the
+bridge routes: network.py sets route_localnet on it), and from the
+container's own network (hairpin).
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
             # A published port reached from the host's loopback: the
             # container could not answer a loopback source.
             f"oifname {b} ip saddr 127.0.0.0/8 masquerade",
+            # Hairpin: a container reaching a published port of its own
+            # network through a host address. Unmasqueraded, the server
+            # would answer the client directly, from an address the
+            # client never connected to.
+            f"oifname {b} ip saddr {p.subnet} ct status dnat masquerade",
         ]
         if p.egress != EGRESS_NONE:
             nat.append(f"ip saddr {p.subnet} oifname != {b} masquerade")

@@ -161,6 +161,7 @@ class Netlink:
             "add", ifname=veth_name(container_id), kind="veth", master=bridge_index, state="up",
             peer={"ifname": CONTAINER_IFNAME, "net_ns_pid": pid, "address": mac},
         )
+        _hairpin(ipr, veth_name(container_id))
 
     def _delete_link(self, name: str) -> bool:
         try:
@@ -176,6 +177,7 @@ class Netlink:
         ipr = self._ip()
         index = ipr.link("get", ifname=bridge)[0]["index"]
         ipr.link("set", ifname=name, master=index)
+        _hairpin(ipr, name)  # a port's flags start afresh on each bridge
 
     def _links(self) -> list[Link]:
         ipr = self._ip()
@@ -188,6 +190,17 @@ class Netlink:
             master = names.get(m.get_attr("IFLA_MASTER") or 0, "")
             result.append(Link(m.get_attr("IFLA_IFNAME"), kind or "", master))
         return result
+
+
+def _hairpin(ipr: Any, port: str) -> None:
+    """Lets the bridge send a frame back out of the port it came in on.
+
+    For a container reaching its own published port through a host
+    address: where br_netfilter is loaded (as on most Docker hosts), the
+    bridge applies the DNAT itself and then bridges the frame to the
+    server's port instead of routing it, and that port is the client's.
+    """
+    ipr.brport("set", index=ipr.link_lookup(ifname=port)[0], mode=1)
 
 
 def _route_localnet(bridge: str) -> None:

@@ -314,9 +314,9 @@ class Networks:
                 continue
             lease = self._store.find_lease(c.id)
             if lease is not None:
-                bridge = self.find(lease.network).bridge
-                if link.master != bridge:
-                    await self._netlink.set_master(name, bridge)
+                # Also when it is on the right bridge already: that sets the
+                # port's hairpin mode, which ports made by an older quiltd lack.
+                await self._netlink.set_master(name, self.find(lease.network).bridge)
 
     # Files
 

@@ -476,6 +476,35 @@ def test_published_port_answers_on_the_hosts_localhost(sandbox: Any, quilt: Any,
     run(scenario())
 
 
+def test_published_port_hairpin_through_the_gateway(sandbox: Any, quilt: Any, name: str) -> None:
+    """Containers of the server's own network, and the server itself, reach it at host address:port.
+
+    The server gets an address that a removed container had, and that the
+    host has talked to: what the host cached for it must still be right.
+    """
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(f"{name}-old", "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "old-ok"])
+                old = (await running(q, f"{name}-old"))["IPAddress"]
+                assert b"old-ok" in await answer(sandbox, None, old, 80, b"old-ok")
+                await q.remove(f"{name}-old", force=True)
+                await q.create(name, "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "hairpin-ok"],
+                               publish=[[18083, 80, "tcp"]])
+                await q.create(f"{name}-client", "busybox", ["sleep", "600"])
+                server = await running(q, name)
+                client = (await running(q, f"{name}-client"))["Pid"]
+                assert server["IPAddress"] == old  # the lowest free address
+                assert b"hairpin-ok" in await answer(sandbox, client, GATEWAY, 18083, b"hairpin-ok")
+                assert b"hairpin-ok" in await answer(sandbox, server["Pid"], GATEWAY, 18083, b"hairpin-ok")
+            finally:
+                for ref in (f"{name}-old", name, f"{name}-client"):
+                    await _remove(q, ref)
+            assert "18083" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+
+    run(scenario())
+
+
 def test_no_container_reaches_the_hosts_loopback(sandbox: Any, quilt: Any, name: str) -> None:
     """The bridges route loopback addresses, for published ports: that opens no loopback service.
 

@@ -137,8 +137,9 @@ def test_published_port_rules() -> None:
               for name in ("input", "prerouting", "output", "postrouting")}
     for hook in ("prerouting", "output"):  # from elsewhere, and from the host itself
         assert "fib daddr type local tcp dport 8080 dnat ip to 10.89.0.2:80" in chains[hook]
-    # Connections from loopback sources (the host's 127.0.0.1) come from the gateway.
+    # Loopback sources (host's 127.0.0.1) and hairpin connections come from the gateway.
     assert 'oifname "qba" ip saddr 127.0.0.0/8 masquerade' in chains["postrouting"]
+    assert 'oifname "qba" ip saddr 10.89.0.0/16 ct status dnat masquerade' in chains["postrouting"]
     # The bridges route loopback addresses: no egress opens the host's own loopback.
     assert chains["input"].index('iifname "qbb" ip daddr 127.0.0.0/8 drop') < chains["input"].index(
         'iifname "qbb" accept')
