@@ -12,7 +12,14 @@ Rules, for each network (bridge B, subnet S):
 - nothing enters B from elsewhere but replies to its own connections;
 - traffic from B goes to its own containers, and beyond only as its egress
   allows: "none" (only ping to its gateway), "all" (masqueraded), or a list
-  of CIDRs, each optionally with a port (tcp and udp).
+  of CIDRs, each optionally with a port (tcp and udp);
+- nothing from B reaches the host's loopback addresses.
+
+Published ports are DNAT on every local address, for packets from elsewhere
+(prerouting) and from the host itself (output). Two kinds of connection to
+them are masqueraded behind the gateway: from a loopback address (which the
+bridge routes: network.py sets route_localnet on it), and from the
+container's own network (hairpin).
 """
 
 from __future__ import annotations
@@ -90,9 +97,23 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         forward_out += [f"iifname {b} {rule}" for rule in allowed] + [f"iifname {b} drop"]
         inbound += [
             f"iifname {b} ct state established,related accept",
+            # The bridge routes loopback addresses (route_localnet, for
+            # published ports on the host's 127.0.0.1): no container may
+            # use that to reach the host's loopback services, whatever its egress.
+            f"iifname {b} ip daddr 127.0.0.0/8 drop",
             f"iifname {b} ip daddr {p.gateway} icmp type echo-request accept",
             *(f"iifname {b} {rule}" for rule in allowed),
             f"iifname {b} drop",
+        ]
+        nat += [
+            # A published port reached from the host's loopback: the
+            # container could not answer a loopback source.
+            f"oifname {b} ip saddr 127.0.0.0/8 masquerade",
+            # Hairpin: a container reaching a published port of its own
+            # network through a host address. Unmasqueraded, the server
+            # would answer the client directly, from an address the
+            # client never connected to.
+            f"oifname {b} ip saddr {p.subnet} ct status dnat masquerade",
         ]
         if p.egress != EGRESS_NONE:
             nat.append(f"ip saddr {p.subnet} oifname != {b} masquerade")

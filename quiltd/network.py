@@ -9,7 +9,9 @@ IPRoute does not promise to handle from several threads.
 
 The container's end of a veth pair is created directly inside the
 container's network namespace, named eth0, so the daemon never has to enter
-that namespace; the container's init gives it its address.
+that namespace; the container's init gives it its address. Its MAC is
+derived from that address, so an address leased again, to a new container,
+keeps the MAC that neighbours have cached for it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ T = TypeVar("T")
 
 VETH_PREFIX = "qv"  # host ends: qv + the first 13 hex digits of the container id (15 chars, IFNAMSIZ-1)
 CONTAINER_IFNAME = "eth0"
+MAC_PREFIX = b"\x02\x51"  # locally administered, unicast; then the 4 bytes of the IPv4 address
+
+
+def container_mac(address: str) -> str:
+    """The MAC of the container's eth0: fixed by its address, as Docker does."""
+    return ":".join(f"{b:02x}" for b in MAC_PREFIX + ipaddress.IPv4Address(address).packed)
 
 
 def veth_name(container_id: str) -> str:
@@ -80,10 +88,13 @@ class Netlink:
         """Creates bridge name with address gateway ("10.88.0.1/16") and brings it up, unless it is."""
         await self._run(f"setting up bridge {name}", self._ensure_bridge, name, gateway)
 
-    async def add_veth(self, container_id: str, bridge: str, gateway: str, pid: int) -> None:
-        """A veth pair: the host end a port of bridge, the other eth0 in pid's network namespace."""
+    async def add_veth(self, container_id: str, bridge: str, gateway: str, pid: int, address: str) -> None:
+        """A veth pair: the host end a port of bridge, the other eth0 in pid's network namespace.
+
+        address is the container's: it fixes eth0's MAC.
+        """
         await self._run(f"creating the veth of {container_id}", self._add_veth, container_id, bridge,
-                        gateway, pid)
+                        gateway, pid, container_mac(address))
 
     async def delete_link(self, name: str) -> bool:
         """Deletes a link; False if there was none."""
@@ -120,14 +131,15 @@ class Netlink:
         if (str(iface.ip), iface.network.prefixlen) not in have:
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ipr.link("set", index=index, state="up")
+        _route_localnet(name)
         self._bridges[name] = index
         return index
 
-    def _add_veth(self, container_id: str, bridge: str, gateway: str, pid: int) -> None:
+    def _add_veth(self, container_id: str, bridge: str, gateway: str, pid: int, mac: str) -> None:
         ipr = self._ip()
         index = self._bridges.get(bridge) or self._ensure_bridge(bridge, gateway)
         try:
-            self._veth(ipr, container_id, index, pid)
+            self._veth(ipr, container_id, index, pid, mac)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 # The container's previous run: the kernel deletes a veth
@@ -139,16 +151,17 @@ class Netlink:
                 index = self._ensure_bridge(bridge, gateway)
             else:
                 raise
-            self._veth(ipr, container_id, index, pid)
+            self._veth(ipr, container_id, index, pid, mac)
 
     @staticmethod
-    def _veth(ipr: Any, container_id: str, bridge_index: int, pid: int) -> None:
+    def _veth(ipr: Any, container_id: str, bridge_index: int, pid: int, mac: str) -> None:
         # One request: created as a port of the bridge, up, with its peer
         # born inside the container's namespace.
         ipr.link(
             "add", ifname=veth_name(container_id), kind="veth", master=bridge_index, state="up",
-            peer={"ifname": CONTAINER_IFNAME, "net_ns_pid": pid},
+            peer={"ifname": CONTAINER_IFNAME, "net_ns_pid": pid, "address": mac},
         )
+        _hairpin(ipr, veth_name(container_id))
 
     def _delete_link(self, name: str) -> bool:
         try:
@@ -164,6 +177,7 @@ class Netlink:
         ipr = self._ip()
         index = ipr.link("get", ifname=bridge)[0]["index"]
         ipr.link("set", ifname=name, master=index)
+        _hairpin(ipr, name)  # a port's flags start afresh on each bridge
 
     def _links(self) -> list[Link]:
         ipr = self._ip()
@@ -176,6 +190,36 @@ class Netlink:
             master = names.get(m.get_attr("IFLA_MASTER") or 0, "")
             result.append(Link(m.get_attr("IFLA_IFNAME"), kind or "", master))
         return result
+
+
+def _hairpin(ipr: Any, port: str) -> None:
+    """Lets the bridge send a frame back out of the port it came in on.
+
+    For a container reaching its own published port through a host
+    address: where br_netfilter is loaded (as on most Docker hosts), the
+    bridge applies the DNAT itself and then bridges the frame to the
+    server's port instead of routing it, and that port is the client's.
+    """
+    ipr.brport("set", index=ipr.link_lookup(ifname=port)[0], mode=1)
+
+
+def _route_localnet(bridge: str) -> None:
+    """Lets the bridge carry packets from and to the host's 127.0.0.0/8.
+
+    A connection to a published port at 127.0.0.1 is DNATed in the output
+    hook and then routed to the bridge with its loopback source still on
+    it; the kernel refuses to route such packets unless this is set on the
+    outgoing link (and on the incoming one, for the replies, whose
+    destination is 127.0.0.1 again once un-NATed). Set on quiltd's bridges
+    only: the firewall masquerades those connections toward the container
+    and drops anything else from the bridge to a loopback address.
+    """
+    path = f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet"
+    try:
+        with open(path, "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise Internal(f"could not set {path}: {e}") from e
 
 
 def _local_mac() -> str:

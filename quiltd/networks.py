@@ -279,7 +279,8 @@ class Networks:
             return
         network = self.find(lease.network)
         # The bridge is made on first use, by the same worker, in the same request.
-        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid)
+        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
+                                     lease.address)
         if c.spec.publish:
             await self.apply_firewall()
 
@@ -313,9 +314,9 @@ class Networks:
                 continue
             lease = self._store.find_lease(c.id)
             if lease is not None:
-                bridge = self.find(lease.network).bridge
-                if link.master != bridge:
-                    await self._netlink.set_master(name, bridge)
+                # Also when it is on the right bridge already: that sets the
+                # port's hairpin mode, which ports made by an older quiltd lack.
+                await self._netlink.set_master(name, self.find(lease.network).bridge)
 
     # Files
 

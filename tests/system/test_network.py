@@ -443,6 +443,108 @@ def test_published_port_reaches_the_container_and_conflicts_are_named(sandbox: A
     run(scenario())
 
 
+async def answer(sandbox: Any, pid: int | None, address: str, port: int, expect: bytes) -> bytes:
+    """What a TCP client gets from address:port: from the sandbox's host side, or a container's namespace."""
+    argv = ["busybox", "nc", "-w", "2", address, str(port)]
+    if pid is not None:
+        argv = ["nsenter", "-t", str(pid), "-n", *argv]
+    out = b""
+    for _ in range(10):  # the server may not be listening yet
+        out = sandbox.run(argv, check=False).stdout
+        if expect in out:
+            break
+        await asyncio.sleep(0.5)
+    return out
+
+
+def test_published_port_answers_on_the_hosts_localhost(sandbox: Any, quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(name, "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "local-ok"],
+                               publish=[[18082, 80, "tcp"]])
+                await running(q, name)
+                assert b"local-ok" in await answer(sandbox, None, "127.0.0.1", 18082, b"local-ok")
+                # Every loopback address is one of the host's, as on docker and podman.
+                assert b"local-ok" in await answer(sandbox, None, "127.0.0.2", 18082, b"local-ok")
+            finally:
+                await _remove(q, name)
+            assert "18082" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+            out = sandbox.run(["busybox", "nc", "-w", "2", "127.0.0.1", "18082"], check=False)
+            assert b"local-ok" not in out.stdout
+
+    run(scenario())
+
+
+def test_published_port_hairpin_through_the_gateway(sandbox: Any, quilt: Any, name: str) -> None:
+    """Containers of the server's own network, and the server itself, reach it at host address:port.
+
+    The server gets an address that a removed container had, and that the
+    host has talked to: what the host cached for it must still be right.
+    """
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create(f"{name}-old", "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "old-ok"])
+                old = (await running(q, f"{name}-old"))["IPAddress"]
+                assert b"old-ok" in await answer(sandbox, None, old, 80, b"old-ok")
+                await q.remove(f"{name}-old", force=True)
+                await q.create(name, "busybox", ["nc", "-ll", "-p", "80", "-e", "echo", "hairpin-ok"],
+                               publish=[[18083, 80, "tcp"]])
+                await q.create(f"{name}-client", "busybox", ["sleep", "600"])
+                server = await running(q, name)
+                client = (await running(q, f"{name}-client"))["Pid"]
+                assert server["IPAddress"] == old  # the lowest free address
+                assert b"hairpin-ok" in await answer(sandbox, client, GATEWAY, 18083, b"hairpin-ok")
+                assert b"hairpin-ok" in await answer(sandbox, server["Pid"], GATEWAY, 18083, b"hairpin-ok")
+            finally:
+                for ref in (f"{name}-old", name, f"{name}-client"):
+                    await _remove(q, ref)
+            assert "18083" not in sh(sandbox, "nft", "list", "table", "inet", "quilt")
+
+    run(scenario())
+
+
+def test_no_container_reaches_the_hosts_loopback(sandbox: Any, quilt: Any, name: str) -> None:
+    """The bridges route loopback addresses, for published ports: that opens no loopback service.
+
+    Even with egress all, and with the container routing 127.0.0.2 to its
+    gateway, as a container with CAP_NET_ADMIN can.
+    """
+    net = f"{name}-n"[:63]
+    unit = f"loopback-{name}"[:60]
+    gateway = "10.125.0.1"
+    sandbox.run(["systemd-run", f"--unit={unit}", "busybox", "nc", "-ll", "-p", "9998",
+                 "-e", "echo", "loopback-secret"])
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create_network(net, subnet="10.125.0.0/24", egress="all")
+                await q.create(name, "busybox", ["sleep", "600"], network=net)
+                pid = (await running(q, name))["Pid"]
+                for command in ("sysctl -q -w net.ipv4.conf.all.route_localnet=1",
+                                "sysctl -q -w net.ipv4.conf.eth0.route_localnet=1",
+                                "ip rule add pref 100 table local",
+                                "ip rule del pref 0 table local",
+                                "ip rule add to 127.0.0.2 lookup 100 pref 10",
+                                f"ip route add 127.0.0.2 via {gateway} dev eth0 table 100"):
+                    in_netns(sandbox, pid, *command.split())
+                assert f"via {gateway}" in in_netns(sandbox, pid, "ip", "route", "get", "127.0.0.2")
+                secret = b"loopback-secret"
+                assert secret in await answer(sandbox, None, "127.0.0.2", 9998, secret)  # it listens
+                assert not await connects(sandbox, pid, "127.0.0.2", 9998)
+            finally:
+                await _remove(q, name)
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    try:
+        run(scenario())
+    finally:
+        sandbox.run(["systemctl", "stop", unit], check=False)
+
+
 def test_egress_all_is_masqueraded_to_a_remote_host(sandbox: Any, quilt: Any, name: str) -> None:
     """A "remote" host in a network namespace of the sandbox, with no route back to any container."""
     net = f"{name}-n"[:63]

@@ -10,7 +10,7 @@ import pytest
 from quiltd import firewall
 from quiltd.errors import AddressesExhausted, InvalidArgument, NoSuchNetwork
 from quiltd.model import Container, ContainerSpec, Lease, Network
-from quiltd.network import Netlink
+from quiltd.network import Netlink, container_mac
 from quiltd.networks import (
     Networks,
     check_subnet,
@@ -125,6 +125,29 @@ def test_egress_option_and_rules() -> None:
     assert 'ip saddr 10.90.0.0/16 oifname != "qbb" masquerade' in script
     assert "10.89.0.0/16 oifname" not in script
     assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
+
+
+def test_published_port_rules() -> None:
+    script = firewall.ruleset(
+        [firewall.Policy("qba", "10.89.0.0/16", "10.89.0.1", "none"),
+         firewall.Policy("qbb", "10.90.0.0/16", "10.90.0.1", "all")],
+        (firewall.Forward(8080, "tcp", "10.89.0.2", 80),),
+    )
+    chains = {name: script[script.index(f"chain {name} "):].split("}")[0]
+              for name in ("input", "prerouting", "output", "postrouting")}
+    for hook in ("prerouting", "output"):  # from elsewhere, and from the host itself
+        assert "fib daddr type local tcp dport 8080 dnat ip to 10.89.0.2:80" in chains[hook]
+    # Loopback sources (host's 127.0.0.1) and hairpin connections come from the gateway.
+    assert 'oifname "qba" ip saddr 127.0.0.0/8 masquerade' in chains["postrouting"]
+    assert 'oifname "qba" ip saddr 10.89.0.0/16 ct status dnat masquerade' in chains["postrouting"]
+    # The bridges route loopback addresses: no egress opens the host's own loopback.
+    assert chains["input"].index('iifname "qbb" ip daddr 127.0.0.0/8 drop') < chains["input"].index(
+        'iifname "qbb" accept')
+
+
+def test_container_mac_follows_the_address() -> None:
+    assert container_mac("10.88.0.2") == "02:51:0a:58:00:02"
+    assert container_mac("10.89.255.254") == "02:51:0a:59:ff:fe"
 
 
 def test_subnet_checks() -> None:
