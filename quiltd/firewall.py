@@ -81,12 +81,23 @@ def parse_egress(value: object) -> tuple[str, tuple[EgressRule, ...]]:
 
 def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
     """The nft script that replaces quiltd's table with rules for these networks."""
+    to_published: list[str] = []
     forward_in: list[str] = []
     forward_out: list[str] = []
     inbound: list[str] = []
     nat: list[str] = []
     for p in policies:
         b = f'"{p.bridge}"'
+        # A published port of another network, reached through one of the
+        # host's addresses: that is egress to the host, so this network's
+        # egress decides, on the address and port the container asked for.
+        # (Its own network's published ports it may always reach: hairpin.)
+        # (Only the direction that opens connections: replies to clients
+        # elsewhere carry the DNAT status too.)
+        to_published += [f"iifname {b} oifname != {b} ct direction original ct status dnat {rule}"
+                         for rule in _allowed(p, original=True)]
+        if p.egress != EGRESS_ALL:
+            to_published.append(f"iifname {b} oifname != {b} ct direction original ct status dnat drop")
         forward_in += [
             f"iifname {b} oifname {b} accept",
             f"oifname {b} ct state established,related accept",
@@ -126,7 +137,7 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         "    type filter hook forward priority filter; policy accept;",
         # Every network's inbound rules come first, so one network's egress
         # never opens another network.
-        *(f"    {r}" for r in forward_in + forward_out),
+        *(f"    {r}" for r in to_published + forward_in + forward_out),
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
@@ -154,18 +165,22 @@ def remove_script() -> str:
     return f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
 
 
-def _allowed(p: Policy) -> list[str]:
+def _allowed(p: Policy, original: bool = False) -> list[str]:
+    """Accept rules for what p's egress allows; original: match the address and port before DNAT."""
     if p.egress == EGRESS_ALL:
         return ["accept"]
     if p.egress == EGRESS_NONE:
         return []
+    daddr = "ct original ip daddr" if original else "ip daddr"
     rules = []
     for r in p.rules:
-        if r.port:
-            rules += [f"ip daddr {r.cidr} tcp dport {r.port} accept",
-                      f"ip daddr {r.cidr} udp dport {r.port} accept"]
+        if not r.port:
+            rules.append(f"{daddr} {r.cidr} accept")
+        elif original:
+            rules += [f"{daddr} {r.cidr} meta l4proto {proto} ct original proto-dst {r.port} accept"
+                      for proto in ("tcp", "udp")]
         else:
-            rules.append(f"ip daddr {r.cidr} accept")
+            rules += [f"{daddr} {r.cidr} {proto} dport {r.port} accept" for proto in ("tcp", "udp")]
     return rules
 
 

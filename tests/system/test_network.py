@@ -299,7 +299,9 @@ def test_networks_are_isolated_from_each_other(sandbox: Any, quilt: Any, name: s
 ])
 def test_egress_to_the_host_side(sandbox: Any, quilt: Any, name: str, egress: Any, reach_8080: bool,
                                  reach_8081: bool) -> None:
+    """Host services, and another network's published port on a host address, as egress allows."""
     net = f"{name}-n"[:63]
+    published = f"{name}-pub"
 
     async def scenario() -> None:
         async with quilt() as q:
@@ -315,14 +317,20 @@ def test_egress_to_the_host_side(sandbox: Any, quilt: Any, name: str, egress: An
                     sandbox.run(["systemd-run", f"--unit={unit}", "busybox", "nc", "-ll", "-p", str(port),
                                  "-e", "true"])
                     servers.append(unit)
+                # On the default network: its port 18084 is on every host address.
+                await q.create(published, "busybox", ["nc", "-ll", "-p", "80", "-e", "true"],
+                               publish=[[18084, 80, "tcp"]])
                 await q.create(name, "busybox", ["sleep", "600"], network=net)
                 pid = (await running(q, name))["Pid"]
+                await running(q, published)
                 # Expected successes get a few tries: the servers may not be listening yet.
                 assert await connects(sandbox, pid, gateway, 8080, 5 if reach_8080 else 1) == reach_8080
                 assert await connects(sandbox, pid, gateway, 8081, 5 if reach_8081 else 1) == reach_8081
+                assert await connects(sandbox, pid, gateway, 18084, 5 if reach_8081 else 1) == reach_8081
                 in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", gateway)  # always allowed
             finally:
                 await _remove(q, name)
+                await _remove(q, published)
                 for unit in servers:
                     sandbox.run(["systemctl", "stop", unit], check=False)
                 with contextlib.suppress(errors.NoSuchNetwork):
