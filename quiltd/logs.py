@@ -8,13 +8,11 @@ stops when the container (or the followed exec) ends.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
-import stat
 import threading
 from collections.abc import Mapping
 
-from quiltd import journalreader
+from quiltd import fdcheck, journalreader
 from quiltd.errors import InvalidArgument, InvalidState, NoSuchExec, OutputTruncated
 from quiltd.execs import Execs
 from quiltd.journalreader import Follower, Line, Query
@@ -69,7 +67,7 @@ class Logs:
         """Starts writing lines to fd; takes fd over (closes it) whatever happens."""
         try:
             c, q = self._query(ref, opts)
-            _check_writable(fd)
+            fdcheck.check(fd, writable=True, what="the log lines")
             with self._lock:
                 if len(self._followers) >= MAX_FOLLOWERS:
                     raise InvalidState(f"{MAX_FOLLOWERS} log follows are running already")
@@ -110,14 +108,3 @@ class Logs:
     def exec_exited(self, e: Exec) -> None:
         self._stop(e.container_id, e.id)
 
-
-def _check_writable(fd: int) -> None:
-    try:
-        mode = os.fstat(fd).st_mode
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError as e:
-        raise InvalidArgument(f"bad file descriptor: {e.strerror}") from None
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)):
-        raise InvalidArgument("the descriptor must be a pipe, a socket or a regular file")
-    if flags & os.O_ACCMODE == os.O_RDONLY:
-        raise InvalidArgument("the descriptor is not open for writing")
