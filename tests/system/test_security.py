@@ -45,9 +45,10 @@ async def _running(q: Any, name: str) -> bool:
     return bool((await q.info(name))["State"] == "running")
 
 
-def test_probe_inside_a_container(sandbox: Any, quilt: Any, name: str) -> None:
-    cid, code = run_to_end(quilt, name, "busybox", ["sh", "-c", PROBE],
-                           env=[f"WANT_CAPS={DEFAULT_CAPABILITY_MASK:016x}"])
+@pytest.mark.parametrize("userns", [False, True])
+def test_probe_inside_a_container(sandbox: Any, quilt: Any, name: str, userns: bool) -> None:
+    cid, code = run_to_end(quilt, name, "busybox", ["sh", "-c", PROBE], userns=userns,
+                           env=[f"WANT_CAPS={DEFAULT_CAPABILITY_MASK:016x}", f"USERNS={int(userns)}"])
     lines = journal_lines(sandbox, cid)
     failed = [line for line in lines if line.startswith("not ok")]
     assert not failed, "\n".join(lines)
