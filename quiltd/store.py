@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -400,9 +400,11 @@ def _image_from_row(row: sqlite3.Row) -> Image:
 
 
 def _container_row(c: Container) -> dict[str, Any]:
-    row = asdict(c)
-    row["command"] = json.dumps(list(c.command))
-    row["spec"] = json.dumps(asdict(c.spec))
+    # Shallow on purpose: asdict copies every nested tuple, and rows are
+    # written on every create and state change. json writes tuples as lists.
+    row = _fields(c)
+    row["command"] = json.dumps(c.command)
+    row["spec"] = json.dumps(_fields(c.spec))
     row["state"] = c.state.value
     return row
 
@@ -426,3 +428,6 @@ def _container_from_row(row: sqlite3.Row) -> Container:
         }
     )
 
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in fields(record)}
