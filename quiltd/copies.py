@@ -65,27 +65,23 @@ class Copies:
 
     async def copy_in(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
         """Extracts the tar stream read from fd at path (an existing directory); takes fd over."""
-        try:
-            c = self._manager.get(ref)
-            max_bytes = parse_copy_options(opts, DEFAULT_MAX_BYTES)
-            check_path(path)
-            fdcheck.check(fd, writable=False, what="the tar stream")
-        except BaseException:
-            os.close(fd)
-            raise
-        return await self._copy(c, Direction.IN, path, fd, max_bytes)
+        return await self._checked_copy(ref, Direction.IN, path, fd, opts, DEFAULT_MAX_BYTES)
 
     async def copy_out(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
         """Writes path as a tar stream to fd; takes fd over. No cap unless max_bytes is given."""
+        return await self._checked_copy(ref, Direction.OUT, path, fd, opts, 0)
+
+    async def _checked_copy(self, ref: str, direction: Direction, path: str, fd: int,
+                            opts: Mapping[str, object], default_max_bytes: int) -> CopyResult:
         try:
             c = self._manager.get(ref)
-            max_bytes = parse_copy_options(opts, 0)
+            max_bytes = parse_copy_options(opts, default_max_bytes)
             check_path(path)
-            fdcheck.check(fd, writable=True, what="the tar stream")
+            fdcheck.check(fd, writable=direction == Direction.OUT, what="the tar stream")
         except BaseException:
             os.close(fd)
             raise
-        return await self._copy(c, Direction.OUT, path, fd, max_bytes)
+        return await self._copy(c, direction, path, fd, max_bytes)
 
     async def _copy(self, c: Container, direction: Direction, path: str, fd: int,
                     max_bytes: int) -> CopyResult:
