@@ -85,8 +85,11 @@ class ForkServer:
                 launched = await ahead
         if launched is None:
             launched = await self._launch_now()
-        self._next = asyncio.get_running_loop().create_task(self._launch_now())
-        self._next.add_done_callback(_quiet)
+        # Starts overlap: another launch may have asked for the next one
+        # meanwhile, and that init must not be dropped (with its descriptors).
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_task(self._launch_now())
+            self._next.add_done_callback(_quiet)
         return launched
 
     async def _launch_now(self) -> Launched:
