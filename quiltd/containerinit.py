@@ -3,9 +3,10 @@
 This runs in a child of the fork server, already inside fresh mount, UTS,
 IPC, network and PID namespaces, where it is PID 1. It builds the root while
 the daemon puts it into the container's scope, waits for word that it is
-there, then starts the command and stays behind as a tiny init: it reaps zombies, forwards signals,
-carries the command's output to journald line by line, and writes the exit
-status to a file outside the container before it exits, so the status
+there, then starts the command and stays behind as the container's init
+(see initloop): it reaps zombies, forwards signals, carries the command's
+output to journald line by line and runs the daemon's execs. It writes the
+exit status to a file outside the container before it exits, so the status
 survives a daemon that is down at that moment.
 """
 
@@ -13,32 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import signal
 import socket
 from typing import NoReturn
 
-from quiltd import linux, mounts, netconfig, security, userns
-from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
+from quiltd import command, execproto, linux, mounts, netconfig, security, userns
+from quiltd.initloop import InitLoop
+from quiltd.journalstream import JournalStream
 from quiltd.launchspec import GO, LaunchSpec
-
-# Init passes on to the command every signal it can catch, except those the
-# kernel raises for init's own faults and SIGCHLD, which is init's to handle.
-# (From outside its namespace an uncaught signal would take init's default
-# action: end or stop the whole container.) SIGKILL and SIGSTOP cannot be
-# caught; the daemon sends those to every process of the scope instead.
-FORWARDED_SIGNALS = tuple(
-    s for s in signal.valid_signals()
-    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
-                 signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
-)
-# Python ignores these at start-up; a command must get them back at default.
-RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
-MAX_LINE = 32 * 1024  # longer lines are split; a datagram must stay well under the socket's limit
-STREAMS = {1: ("stdout", PRIORITY_INFO), 2: ("stderr", PRIORITY_ERR)}
 
 
 def run(spec_fd: int, error_fd: int) -> NoReturn:
@@ -70,9 +55,10 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         # The exit file is made only once the command is to run: a file there
         # tells a restarted daemon that this start got that far. Its
         # directory is held open across the root switch.
-        exit_dir, exit_name = os.path.split(spec.exit_path)
-        exit_dir_fd = os.open(exit_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        run_dir, exit_name = os.path.split(spec.exit_path)
+        run_dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
+        listener = _listen_for_execs(run_dir, spec.userns_base)
         _enter_root(spec, userns_fd)
     except BaseException as e:  # a failed start, told to the daemon once it is ready to hear it
         with contextlib.suppress(OSError):
@@ -90,8 +76,7 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         # while this process builds the root.
         netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
         exit_fd = os.open(exit_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
-                          dir_fd=exit_dir_fd)
-        os.close(exit_dir_fd)
+                          dir_fd=run_dir_fd)
         # Only now, inside the scope, so the container's cgroup root is its scope.
         linux.unshare(linux.CLONE_NEWCGROUP)
         if userns_fd is not None:
@@ -108,16 +93,21 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         command_pid = os.fork()
         if command_pid == 0:
-            _exec_command(spec, out_w, err_w, error_fd)
+            null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            command.execute(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w), error_fd,
+                            spec.nested_userns)
         os.close(out_w)
         os.close(err_w)
         os.close(error_fd)  # the daemon sees end of file once the command's exec succeeded
-        code = _supervise(command_pid, {out_r: 1, err_r: 2}, journal)
+        error_fd = -1  # its number may be reused below
+        code = InitLoop(command_pid, {out_r: 1, err_r: 2}, journal, listener, run_dir_fd,
+                        spec.nested_userns).run()
         os.write(exit_fd, f"{code}\n".encode())
         os._exit(code)
     except BaseException as e:  # a failed start, told to the daemon
-        with contextlib.suppress(OSError):
-            os.write(error_fd, f"{type(e).__name__}: {e}".encode())
+        if error_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(error_fd, f"{type(e).__name__}: {e}".encode())
         os._exit(127)
 
 
@@ -200,148 +190,18 @@ def _bind_file_ro(root: str, source: str, target: str) -> None:
                 | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
 
-def _exec_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> NoReturn:
-    try:
-        for sig in (*FORWARDED_SIGNALS, *RESTORED_SIGNALS):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        os.setsid()  # no controlling terminal to push input into (TIOCSTI)
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        # Only the error pipe survives until exec, and it closes on exec.
-        os.closerange(3, error_fd)
-        os.closerange(error_fd + 1, 1 << 16)
-        env = dict(item.split("=", 1) for item in spec.env)
-        if spec.user:
-            _switch_user(spec.user, env)
-        os.chdir(spec.workdir)
-        harden_before_exec(spec.nested_userns)
-        os.execvpe(spec.command[0], list(spec.command), env)
-    except BaseException as e:  # reported to the daemon as the start failure
-        reason = f"{spec.command[0]}: {e.strerror}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        with contextlib.suppress(OSError):
-            os.write(error_fd, reason.encode())
-        os._exit(127)
-
-
-def _switch_user(user: str, env: dict[str, str]) -> None:
-    # Imported here: execsupervisor imports this module at its top, and its
-    # lookup of users in the container's files is the one to share.
-    from quiltd.execsupervisor import resolve_user
-
-    uid, gid, groups, home = resolve_user(user)
-    if home and "HOME" not in env:
-        env["HOME"] = home
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
-
-
-def harden_before_exec(nested_userns: bool) -> None:
-    """The last step before a container's command, or a command exec'd into it, is executed.
-
-    The one place that sets what a process in a container may do, so the
-    command and every exec get the same: an exec must not be a way out.
-    It runs inside the container (namespaces joined, root switched), after
-    the switch to the process's user, as the final step before execve.
-    """
-    # No setuid binary or file capability can raise privileges from here on.
-    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-    # A process already switched to another user holds no capabilities (the
-    # switch cleared them) and, under no_new_privs, cannot gain any: only
-    # root has a set to reduce, and only root may reduce the bounding set.
-    security.restrict_command(drop_capabilities=os.geteuid() == 0, nested_userns=nested_userns)
-
-
-def _supervise(command_pid: int, pipes: dict[int, int], journal: JournalStream) -> int:
-    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda signum, _frame: _forward(command_pid, signum))
-    output = _Output(pipes, journal)
-    exit_code: int | None = None
-    while True:
-        exit_code = _reap(command_pid, exit_code)
-        if exit_code is not None:
-            # The command is gone: take what is already in the pipes and
-            # leave, since a background child may keep them open forever.
-            output.drain()
-            return exit_code
-        readable, _, _ = select.select([*output.open_fds(), wake_r], [], [])
-        for fd in readable:
-            if fd == wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 512)
-            else:
-                output.read(fd)
-
-
-def _forward(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _reap(command_pid: int, exit_code: int | None) -> int | None:
-    """Reaps every exited child (init's duty); returns the command's code once known."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return exit_code
-        if pid == 0:
-            return exit_code
-        if pid == command_pid:
-            code = os.waitstatus_to_exitcode(status)
-            exit_code = 128 - code if code < 0 else code
-
-
-class _Output:
-    """Splits the command's stdout and stderr into lines for the journal."""
-
-    def __init__(self, pipes: dict[int, int], journal: JournalStream) -> None:
-        self._streams = dict(pipes)
-        self._partial = {fd: b"" for fd in pipes}
-        self._journal = journal
-
-    def open_fds(self) -> list[int]:
-        return list(self._streams)
-
-    def read(self, fd: int) -> bool:
-        """One read from fd; False once it reached end of file or would block."""
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        if not chunk:
-            self._close(fd)
-            return False
-        lines = (self._partial[fd] + chunk).split(b"\n")
-        rest = lines.pop()
-        while len(rest) >= MAX_LINE:
-            lines.append(rest[:MAX_LINE])
-            rest = rest[MAX_LINE:]
-        self._partial[fd] = rest
-        for line in lines:
-            self._emit(fd, line)
-        return True
-
-    def drain(self) -> None:
-        for fd in self.open_fds():
-            os.set_blocking(fd, False)
-            while self.read(fd):
-                pass
-            if fd in self._streams:
-                self._close(fd)
-
-    def _close(self, fd: int) -> None:
-        if self._partial[fd]:
-            self._emit(fd, self._partial[fd])
-        del self._streams[fd], self._partial[fd]
-        os.close(fd)
-
-    def _emit(self, fd: int, line: bytes) -> None:
-        name, priority = STREAMS[self._streams[fd]]
-        self._journal.send(line, {"QUILT_STREAM": name}, priority)
+def _listen_for_execs(run_dir: str, userns_base: int) -> socket.socket:
+    """The exec channel's socket (see execproto), bound while the host's run dir is still in reach."""
+    path = os.path.join(run_dir, execproto.CONTROL_SOCKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by an earlier run of the same container
+    listener = execproto.control_socket()
+    listener.bind(path)
+    listener.listen(1024)
+    execs = os.path.join(run_dir, execproto.EXECS_DIR)
+    os.makedirs(execs, mode=0o700, exist_ok=True)
+    if userns_base:
+        # Init writes background execs' status files here after it has
+        # become the container's root, a plain host id.
+        os.chown(execs, userns_base, userns_base)
+    return listener

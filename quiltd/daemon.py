@@ -95,7 +95,7 @@ class Daemon:
         await systemd.connect()
         netlink = Netlink()
         manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
-        execs = Execs(manager, self._paths, store, self._forkserver)
+        execs = Execs(manager, self._paths, store)
         copies = Copies(manager, self._forkserver)
         service = BusService(bus, manager, execs, Logs(manager, execs), copies)
         found = await manager.recover()

@@ -1,12 +1,13 @@
 """Commands run in a running container: Exec (answered with the output) and background execs.
 
-Core code, on the event loop: the daemon never forks. The fork server forks
-each exec's supervisor (see execsupervisor); the daemon moves it into the
-container's scope, then lets it go. Output of a foreground exec comes back
-on pipes read from the event loop; a background exec's goes to journald.
-Exits are seen through pidfds, and the status is read from the file the
-supervisor leaves in the run dir, so a background exec's end is known even
-when it came while the daemon was down.
+Core code, on the event loop: the daemon never forks. It asks the
+container's init over the exec channel (see execproto and initloop), and
+init forks the command: it starts inside the container, in its scope, with
+nothing to join and no helper process on the host. A foreground exec's
+output comes back on pipes read from the event loop and its end on the
+channel; a background exec's output goes to journald, and its end is
+recorded from the channel, or from the status file init leaves in the run
+dir when the daemon was down at the time.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from quiltd import fdcheck, images, options
+from quiltd import execproto, fdcheck, options
 from quiltd.errors import ExecFailed, Internal, InvalidArgument, InvalidState, NoSuchExec, Timeout
-from quiltd.execspec import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecSpec, ExecStatus, OutputMode
-from quiltd.manager import JOURNAL_SOCKET, Manager
+from quiltd.execproto import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecRequest, ExecStatus, Kind
+from quiltd.manager import Manager
 from quiltd.model import Container, Exec, ExecState, State
 from quiltd.paths import Paths
-from quiltd.spawner import Forked, ForkServer, open_pidfd, watch_exit
+from quiltd.spawner import wait_readable
 from quiltd.store import Store
 
 log = logging.getLogger("quiltd")
@@ -39,7 +41,9 @@ DEFAULT_MAX_OUTPUT = 1 << 20
 # over 32 MiB (dbus-daemon's default max_message_size).
 MAX_OUTPUT_LIMIT = 8 << 20
 MAX_STDIN = 8 << 20
-MAX_SPEC = 128 << 10  # command and environment; the fork server's request must fit its socket
+MAX_SPEC = 128 << 10  # command and environment; one message on the exec channel
+CONNECT_TRIES = 200
+CONNECT_RETRY_SEC = 0.005
 MAX_TIMEOUT = 1 << 31
 KILLED_EXIT = 128 + signal.SIGKILL
 SYNC_KEYS = frozenset({"env", "workdir", "user", "timeout_sec", "stdin", "max_output"})
@@ -132,13 +136,13 @@ def merged_env(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]
 
 
 class Execs:
-    def __init__(self, manager: Manager, paths: Paths, store: Store, forkserver: ForkServer) -> None:
+    def __init__(self, manager: Manager, paths: Paths, store: Store) -> None:
         self._manager = manager
         self._paths = paths
         self._store = store
-        self._forkserver = forkserver
         self._listeners: list[ExecListener] = []
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
 
     def add_listener(self, listener: ExecListener) -> None:
         self._listeners.append(listener)
@@ -150,13 +154,12 @@ class Execs:
         c = self._manager.get(ref)
         argv = options.check_command(command)
         o = parse_exec_options(opts, background=False)
-        exec_id = secrets.token_hex(8)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
         try:
-            forked = await self._spawn(c, exec_id, argv, o, OutputMode.CAPTURE, theirs)
+            channel = await self._start(c, argv, o, theirs)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -164,10 +167,17 @@ class Execs:
         finally:
             for fd in theirs:
                 os.close(fd)
+        out, err = _Capture(out_r, o.max_output), _Capture(err_r, o.max_output)
+        feeder = _Feeder(in_w, o.stdin)
         try:
-            return await self._collect(c, exec_id, forked, o, *ours)
+            status = await _exit_status(channel)
         finally:
-            images.remove_tree(self._run_dir(c.id, exec_id))
+            feeder.close()
+            # The command has ended, so what it wrote is in the pipes now.
+            out.finish()
+            err.finish()
+        return ExecResult(status.exit_code, bytes(out.data), bytes(err.data), out.total, err.total,
+                          status.timed_out)
 
     async def run_with_fds(self, ref: str, command: list[str], opts: Mapping[str, object],
                            stdio: tuple[int, int, int]) -> int:
@@ -180,47 +190,13 @@ class Execs:
             for fd, what, writable in zip(stdio, ("stdin", "stdout", "stderr"), (False, True, True),
                                           strict=True):
                 fdcheck.check(fd, writable, what)
-            exec_id = secrets.token_hex(8)
-            forked = await self._spawn(c, exec_id, argv, o, OutputMode.CAPTURE, list(stdio))
+            channel = await self._start(c, argv, o, list(stdio))
         finally:
-            # The supervisor holds its own copies now; the same descriptor may come twice.
+            # Init's child holds its own copies now; the same descriptor may come twice.
             for fd in set(stdio):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        watch_exit(forked.pidfd, on_exit)
-        try:
-            await exited
-            return self._read_status(c.id, exec_id).exit_code
-        finally:
-            images.remove_tree(self._run_dir(c.id, exec_id))
-
-    async def _collect(self, c: Container, exec_id: str, forked: Forked, o: ExecOptions,
-                       stdin_w: int, stdout_r: int, stderr_r: int) -> ExecResult:
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        watch_exit(forked.pidfd, on_exit)
-        out, err = _Capture(stdout_r, o.max_output), _Capture(stderr_r, o.max_output)
-        feeder = _Feeder(stdin_w, o.stdin)
-        try:
-            await exited
-        finally:
-            feeder.close()
-            out.finish()
-            err.finish()
-        status = self._read_status(c.id, exec_id)
-        return ExecResult(status.exit_code, bytes(out.data), bytes(err.data), out.total, err.total,
-                          status.timed_out)
+        return (await _exit_status(channel)).exit_code
 
     # Background
 
@@ -229,13 +205,11 @@ class Execs:
         c = self._manager.get(ref)
         argv = options.check_command(command)
         o = parse_exec_options(opts, background=True)
-        exec_id = secrets.token_hex(8)
-        forked = await self._spawn(c, exec_id, argv, o, OutputMode.JOURNAL, [])
-        e = Exec(id=exec_id, container_id=c.id, command=argv, pid=forked.pid,
-                 pid_starttime=forked.starttime, created_usec=now_usec())
+        channel = await self._start(c, argv, o, [])
+        e = Exec(id=channel.exec_id, container_id=c.id, command=argv, created_usec=now_usec())
         with self._store.transaction():
             self._store.insert_exec(e)
-        watch_exit(forked.pidfd, lambda: self._on_exit(exec_id))
+        self._follow(e, channel)
         return e
 
     def get(self, exec_id: str) -> Exec:
@@ -266,33 +240,36 @@ class Execs:
         e = self.get(exec_id)
         if e.state.is_final:
             raise InvalidState(f"exec {exec_id} has ended ({e.state.value})")
-        pidfd = self._command_pidfd(e)
-        if pidfd is None:
-            return  # it is ending right now
-        try:
-            signal.pidfd_send_signal(pidfd, signum)
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
+        channel = await self._connect(e.container_id, exec_id)
+        if channel is None:
+            return  # the container's init is gone, and the exec with it: its end is on the way
+        with channel:
+            channel.send(execproto.encode(Kind.KILL, exec_id=exec_id, signal=signum))
+            await channel.receive()  # ok, or unknown: it is ending right now
 
-    def _command_pidfd(self, e: Exec) -> int | None:
-        try:
-            text = (self._run_dir(e.container_id, e.id) / "pid").read_text()
-            pid, starttime = (int(v) for v in text.split())
-        except (FileNotFoundError, ValueError):
-            return None
-        return open_pidfd(pid, starttime)
+    def _follow(self, e: Exec, channel: _Channel) -> None:
+        """Records the exec's end once init reports it on channel."""
+        async def follow() -> None:
+            with channel:
+                status = await channel.exit_status()
+            self._on_exit(e.id, status)
 
-    def _on_exit(self, exec_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(follow())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    def _on_exit(self, exec_id: str, status: ExecStatus | None) -> None:
         e = self._store.find_exec(exec_id)
         if e is None or e.state.is_final:
             return  # its container was removed, and the exec with it
-        status = self._read_status(e.container_id, exec_id)
+        if status is None:
+            status = self._read_status(e.container_id, exec_id)
         e = replace(e, state=ExecState.TIMED_OUT if status.timed_out else ExecState.EXITED,
-                    exit_code=status.exit_code, pid=0, pid_starttime=0, finished_usec=now_usec())
+                    exit_code=status.exit_code, finished_usec=now_usec())
         with self._store.transaction():
             self._store.update_exec(e)
+        with contextlib.suppress(FileNotFoundError):
+            self._status_file(e.container_id, exec_id).unlink()
         for waiter in self._exit_waiters.pop(exec_id, []):
             if not waiter.done():
                 waiter.set_result(None)
@@ -300,71 +277,134 @@ class Execs:
             listener.exec_exited(e)
 
     async def recover(self) -> int:
-        """Watches again every background exec still running; records those that ended meanwhile."""
+        """Follows again every background exec still running; records those that ended meanwhile."""
         adopted = 0
         for e in self._store.list_execs():
             if e.state.is_final:
                 continue
-            pidfd = open_pidfd(e.pid, e.pid_starttime) if e.pid else None
-            if pidfd is None:
-                self._on_exit(e.id)
-            else:
-                watch_exit(pidfd, lambda exec_id=e.id: self._on_exit(exec_id))  # type: ignore[misc]
+            channel = await self._connect(e.container_id, e.id)
+            if channel is not None:
+                channel.send(execproto.encode(Kind.WAIT, exec_id=e.id))
+                self._follow(e, channel)
                 adopted += 1
+            else:
+                self._on_exit(e.id, None)
         return adopted
 
     # Common
 
-    def _run_dir(self, container_id: str, exec_id: str) -> Path:
-        return self._paths.container_run_dir(container_id) / "execs" / exec_id
+    def _status_file(self, container_id: str, exec_id: str) -> Path:
+        return self._paths.container_run_dir(container_id) / execproto.EXECS_DIR / exec_id
 
     def _read_status(self, container_id: str, exec_id: str) -> ExecStatus:
         try:
-            return ExecStatus.from_json((self._run_dir(container_id, exec_id) / "status").read_bytes())
+            return ExecStatus.from_json(self._status_file(container_id, exec_id).read_bytes())
         except (FileNotFoundError, ValueError, KeyError):
-            # Only a SIGKILL ends a supervisor before it writes: the whole
-            # scope was killed (Kill 9, Stop's escalation, Remove with force).
+            # Init writes it whenever an exec ends; only its own end (the
+            # command exited, or the scope was killed) takes unended execs
+            # down without a word, and the kernel kills them with SIGKILL.
             return ExecStatus(KILLED_EXIT, False)
 
-    async def _spawn(self, c: Container, exec_id: str, argv: tuple[str, ...], o: ExecOptions,
-                     mode: OutputMode, stdio: list[int]) -> Forked:
+    async def _connect(self, container_id: str, exec_id: str) -> _Channel | None:
+        """A connection to the container's init; None if it is not there (any more)."""
+        path = str(self._paths.container_run_dir(container_id) / execproto.CONTROL_SOCKET)
+        sock = execproto.control_socket()
+        sock.setblocking(False)
+        for _ in range(CONNECT_TRIES):
+            try:
+                sock.connect(path)
+                return _Channel(exec_id, sock)
+            except BlockingIOError:
+                # Its backlog is full: init is busy forking other execs.
+                await asyncio.sleep(CONNECT_RETRY_SEC)
+            except (FileNotFoundError, ConnectionRefusedError):
+                break
+        sock.close()
+        return None
+
+    async def _start(self, c: Container, argv: tuple[str, ...], o: ExecOptions, stdio: list[int]) -> _Channel:
         if c.state != State.RUNNING:
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
-        run_dir = self._run_dir(c.id, exec_id)
-        spec = ExecSpec(
-            exec_id=exec_id, container_id=c.id, name=c.name, init_pid=c.pid, init_starttime=c.pid_starttime,
-            command=argv, env=merged_env(c.spec.env, o.env), workdir=o.workdir or c.spec.workdir,
-            user=o.user, timeout_sec=o.timeout_sec, mode=mode, status_path=str(run_dir / "status"),
-            pid_path=str(run_dir / "pid"), journal_socket=JOURNAL_SOCKET,
-            nested_userns=c.spec.nested_userns,
-        )
-        if len(spec.to_json()) > MAX_SPEC:
+        exec_id = secrets.token_hex(8)
+        request = ExecRequest(
+            exec_id=exec_id, command=argv, env=merged_env(c.spec.env, o.env),
+            workdir=o.workdir or c.spec.workdir, user=o.user, timeout_sec=o.timeout_sec, background=not stdio,
+        ).encode()
+        if len(request) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        error_r, error_w = os.pipe2(os.O_CLOEXEC)
+        channel = await self._connect(c.id, exec_id)
+        if channel is None:
+            raise InvalidState(f"container {c.name} is not running")
         try:
-            forked = await self._forkserver.exec(spec, [go_r, error_w, *stdio])
+            channel.send(request, stdio)
+            answer = await channel.receive()
+            if answer is None:
+                raise InvalidState(f"container {c.name} is not running")
+            kind, message = answer
+            if kind == Kind.FAILED:
+                raise _failure_error(c, str(message.get("reason", "")))
+            if kind != Kind.STARTED:
+                raise Internal(f"exec in container {c.name}: unexpected answer {kind.value}")
         except BaseException:
-            os.close(go_w)
-            os.close(error_r)
+            channel.close()
             raise
-        finally:
-            os.close(go_r)
-            os.close(error_w)
-        try:
-            # The supervisor's child is in the scope too: its cgroup and limits are the container's.
-            failure = await self._manager.go_in_scope(c, c.unit, forked.pid, go_w, error_r)
-            if failure:
-                raise _failure_error(c, failure)
-        except BaseException:
-            os.close(forked.pidfd)
-            raise
-        return forked
+        return channel
+
+
+async def _exit_status(channel: _Channel) -> ExecStatus:
+    with channel:
+        status = await channel.exit_status()
+    # No word before init's end: the container ended, and the kernel killed the command with it.
+    return status or ExecStatus(KILLED_EXIT, False)
+
+
+class _Channel:
+    """One connection of the exec channel (see execproto), for one exec; the daemon's end."""
+
+    def __init__(self, exec_id: str, sock: socket.socket) -> None:
+        self.exec_id = exec_id
+        self._sock = sock
+
+    def __enter__(self) -> _Channel:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def send(self, message: bytes, fds: list[int] | None = None) -> None:
+        # A fresh connection's buffer takes one small message without blocking.
+        socket.send_fds(self._sock, [message], fds or [])
+
+    async def receive(self) -> tuple[Kind, dict[str, Any]] | None:
+        """The next message, or None once init closed the connection or is gone."""
+        while True:
+            await wait_readable(self._sock.fileno())
+            try:
+                data = self._sock.recv(execproto.MAX_MESSAGE)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            try:
+                return execproto.decode(data)
+            except ValueError as e:
+                raise Internal(f"exec {self.exec_id}: bad answer from the container's init: {e}") from None
+
+    async def exit_status(self) -> ExecStatus | None:
+        """How the exec ended, once init says; None if init closed the connection without saying."""
+        answer = await self.receive()
+        if answer is None or answer[0] != Kind.EXITED:
+            return None
+        return ExecStatus.from_message(answer[1])
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def _failure_error(c: Container, failure: str) -> Exception:
-    kind, _, reason = failure.partition(": ")
+    kind, reason = execproto.split_failure(failure)
     if kind == FAILURE_USER:
         return InvalidArgument(reason)
     if kind == FAILURE_EXEC:

@@ -15,11 +15,10 @@ init, the write end of the pipe that carries the init its LaunchSpec, and
 the read end of its error pipe (end of file with no data there means the
 command was executed).
 
-The second kind of request runs a command in a running container: a JSON
-ExecSpec with the descriptors the daemon made for it. The server forks that
-exec's supervisor (see execsupervisor) and answers with its pid, start time
-and a pidfd. The third, a CopySpec, forks a copy into or out of a container
-(see copyhelper) and answers the same way.
+The other kind of request, a CopySpec, forks a copy into or out of a
+container (see copyhelper) and answers with its pid, start time and a pidfd.
+Commands run in a running container (execs) do not come here: the
+container's own init forks them (see initloop).
 """
 
 from __future__ import annotations
@@ -34,16 +33,15 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 
-from quiltd import containerinit, copyhelper, execsupervisor, linux, security
+from quiltd import containerinit, copyhelper, linux, security
 from quiltd.copyspec import REQUEST_PREFIX as COPY_REQUEST
 from quiltd.copyspec import CopySpec
-from quiltd.execspec import ExecSpec
 
 CONTAINER_NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
 )
 POOL_SIZE = 4
-MAX_REQUEST = 256 << 10  # an ExecSpec; the daemon refuses larger commands
+MAX_REQUEST = 256 << 10  # a CopySpec
 MAX_REQUEST_FDS = 8
 
 
@@ -92,7 +90,7 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             elif request.startswith(COPY_REQUEST):
                 reply, fds = _fork_copy(CopySpec.from_request(request), received)
             else:
-                reply, fds = _fork_exec(ExecSpec.from_json(request), received)
+                raise ValueError("unknown request")
         except Exception as e:
             reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
         finally:
@@ -120,18 +118,6 @@ def _fork_init() -> WaitingInit:
         raise OSError(answer.decode(errors="replace") or "namespace setup failed")
     init_pid = int(answer)
     return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
-
-
-def _fork_exec(spec: ExecSpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:
-    """Forks the supervisor of one exec; fds are its go and error pipes and, optionally, stdio."""
-    if len(fds) not in (2, 5):
-        raise ValueError(f"an exec needs 2 or 5 descriptors, got {len(fds)}")
-    go_r, error_w, *stdio = fds
-    pid = os.fork()
-    if pid == 0:
-        _child_keeping(fds)
-        execsupervisor.run(spec, go_r, error_w, (stdio[0], stdio[1], stdio[2]) if stdio else None)
-    return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
 
 
 def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:

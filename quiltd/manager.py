@@ -46,6 +46,7 @@ from quiltd.errors import (
     StartFailed,
     Timeout,
 )
+from quiltd.execproto import split_failure
 from quiltd.launchspec import LaunchSpec
 from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, Network, State, scope_unit
 from quiltd.network import Netlink
@@ -309,8 +310,8 @@ class Manager:
                                     finished_usec=now_usec())
         if failure:
             os.close(launched.pidfd)
-            return self._transition(c, state=State.FAILED, reason=failure, pid=0, pid_starttime=0,
-                                    exit_code=127, finished_usec=now_usec())
+            return self._transition(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
+                                    pid_starttime=0, exit_code=127, finished_usec=now_usec())
         c = self._transition(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
         self._watch(c, launched.pidfd)
         return c

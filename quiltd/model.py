@@ -153,8 +153,6 @@ class Exec:
     container_id: str
     command: tuple[str, ...]
     state: ExecState = ExecState.RUNNING
-    pid: int = 0  # its supervisor's host pid while running
-    pid_starttime: int = 0
     exit_code: int = NO_EXIT_CODE
     created_usec: int = 0
     finished_usec: int = 0

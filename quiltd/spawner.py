@@ -19,7 +19,6 @@ from typing import Any
 
 from quiltd.copyspec import CopySpec
 from quiltd.errors import Internal
-from quiltd.execspec import ExecSpec
 from quiltd.launchspec import GO, LaunchSpec
 from quiltd.linux import process_starttime
 
@@ -99,13 +98,6 @@ class ForkServer:
         pidfd, spec_fd, error_fd = fds
         return Launched(reply["pid"], reply["starttime"], pidfd, spec_fd, error_fd)
 
-    async def exec(self, spec: ExecSpec, fds: list[int]) -> Forked:
-        """Forks the supervisor of an exec, handing it fds (go, error, and stdin, stdout, stderr or none)."""
-        reply, received = await self._request(spec.to_json(), fds, 1)
-        if not reply["ok"]:
-            raise Internal(f"could not fork the exec's supervisor: {reply['error']}")
-        return Forked(reply["pid"], reply["starttime"], received[0])
-
     async def copy(self, spec: CopySpec, fds: list[int]) -> Forked:
         """Forks a copy into or out of a container, handing it fds (go, the caller's, result)."""
         reply, received = await self._request(spec.to_request(), fds, 1)
@@ -123,7 +115,7 @@ class ForkServer:
                 self.start()
             assert self._sock is not None
             socket.send_fds(self._sock, [request], fds)
-            await _readable(self._sock.fileno())
+            await wait_readable(self._sock.fileno())
             data, received, _, _ = socket.recv_fds(self._sock, 65536, reply_fds)
             if not data:
                 for fd in received:
@@ -141,7 +133,8 @@ def _quiet(task: asyncio.Task[Launched]) -> None:
         task.exception()
 
 
-async def _readable(fd: int) -> None:
+async def wait_readable(fd: int) -> None:
+    """Returns once fd is readable (or at end of file), without holding the event loop."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
 

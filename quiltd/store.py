@@ -372,10 +372,9 @@ class Store:
         self._db.execute("DELETE FROM cleanup_tasks WHERE id = ?", (task_id,))
 
 
-_EXEC_COLUMNS = (
-    "id", "container_id", "command", "state", "pid", "pid_starttime", "exit_code", "created_usec",
-    "finished_usec",
-)
+# The table's pid columns date from when each exec had a supervisor of its
+# own on the host; execs are now children of the container's init.
+_EXEC_COLUMNS = ("id", "container_id", "command", "state", "exit_code", "created_usec", "finished_usec")
 
 
 def _exec_row(e: Exec) -> list[Any]:
@@ -386,7 +385,7 @@ def _exec_row(e: Exec) -> list[Any]:
 
 
 def _exec_from_row(row: sqlite3.Row) -> Exec:
-    raw = dict(row)
+    raw = {k: row[k] for k in _EXEC_COLUMNS}
     return Exec(**{**raw, "command": tuple(json.loads(raw["command"])), "state": ExecState(raw["state"])})
 
 

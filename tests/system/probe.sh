@@ -96,6 +96,9 @@ refused "readlink /proc/1/exe" readlink /proc/1/exe
 refused "read /proc/1/exe" head -c 1 /proc/1/exe
 refused "read /proc/1/mem" head -c 1 /proc/1/mem
 refused "read /proc/1/environ" head -c 1 /proc/1/environ
+# Init holds the exec channel's socket: none of its descriptors may be reached.
+leaked=$(for f in /proc/1/fd/*; do readlink "$f" 2>/dev/null; done)
+[ -z "$leaked" ] && ok "init's descriptors" || bad "init's descriptors" "$leaked"
 
 # What must fail: mounts, modules, reboot, swap, a new user namespace, other namespaces.
 mkdir -p /tmp/probe-mnt

@@ -58,6 +58,26 @@ def test_probe_inside_a_container(sandbox: Any, quilt: Any, name: str, userns: b
     assert sum(line.startswith("ok ") for line in lines) >= 45, "\n".join(lines)
 
 
+@pytest.mark.parametrize("userns", [False, True])
+def test_probe_through_exec(quilt: Any, name: str, userns: bool) -> None:
+    # An exec is forked by the container's init, not by the container's
+    # command: it must come out exactly as restricted.
+    async def scenario() -> tuple[int, str]:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "1000"], userns=userns)
+            await eventually(lambda: _running(q, name))
+            env = [f"WANT_CAPS={DEFAULT_CAPABILITY_MASK:016x}", f"USERNS={int(userns)}"]
+            code, out, err = await q.exec(name, ["sh", "-c", PROBE], env=env, max_output=1 << 20)
+            await q.remove(name, force=True)
+            return code, (out + err).decode()
+
+    code, output = run(scenario())
+    lines = output.splitlines()
+    assert not [line for line in lines if line.startswith("not ok")], output
+    assert code == 0 and lines[-1] == "done 0", output
+    assert sum(line.startswith("ok ") for line in lines) >= 45, output
+
+
 def test_scope_device_policy_is_closed(sandbox: Any, quilt: Any, name: str) -> None:
     async def start() -> str:
         async with quilt() as q:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import secrets
 import tarfile
+import time
 from typing import Any
 
 import pytest
@@ -241,3 +242,24 @@ def test_icmp_echo_needs_no_raw_socket(quilt: Any, name: str) -> None:
                 await q.remove(name, force=True)
 
     run(scenario())
+
+
+def test_background_exec_end_is_kept_while_the_daemon_is_down(sandbox: Any, quilt: Any, name: str) -> None:
+    # Init writes the status file after it has become the container's root,
+    # an unprivileged host id: it must still be able to.
+    async def start() -> str:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "3600"], userns=True)
+            await running(q, name)
+            return str(await q.exec_start(name, ["sh", "-c", "sleep 1; exit 5"]))
+
+    exec_id = run(start())
+    sandbox.run(["systemctl", "stop", "quiltd"])
+    time.sleep(2)  # it ends while no daemon runs
+
+    async def after() -> None:
+        async with quilt() as q:
+            assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 5)
+            await q.remove(name, force=True)
+
+    run(after())

@@ -1,0 +1,112 @@
+"""The exec channel: how the daemon asks a container's init to run a command.
+
+Init listens on a SOCK_SEQPACKET unix socket in the container's run dir,
+bound before it switched roots, so no process inside the container can reach
+it (the directory is root's alone, and init is not dumpable). One
+connection carries one request, each message one JSON object with a "kind":
+
+    daemon -> init          init -> daemon
+    exec (+3 fds or none)   started | failed, then exited
+    wait                    exited | unknown
+    kill                    ok | unknown
+
+A foreground exec passes the command's stdin, stdout and stderr with the
+request; a background one passes none, and init relays its output to the
+journal. An exec is a child of init: it is in the container's namespaces,
+root, cgroup and user namespace from its fork, with nothing to join. When a
+background exec ends, init also writes its status file in the run dir, so
+the end is known to a daemon that was down at the time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+CONTROL_SOCKET = "control"  # in the container's run dir
+EXECS_DIR = "execs"  # in the container's run dir: <exec id>/status of background execs
+MAX_MESSAGE = 256 << 10  # a request's command and environment; the daemon refuses larger ones
+MAX_FDS = 3
+
+# Failures start with one of these words, so the daemon can tell the
+# caller's mistake from a broken container.
+FAILURE_USER = "user"  # the user option names no user of the container
+FAILURE_EXEC = "exec"  # the program or workdir could not be used
+FAILURE_GONE = "gone"  # the container's init is not there any more
+
+
+class Kind(str, enum.Enum):
+    EXEC = "exec"
+    WAIT = "wait"
+    KILL = "kill"
+    STARTED = "started"
+    FAILED = "failed"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+    OK = "ok"
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    exec_id: str
+    command: tuple[str, ...]
+    env: tuple[str, ...]
+    workdir: str
+    user: str  # "" for root, else a uid, a name, or either with ":group"
+    timeout_sec: int  # 0: no limit
+    background: bool  # output goes to the journal, and the status to a file
+
+    def encode(self) -> bytes:
+        return encode(Kind.EXEC, **asdict(self))
+
+    @classmethod
+    def decode(cls, message: dict[str, Any]) -> ExecRequest:
+        return cls(str(message["exec_id"]), tuple(map(str, message["command"])),
+                   tuple(map(str, message["env"])), str(message["workdir"]), str(message["user"]),
+                   int(message["timeout_sec"]), bool(message["background"]))
+
+
+@dataclass(frozen=True)
+class ExecStatus:
+    """How an exec ended."""
+
+    exit_code: int  # the command's code, 128+N for signal N, 124 after the timeout
+    timed_out: bool
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> ExecStatus:
+        return cls(int(message["exit_code"]), bool(message["timed_out"]))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ExecStatus:
+        return cls.from_message(json.loads(data))
+
+
+def encode(kind: Kind, **fields: object) -> bytes:
+    return json.dumps({"kind": kind.value, **fields}).encode()
+
+
+def decode(data: bytes) -> tuple[Kind, dict[str, Any]]:
+    """A message's kind and fields; ValueError if it is not one."""
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("not a message")
+    return Kind(message.get("kind")), message
+
+
+def split_failure(text: str) -> tuple[str, str]:
+    """(FAILURE_ word or "", reason) of what a failed start reported."""
+    kind, sep, reason = text.partition(": ")
+    if sep and kind in (FAILURE_USER, FAILURE_EXEC, FAILURE_GONE):
+        return kind, reason
+    return "", text
+
+
+def control_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
