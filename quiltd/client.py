@@ -99,6 +99,11 @@ class QuiltClient:
         state, code = await self.call("WaitContainer", "st", ref, timeout_usec)
         return state, code
 
+    async def wait_started(self, ref: str, timeout_usec: int = 0) -> str:
+        """The container's state once its start has settled: 'running', or 'failed' and why in info()."""
+        (state,) = await self.call("WaitContainerStarted", "st", ref, timeout_usec)
+        return str(state)
+
     async def info(self, ref: str) -> dict[str, Any]:
         (info,) = await self.call("GetContainerInfo", "s", ref)
         return {k: v.value for k, v in info.items()}
@@ -337,6 +342,9 @@ class Quilt:
 
     def wait(self, ref: str, timeout_usec: int = 0) -> tuple[str, int]:
         return self._run(self._client.wait(ref, timeout_usec))
+
+    def wait_started(self, ref: str, timeout_usec: int = 0) -> str:
+        return self._run(self._client.wait_started(ref, timeout_usec))
 
     def info(self, ref: str) -> dict[str, Any]:
         return self._run(self._client.info(ref))

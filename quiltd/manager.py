@@ -471,6 +471,19 @@ class Manager:
             return False
         return True
 
+    async def wait_started(self, ref: str, timeout_usec: int) -> Container:
+        """Waits until the container is no longer starting; timeout 0 waits as long as it takes."""
+        c = self.get(ref)
+        if c.state == State.CREATED:
+            raise InvalidState(f"container {c.name} was never started")
+        if c.state == State.STARTING:
+            limit = timeout_usec / 1e6 if timeout_usec else None
+            try:
+                await asyncio.wait_for(self._start_settled(c.id), limit)
+            except asyncio.TimeoutError:
+                raise Timeout(f"container {c.name} still starting after {timeout_usec} µs") from None
+        return self.get(c.id)
+
     async def wait(self, ref: str, timeout_usec: int) -> Container:
         """Waits until the container has ended; timeout 0 waits as long as it takes."""
         c = self.get(ref)

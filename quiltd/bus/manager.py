@@ -58,6 +58,11 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def WaitContainerStarted(self, ref: "s", timeout_usec: "t") -> "s":
+        return (await self._m.wait_started(ref, timeout_usec)).state.value
+
+    @method()
+    @bus_errors
     async def GetContainer(self, ref: "s") -> "o":
         return container_path(self._m.get(ref).id)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -16,9 +15,7 @@ pytestmark = pytest.mark.system
 def test_agent_loop_with_the_sync_client(sandbox: Any, busybox_image: str, name: str) -> None:
     with Quilt(sandbox.bus_address) as quilt:
         container_id = quilt.create(name, "busybox", ["sleep", "3600"], memory_max=256 << 20)
-        deadline = time.monotonic() + 10
-        while quilt.info(name)["State"] != "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert quilt.wait_started(name, 10_000_000) == "running"
         assert quilt.info(name)["State"] == "running"
         result = quilt.exec(name, ["sh", "-c", "echo $((6*7)); echo oops >&2"])
         assert result == ExecResult(0, b"42\n", b"oops\n")
@@ -34,3 +31,17 @@ def test_agent_loop_with_the_sync_client(sandbox: Any, busybox_image: str, name:
         quilt.remove(name, force=True)
         with pytest.raises(errors.NoSuchContainer):
             quilt.info(name)
+
+
+def test_wait_started_settles_every_way(sandbox: Any, busybox_image: str, name: str) -> None:
+    with Quilt(sandbox.bus_address) as quilt:
+        quilt.create(name, "busybox", ["no-such-program"])
+        assert quilt.wait_started(name, 10_000_000) == "failed"
+        assert "No such file" in quilt.info(name)["Reason"]
+        quilt.remove(name)
+        quilt.create(name, "busybox", ["true"], start=False)
+        with pytest.raises(errors.InvalidState):
+            quilt.wait_started(name)
+        quilt.remove(name)
+        with pytest.raises(errors.NoSuchContainer):
+            quilt.wait_started(name)
