@@ -134,6 +134,10 @@ class Networks:
         self._store = store
         self._netlink = netlink
         self._stale_hosts: set[str] = set()
+        # Per network, the hosts file's entries by container id: kept up to
+        # date from the container events, so a change costs one lookup and
+        # not a read of every container on record.
+        self._host_entries: dict[str, dict[str, tuple[str, str, str]]] = {}
 
     # Checks and leases (on the event loop, inside the caller's transaction)
 
@@ -239,6 +243,7 @@ class Networks:
         await self._undo_network(network)
 
     async def _undo_network(self, network: Network) -> None:
+        self._host_entries.pop(network.name, None)
         with contextlib.suppress(Internal):
             await self._netlink.delete_link(network.bridge)
         with contextlib.suppress(Internal):
@@ -338,12 +343,19 @@ class Networks:
         write_in_place(self._hosts_path(network.name), self._hosts(network.name))
 
     def _hosts(self, network: str) -> str:
-        containers = {c.id: c for c in self._store.list_containers() if c.state.is_active}
-        return render_hosts([
-            (lease.address, containers[lease.container_id].name, containers[lease.container_id].spec.hostname)
-            for lease in self._store.leases(network)
-            if lease.container_id in containers
-        ])
+        return render_hosts(list(self._entries(network).values()))
+
+    def _entries(self, network: str) -> dict[str, tuple[str, str, str]]:
+        entries = self._host_entries.get(network)
+        if entries is None:
+            containers = {c.id: c for c in self._store.list_containers() if c.state.is_active}
+            entries = self._host_entries[network] = {
+                lease.container_id: (lease.address, containers[lease.container_id].name,
+                                     containers[lease.container_id].spec.hostname)
+                for lease in self._store.leases(network)
+                if lease.container_id in containers
+            }
+        return entries
 
     def hosts_changed(self, network: str) -> None:
         """Rewrites a network's hosts file soon, once however many containers changed this turn."""
@@ -367,11 +379,22 @@ class Networks:
 
     def container_changed(self, c: Container, old: Container) -> None:
         if c.state.is_active != old.state.is_active and c.spec.network != NONE:
-            self.hosts_changed(c.spec.network)
+            self._update_entry(c)
 
     def container_removed(self, c: Container) -> None:
         if c.spec.network != NONE:
+            self._host_entries.get(c.spec.network, {}).pop(c.id, None)
             self.hosts_changed(c.spec.network)
+
+    def _update_entry(self, c: Container) -> None:
+        entries = self._host_entries.get(c.spec.network)
+        if entries is not None:  # else it is read whole when first needed
+            lease = self._store.find_lease(c.id) if c.state.is_active else None
+            if lease is None:
+                entries.pop(c.id, None)
+            else:
+                entries[c.id] = (lease.address, c.name, c.spec.hostname)
+        self.hosts_changed(c.spec.network)
 
     @staticmethod
     def _gateway_interface(network: Network) -> str:

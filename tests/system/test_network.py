@@ -173,6 +173,11 @@ def test_hosts_follow_containers_coming_and_going(sandbox: Any, quilt: Any, name
                 await q.create(other, "busybox", ["sleep", "600"])
                 address = (await running(q, other))["IPAddress"]
                 await eventually(lambda: _true(f"{address}\t{other}\n" in hosts()))
+                await q.kill(other, 9)  # ended but on record: no longer a host
+                await eventually(lambda: _true(other not in hosts()))
+                await q.start(other)
+                address = (await running(q, other))["IPAddress"]
+                await eventually(lambda: _true(f"{address}\t{other}\n" in hosts()))
                 await q.remove(other, force=True)
                 await eventually(lambda: _true(other not in hosts()))
                 # Read-only for the container.
