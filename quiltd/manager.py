@@ -29,13 +29,17 @@ from quiltd import (
     imageimport,
     images,
     mountopts,
+    mounts,
     networks,
     options,
     userns,
     volumes,
 )
+from quiltd.access import Credentials
 from quiltd.cleanup import Cleaner
+from quiltd.config import Config
 from quiltd.errors import (
+    AccessDenied,
     Internal,
     InvalidArgument,
     InvalidState,
@@ -107,8 +111,9 @@ def now_usec() -> int:
 
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
-                 netlink: Netlink | None = None) -> None:
+                 netlink: Netlink | None = None, config: Config | None = None) -> None:
         self.paths = paths
+        self._config = config or Config()  # none: members get only what needs no setting
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
@@ -197,19 +202,21 @@ class Manager:
     # Life cycle
 
     async def create(
-        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object]
+        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object], *,
+        caller: Credentials,
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
-        mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
+        binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
-        volumes.check_targets([t for _, t, _ in mounts], [t for t, _ in tmpfs],
+        volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
                               [t for _, t, _ in wanted_volumes])
-        spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
+        spec = replace(spec, mounts=binds, tmpfs=tmpfs, volumes=wanted_volumes, creator_uid=caller.uid)
         image = self._find_image(image_name)
+        self._check_host_image(image, caller.uid)
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
         argv, spec = imagedefaults.apply(image.config, command, opts, spec)
@@ -323,6 +330,9 @@ class Manager:
         return await self._run_start(c.id)
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
+        # Checked again at each start: the administrator may have taken back
+        # what the container was created with.
+        self._check_host_image(image, c.spec.creator_uid)
         layer = self.paths.container_dir(c.id)
         # With disk_max the writable layer is on a tmpfs init mounts over
         # "disk" in the container's own mount namespace: nothing of it is on
@@ -342,12 +352,30 @@ class Manager:
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
             volume_binds=self._volume_binds(c),
             tmpfs=c.spec.tmpfs, userns_base=c.userns_base, nested_userns=c.spec.nested_userns,
+            bind_policy=self._source_policy(c.spec.creator_uid, image.id == hostimage.IMAGE_ID),
         )
         net = self._networks.attachment(c)
         if net is None:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _source_policy(self, creator_uid: int, host_image: bool) -> mounts.SourcePolicy:
+        """Where the binds of a container made by creator_uid may come from (see mounts.SourcePolicy)."""
+        forbidden = (str(self.paths.state_dir), str(self.paths.run_dir))
+        if creator_uid == 0:
+            return mounts.SourcePolicy(forbidden, None)
+        # The host image's own binds (/usr and the like) are quiltd's choice,
+        # not the member's, and were allowed by _check_host_image.
+        extra = tuple(source for source, _, _ in hostimage.binds()) if host_image else ()
+        return mounts.SourcePolicy(forbidden, self._config.member_mount_roots + extra)
+
+    def _check_host_image(self, image: Image, creator_uid: int) -> None:
+        if image.id != hostimage.IMAGE_ID or creator_uid == 0 or self._config.member_host_image:
+            return
+        raise AccessDenied(f"uid {creator_uid} may not use the image {hostimage.NAME!r}: it shows the "
+                           "host's /usr to the container; only root may, unless the administrator sets "
+                           "host_image = yes in [members] of /etc/quilt/quiltd.conf")
 
     def _free_userns_base(self) -> int:
         base = userns.free_base(self._store.userns_bases())
@@ -563,8 +591,6 @@ class Manager:
         import_options = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
-        if not source.startswith("/"):
-            raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
         dest = self.paths.images / secrets.token_hex(8)

@@ -8,6 +8,7 @@ from quiltd.bus import convert
 from quiltd.bus.copies import CopyMethods
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import ExecMethods
+from quiltd.bus.gate import caller
 from quiltd.bus.logs import LogMethods
 from quiltd.bus.names import MANAGER_INTERFACE, container_path
 from quiltd.copies import Copies
@@ -27,7 +28,7 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def CreateContainer(self, name: "s", image: "s", command: "as", options: "a{sv}") -> "so":
-        c = await self._m.create(name, image, command, convert.unwrap(options))
+        c = await self._m.create(name, image, command, convert.unwrap(options), caller=caller())
         return [c.id, container_path(c.id)]
 
     @method()
