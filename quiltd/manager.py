@@ -19,11 +19,12 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from quiltd import (
     __version__,
+    callerfiles,
+    fdcheck,
     hostimage,
     imagedefaults,
     imageimport,
@@ -42,6 +43,7 @@ from quiltd.errors import (
     AccessDenied,
     Internal,
     InvalidArgument,
+    InvalidImage,
     InvalidState,
     LimitExceeded,
     NameTaken,
@@ -103,6 +105,14 @@ class SystemInfo:
     state_dir: str
     run_dir: str
     kernel: str
+
+
+def _describe_fd(fd: int) -> str:
+    """The file behind a caller's descriptor, for messages only: it is never opened by this name."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the image descriptor"
 
 
 def now_usec() -> int:
@@ -586,21 +596,58 @@ class Manager:
             raise NoSuchImage(f"no image {name!r}")
         return image
 
-    async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
+    async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
+                           caller: Credentials) -> Image:
+        """Imports the file or layout directory at source, opened with the caller's credentials."""
+        import_options = self._check_import(name, opts)
+        if not source.startswith("/"):
+            raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
+        loop = asyncio.get_running_loop()
+        # O_NONBLOCK so a FIFO planted at the path cannot hang the open.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = await loop.run_in_executor(None, callerfiles.open_as, caller, callerfiles.AT_FDCWD,
+                                            source, flags)
+        except FileNotFoundError:
+            raise InvalidImage(f"{source}: no such file") from None
+        except PermissionError as e:
+            raise AccessDenied(f"{caller} may not read {source}: {e.strerror}; quiltd opens an image "
+                               "with its caller's permissions") from None
+        except OSError as e:
+            raise InvalidImage(f"{source}: cannot open: {e.strerror}") from None
+        return await self._import(name, fd, source, import_options, caller)
+
+    async def import_image_fd(self, name: str, fd: int, opts: Mapping[str, object], *,
+                              caller: Credentials) -> Image:
+        """Imports the file or layout directory the caller opened; takes fd over."""
+        try:
+            import_options = self._check_import(name, opts)
+            fdcheck.check_source(fd, "the image")
+        except BaseException:
+            os.close(fd)
+            raise
+        return await self._import(name, fd, _describe_fd(fd), import_options, caller)
+
+    def _check_import(self, name: str, opts: Mapping[str, object]) -> imageimport.ImportOptions:
         options.check_image_name(name)
         import_options = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
+        return import_options
+
+    async def _import(self, name: str, fd: int, label: str, import_options: imageimport.ImportOptions,
+                      caller: Credentials) -> Image:
+        """Imports from fd (taken over); the files of a layout directory are opened as caller."""
         dest = self.paths.images / secrets.token_hex(8)
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:  # in the worker thread
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
-        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest,
-                                              import_options.limits, progress, import_options.ref)
+        imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest, import_options.limits,
+                                              progress, import_options.ref, callerfiles.opener(caller))
         image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
                       created_usec=now_usec(), config=imported.config)
         try:

@@ -87,18 +87,28 @@ class _Source(Protocol):
     def close(self) -> None: ...
 
 
+# (dir_fd, path, flags, resolve) -> fd: how the files of a layout directory
+# are opened; an import for a member opens them with the member's credentials.
+Opener = Callable[[int, str, int, int], int]
+
+
+def plain_opener(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    return mounts.openat2(dir_fd, path, flags, resolve)
+
+
 class _DirSource:
     """An OCI layout directory; no path inside it may go through a symlink."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, opener: Opener) -> None:
         self._fd = fd
+        self._opener = opener
         self._open: list[int] = []
         self.docker = False
 
     def blob(self, path: str, what: str) -> _Blob:
         try:
-            fd = mounts.openat2(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
-                                | mounts.RESOLVE_NO_MAGICLINKS)
+            fd = self._opener(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+                              | mounts.RESOLVE_NO_MAGICLINKS)
         except FileNotFoundError:
             raise InvalidImage(f"{what}: {path} is missing") from None
         except OSError as exc:
@@ -165,18 +175,17 @@ class _BlobReader(io.RawIOBase):
         return n
 
 
-def open_image_source(source: Path) -> _Source | None:
-    """The image in `source` if it is an OCI layout or docker archive; None for anything else."""
-    try:
-        fd = os.open(source, _OPEN)
-    except FileNotFoundError:
-        raise InvalidImage(f"{source}: no such file") from None
-    except OSError as exc:
-        raise InvalidImage(f"{source}: cannot open: {exc.strerror}") from None
+def open_image_source(fd: int, label: str, opener: Opener = plain_opener) -> _Source | None:
+    """The image in the open file or directory fd if it is an OCI layout or docker archive.
+
+    None for anything else. Takes fd over: it belongs to the source
+    returned, and is closed otherwise. label names it in messages.
+    """
+    source = label
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            dir_source = _DirSource(fd)
+            dir_source = _DirSource(fd, opener)
             for marker in ("oci-layout", "index.json"):
                 try:
                     os.stat(marker, dir_fd=fd, follow_symlinks=False)

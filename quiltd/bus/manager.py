@@ -2,6 +2,8 @@
 # mypy: disable-error-code="name-defined,valid-type,empty-body"
 """org.quilt.Quilt1.Manager at /org/quilt/Quilt1."""
 
+import os
+
 from dbus_next.service import ServiceInterface, method, signal
 
 from quiltd.bus import convert
@@ -75,7 +77,18 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def ImportImage(self, name: "s", source: "s", options: "a{sv}") -> "s":
-        image = await self._m.import_image(name, source, convert.unwrap(options))
+        image = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        return image.id
+
+    @method()
+    @bus_errors
+    async def ImportImageFd(self, name: "s", fd: "h", options: "a{sv}") -> "s":
+        try:
+            who, opts = caller(), convert.unwrap(options)
+        except BaseException:
+            os.close(fd)  # the core takes it over only once called
+            raise
+        image = await self._m.import_image_fd(name, fd, opts, caller=who)
         return image.id
 
     @method()

@@ -7,6 +7,7 @@ user it is. See docs/security.md, "What group quilt grants".
 
 from __future__ import annotations
 
+import secrets
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.conftest import BUS, REPO
+from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.system
@@ -25,6 +26,7 @@ CONF = "/etc/quilt/quiltd.conf"
 ROOT = "/srv/quilt-members"  # the mount root the tests allow members
 DENIED = "org.quilt.Quilt1.Error.AccessDenied"
 PYTHON = str(REPO / ".venv/bin/python")
+QUILTCTL = str(REPO / ".venv/bin/quiltctl")
 # The member's script runs `body` with `q`, a client on the system bus, and
 # prints a refusal as "<D-Bus error name>: <message>", exiting 1.
 PRELUDE = """\
@@ -169,6 +171,34 @@ def test_a_member_may_not_use_the_host_image(sandbox: Any, as_member: MemberRun,
         code, out = as_member(run_true)
         remove(sandbox, name)
         assert (code, out.strip()) == (0, "('exited', 0)")
+
+
+def test_a_member_imports_only_what_it_can_read(sandbox: Any, as_member: MemberRun, member: str,  # noqa: F811
+                                                 busybox_image: str) -> None:
+    secret = f"/var/tmp/quilt-secret-{secrets.token_hex(3)}.tar.gz"
+    shared = f"/var/tmp/quilt-shared-{secrets.token_hex(3)}.tar.gz"
+    sandbox.run(["install", "-m", "0600", BUSYBOX_TARBALL, secret])
+    sandbox.run(["install", "-m", "0644", BUSYBOX_TARBALL, shared])
+    names = [f"member-{kind}-{secrets.token_hex(3)}" for kind in ("path", "file", "stdin", "pipe", "secret")]
+    try:
+        code, out = as_member(f"await q.import_image({names[0]!r}, {secret!r})")
+        assert code == 1 and out.startswith(f"{DENIED}: uid ") and f"may not read {secret}" in out, out
+        # The way quiltctl does it: the file opened as the member, the descriptor passed on.
+        for argv in ([QUILTCTL, "images", "import", names[1], shared],
+                     ["sh", "-c", f'exec "$0" images import {names[2]} - < {shared}', QUILTCTL],
+                     ["sh", "-c", f'cat {shared} | "$0" images import {names[3]} -', QUILTCTL]):
+            done = sandbox.run([*AS_MEMBER, *argv], check=False)
+            assert done.returncode == 0, done.stderr
+        refused = sandbox.run([*AS_MEMBER, QUILTCTL, "images", "import", names[4], secret], check=False)
+        assert refused.returncode == 1 and b"Permission denied" in refused.stderr
+        listed = sandbox.run(["busctl", "call", *BUS, "ListImages"]).stdout.decode()
+        assert [n for n in names if f'"{n}"' in listed] == names[1:4]
+        # Root's path form is unchanged: quiltd reads what root can.
+        sandbox.run(["busctl", "call", *BUS, "ImportImage", "ssa{sv}", names[0], secret, "0"])
+    finally:
+        for image in names:
+            sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", image], check=False)
+        sandbox.run(["rm", "-f", secret, shared])
 
 
 @pytest.mark.parametrize("who", ["member", "root"])
