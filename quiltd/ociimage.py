@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quiltd import mounts
-from quiltd.errors import InvalidArgument, InvalidImage
+from quiltd.errors import AccessDenied, InvalidArgument, InvalidImage
 from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage
 from quiltd.model import ImageConfig
 from quiltd.options import ENV_RE, USER_RE
@@ -111,6 +111,10 @@ class _DirSource:
                               | mounts.RESOLVE_NO_MAGICLINKS)
         except FileNotFoundError:
             raise InvalidImage(f"{what}: {path} is missing") from None
+        except PermissionError:
+            # Only an import for a member opens with less than root's rights.
+            raise AccessDenied(f"{what}: {path}: the caller may not read it, and quiltd reads a "
+                               "layout's files with its caller's permissions") from None
         except OSError as exc:
             raise InvalidImage(f"{what}: {path}: {exc.strerror}") from None
         self._open.append(fd)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests import imagebuilders as b
 from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401  (the fixture)
 
@@ -199,6 +200,27 @@ def test_a_member_imports_only_what_it_can_read(sandbox: Any, as_member: MemberR
         for image in names:
             sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", image], check=False)
         sandbox.run(["rm", "-f", secret, shared])
+
+
+def test_a_member_imports_no_layout_file_it_cannot_read(sandbox: Any, as_member: MemberRun,
+                                                        busybox_image: str) -> None:
+    layers = [sandbox.host_path(BUSYBOX_TARBALL).read_bytes()]
+    inside = f"/var/tmp/quilt-layout-{secrets.token_hex(3)}"
+    layout = b.write_dir(b.oci_files(layers, {}), sandbox.host_path(inside))
+    sandbox.run(["chmod", "-R", "a+rX", inside])
+    blob = next(p for p in (layout / "blobs/sha256").iterdir() if p.stat().st_size == len(layers[0]))
+    image = f"member-layout-{secrets.token_hex(3)}"
+    try:
+        sandbox.run(["chmod", "0600", inside + "/blobs/sha256/" + blob.name])
+        refused = sandbox.run([*AS_MEMBER, QUILTCTL, "images", "import", image, inside], check=False)
+        assert refused.returncode == 1, refused.stderr
+        assert b"the caller may not read it" in refused.stderr and b"(AccessDenied)" in refused.stderr
+        sandbox.run(["chmod", "0644", inside + "/blobs/sha256/" + blob.name])
+        done = sandbox.run([*AS_MEMBER, QUILTCTL, "images", "import", image, inside], check=False)
+        assert done.returncode == 0, done.stderr
+    finally:
+        sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", image], check=False)
+        sandbox.run(["rm", "-rf", inside])
 
 
 @pytest.mark.parametrize("who", ["member", "root"])
