@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import callerfiles, mounts
+from quiltd import callerfiles, fdcheck, mounts
 from quiltd.access import Credentials
+from quiltd.errors import InvalidArgument
 from quiltd.mounts import SourcePolicy, SourceRefused, StateSource
 
 NOBODY = Credentials(65534, frozenset({65534}))
@@ -102,3 +103,23 @@ def test_relative_opens_as_the_caller_stay_beneath(open_dir: Path) -> None:
         assert caught.value.errno == errno.EXDEV
     finally:
         os.close(dir_fd)
+
+
+def test_an_import_descriptor_must_be_readable_content(tmp_path: Path) -> None:
+    (tmp_path / "image.tar").write_bytes(b"x")
+    good = [os.open(tmp_path / "image.tar", os.O_RDONLY), os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)]
+    read_end, write_end = os.pipe()
+    bad = {
+        os.open(tmp_path / "image.tar", os.O_PATH): "not open for reading",
+        os.open(tmp_path / "image.tar", os.O_WRONLY): "not open for reading",
+        read_end: "must be a regular file or a directory",
+    }
+    try:
+        for fd in good:
+            fdcheck.check_source(fd, "the image")
+        for fd, message in bad.items():
+            with pytest.raises(InvalidArgument, match=message):
+                fdcheck.check_source(fd, "the image")
+    finally:
+        for fd in [*good, *bad, write_end]:
+            os.close(fd)
