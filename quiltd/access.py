@@ -21,6 +21,11 @@ class Credentials:
     def __str__(self) -> str:
         return f"uid {self.uid}"
 
+    @property
+    def is_root(self) -> bool:
+        """uid 0: may do everything. Membership of group quilt is not root (see security.md)."""
+        return self.uid == 0
+
 
 def group_id(name: str = GROUP) -> int | None:
     # Looked up at each decision (decisions are cached per connection): the

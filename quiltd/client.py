@@ -121,6 +121,15 @@ class QuiltClient:
         (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, options)
         return str(image_id)
 
+    async def import_image_fd(self, name: str, fd: int, max_bytes: int | None = None,
+                              ref: str | None = None) -> str:
+        """Imports the archive (or OCI layout directory) open as fd; yours to close after."""
+        options = {} if max_bytes is None else {"max_bytes": Variant("t", max_bytes)}
+        if ref is not None:
+            options["ref"] = Variant("s", ref)
+        (image_id,) = await self.call("ImportImageFd", "sha{sv}", name, 0, options, unix_fds=[fd])
+        return str(image_id)
+
     async def images(self) -> list[tuple[str, str, int, int]]:
         (rows,) = await self.call("ListImages")
         return [tuple(r) for r in rows]
@@ -378,6 +387,10 @@ class Quilt:
 
     def import_image(self, name: str, source: str, ref: str | None = None) -> str:
         return self._run(self._client.import_image(name, source, ref=ref))
+
+    def import_image_fd(self, name: str, fd: int, ref: str | None = None) -> str:
+        """Imports the archive or OCI layout directory you opened as fd (read with your permissions)."""
+        return self._run(self._client.import_image_fd(name, fd, ref=ref))
 
     def images(self) -> list[ImageSummary]:
         return [ImageSummary(*row) for row in self._run(self._client.images())]

@@ -130,7 +130,7 @@ def _enter_root(spec: LaunchSpec, userns_fd: int | None) -> None:
         os.mkdir(spec.overlay_workdir, 0o700)
     mounts.mount_overlay(root, spec.lowerdir, spec.upperdir, spec.overlay_workdir, 0, userns_fd, base)
     for source, target, read_only in spec.binds:
-        mounts.bind_into(root, source, target, read_only)
+        mounts.bind_into(root, source, target, read_only, policy=spec.bind_policy)
     # Volumes hold plain ids on disk, so any container can share them.
     for source, target, read_only in spec.volume_binds:
         mounts.bind_into(root, source, target, read_only, userns_fd)

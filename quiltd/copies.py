@@ -113,7 +113,7 @@ class Copies:
                         overlay_workdir=layers.overlay_workdir, rootfs=layers.rootfs, binds=layers.binds,
                         volume_binds=layers.volume_binds, tmpfs=tuple(target for target, _ in layers.tmpfs),
                         userns_base=layers.userns_base, max_bytes=max_bytes,
-                        idle_timeout_sec=IDLE_TIMEOUT_SEC)
+                        idle_timeout_sec=IDLE_TIMEOUT_SEC, bind_policy=layers.bind_policy)
 
     async def _fork(self, c: Container, spec: CopySpec, fd: int, unit: str) -> CopyResult:
         """Runs the copy in a child of the fork server (in the container's scope if unit) and waits."""

@@ -102,7 +102,7 @@ def _open_root(spec: CopySpec) -> tuple[int, int | None, int | None]:
         mounts.mount_overlay(spec.rootfs, spec.lowerdir, spec.upperdir, spec.overlay_workdir,
                              linux.MS_NODEV | linux.MS_NOSUID, userns_fd, spec.userns_base)
         for source, target, read_only in spec.binds:
-            mounts.bind_into(spec.rootfs, source, target, read_only)
+            mounts.bind_into(spec.rootfs, source, target, read_only, policy=spec.bind_policy)
         for source, target, read_only in spec.volume_binds:
             mounts.bind_into(spec.rootfs, source, target, read_only, userns_fd)
         for target in spec.tmpfs:

@@ -9,6 +9,8 @@ import enum
 import json
 from dataclasses import asdict, dataclass
 
+from quiltd.mounts import NO_BINDS, SourcePolicy
+
 REQUEST_PREFIX = b"copy "  # how the fork server tells a copy from an exec request
 
 
@@ -37,6 +39,7 @@ class CopySpec:
     userns_base: int  # the container's user namespace range; 0 = none
     max_bytes: int  # of the tar stream read, for IN; written, for OUT (0: no cap)
     idle_timeout_sec: int  # no byte moved for this long ends the copy
+    bind_policy: SourcePolicy = NO_BINDS  # for binds, as a start would check them
 
     def to_request(self) -> bytes:
         return REQUEST_PREFIX + json.dumps(asdict(self)).encode()
@@ -48,6 +51,7 @@ class CopySpec:
         for key in ("binds", "volume_binds"):
             raw[key] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw[key])
         raw["tmpfs"] = tuple(str(t) for t in raw["tmpfs"])
+        raw["bind_policy"] = SourcePolicy.from_json(raw.get("bind_policy"))
         return cls(**raw)
 
 

@@ -15,7 +15,9 @@ import json
 import os
 import secrets
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -222,14 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     ])
     _subverbs(verb("images", "list, import and remove images", cmd_images_ls), "image_verb", [
         ("ls", "list images", "list images", cmd_images_ls, [JSON_ARG]),
-        ("import", "import an image archive the daemon can read",
+        ("import", "import an image archive you can read",
          "import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst), an OCI image layout (directory or tar) "
-         "or a docker save archive by its path on quiltd's host",
+         "or a docker save archive: quiltctl opens it as you and hands quiltd the open file, so you "
+         "import only what you can read; '-' reads it from stdin",
          cmd_images_import, [
              (("--ref",), {"help": "which image of an archive holding several, e.g. busybox:latest "
                                    "(a docker RepoTag or an OCI ref name)"}),
              NAME_ARG,
-             (("source",), {"help": "path of the archive or layout"}),
+             (("source",), {"help": "path of the archive or layout, or - for stdin"}),
          ]),
         ("rm", "remove images", "remove images", cmd_images_rm, [NAMES_ARG]),
     ])
@@ -584,9 +587,31 @@ async def cmd_images_ls(q: QuiltClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_images_import(q: QuiltClient, args: argparse.Namespace) -> int:
-    source = os.path.abspath(args.source)
-    print(await q.import_image(args.name, source, ref=args.ref))
+    try:
+        fd = _image_source(args.source)
+    except OSError as e:
+        raise Failure(f"{args.source}: {e.strerror or e}", EXIT_FAILED) from None
+    try:
+        print(await q.import_image_fd(args.name, fd, ref=args.ref))
+    finally:
+        os.close(fd)
     return EXIT_OK
+
+
+def _image_source(source: str) -> int:
+    """The image opened as the user: a file or layout directory, or stdin (copied to a file if a stream)."""
+    if source != "-":
+        return os.open(source, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    fd = os.dup(sys.stdin.fileno())
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    # quiltd reads an archive more than once (to tell its format, then to
+    # extract), so a pipe is first copied into an unnamed temporary file.
+    with os.fdopen(fd, "rb", buffering=0) as stream, tempfile.TemporaryFile() as spool:
+        while chunk := stream.read(1 << 20):
+            spool.write(chunk)
+        spool.flush()
+        return os.dup(spool.fileno())
 
 
 async def cmd_images_rm(q: QuiltClient, args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
-from quiltd import __version__
+from quiltd import __version__, config
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.gate import BusGate
 from quiltd.bus.names import BUS_NAME
@@ -82,6 +82,11 @@ class Daemon:
         loop.set_exception_handler(_quiet_replied_errors)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        try:
+            settings = config.load()
+        except config.ConfigError as e:
+            log.error("not starting: %s", e)
+            return 1
         self._paths.create()
         store = Store(self._paths.database)
         if self._args.bus_address:
@@ -94,7 +99,7 @@ class Daemon:
         systemd = Systemd(bus)
         await systemd.connect()
         netlink = Netlink()
-        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink)
+        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink, settings)
         execs = Execs(manager, self._paths, store)
         copies = Copies(manager, self._forkserver)
         service = BusService(bus, manager, execs, Logs(manager, execs), copies)

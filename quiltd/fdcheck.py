@@ -25,3 +25,21 @@ def check(fd: int, writable: bool, what: str) -> None:
         raise InvalidArgument(f"the descriptor for {what} is not open for writing")
     if not writable and access == os.O_WRONLY:
         raise InvalidArgument(f"the descriptor for {what} is not open for reading")
+
+
+def check_source(fd: int, what: str) -> None:
+    """fd must be a regular file or a directory the caller opened for reading.
+
+    Not an O_PATH descriptor: that only names a file, and reading through it
+    would need the daemon to open the file again, with its own rights.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as e:
+        raise InvalidArgument(f"bad file descriptor for {what}: {e.strerror}") from None
+    if flags & os.O_PATH or (flags & os.O_ACCMODE) == os.O_WRONLY:
+        raise InvalidArgument(f"the descriptor for {what} is not open for reading")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidArgument(f"the descriptor for {what} must be a regular file or a directory "
+                              "(an OCI layout); read a pipe into a file first")

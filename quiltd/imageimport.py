@@ -76,23 +76,34 @@ class _Throttle:
             self._send(*self._latest)
 
 
-def run(source: Path, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
-        ref: str | None = None) -> Imported:
-    """Imports source into the new directory dest; on any error dest is gone again.
+def run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
+        ref: str | None = None, opener: ociimage.Opener = ociimage.plain_opener) -> Imported:
+    """Imports the open file or directory fd into the new directory dest; closes fd.
 
-    `ref` picks an image of an OCI layout or docker archive holding several.
+    On any error dest is gone again. The source is read from its descriptor
+    only, never looked up again by name; files inside a layout directory are
+    opened with `opener`. `ref` picks an image of an OCI layout or docker
+    archive holding several. label names the source in messages.
     """
+    try:
+        return _run(fd, label, dest, limits, progress, ref, opener)
+    finally:
+        os.close(fd)
+
+
+def _run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
+         ref: str | None, opener: ociimage.Opener) -> Imported:
     throttled = _Throttle(progress)
-    image_source = ociimage.open_image_source(source)
+    image_source = ociimage.open_image_source(os.dup(fd), label, opener)
     if image_source is not None:
         kind = "docker" if image_source.docker else "oci"
         got = ociimage.import_image(image_source, dest, limits, throttled, ref)
         throttled.flush()
         return Imported(got.image_id, got.size_bytes, got.config, kind)
     if ref is not None:
-        raise InvalidArgument(f"{source} is a rootfs tarball, which holds one image and no names; "
+        raise InvalidArgument(f"{label} is a rootfs tarball, which holds one image and no names; "
                               "the option ref is for OCI layouts and docker save archives")
-    total = _size(source)
+    total = os.fstat(fd).st_size
     done = 0
 
     def counted(n: int) -> None:
@@ -100,13 +111,6 @@ def run(source: Path, dest: Path, limits: images.ImageLimits, progress: Progress
         done += n
         throttled(done, total)
 
-    extracted = images.extract_rootfs_tarball(source, dest, limits, counted)
+    extracted = images.extract_rootfs_fd(fd, label, dest, limits, counted)
     throttled.flush()
     return Imported(extracted.image_id, extracted.size_bytes, ImageConfig(), "rootfs")
-
-
-def _size(source: Path) -> int:
-    try:
-        return os.stat(source).st_size
-    except OSError:
-        return 0  # the extraction names the problem

@@ -116,19 +116,36 @@ def extract_rootfs_tarball(
     """
     src_fd = _open_source(source)
     try:
-        os.mkdir(dest, 0o700)
-    except BaseException:
+        return extract_rootfs_fd(src_fd, str(source), dest, limits, on_read)
+    finally:
         os.close(src_fd)
-        raise
+
+
+def extract_rootfs_fd(
+    src_fd: int, label: str, dest: Path, limits: ImageLimits = ImageLimits(),
+    on_read: Callable[[int], None] | None = None,
+) -> ExtractedImage:
+    """extract_rootfs_tarball from an open regular file, read from its start; src_fd stays open.
+
+    label names the source in messages.
+    """
     try:
-        with open(src_fd, "rb", buffering=0) as raw:
+        if not stat.S_ISREG(os.fstat(src_fd).st_mode):
+            raise InvalidImage(f"{label}: not a regular file")
+        os.set_blocking(src_fd, True)
+        os.lseek(src_fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        raise InvalidImage(f"{label}: cannot read: {_describe(exc)}") from None
+    os.mkdir(dest, 0o700)
+    try:
+        with open(src_fd, "rb", buffering=0, closefd=False) as raw:
             return _extract(raw, dest, limits, on_read)
     except InvalidImage:
         _remove_tree(None, str(dest))
         raise
     except _ARCHIVE_ERRORS as exc:
         _remove_tree(None, str(dest))
-        raise InvalidImage(f"{source}: corrupt or unreadable archive: {_describe(exc)}") from exc
+        raise InvalidImage(f"{label}: corrupt or unreadable archive: {_describe(exc)}") from exc
     except BaseException:
         _remove_tree(None, str(dest))
         raise

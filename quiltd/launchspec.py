@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from quiltd.mounts import NO_BINDS, SourcePolicy
+
 # On an init's spec pipe, after its LaunchSpec line: the init is in its scope
 # now and may run the command.
 GO = b"GO"
@@ -46,6 +48,9 @@ class LaunchSpec:
     # The first host id of the container's user namespace range; 0 = none.
     userns_base: int = 0
     nested_userns: bool = False  # the command may make user namespaces (and mount in them)
+    # Where the sources of binds may come from, checked by init on what it
+    # opens; the default binds nothing.
+    bind_policy: SourcePolicy = NO_BINDS
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -58,4 +63,5 @@ class LaunchSpec:
         for key in ("binds", "volume_binds"):
             raw[key] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw.get(key, ()))
         raw["tmpfs"] = tuple((str(t), int(size)) for t, size in raw.get("tmpfs", ()))
+        raw["bind_policy"] = SourcePolicy.from_json(raw.get("bind_policy"))
         return cls(**raw)

@@ -19,25 +19,31 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from quiltd import (
     __version__,
+    callerfiles,
+    fdcheck,
     hostimage,
     imagedefaults,
     imageimport,
     images,
     mountopts,
+    mounts,
     networks,
     options,
     userns,
     volumes,
 )
+from quiltd.access import Credentials
 from quiltd.cleanup import Cleaner
+from quiltd.config import Config
 from quiltd.errors import (
+    AccessDenied,
     Internal,
     InvalidArgument,
+    InvalidImage,
     InvalidState,
     LimitExceeded,
     NameTaken,
@@ -102,14 +108,23 @@ class SystemInfo:
     kernel: str
 
 
+def _describe_fd(fd: int) -> str:
+    """The file behind a caller's descriptor, for messages only: it is never opened by this name."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the image descriptor"
+
+
 def now_usec() -> int:
     return time.time_ns() // 1000
 
 
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
-                 netlink: Netlink | None = None) -> None:
+                 netlink: Netlink | None = None, config: Config | None = None) -> None:
         self.paths = paths
+        self._config = config or Config()  # none: members get only what needs no setting
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
@@ -198,19 +213,21 @@ class Manager:
     # Life cycle
 
     async def create(
-        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object]
+        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object], *,
+        caller: Credentials,
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
-        mounts, tmpfs = mountopts.parse(opts, [str(self.paths.state_dir), str(self.paths.run_dir)])
+        binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
-        volumes.check_targets([t for _, t, _ in mounts], [t for t, _ in tmpfs],
+        volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
                               [t for _, t, _ in wanted_volumes])
-        spec = replace(spec, mounts=mounts, tmpfs=tmpfs, volumes=wanted_volumes)
+        spec = replace(spec, mounts=binds, tmpfs=tmpfs, volumes=wanted_volumes, creator_uid=caller.uid)
         image = self._find_image(image_name)
+        self._check_host_image(image, caller.uid)
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
         argv, spec = imagedefaults.apply(image.config, command, opts, spec)
@@ -324,6 +341,9 @@ class Manager:
         return await self._run_start(c.id)
 
     def _launch_spec(self, c: Container, image: Image) -> LaunchSpec:
+        # Checked again at each start: the administrator may have taken back
+        # what the container was created with.
+        self._check_host_image(image, c.spec.creator_uid)
         layer = self.paths.container_dir(c.id)
         # With disk_max the writable layer is on a tmpfs init mounts over
         # "disk" in the container's own mount namespace: nothing of it is on
@@ -343,12 +363,30 @@ class Manager:
             binds=(hostimage.binds() if image.id == hostimage.IMAGE_ID else ()) + c.spec.mounts,
             volume_binds=self._volume_binds(c),
             tmpfs=c.spec.tmpfs, userns_base=c.userns_base, nested_userns=c.spec.nested_userns,
+            bind_policy=self._source_policy(c.spec.creator_uid, image.id == hostimage.IMAGE_ID),
         )
         net = self._networks.attachment(c)
         if net is None:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _source_policy(self, creator_uid: int, host_image: bool) -> mounts.SourcePolicy:
+        """Where the binds of a container made by creator_uid may come from (see mounts.SourcePolicy)."""
+        forbidden = (str(self.paths.state_dir), str(self.paths.run_dir))
+        if creator_uid == 0:
+            return mounts.SourcePolicy(forbidden, None)
+        # The host image's own binds (/usr and the like) are quiltd's choice,
+        # not the member's, and were allowed by _check_host_image.
+        extra = tuple(source for source, _, _ in hostimage.binds()) if host_image else ()
+        return mounts.SourcePolicy(forbidden, self._config.member_mount_roots + extra)
+
+    def _check_host_image(self, image: Image, creator_uid: int) -> None:
+        if image.id != hostimage.IMAGE_ID or creator_uid == 0 or self._config.member_host_image:
+            return
+        raise AccessDenied(f"uid {creator_uid} may not use the image {hostimage.NAME!r}: it shows the "
+                           "host's /usr to the container; only root may, unless the administrator sets "
+                           "host_image = yes in [members] of /etc/quilt/quiltd.conf")
 
     def _free_userns_base(self) -> int:
         base = userns.free_base(self._store.userns_bases())
@@ -572,23 +610,58 @@ class Manager:
             raise NoSuchImage(f"no image {name!r}")
         return image
 
-    async def import_image(self, name: str, source: str, opts: Mapping[str, object]) -> Image:
+    async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
+                           caller: Credentials) -> Image:
+        """Imports the file or layout directory at source, opened with the caller's credentials."""
+        import_options = self._check_import(name, opts)
+        if not source.startswith("/"):
+            raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
+        loop = asyncio.get_running_loop()
+        # O_NONBLOCK so a FIFO planted at the path cannot hang the open.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = await loop.run_in_executor(None, callerfiles.open_as, caller, callerfiles.AT_FDCWD,
+                                            source, flags)
+        except FileNotFoundError:
+            raise InvalidImage(f"{source}: no such file") from None
+        except PermissionError as e:
+            raise AccessDenied(f"{caller} may not read {source}: {e.strerror}; quiltd opens an image "
+                               "with its caller's permissions") from None
+        except OSError as e:
+            raise InvalidImage(f"{source}: cannot open: {e.strerror}") from None
+        return await self._import(name, fd, source, import_options, caller)
+
+    async def import_image_fd(self, name: str, fd: int, opts: Mapping[str, object], *,
+                              caller: Credentials) -> Image:
+        """Imports the file or layout directory the caller opened; takes fd over."""
+        try:
+            import_options = self._check_import(name, opts)
+            fdcheck.check_source(fd, "the image")
+        except BaseException:
+            os.close(fd)
+            raise
+        return await self._import(name, fd, _describe_fd(fd), import_options, caller)
+
+    def _check_import(self, name: str, opts: Mapping[str, object]) -> imageimport.ImportOptions:
         options.check_image_name(name)
         import_options = imageimport.parse_options(opts)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
-        if not source.startswith("/"):
-            raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
+        return import_options
+
+    async def _import(self, name: str, fd: int, label: str, import_options: imageimport.ImportOptions,
+                      caller: Credentials) -> Image:
+        """Imports from fd (taken over); the files of a layout directory are opened as caller."""
         dest = self.paths.images / secrets.token_hex(8)
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:  # in the worker thread
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
-        imported = await loop.run_in_executor(None, imageimport.run, Path(source), dest,
-                                              import_options.limits, progress, import_options.ref)
+        imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest, import_options.limits,
+                                              progress, import_options.ref, callerfiles.opener(caller))
         image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
                       created_usec=now_usec(), config=imported.config)
         try:

@@ -53,6 +53,10 @@ class ContainerSpec:
     user: str = ""  # "user" or "user:group" as in the container's /etc/passwd; "" = root
     userns: bool = False  # root in the container is an unprivileged range of host ids
     nested_userns: bool = False  # with userns: its processes may make user namespaces of their own
+    # Who created it: 0 (root) may bind any host path and use the host image;
+    # anyone else only what /etc/quilt/quiltd.conf allows members. Rows from
+    # before this was recorded have UNKNOWN_CREATOR, which counts as a member.
+    creator_uid: int = -1
 
 
 @dataclass(frozen=True)

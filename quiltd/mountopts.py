@@ -7,9 +7,10 @@ happens before anything is recorded or made.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-from quiltd.errors import InvalidArgument
+from quiltd import mounts
+from quiltd.errors import AccessDenied, InvalidArgument
 
 # Init mounts its own filesystems there after the binds: a bind below would be hidden or fight them.
 RESERVED_TARGETS = ("/proc", "/sys", "/dev")
@@ -34,8 +35,12 @@ def check_target(target: object, what: str) -> str:
     return target
 
 
-def parse_mounts(value: object, forbidden_sources: Iterable[str]) -> tuple[tuple[str, str, bool], ...]:
-    """`mounts` a(ssb): (host source, target, read_only)."""
+def parse_mounts(value: object, policy: mounts.SourcePolicy) -> tuple[tuple[str, str, bool], ...]:
+    """`mounts` a(ssb): (host source, target, read_only), each source allowed by policy.
+
+    The source is opened and checked here, for a clear answer now; init
+    opens and checks it again at each start, and binds what it opened.
+    """
     if not isinstance(value, list):
         raise InvalidArgument("option mounts must be a list of (source, target, read_only) (a(ssb))")
     result = []
@@ -47,13 +52,17 @@ def parse_mounts(value: object, forbidden_sources: Iterable[str]) -> tuple[tuple
         what = f"mount {source} -> {target}"
         if not source.startswith("/") or "\0" in source:
             raise InvalidArgument(f"{what}: the source must be an absolute path")
-        if not os.path.exists(source):
-            raise InvalidArgument(f"{what}: unknown mount source {source!r}: no such file or directory")
-        real = os.path.realpath(source)
-        for forbidden in forbidden_sources:
-            if real == forbidden or real.startswith(forbidden.rstrip("/") + "/") or \
-                    forbidden.startswith(real.rstrip("/") + "/"):
-                raise InvalidArgument(f"{what}: {source!r} holds or lies in quiltd's own state ({forbidden})")
+        try:
+            os.close(mounts.open_source(source, policy))
+        except mounts.StateSource as e:
+            raise InvalidArgument(f"{what}: {e.strerror}") from None
+        except mounts.SourceRefused as e:
+            raise AccessDenied(f"{what}: {e.strerror}; only root may bind other host paths") from None
+        except FileNotFoundError:
+            raise InvalidArgument(f"{what}: unknown mount source {source!r}: no such file or directory") \
+                from None
+        except OSError as e:
+            raise InvalidArgument(f"{what}: cannot open the source {source!r}: {e.strerror}") from None
         result.append((source, check_target(target, what), read_only))
     return tuple(result)
 
@@ -76,14 +85,14 @@ def parse_tmpfs(value: object) -> tuple[tuple[str, int], ...]:
     return tuple(result)
 
 
-def parse(options: Mapping[str, object], forbidden_sources: Iterable[str]
+def parse(options: Mapping[str, object], policy: mounts.SourcePolicy
           ) -> tuple[tuple[tuple[str, str, bool], ...], tuple[tuple[str, int], ...]]:
-    mounts = parse_mounts(options.get("mounts", []), forbidden_sources)
+    binds = parse_mounts(options.get("mounts", []), policy)
     tmpfs = parse_tmpfs(options.get("tmpfs", []))
-    targets = [t for _, t, _ in mounts] + [t for t, _ in tmpfs]
+    targets = [t for _, t, _ in binds] + [t for t, _ in tmpfs]
     seen: set[str] = set()
     for target in targets:
         if target in seen:
             raise InvalidArgument(f"conflicting options: {target!r} is the target of more than one mount")
         seen.add(target)
-    return mounts, tmpfs
+    return binds, tmpfs

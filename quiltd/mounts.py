@@ -8,6 +8,11 @@ goes through openat2 with RESOLVE_IN_ROOT, so a link resolves as if the
 container's root were "/" and can never point the mount out of it. The mount
 is then made on the descriptor that lookup returned (through /proc/self/fd),
 not on a path that could be looked up again differently.
+
+A host source is handled the same way: opened once (O_PATH) under the
+container's SourcePolicy, checked on that descriptor, and bound from it. A
+path swapped for a symlink after the create therefore binds what the checks
+saw, or nothing.
 """
 
 from __future__ import annotations
@@ -16,12 +21,127 @@ import ctypes
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from quiltd import linux
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables were unified)
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+
+
+class SourceRefused(PermissionError):
+    """A host source the container's policy does not allow; the message says why."""
+
+
+class StateSource(SourceRefused):
+    """A source that is, holds or lies in quiltd's state or run directory: refused to everyone."""
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """Where a container's host binds may come from.
+
+    forbidden: quiltd's state and run directories. No source may be one,
+    lie in one, or hold one, whoever made the container.
+    roots: None lets a source be anywhere else (a container root made).
+    Otherwise a source must be one of these directories or lie beneath it,
+    and the lookup below the root may not leave it: no "..", no absolute
+    symlink, no symlink out (the kernel checks, RESOLVE_BENEATH). The
+    default, no roots, binds nothing.
+    """
+
+    forbidden: tuple[str, ...] = ()
+    roots: tuple[str, ...] | None = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {"forbidden": list(self.forbidden), "roots": None if self.roots is None else list(self.roots)}
+
+    @classmethod
+    def from_json(cls, raw: object) -> SourcePolicy:
+        if not isinstance(raw, dict):
+            return cls()  # nothing may be bound: a spec without a policy fails closed
+        roots = raw.get("roots")
+        return cls(tuple(str(f) for f in raw.get("forbidden", ())),
+                   None if roots is None else tuple(str(r) for r in roots))
+
+
+NO_BINDS = SourcePolicy()
+
+
+def open_source(source: str, policy: SourcePolicy) -> int:
+    """An O_PATH descriptor of the host path source, if policy allows what it names.
+
+    Raises SourceRefused naming the reason, or the OSError of the lookup.
+    """
+    if policy.roots is None:
+        fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
+    else:
+        fd = _open_beneath_root(source, policy.roots)
+    try:
+        _check_not_forbidden(fd, source, policy.forbidden)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_beneath_root(source: str, roots: tuple[str, ...]) -> int:
+    normal = os.path.normpath(source)
+    for root in roots:
+        if normal != root and not normal.startswith(root.rstrip("/") + "/"):
+            continue
+        rest = os.path.relpath(normal, root)
+        # The root itself is the administrator's path: it may be a symlink.
+        rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return openat2(rootfd, rest, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ELOOP):
+                raise SourceRefused(errno.EACCES, f"{source} leads out of {root} (through a symlink "
+                                    "or '..'), the allowed mount root it lies in") from None
+            raise
+        finally:
+            os.close(rootfd)
+    listed = ", ".join(roots) if roots else "none"
+    raise SourceRefused(errno.EACCES, f"{source} is not under a mount root the administrator allows "
+                        f"members (mount_roots in /etc/quilt/quiltd.conf: {listed})")
+
+
+def _check_not_forbidden(fd: int, source: str, forbidden: tuple[str, ...]) -> None:
+    """Refuses fd if it is, lies in or holds one of the forbidden directories.
+
+    Checked on what was opened: the kernel's own path of the descriptor, and
+    (for a directory) its identity against each forbidden directory and the
+    directories above it, so a second name of one (a bind) is caught too.
+    """
+    if not forbidden:
+        return
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    st = os.fstat(fd)
+    for place in forbidden:
+        place_real = os.path.realpath(place)
+        if real == place_real or real.startswith(place_real.rstrip("/") + "/") or \
+                place_real.startswith(real.rstrip("/") + "/"):
+            raise StateSource(errno.EACCES, f"{source} holds or lies in quiltd's own state ({place})")
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in _self_and_parents(place_real):
+            raise StateSource(errno.EACCES, f"{source} holds quiltd's own state ({place})")
+
+
+def _self_and_parents(path: str) -> set[tuple[int, int]]:
+    found = set()
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            break
+        found.add((st.st_dev, st.st_ino))
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return found
 
 
 class _OpenHow(ctypes.Structure):
@@ -45,15 +165,18 @@ def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
     return openat2(rootfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
 
-def bind_into(root: str, source: str, target: str, read_only: bool, userns_fd: int | None = None) -> None:
+def bind_into(root: str, source: str, target: str, read_only: bool, userns_fd: int | None = None,
+              policy: SourcePolicy | None = None) -> None:
     """Binds the host path source onto target, resolved inside root as if root were /.
 
     A missing target is made (a directory, or an empty file for a file
     source). The mount is nosuid and nodev whatever the source's mount is.
     With userns_fd, the mount is idmapped through that user namespace (see
     idmapped_bind), and only source's own mount is bound, not those below it.
+    With policy, the source is opened and checked under it (see
+    open_source); without, it is quiltd's own (a volume) and opened as is.
     """
-    src_fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
+    src_fd = os.open(source, os.O_PATH | os.O_CLOEXEC) if policy is None else open_source(source, policy)
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)

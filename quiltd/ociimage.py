@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quiltd import mounts
-from quiltd.errors import InvalidArgument, InvalidImage
+from quiltd.errors import AccessDenied, InvalidArgument, InvalidImage
 from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage
 from quiltd.model import ImageConfig
 from quiltd.options import ENV_RE, USER_RE
@@ -87,20 +87,34 @@ class _Source(Protocol):
     def close(self) -> None: ...
 
 
+# (dir_fd, path, flags, resolve) -> fd: how the files of a layout directory
+# are opened; an import for a member opens them with the member's credentials.
+Opener = Callable[[int, str, int, int], int]
+
+
+def plain_opener(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    return mounts.openat2(dir_fd, path, flags, resolve)
+
+
 class _DirSource:
     """An OCI layout directory; no path inside it may go through a symlink."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, opener: Opener) -> None:
         self._fd = fd
+        self._opener = opener
         self._open: list[int] = []
         self.docker = False
 
     def blob(self, path: str, what: str) -> _Blob:
         try:
-            fd = mounts.openat2(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
-                                | mounts.RESOLVE_NO_MAGICLINKS)
+            fd = self._opener(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+                              | mounts.RESOLVE_NO_MAGICLINKS)
         except FileNotFoundError:
             raise InvalidImage(f"{what}: {path} is missing") from None
+        except PermissionError:
+            # Only an import for a member opens with less than root's rights.
+            raise AccessDenied(f"{what}: {path}: the caller may not read it, and quiltd reads a "
+                               "layout's files with its caller's permissions") from None
         except OSError as exc:
             raise InvalidImage(f"{what}: {path}: {exc.strerror}") from None
         self._open.append(fd)
@@ -165,18 +179,17 @@ class _BlobReader(io.RawIOBase):
         return n
 
 
-def open_image_source(source: Path) -> _Source | None:
-    """The image in `source` if it is an OCI layout or docker archive; None for anything else."""
-    try:
-        fd = os.open(source, _OPEN)
-    except FileNotFoundError:
-        raise InvalidImage(f"{source}: no such file") from None
-    except OSError as exc:
-        raise InvalidImage(f"{source}: cannot open: {exc.strerror}") from None
+def open_image_source(fd: int, label: str, opener: Opener = plain_opener) -> _Source | None:
+    """The image in the open file or directory fd if it is an OCI layout or docker archive.
+
+    None for anything else. Takes fd over: it belongs to the source
+    returned, and is closed otherwise. label names it in messages.
+    """
+    source = label
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            dir_source = _DirSource(fd)
+            dir_source = _DirSource(fd, opener)
             for marker in ("oci-layout", "index.json"):
                 try:
                     os.stat(marker, dir_fd=fd, follow_symlinks=False)

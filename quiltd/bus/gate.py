@@ -6,11 +6,18 @@ the check is a message handler that runs before dbus-next dispatches a call to
 an exported object: it lets the call through, answers AccessDenied itself, or
 (for a sender not seen yet) holds the call, asks the bus who sent it and then
 dispatches it again.
+
+A call it lets through carries its sender's credentials to the method:
+dbus-next dispatches the call synchronously from here and runs an async
+method as a task, which takes a copy of the context variables as they are
+at that moment. So `caller()` in a method is the credentials of the call it
+serves, whatever else arrives meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import pwd
@@ -37,6 +44,22 @@ GONE_MATCH = (
 
 Handler = Callable[[Message], "Message | bool"]
 
+_caller: contextvars.ContextVar[Credentials | None] = contextvars.ContextVar("quiltd_caller", default=None)
+
+
+def caller() -> Credentials:
+    """The credentials of the call being served; refuses when there is none (fails closed)."""
+    creds = _caller.get()
+    if creds is None:
+        raise AccessDenied("the caller's credentials are unknown")
+    return creds
+
+
+def _let_through(msg: Message, creds: Credentials) -> bool:
+    # Set for every call let through, so a value never outlives the dispatch it was set for.
+    _caller.set(creds)
+    return False
+
 
 def checked(msg: Message) -> bool:
     return msg.message_type == MessageType.METHOD_CALL and msg.interface not in OPEN_INTERFACES
@@ -62,8 +85,11 @@ class PeerGate:
         self._allowed = access.allowed(creds)
 
     def on_message(self, msg: Message) -> Message | bool:
-        if self._allowed or not checked(msg):
+        if not checked(msg):
+            _caller.set(None)
             return False
+        if self._allowed:
+            return _let_through(msg, self._creds)
         _log_denied(msg, self._creds)
         return denial(msg, self._creds)
 
@@ -76,7 +102,7 @@ class BusGate:
         self._decisions: dict[str, tuple[bool, Credentials]] = {}
         self._held: dict[str, list[Message]] = {}  # calls waiting for their sender's lookup
         self._gone: set[str] = set()  # senders that left while being looked up
-        self._passed: set[int] = set()  # ids of held calls being dispatched again
+        self._passed: dict[int, Credentials] = {}  # held calls being dispatched again, by id
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def install(self) -> None:
@@ -93,15 +119,17 @@ class BusGate:
             self._on_signal(msg)
             return False
         if not checked(msg):
+            _caller.set(None)
             return False
-        if id(msg) in self._passed:
-            return False
+        passed = self._passed.get(id(msg))
+        if passed is not None:
+            return _let_through(msg, passed)
         sender = msg.sender or ""
         decision = self._decisions.get(sender)
         if decision is not None:
             ok, creds = decision
             if ok:
-                return False
+                return _let_through(msg, creds)
             _log_denied(msg, creds)
             return denial(msg, creds)
         held = self._held.get(sender)
@@ -139,11 +167,12 @@ class BusGate:
                 _log_denied(msg, creds)
                 self._bus.send(denial(msg, creds))
                 continue
-            self._passed.add(id(msg))
+            assert creds is not None  # ok implies it
+            self._passed[id(msg)] = creds
             try:
                 self._bus._on_message(msg)
             finally:
-                self._passed.discard(id(msg))
+                self._passed.pop(id(msg), None)
 
     async def _credentials(self, sender: str) -> Credentials:
         reply = await self._bus.call(Message(

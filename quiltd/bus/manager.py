@@ -2,12 +2,15 @@
 # mypy: disable-error-code="name-defined,valid-type,empty-body"
 """org.quilt.Quilt1.Manager at /org/quilt/Quilt1."""
 
+import os
+
 from dbus_next.service import ServiceInterface, method, signal
 
 from quiltd.bus import convert
 from quiltd.bus.copies import CopyMethods
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import ExecMethods
+from quiltd.bus.gate import caller
 from quiltd.bus.logs import LogMethods
 from quiltd.bus.names import MANAGER_INTERFACE, container_path
 from quiltd.copies import Copies
@@ -27,7 +30,7 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def CreateContainer(self, name: "s", image: "s", command: "as", options: "a{sv}") -> "so":
-        c = await self._m.create(name, image, command, convert.unwrap(options))
+        c = await self._m.create(name, image, command, convert.unwrap(options), caller=caller())
         return [c.id, container_path(c.id)]
 
     @method()
@@ -79,7 +82,18 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def ImportImage(self, name: "s", source: "s", options: "a{sv}") -> "s":
-        image = await self._m.import_image(name, source, convert.unwrap(options))
+        image = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        return image.id
+
+    @method()
+    @bus_errors
+    async def ImportImageFd(self, name: "s", fd: "h", options: "a{sv}") -> "s":
+        try:
+            who, opts = caller(), convert.unwrap(options)
+        except BaseException:
+            os.close(fd)  # the core takes it over only once called
+            raise
+        image = await self._m.import_image_fd(name, fd, opts, caller=who)
         return image.id
 
     @method()

@@ -39,6 +39,13 @@ def two_layers() -> list[bytes]:
     return [lower, gzip.compress(upper)]
 
 
+def import_path(source: Path, dest: Path, limits: ImageLimits, progress: imageimport.ProgressCallback,
+                ref: str | None = None) -> imageimport.Imported:
+    """imageimport.run on source, opened as the daemon opens a path for root."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    return imageimport.run(fd, str(source), dest, limits, progress, ref)
+
+
 def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -54,7 +61,7 @@ def test_layers_apply_in_order_with_whiteouts_and_config(tmp_path: Path, layout:
         source = b.write_dir(b.oci_files(layers, CONFIG), tmp_path / "layout")
     seen: list[tuple[int, int]] = []
     dest = tmp_path / "image"
-    got = imageimport.run(source, dest, ImageLimits(), lambda done, total: seen.append((done, total)))
+    got = import_path(source, dest, ImageLimits(), lambda done, total: seen.append((done, total)))
     assert got.kind == ("docker" if layout == "docker" else "oci")
     assert tree(dest) == ["bin", "etc", "etc/b", "etc/b2", "opt", "opt/new", "opt/x", "opt/x/new"]
     assert os.readlink(dest / "bin") == "/usr/bin"
@@ -68,7 +75,7 @@ def test_layers_apply_in_order_with_whiteouts_and_config(tmp_path: Path, layout:
 def test_a_plain_rootfs_tarball_is_not_taken_for_an_image_archive(tmp_path: Path) -> None:
     source = tmp_path / "rootfs.tar"
     source.write_bytes(b.tar_bytes([b.directory("etc"), b.file("etc/manifest", b"x")]))
-    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert (got.kind, tree(tmp_path / "image")) == ("rootfs", ["etc", "etc/manifest"])
 
 
@@ -88,7 +95,7 @@ def test_hostile_layer_is_refused_by_path_and_leaves_nothing(
     layers = [b.tar_bytes([b.file("ok", b"ok")]), b.tar_bytes(members)]
     source = b.write_tar(b.oci_files(layers, {}), tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match=message) as caught:
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert "layer 2" in caught.value.message
     assert not os.path.lexists(tmp_path / "image")
 
@@ -99,7 +106,7 @@ def test_layer_not_matching_its_digest_is_refused(tmp_path: Path) -> None:
     files[blob] = b.tar_bytes([b.file("f", b"two")])  # same size, other bytes
     source = b.write_dir(files, tmp_path / "layout")
     with pytest.raises(InvalidImage, match="does not match its digest"):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert not os.path.lexists(tmp_path / "image")
 
 
@@ -108,7 +115,7 @@ def test_bomb_layer_stops_at_max_bytes(tmp_path: Path) -> None:
     assert len(bomb) < 100 << 10  # a 10 MiB file in under 100 KiB
     source = b.write_tar(b.docker_files([bomb], {}), tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match="exceeds the limit of 1048576 bytes"):
-        imageimport.run(source, tmp_path / "image", ImageLimits(max_bytes=1 << 20), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(max_bytes=1 << 20), lambda *_: None)
     assert not os.path.lexists(tmp_path / "image")
 
 
@@ -124,14 +131,14 @@ def test_bomb_layer_stops_at_max_bytes(tmp_path: Path) -> None:
 def test_bad_config_is_refused(tmp_path: Path, config: dict[str, object], message: str) -> None:
     source = b.write_dir(b.oci_files([b.tar_bytes([b.file("f")])], config), tmp_path / "layout")
     with pytest.raises(InvalidImage, match=message):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert not os.path.lexists(tmp_path / "image")
 
 
 def test_directory_that_is_no_oci_layout(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(InvalidImage, match="OCI image layout"):
-        imageimport.run(tmp_path / "d", tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(tmp_path / "d", tmp_path / "image", ImageLimits(), lambda *_: None)
 
 
 def test_docker_path_out_of_the_archive_is_refused(tmp_path: Path) -> None:
@@ -139,7 +146,7 @@ def test_docker_path_out_of_the_archive_is_refused(tmp_path: Path) -> None:
     files["manifest.json"] = files["manifest.json"].replace(b'"Layers": ["', b'"Layers": ["../')
     source = b.write_tar(files, tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match="leaves the archive"):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "xz", "zstd"])
@@ -153,7 +160,7 @@ def test_docker_layers_are_checked_against_their_diff_ids(tmp_path: Path, compre
     one = layer(b"one")
     files = b.docker_files([layer(b"base"), one], {}, blobs=blobs)
     good = b.write_tar(files, tmp_path / "good.tar")
-    got = imageimport.run(good, tmp_path / "good", ImageLimits(), lambda *_: None)
+    got = import_path(good, tmp_path / "good", ImageLimits(), lambda *_: None)
     assert (got.kind, (tmp_path / "good/f").read_bytes()) == ("docker", b"one")
 
     # The second layer swapped for another, stored under the same name: only
@@ -162,7 +169,7 @@ def test_docker_layers_are_checked_against_their_diff_ids(tmp_path: Path, compre
     files[path] = layer(b"two")
     bad = b.write_tar(files, tmp_path / "bad.tar")
     with pytest.raises(InvalidImage, match=rf"layer 2 \({path}\): .*does not match") as caught:
-        imageimport.run(bad, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(bad, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert ("diff_id" in caught.value.message) != blobs  # a blob's name is checked first
     assert not os.path.lexists(tmp_path / "image")
 
@@ -187,7 +194,7 @@ def test_docker_config_without_usable_diff_ids_is_refused(tmp_path: Path, rootfs
     files["manifest.json"] = files["manifest.json"].replace(config_name.encode(), new_name.encode())
     source = b.write_tar(files, tmp_path / "image.tar")
     with pytest.raises(InvalidImage, match=message):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert not os.path.lexists(tmp_path / "image")
 
 
@@ -220,7 +227,7 @@ def docker_pair(tmp_path: Path) -> Path:
 )
 def test_docker_archive_of_several_images_imports_the_one_asked_for(tmp_path: Path, ref: str,
                                                                     which: str) -> None:
-    got = imageimport.run(docker_pair(tmp_path), tmp_path / "image", ImageLimits(), lambda *_: None, ref)
+    got = import_path(docker_pair(tmp_path), tmp_path / "image", ImageLimits(), lambda *_: None, ref)
     assert (tmp_path / "image/which").read_bytes() == which.encode()
     assert got.config.cmd == (which,)
 
@@ -229,19 +236,19 @@ def test_docker_archive_of_several_images_needs_a_ref_and_lists_them(tmp_path: P
     source = docker_pair(tmp_path)
     with pytest.raises(InvalidArgument, match=ends("holds 2 images; choose one with the option ref: "
                                                    "busybox:latest, alpine:3.19")):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     with pytest.raises(InvalidArgument, match=ends("no image 'alpine:3.20' in the archive; it holds: "
                                                    "busybox:latest, alpine:3.19")):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine:3.20")
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine:3.20")
     assert not os.path.lexists(tmp_path / "image")
 
 
 def test_docker_archive_of_one_image_needs_no_ref_but_checks_one_given(tmp_path: Path) -> None:
     source = b.write_tar(b.docker_files(marked("only"), {}, tags=["only:1"]), tmp_path / "one.tar")
-    imageimport.run(source, tmp_path / "a", ImageLimits(), lambda *_: None)
-    imageimport.run(source, tmp_path / "b", ImageLimits(), lambda *_: None, "only:1")
+    import_path(source, tmp_path / "a", ImageLimits(), lambda *_: None)
+    import_path(source, tmp_path / "b", ImageLimits(), lambda *_: None, "only:1")
     with pytest.raises(InvalidArgument, match=ends("it holds: only:1")):
-        imageimport.run(source, tmp_path / "c", ImageLimits(), lambda *_: None, "only:2")
+        import_path(source, tmp_path / "c", ImageLimits(), lambda *_: None, "only:2")
     assert not os.path.lexists(tmp_path / "c")
 
 
@@ -250,9 +257,9 @@ def test_untagged_docker_images_are_named_by_their_id(tmp_path: Path) -> None:
     files = b.merged(first, b.docker_files(marked("second"), {}, tags=[]))
     source = b.write_tar(files, tmp_path / "two.tar")
     with pytest.raises(InvalidArgument, match=r"the option ref: sha256:[0-9a-f]{64}, sha256:[0-9a-f]{64}$"):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     image_id = "sha256:" + next(p for p in first if p.endswith(".json")).removesuffix(".json")
-    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, image_id)
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, image_id)
     assert ("sha256:" + got.image_id, (tmp_path / "image/which").read_bytes()) == (image_id, b"first")
 
 
@@ -281,7 +288,7 @@ def test_oci_layout_of_several_images_imports_the_one_named(
     tmp_path: Path, annotations: tuple[dict[str, str], dict[str, str]], ref: str, which: str
 ) -> None:
     source = oci_pair(tmp_path, annotations)
-    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, ref)
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, ref)
     assert (got.kind, (tmp_path / "image/which").read_bytes()) == ("oci", which.encode())
 
 
@@ -289,9 +296,9 @@ def test_oci_layout_of_several_images_needs_a_ref_and_lists_them(tmp_path: Path)
     source = oci_pair(tmp_path, DOCKER)
     with pytest.raises(InvalidArgument, match=ends("index.json: the archive holds 2 images; choose one with "
                        "the option ref: docker.io/library/busybox:1.36, docker.io/library/alpine:3.19")):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     with pytest.raises(InvalidArgument, match="no image 'busybox' in the archive"):  # busybox:latest
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
     assert not os.path.lexists(tmp_path / "image")
 
 
@@ -304,8 +311,8 @@ def test_a_ref_naming_two_images_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=ends("'latest' names 2 images; use one of: "
                                                    "docker.io/library/busybox:latest, "
                                                    "docker.io/library/alpine:latest")):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "latest")
-    got = imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine")
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, "latest")
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, "alpine")
     assert (got.kind, (tmp_path / "image/which").read_bytes()) == ("oci", b"alpine")
 
 
@@ -313,7 +320,7 @@ def test_ref_is_refused_for_a_rootfs_tarball(tmp_path: Path) -> None:
     source = tmp_path / "rootfs.tar"
     source.write_bytes(b.tar_bytes([b.file("f")]))
     with pytest.raises(InvalidArgument, match="rootfs tarball"):
-        imageimport.run(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
+        import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None, "busybox")
     assert not os.path.lexists(tmp_path / "image")
 
 
