@@ -231,3 +231,31 @@ def test_exec_with_fds_streams_live_and_returns_the_code(quilt: Any, name: str) 
             await q.remove(name, force=True)
 
     run(scenario())
+
+
+def test_exec_racing_a_kill_answers_a_result_or_invalid_state(quilt: Any, name: str) -> None:
+    # An exec that meets a container on its way out must get a named answer,
+    # never Internal: the container either ran it or was no longer there.
+    async def scenario() -> list[str]:
+        outcomes = []
+        async with quilt() as q:
+            for round_ in range(20):
+                ref = f"{name}-{round_}"
+                await _running(q, ref)
+
+                async def exec_once(ref: str = ref) -> str:
+                    try:
+                        code, _, _ = await q.exec(ref, ["sh", "-c", "sleep 0.2"])
+                        return f"exit {code}"
+                    except errors.InvalidState:
+                        return "InvalidState"
+
+                execs = [asyncio.create_task(exec_once()) for _ in range(3)]
+                await asyncio.sleep(0.005 * (round_ % 4))
+                await q.kill(ref, 9)
+                outcomes += await asyncio.gather(*execs)
+                await q.remove(ref, force=True)
+        return outcomes
+
+    outcomes = run(scenario())
+    assert set(outcomes) <= {"exit 0", "exit 137", "InvalidState"}, outcomes
