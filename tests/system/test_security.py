@@ -110,3 +110,23 @@ def test_init_memory_per_container(sandbox: Any, quilt: Any, name: str) -> None:
         assert kib["Private_Dirty"] < 4 * 1024, rollup
     finally:
         run(remove())
+
+
+SOCKPROBE = (Path(__file__).parent / "sockprobe.py").read_text()
+
+
+def test_vsock_is_refused_through_every_abi(sandbox: Any, quilt: Any, name: str) -> None:
+    """vsock is not namespaced: a container that opens one talks to the host and the hypervisor."""
+    cid, code = run_to_end(quilt, name, "host", ["python3", "-c", SOCKPROBE])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    got = dict(line.split(" ", 1) for line in lines[:-1])
+    refused = {"EAFNOSUPPORT", "EPERM"}
+    for door in ("vsock", "vsock-high-bits", "vsock-socketpair", "vsock-i386", "vsock-i386-socketcall",
+                 "tipc", "alg"):
+        assert got[door] in refused, (door, lines)
+    # This kernel may have no x32 ABI at all (ENOSYS); either way no socket.
+    assert got["vsock-x32"] in refused | {"ENOSYS"}, lines
+    # What a container needs still works, through the i386 ABI too.
+    assert (got["inet"], got["unix"], got["inet-i386"]) == ("socket", "socket", "socket"), lines
+
