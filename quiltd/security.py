@@ -65,6 +65,9 @@ DENIED_SYSCALLS = (
     "swapon", "swapoff", "reboot", "acct", "quotactl", "lookup_dcookie", "uselib", "userfaultfd",
     "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime",
     "setns",
+    # io_uring runs system calls in kernel workers, past this filter, and has
+    # been the source of many kernel privilege escalations.
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
 )
 # A new user namespace would give back every capability inside it; its flag
 # is refused wherever it can be checked (unshare's and clone's flag word).

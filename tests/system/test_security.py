@@ -130,3 +130,22 @@ def test_vsock_is_refused_through_every_abi(sandbox: Any, quilt: Any, name: str)
     # What a container needs still works, through the i386 ABI too.
     assert (got["inet"], got["unix"], got["inet-i386"]) == ("socket", "socket", "socket"), lines
 
+
+IO_URING_PROBE = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+for name, nr, args in (("io_uring_setup", 425, (8, params)), ("io_uring_enter", 426, (0, 1, 0, 0, None, 0)),
+                       ("io_uring_register", 427, (0, 0, None, 0))):
+    rc = libc.syscall(nr, *args)
+    print(name, rc if rc >= 0 else errno.errorcode[ctypes.get_errno()])
+print("done 0")
+"""
+
+
+def test_io_uring_is_refused(sandbox: Any, quilt: Any, name: str) -> None:
+    """io_uring runs system calls in kernel workers, out of seccomp's sight."""
+    cid, code = run_to_end(quilt, name, "host", ["python3", "-c", IO_URING_PROBE])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    assert lines[:-1] == ["io_uring_setup EPERM", "io_uring_enter EPERM", "io_uring_register EPERM"], lines
