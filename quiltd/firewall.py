@@ -13,7 +13,9 @@ Rules, for each network (bridge B, subnet S):
 - traffic from B goes to its own containers, and beyond only as its egress
   allows: "none" (only ping to its gateway), "all" (masqueraded), or a list
   of CIDRs, each optionally with a port (tcp and udp);
-- nothing from B reaches the host's loopback addresses.
+- nothing from B reaches the host's loopback addresses;
+- no IPv6 router or neighbour discovery from B reaches the host (an RA
+  would give the host a route through a container).
 
 Published ports are DNAT on every local address, for packets from elsewhere
 (prerouting) and from the host itself (output). Two kinds of connection to
@@ -107,6 +109,10 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         allowed = _allowed(p)
         forward_out += [f"iifname {b} {rule}" for rule in allowed] + [f"iifname {b} drop"]
         inbound += [
+            # IPv6 router and neighbour discovery from a container: an RA
+            # would make the host route through it, an NA or redirect steer
+            # the host's traffic. Quilt speaks only IPv4 to its containers.
+            f"iifname {b} icmpv6 type {_NDP_TYPES} drop",
             f"iifname {b} ct state established,related accept",
             # The bridge routes loopback addresses (route_localnet, for
             # published ports on the host's 127.0.0.1): no container may
@@ -159,6 +165,11 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ICMPv6 types 133-137: router solicitation and advertisement, neighbour
+# solicitation and advertisement, redirect.
+_NDP_TYPES = "133-137"
 
 
 def remove_script() -> str:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -590,3 +591,55 @@ def test_egress_all_is_masqueraded_to_a_remote_host(sandbox: Any, quilt: Any, na
         sandbox.run(["systemctl", "stop", unit], check=False)
         sandbox.run(["ip", "link", "del", "qtestremote"], check=False)
         sandbox.run(["ip", "netns", "del", netns], check=False)
+
+
+ROGUE = (Path(__file__).parent / "rogue.py").read_text()
+
+
+def rogue(sandbox: Any, pid: int, *args: str) -> None:
+    """Sends forged packets from a container's network namespace, with every capability."""
+    sandbox.run(["nsenter", "-t", str(pid), "-n", "python3", "-c", ROGUE, *args])
+
+
+def bridge_of(sandbox: Any, container_id: str) -> str:
+    shown = sh(sandbox, "ip", "-o", "link", "show", "dev", f"qv{container_id[:13]}").split()
+    return shown[shown.index("master") + 1]
+
+
+def test_router_advertisements_from_a_container_route_nothing(sandbox: Any, quilt: Any, name: str) -> None:
+    """A container announces itself as IPv6 router: neither the host nor a neighbour may follow it."""
+    net = f"{name}-n"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                # egress all: the host routes for the network, which is where an RA hurts most.
+                await q.create_network(net, subnet="10.125.0.0/24", egress="all")
+                cid, _ = await q.create(name, "busybox", ["sleep", "600"], network=net)
+                await q.create(f"{name}-nb", "busybox", ["sleep", "600"], network=net)
+                attacker = (await running(q, name))["Pid"]
+                neighbour = (await running(q, f"{name}-nb"))["Pid"]
+                bridge = bridge_of(sandbox, cid)
+                rogue(sandbox, attacker, "ra")
+                await asyncio.sleep(1)
+                assert sh(sandbox, "ip", "-6", "route", "show", "default") == ""
+                assert "2001:db8:66" not in sh(sandbox, "ip", "-6", "addr", "show", "dev", bridge)
+                assert in_netns(sandbox, neighbour, "ip", "-6", "route", "show", "default") == ""
+                assert "2001:db8:66" not in in_netns(sandbox, neighbour, "ip", "-6", "addr")
+                # What keeps a neighbour safe even from an RA that reaches it.
+                assert in_netns(sandbox, neighbour, "cat", "/proc/sys/net/ipv6/conf/eth0/accept_ra") == "0\n"
+                # The host has two locks: its bridge ignores RAs, and the
+                # firewall drops them. With the first opened, the second holds.
+                knob = f"/proc/sys/net/ipv6/conf/{bridge}/accept_ra"
+                assert sh(sandbox, "cat", knob) == "0\n"
+                sh(sandbox, "sh", "-c", f"echo 1 > {knob}")
+                rogue(sandbox, attacker, "ra")
+                await asyncio.sleep(1)
+                assert sh(sandbox, "ip", "-6", "route", "show", "default") == ""
+            finally:
+                await _remove(q, name)
+                await _remove(q, f"{name}-nb")
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())

@@ -125,6 +125,9 @@ def test_egress_option_and_rules() -> None:
     assert 'ip saddr 10.90.0.0/16 oifname != "qbb" masquerade' in script
     assert "10.89.0.0/16 oifname" not in script
     assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
+    # Router advertisements from containers are dropped before egress "all" accepts anything.
+    inbound = script[script.index("chain input"):]
+    assert inbound.index('iifname "qbb" icmpv6 type 133-137 drop') < inbound.index('iifname "qbb" accept')
 
 
 def test_published_port_rules() -> None:
