@@ -4,9 +4,10 @@ The container init calls in here at two points. While it builds the root
 (still seeing the host's tree) it masks the kernel interfaces under /proc and
 /sys that leak host state or change the host. In the command's child, right
 before exec and after no_new_privs, it drops every capability outside
-Docker's default set and loads a seccomp filter. Init itself keeps its
-capabilities: it must still reap and signal, and it is not reachable from
-inside (not dumpable, and no CAP_SYS_PTRACE is left in the container).
+Docker's default set (less CAP_NET_RAW) and loads a seccomp filter. Init
+itself keeps its capabilities: it must still reap and signal, and it is not
+reachable from inside (not dumpable, and no CAP_SYS_PTRACE is left in the
+container).
 
 The set and the filter are written out in docs/security.md.
 """
@@ -20,7 +21,10 @@ import os
 
 from quiltd import linux
 
-# Docker's default capabilities (moby oci/caps/defaults.go), by number.
+# Docker's default capabilities (moby oci/caps/defaults.go), by number, less
+# CAP_NET_RAW: with it a container forges any packet on its bridge (ARP
+# replies, router advertisements, other containers' source addresses). ping
+# does not need it: every group may open ICMP echo sockets (netconfig).
 DEFAULT_CAPABILITIES: dict[str, int] = {
     "CAP_CHOWN": 0,
     "CAP_DAC_OVERRIDE": 1,
@@ -31,7 +35,6 @@ DEFAULT_CAPABILITIES: dict[str, int] = {
     "CAP_SETUID": 7,
     "CAP_SETPCAP": 8,
     "CAP_NET_BIND_SERVICE": 10,
-    "CAP_NET_RAW": 13,
     "CAP_SYS_CHROOT": 18,
     "CAP_MKNOD": 27,
     "CAP_AUDIT_WRITE": 29,
@@ -86,7 +89,7 @@ ALLOWED_WITH_NESTED_USERNS = (
 # and the hypervisor's vsock services. The rest (AF_ALG, AF_TIPC, AF_RDS,
 # AF_BLUETOOTH, AF_KCM, AF_XDP, ...) are kernel code no sandbox needs, with a
 # long record of privilege escalations. AF_PACKET stays: the kernel asks
-# for CAP_NET_RAW before it makes one.
+# for CAP_NET_RAW before it makes one, and containers do not hold it.
 ALLOWED_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17}
 FAMILY_SYSCALLS = ("socket", "socketpair")
 # clone3 passes its flags in memory a filter cannot read: report it missing,

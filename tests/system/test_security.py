@@ -149,3 +149,32 @@ def test_io_uring_is_refused(sandbox: Any, quilt: Any, name: str) -> None:
     lines = journal_lines(sandbox, cid)
     assert code == 0 and lines[-1] == "done 0", lines
     assert lines[:-1] == ["io_uring_setup EPERM", "io_uring_enter EPERM", "io_uring_register EPERM"], lines
+
+
+RAW_PROBE = """
+import socket
+def attempt(*args):
+    try:
+        socket.socket(*args).close()
+        return "socket"
+    except OSError as e:
+        return e.strerror
+print("raw-icmp", attempt(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+print("raw-ip", attempt(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+print("packet", attempt(socket.AF_PACKET, socket.SOCK_RAW, 0))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.settimeout(5)
+s.sendto(bytes([8, 0, 0xf7, 0xff, 0, 0, 0, 0]), ("10.88.0.1", 0))
+print("echo-socket", "reply" if s.recvfrom(64)[0][0] == 0 else "no reply")
+"""
+
+
+def test_no_raw_sockets_by_default_but_ping_works(sandbox: Any, quilt: Any, name: str) -> None:
+    """Without CAP_NET_RAW no packet can be forged; ICMP echo sockets still ping."""
+    script = f"python3 -c '{RAW_PROBE}'; busybox ping -c1 -W2 10.88.0.1 >/dev/null 2>&1; echo busybox-ping $?"
+    cid, code = run_to_end(quilt, name, "host", ["sh", "-c", script + "; echo done 0"])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    assert lines[:-1] == ["raw-icmp Operation not permitted", "raw-ip Operation not permitted",
+                          "packet Operation not permitted", "echo-socket reply",
+                          "busybox-ping 1"], lines  # busybox's ping wants a raw socket
