@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from quiltd import errors
+from quiltd.network import container_mac
 from tests.system.conftest import eventually, records, run
 
 pytestmark = pytest.mark.system
@@ -639,6 +640,82 @@ def test_router_advertisements_from_a_container_route_nothing(sandbox: Any, quil
             finally:
                 await _remove(q, name)
                 await _remove(q, f"{name}-nb")
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())
+
+
+LISTEN = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7000))
+s.settimeout(3)
+got = set()
+try:
+    while True:
+        got.add(s.recvfrom(100)[0].decode())
+except socket.timeout:
+    pass
+print(" ".join(sorted(got)))
+"""
+
+
+def test_a_container_cannot_spoof_its_neighbours_or_the_gateway(sandbox: Any, quilt: Any, name: str) -> None:
+    """Forged ARP replies, source addresses and MACs, sent with CAP_NET_RAW, poison no one."""
+    net = f"{name}-n"[:63]
+    gateway = "10.126.0.1"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create_network(net, subnet="10.126.0.0/24")
+                attacker_id, _ = await q.create(name, "busybox", ["sleep", "600"], network=net)
+                victim_id, _ = await q.create(f"{name}-v", "busybox", ["sleep", "600"], network=net)
+                attacker = await running(q, name)
+                victim = await running(q, f"{name}-v")
+                a_ip, v_ip = attacker["IPAddress"], victim["IPAddress"]
+                a_mac, v_mac = container_mac(a_ip), container_mac(v_ip)
+                bridge = bridge_of(sandbox, attacker_id)
+                shown = sh(sandbox, "ip", "-o", "link", "show", "dev", bridge).split()
+                bridge_mac = shown[shown.index("link/ether") + 1]
+                # The host and the victim know each other's MAC, as after any traffic.
+                sh(sandbox, "busybox", "ping", "-c1", "-W2", v_ip)
+                assert bridge_mac in in_netns(sandbox, victim["Pid"], "ip", "neigh", "show", gateway)
+                await asyncio.sleep(1.2)  # past the neighbour entries' locktime: replies may now override
+                # ARP replies: to the victim "the gateway is at my MAC", to the host "the victim is".
+                rogue(sandbox, attacker["Pid"], "arp", a_mac, v_mac, v_ip, gateway)
+                rogue(sandbox, attacker["Pid"], "arp", a_mac, bridge_mac, gateway, v_ip)
+                await asyncio.sleep(0.5)
+                seen = {
+                    "victim's gateway entry": in_netns(sandbox, victim["Pid"], "ip", "neigh", "show",
+                                                       gateway),
+                    "host's victim entry": sh(sandbox, "ip", "neigh", "show", v_ip, "dev", bridge),
+                }
+                # Datagrams to the victim: one as the gateway, one honest (which must arrive).
+                listener = asyncio.create_task(asyncio.to_thread(
+                    in_netns, sandbox, victim["Pid"], "python3", "-c", LISTEN))
+                await asyncio.sleep(0.5)
+                rogue(sandbox, attacker["Pid"], "udp", a_mac, gateway, v_mac, v_ip, "7000", "as-gateway")
+                rogue(sandbox, attacker["Pid"], "udp", a_mac, a_ip, v_mac, v_ip, "7000", "honest")
+                received = (await listener).split()
+                # The victim's MAC as source: the bridge would learn it on the attacker's
+                # port and send it the victim's frames.
+                rogue(sandbox, attacker["Pid"], "udp", v_mac, a_ip, bridge_mac, gateway, "9", "as-victim")
+                fdb = sh(sandbox, "bridge", "fdb", "show", "br", bridge)
+                outcome = {
+                    **{what: a_mac in entry for what, entry in seen.items()},
+                    "datagrams received": received,
+                    "victim's MAC on the attacker's port": f"{v_mac} dev qv{attacker_id[:13]}" in fdb,
+                    "victim's MAC on its own port": f"{v_mac} dev qv{victim_id[:13]}" in fdb,
+                }
+                assert outcome == {"victim's gateway entry": False, "host's victim entry": False,
+                                   "datagrams received": ["honest"],
+                                   "victim's MAC on the attacker's port": False,
+                                   "victim's MAC on its own port": True}, (seen, fdb)
+            finally:
+                await _remove(q, name)
+                await _remove(q, f"{name}-v")
                 with contextlib.suppress(errors.NoSuchNetwork):
                     await q.remove_network(net)
 
