@@ -22,8 +22,8 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
 MAP_32BIT = 0x40  # int 0x80 sees only the low 32 bits of a pointer
 PROT_RWX = 7
 page = libc.mmap(None, 4096, PROT_RWX, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT, -1, 0)
-AF_UNIX, AF_INET, AF_TIPC, AF_ALG, AF_VSOCK = 1, 2, 30, 38, 40
-SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
+AF_UNIX, AF_INET, AF_PACKET, AF_TIPC, AF_ALG, AF_VSOCK = 1, 2, 17, 30, 38, 40
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET = 1, 2, 3, 5
 SYS_SOCKET, SYS_SOCKETPAIR = 41, 53  # x86-64
 SYS_I386_SOCKETCALL, SYS_I386_SOCKET = 102, 359
 X32 = 0x40000000
@@ -56,6 +56,7 @@ attempts = {
     "vsock-x32": native(X32 | SYS_SOCKET, AF_VSOCK, SOCK_STREAM, 0),
     "vsock-i386": i386(SYS_I386_SOCKET, AF_VSOCK, SOCK_STREAM, 0),
     "vsock-i386-socketcall": socketcall(AF_VSOCK, SOCK_STREAM),
+    "packet": native(SYS_SOCKET, AF_PACKET, SOCK_RAW, 0),
     "tipc": native(SYS_SOCKET, AF_TIPC, SOCK_DGRAM, 0),
     "alg": native(SYS_SOCKET, AF_ALG, SOCK_SEQPACKET, 0),
     "inet": native(SYS_SOCKET, AF_INET, SOCK_DGRAM, 0),
