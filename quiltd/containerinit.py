@@ -114,7 +114,7 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
 def _enter_root(spec: LaunchSpec, userns_fd: int | None) -> None:
     # Nothing mounted from here on may reach the host's mount table.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    netconfig.allow_ping()
+    netconfig.prepare_namespace()
     root = spec.rootfs
     # In a user namespace the filesystems made here belong to its root, and
     # /dev/pts's tty group is the container's own.

@@ -13,7 +13,16 @@ Rules, for each network (bridge B, subnet S):
 - traffic from B goes to its own containers, and beyond only as its egress
   allows: "none" (only ping to its gateway), "all" (masqueraded), or a list
   of CIDRs, each optionally with a port (tcp and udp);
-- nothing from B reaches the host's loopback addresses.
+- nothing from B reaches the host's loopback addresses;
+- no IPv6 router or neighbour discovery from B reaches the host (an RA
+  would give the host a route through a container).
+
+A second table, `bridge quilt`, pins each container's port of its bridge to
+the container's MAC and IPv4 address: a frame entering the bridge from the
+port with another source MAC, ARP sender or IPv4 source is dropped, and so
+is anything but IPv4, ARP and IPv6. It is loaded with the inet table; a
+starting container's pins are added to it on their own, before its port
+exists, and taken out when the container is removed.
 
 Published ports are DNAT on every local address, for packets from elsewhere
 (prerouting) and from the host itself (output). Two kinds of connection to
@@ -52,6 +61,15 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """A container's bridge port and what it may send from it: its own MAC and address."""
+
+    port: str
+    mac: str
+    address: str
+
+
+@dataclass(frozen=True)
 class Policy:
     bridge: str
     subnet: str
@@ -79,8 +97,8 @@ def parse_egress(value: object) -> tuple[str, tuple[EgressRule, ...]]:
     return "list", tuple(rules)
 
 
-def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
-    """The nft script that replaces quiltd's table with rules for these networks."""
+def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = (), pins: tuple[Pin, ...] = ()) -> str:
+    """The nft script that replaces quiltd's tables with rules for these networks and ports."""
     to_published: list[str] = []
     forward_in: list[str] = []
     forward_out: list[str] = []
@@ -107,6 +125,10 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         allowed = _allowed(p)
         forward_out += [f"iifname {b} {rule}" for rule in allowed] + [f"iifname {b} drop"]
         inbound += [
+            # IPv6 router and neighbour discovery from a container: an RA
+            # would make the host route through it, an NA or redirect steer
+            # the host's traffic. Quilt speaks only IPv4 to its containers.
+            f"iifname {b} icmpv6 type {_NDP_TYPES} drop",
             f"iifname {b} ct state established,related accept",
             # The bridge routes loopback addresses (route_localnet, for
             # published ports on the host's 127.0.0.1): no container may
@@ -157,12 +179,70 @@ def ruleset(policies: list[Policy], forwards: tuple[Forward, ...] = ()) -> str:
         *(f"    {r}" for r in nat),
         "  }",
         "}",
+        *_bridge_table(),
+        *(pin_script(pin).rstrip("\n") for pin in pins),
     ]
     return "\n".join(lines) + "\n"
 
 
+def _bridge_table() -> list[str]:
+    """The bridge family table that pins each container's port to its MAC and address.
+
+    The inet table sees only what the host routes; frames from one container
+    to another are only bridged, so a forged ARP reply or a packet with a
+    neighbour's address as its source must be stopped here, as it enters the
+    bridge from the container's port (before the bridge learns its source
+    MAC). A port with no pin yet sends nothing.
+    """
+    return [
+        f"table bridge {TABLE} {{}}",
+        f"delete table bridge {TABLE}",
+        f"table bridge {TABLE} {{",
+        f"  set {_PIN_MAC} {{ type ifname . ether_addr; }}",
+        f"  set {_PIN_IP} {{ type ifname . ipv4_addr; }}",
+        "  chain prerouting {",
+        "    type filter hook prerouting priority filter; policy accept;",
+        f'    iifname != "{VETH_GLOB}" accept',
+        # Only what a container on an IPv4 network sends: no VLAN tags, no
+        # other protocol the kernel of a neighbour might parse.
+        "    ether type != { ip, arp, ip6 } drop",
+        f"    iifname . ether saddr != @{_PIN_MAC} drop",
+        f"    iifname . arp saddr ether != @{_PIN_MAC} drop",
+        f"    iifname . arp saddr ip != @{_PIN_IP} drop",
+        f"    iifname . ip saddr != @{_PIN_IP} drop",
+        # Neighbours ignore these too (netconfig); this keeps them off the wire.
+        "    icmpv6 type { nd-router-advert, nd-redirect } drop",
+        "  }",
+        "}",
+    ]
+
+
+def pin_script(pin: Pin) -> str:
+    """Adds a port's pins to the loaded table (at a container's start)."""
+    return "".join(f"add element bridge {TABLE} {s} {{ {e} }}\n" for s, e in _pin_elements(pin))
+
+
+def unpin_script(pin: Pin) -> str:
+    return "".join(f"delete element bridge {TABLE} {s} {{ {e} }}\n" for s, e in _pin_elements(pin))
+
+
+def _pin_elements(pin: Pin) -> list[tuple[str, str]]:
+    return [(_PIN_MAC, f'"{pin.port}" . {pin.mac}'), (_PIN_IP, f'"{pin.port}" . {pin.address}')]
+
+
+_PIN_MAC = "port_mac"
+_PIN_IP = "port_ip"
+VETH_GLOB = "qv*"  # network.VETH_PREFIX: every container's port, and nothing else
+
+
+# ICMPv6 types 133-137: router solicitation and advertisement, neighbour
+# solicitation and advertisement, redirect.
+_NDP_TYPES = "133-137"
+
+
 def remove_script() -> str:
-    return f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+    return "".join(f"table {family} {TABLE} {{}}\ndelete table {family} {TABLE}\n"
+                   for family in ("inet", "bridge"))
 
 
 def _allowed(p: Policy, original: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import ipaddress
+import os
 import socket
 import struct
 
@@ -75,10 +76,14 @@ def configure(ifname: str, interface: str, gateway: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         link_up(s, "lo")
         if not ifname:
+            _close_ipv6_conf()
             return
         iface = ipaddress.IPv4Interface(interface)
         fcntl.ioctl(s, SIOCSIFADDR, _ifreq_addr(ifname, str(iface.ip)))
         fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq_addr(ifname, str(iface.netmask)))
+        # While the link is down: no advertisement can have arrived yet.
+        _refuse_router_advertisements(ifname)
+        _close_ipv6_conf()
         link_up(s, ifname)
         if gateway:
             route = _RtEntry()
@@ -93,11 +98,46 @@ def configure(ifname: str, interface: str, gateway: str) -> None:
 # Docker: ping then needs no raw socket, and so no CAP_NET_RAW, which root in
 # a user namespace never holds over this network. Only echo is allowed.
 PING_GROUP_RANGE = "0 2147483647"
+# No IPv6 router advertisement is followed: a neighbour on the bridge could
+# otherwise send one and become this container's IPv6 router (its default
+# route, and addresses from its prefix). Quilt hands out no IPv6.
+IPV6_KNOBS = ("accept_ra", "autoconf")
+# This namespace's /proc/sys/net/ipv6/conf, opened while /proc/sys is still
+# writable: eth0 is only there after the root switch (see configure).
+_ipv6_conf = -1
 
 
-def allow_ping() -> None:
-    """Lets every group of this network namespace ping; before /proc/sys turns read-only."""
-    # Network sysctls belong to the namespace of whoever opens the file.
+def prepare_namespace() -> None:
+    """Sets this network namespace's sysctls; before /proc/sys turns read-only.
+
+    Network sysctls belong to the namespace of whoever opens the file.
+    """
+    global _ipv6_conf
     with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
         f.write(PING_GROUP_RANGE)
+    try:
+        _ipv6_conf = os.open("/proc/sys/net/ipv6/conf", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # a kernel without IPv6: nothing to follow
+    # For links made later; eth0 may already be there (the daemon makes it
+    # meanwhile), so configure() sets its own knobs too.
+    for conf in ("all", "default"):
+        _refuse_router_advertisements(conf)
 
+
+def _refuse_router_advertisements(conf: str) -> None:
+    if _ipv6_conf < 0:
+        return
+    for knob in IPV6_KNOBS:
+        fd = os.open(f"{conf}/{knob}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=_ipv6_conf)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def _close_ipv6_conf() -> None:
+    global _ipv6_conf
+    if _ipv6_conf >= 0:
+        os.close(_ipv6_conf)
+        _ipv6_conf = -1

@@ -130,6 +130,9 @@ class Netlink:
         }
         if (str(iface.ip), iface.network.prefixlen) not in have:
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        # Before it is up: from then on its ports are containers, and a
+        # router advertisement from one would give the host a route through it.
+        _refuse_router_advertisements(name)
         ipr.link("set", index=index, state="up")
         _route_localnet(name)
         self._bridges[name] = index
@@ -214,10 +217,29 @@ def _route_localnet(bridge: str) -> None:
     only: the firewall masquerades those connections toward the container
     and drops anything else from the bridge to a loopback address.
     """
-    path = f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet"
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet", "1")
+
+
+def _refuse_router_advertisements(bridge: str) -> None:
+    """Makes the host ignore IPv6 router advertisements arriving on the bridge.
+
+    Only containers are on a bridge, and any of them may send one: the
+    kernel would then install a default route through that container (when
+    the host does not forward IPv6, as with every network's default) and
+    addresses from its prefix. Quilt hands out no IPv6, so nothing
+    legitimate is lost. The firewall drops them too (firewall.py).
+    """
+    for knob in ("accept_ra", "autoconf"):
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{bridge}/{knob}", "0", missing_ok=True)
+
+
+def _write_sysctl(path: str, value: str, missing_ok: bool = False) -> None:
     try:
         with open(path, "w") as f:
-            f.write("1\n")
+            f.write(f"{value}\n")
+    except FileNotFoundError:
+        if not missing_ok:  # IPv6 knobs are absent where the kernel has IPv6 disabled
+            raise Internal(f"could not set {path}: no such file") from None
     except OSError as e:
         raise Internal(f"could not set {path}: {e}") from e
 

@@ -34,7 +34,7 @@ from quiltd.errors import (
     NoSuchNetwork,
 )
 from quiltd.model import Container, Lease, Network
-from quiltd.network import CONTAINER_IFNAME, VETH_PREFIX, Netlink, veth_name
+from quiltd.network import CONTAINER_IFNAME, VETH_PREFIX, Netlink, container_mac, veth_name
 from quiltd.paths import Paths
 from quiltd.store import Store
 
@@ -268,7 +268,10 @@ class Networks:
             for c in self._store.list_containers() if c.spec.publish and c.id in leases
             for host, port, proto in c.spec.publish
         )
-        await self._netlink.call("loading the nftables rules", _load_firewall, policies, forwards)
+        # Every container that may have a port now; a stopped one's is gone, and harmless.
+        active = {c.id for c in self._store.list_containers() if c.state.is_active}
+        pins = tuple(pin(cid, address) for cid, address in leases.items() if cid in active)
+        await self._netlink.call("loading the nftables rules", _load_firewall, policies, forwards, pins)
 
     async def forget(self, c: Container) -> None:
         """After a container's row is gone: its published ports go too."""
@@ -283,6 +286,9 @@ class Networks:
         if lease is None:
             return
         network = self.find(lease.network)
+        # Before the port exists: it sends nothing until pinned to its MAC and address.
+        await self._netlink.call(f"pinning the port of {c.id}", firewall.load,
+                                 firewall.pin_script(pin(c.id, lease.address)))
         # The bridge is made on first use, by the same worker, in the same request.
         await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
                                      lease.address)
@@ -292,6 +298,12 @@ class Networks:
     async def detach(self, c: Container) -> None:
         """Deletes the container's veth, if it still exists (it goes by itself with the namespace)."""
         await self._netlink.delete_link(veth_name(c.id))
+        lease = self._store.find_lease(c.id)
+        if lease is not None:
+            # Absent after a reload that found the container stopped: nothing to undo then.
+            with contextlib.suppress(Internal):
+                await self._netlink.call(f"unpinning the port of {c.id}", firewall.load,
+                                         firewall.unpin_script(pin(c.id, lease.address)))
 
     async def recover(self, active: list[Container]) -> None:
         """After a restart: bridges up, running containers' veths on their bridges, strays deleted."""
@@ -401,8 +413,13 @@ class Networks:
         return f"{network.gateway}/{ipaddress.IPv4Network(network.subnet).prefixlen}"
 
 
-def _load_firewall(policies: list[firewall.Policy], forwards: tuple[firewall.Forward, ...]) -> None:
+def pin(container_id: str, address: str) -> firewall.Pin:
+    return firewall.Pin(veth_name(container_id), container_mac(address), address)
+
+
+def _load_firewall(policies: list[firewall.Policy], forwards: tuple[firewall.Forward, ...],
+                   pins: tuple[firewall.Pin, ...]) -> None:
     if forwards or any(p.egress != firewall.EGRESS_NONE for p in policies):
         # Egress and published ports need routing between the bridges and the host's links.
         IP_FORWARD.write_text("1\n")
-    firewall.load(firewall.ruleset(policies, forwards))
+    firewall.load(firewall.ruleset(policies, forwards, pins))

@@ -41,7 +41,7 @@ _JSON_MAX = 4 << 20  # manifests and configs are a few KiB; a bigger one is not 
 # is a rootfs, and its scan stops there: a 50,000-file rootfs took 6 s to scan whole.
 _INDEX_MAX = 10_000
 _DEPTH_MAX = 3  # blobs/sha256/<hex> is the deepest path an image archive needs
-_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})\Z")  # \Z: $ would let a final newline in
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json")
 # Where an OCI index names its images: the tag (or full name) of the layout

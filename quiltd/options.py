@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from quiltd.errors import InvalidArgument
 from quiltd.model import ContainerSpec
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# \Z, not $: $ also matches before a final newline, so "web\n" would pass
+# as a second name next to "web" (and carry the newline into hosts files).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}\Z")
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?\Z")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_NETWORK = "bridge"
 MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than OOM at once

@@ -4,9 +4,10 @@ The container init calls in here at two points. While it builds the root
 (still seeing the host's tree) it masks the kernel interfaces under /proc and
 /sys that leak host state or change the host. In the command's child, right
 before exec and after no_new_privs, it drops every capability outside
-Docker's default set and loads a seccomp filter. Init itself keeps its
-capabilities: it must still reap and signal, and it is not reachable from
-inside (not dumpable, and no CAP_SYS_PTRACE is left in the container).
+Docker's default set (less CAP_NET_RAW) and loads a seccomp filter. Init
+itself keeps its capabilities: it must still reap and signal, and it is not
+reachable from inside (not dumpable, and no CAP_SYS_PTRACE is left in the
+container).
 
 The set and the filter are written out in docs/security.md.
 """
@@ -20,7 +21,10 @@ import os
 
 from quiltd import linux
 
-# Docker's default capabilities (moby oci/caps/defaults.go), by number.
+# Docker's default capabilities (moby oci/caps/defaults.go), by number, less
+# CAP_NET_RAW: with it a container forges any packet on its bridge (ARP
+# replies, router advertisements, other containers' source addresses). ping
+# does not need it: every group may open ICMP echo sockets (netconfig).
 DEFAULT_CAPABILITIES: dict[str, int] = {
     "CAP_CHOWN": 0,
     "CAP_DAC_OVERRIDE": 1,
@@ -31,7 +35,6 @@ DEFAULT_CAPABILITIES: dict[str, int] = {
     "CAP_SETUID": 7,
     "CAP_SETPCAP": 8,
     "CAP_NET_BIND_SERVICE": 10,
-    "CAP_NET_RAW": 13,
     "CAP_SYS_CHROOT": 18,
     "CAP_MKNOD": 27,
     "CAP_AUDIT_WRITE": 29,
@@ -65,6 +68,9 @@ DENIED_SYSCALLS = (
     "swapon", "swapoff", "reboot", "acct", "quotactl", "lookup_dcookie", "uselib", "userfaultfd",
     "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime",
     "setns",
+    # io_uring runs system calls in kernel workers, past this filter, and has
+    # been the source of many kernel privilege escalations.
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
 )
 # A new user namespace would give back every capability inside it; its flag
 # is refused wherever it can be checked (unshare's and clone's flag word).
@@ -77,12 +83,23 @@ ALLOWED_WITH_NESTED_USERNS = (
     "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
     "fspick", "mount_setattr", "setns",
 )
+# Address families a container's socket() and socketpair() may ask for; every
+# other one fails with EAFNOSUPPORT, as if the kernel lacked it. AF_VSOCK
+# above all: vsock is not namespaced, so any container would reach the host's
+# and the hypervisor's vsock services. The rest (AF_ALG, AF_TIPC, AF_RDS,
+# AF_BLUETOOTH, AF_KCM, AF_XDP, ...) are kernel code no sandbox needs, with a
+# long record of privilege escalations. AF_PACKET too: the kernel wants
+# CAP_NET_RAW for it, which no container holds, and packet sockets have had
+# their share of escalations.
+ALLOWED_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+FAMILY_SYSCALLS = ("socket", "socketpair")
 # clone3 passes its flags in memory a filter cannot read: report it missing,
 # so libc falls back to clone, which the filter can check.
 ENOSYS_SYSCALLS = ("clone3",)
 
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_ACT_ERRNO = 0x00050000
+_SCMP_CMP_GT = 6
 _SCMP_CMP_MASKED_EQ = 7
 # Other ABIs the same kernel runs: without them a 32-bit binary would be
 # killed outright (libseccomp's action for a foreign arch).
@@ -92,6 +109,21 @@ _EXTRA_ARCHES = {"x86_64": (0x40000003, 0x4000003E), "aarch64": (0x40000028,)}
 class _ArgCmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def _refused_families() -> list[_ArgCmp]:
+    """Comparisons on the family argument that together match every family not allowed.
+
+    The kernel reads the family as an int, the filter the whole register:
+    each family below the largest allowed is compared on the low 32 bits
+    (junk in the high half cannot slip one past), and any value from there
+    up, high half included, is one unsigned comparison, which also covers
+    the families later kernels will add.
+    """
+    top = max(ALLOWED_FAMILIES.values())
+    low = [_ArgCmp(0, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, family)
+           for family in range(top) if family not in ALLOWED_FAMILIES.values()]
+    return [*low, _ArgCmp(0, _SCMP_CMP_GT, top, 0)]
 
 
 class _CapHeader(ctypes.Structure):
@@ -203,6 +235,9 @@ class _Seccomp:
             rule(eperm, name, _ArgCmp(0, _SCMP_CMP_MASKED_EQ, linux.CLONE_NEWUSER, linux.CLONE_NEWUSER))
         for name in ENOSYS_SYSCALLS:
             rule(_SCMP_ACT_ERRNO | errno.ENOSYS, name)
+        for name in FAMILY_SYSCALLS:
+            for cmp in _refused_families():
+                rule(_SCMP_ACT_ERRNO | errno.EAFNOSUPPORT, name, cmp)
         return lib, int(ctx)
 
     def load(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -133,5 +134,49 @@ def test_image_in_use_cannot_be_removed(quilt: Any, name: str) -> None:
             with pytest.raises(errors.NoSuchImage):
                 await q.remove_image("never-imported")
             await q.remove(name)
+
+    run(scenario())
+
+
+def test_a_trailing_newline_makes_no_second_name(quilt: Any, name: str) -> None:
+    """`$` in a pattern also matches before a final newline: "web" and "web\\n" must not both exist."""
+    twin = name + "\n"
+
+    def create(suffix: str, image: str = "busybox", **options: str) -> tuple[Any, ...]:
+        return ("CreateContainer", "ssasa{sv}", f"{name}-{suffix}", image, ["true"],
+                {k: Variant("s", v) for k, v in options.items()})
+
+    attempts: dict[str, tuple[Any, ...]] = {
+        "container": ("CreateContainer", "ssasa{sv}", twin, "busybox", ["true"], {}),
+        "hostname": create("h", hostname="box\n"),
+        "user": create("u", user="root\n"),
+        "network option": create("n", network="bridge\n"),
+        "image ref": create("i", image="busybox\n"),
+        "volume": ("CreateVolume", "s", twin),
+        "network": ("CreateNetwork", "sa{sv}", twin, {}),
+        "image": ("ImportImage", "ssa{sv}", twin, "/var/tmp/quilt-test-busybox.tar.gz", {}),
+    }
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["true"], start=False)
+            before = await records(q)
+            answers = {}
+            try:
+                for what, call in attempts.items():
+                    try:
+                        await q.call(*call)
+                        answers[what] = "accepted"
+                    except errors.QuiltError as e:
+                        answers[what] = type(e).__name__
+                assert answers == dict.fromkeys(attempts, "InvalidArgument")
+                assert await records(q) == before
+            finally:
+                removals = [q.remove(twin, force=True), q.remove_volume(twin), q.remove_network(twin),
+                            q.remove_image(twin), q.remove(name, force=True),
+                            *(q.remove(f"{name}-{s}", force=True) for s in "huni")]
+                for removal in removals:
+                    with contextlib.suppress(errors.QuiltError):
+                        await removal
 
     run(scenario())

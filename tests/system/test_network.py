@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import ipaddress
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quiltd import errors
+from quiltd.network import container_mac
 from tests.system.conftest import eventually, records, run
 
 pytestmark = pytest.mark.system
@@ -595,3 +597,131 @@ def test_egress_all_is_masqueraded_to_a_remote_host(sandbox: Any, quilt: Any, na
         sandbox.run(["systemctl", "stop", unit], check=False)
         sandbox.run(["ip", "link", "del", "qtestremote"], check=False)
         sandbox.run(["ip", "netns", "del", netns], check=False)
+
+
+ROGUE = (Path(__file__).parent / "rogue.py").read_text()
+
+
+def rogue(sandbox: Any, pid: int, *args: str) -> None:
+    """Sends forged packets from a container's network namespace, with every capability."""
+    sandbox.run(["nsenter", "-t", str(pid), "-n", "python3", "-c", ROGUE, *args])
+
+
+def bridge_of(sandbox: Any, container_id: str) -> str:
+    shown = sh(sandbox, "ip", "-o", "link", "show", "dev", f"qv{container_id[:13]}").split()
+    return shown[shown.index("master") + 1]
+
+
+def test_router_advertisements_from_a_container_route_nothing(sandbox: Any, quilt: Any, name: str) -> None:
+    """A container announces itself as IPv6 router: neither the host nor a neighbour may follow it."""
+    net = f"{name}-n"[:63]
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                # egress all: the host routes for the network, which is where an RA hurts most.
+                await q.create_network(net, subnet="10.125.0.0/24", egress="all")
+                cid, _ = await q.create(name, "busybox", ["sleep", "600"], network=net)
+                await q.create(f"{name}-nb", "busybox", ["sleep", "600"], network=net)
+                attacker = (await running(q, name))["Pid"]
+                neighbour = (await running(q, f"{name}-nb"))["Pid"]
+                bridge = bridge_of(sandbox, cid)
+                rogue(sandbox, attacker, "ra")
+                await asyncio.sleep(1)
+                assert sh(sandbox, "ip", "-6", "route", "show", "default") == ""
+                assert "2001:db8:66" not in sh(sandbox, "ip", "-6", "addr", "show", "dev", bridge)
+                assert in_netns(sandbox, neighbour, "ip", "-6", "route", "show", "default") == ""
+                assert "2001:db8:66" not in in_netns(sandbox, neighbour, "ip", "-6", "addr")
+                # What keeps a neighbour safe even from an RA that reaches it.
+                assert in_netns(sandbox, neighbour, "cat", "/proc/sys/net/ipv6/conf/eth0/accept_ra") == "0\n"
+                # The host has two locks: its bridge ignores RAs, and the
+                # firewall drops them. With the first opened, the second holds.
+                knob = f"/proc/sys/net/ipv6/conf/{bridge}/accept_ra"
+                assert sh(sandbox, "cat", knob) == "0\n"
+                sh(sandbox, "sh", "-c", f"echo 1 > {knob}")
+                rogue(sandbox, attacker, "ra")
+                await asyncio.sleep(1)
+                assert sh(sandbox, "ip", "-6", "route", "show", "default") == ""
+            finally:
+                await _remove(q, name)
+                await _remove(q, f"{name}-nb")
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())
+
+
+LISTEN = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7000))
+s.settimeout(3)
+got = set()
+try:
+    while True:
+        got.add(s.recvfrom(100)[0].decode())
+except socket.timeout:
+    pass
+print(" ".join(sorted(got)))
+"""
+
+
+def test_a_container_cannot_spoof_its_neighbours_or_the_gateway(sandbox: Any, quilt: Any, name: str) -> None:
+    """Forged ARP replies, source addresses and MACs, sent with CAP_NET_RAW, poison no one."""
+    net = f"{name}-n"[:63]
+    gateway = "10.126.0.1"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            try:
+                await q.create_network(net, subnet="10.126.0.0/24")
+                attacker_id, _ = await q.create(name, "busybox", ["sleep", "600"], network=net)
+                victim_id, _ = await q.create(f"{name}-v", "busybox", ["sleep", "600"], network=net)
+                attacker = await running(q, name)
+                victim = await running(q, f"{name}-v")
+                a_ip, v_ip = attacker["IPAddress"], victim["IPAddress"]
+                a_mac, v_mac = container_mac(a_ip), container_mac(v_ip)
+                bridge = bridge_of(sandbox, attacker_id)
+                shown = sh(sandbox, "ip", "-o", "link", "show", "dev", bridge).split()
+                bridge_mac = shown[shown.index("link/ether") + 1]
+                # The host and the victim know each other's MAC, as after any traffic.
+                sh(sandbox, "busybox", "ping", "-c1", "-W2", v_ip)
+                assert bridge_mac in in_netns(sandbox, victim["Pid"], "ip", "neigh", "show", gateway)
+                await asyncio.sleep(1.2)  # past the neighbour entries' locktime: replies may now override
+                # ARP replies: to the victim "the gateway is at my MAC", to the host "the victim is".
+                rogue(sandbox, attacker["Pid"], "arp", a_mac, v_mac, v_ip, gateway)
+                rogue(sandbox, attacker["Pid"], "arp", a_mac, bridge_mac, gateway, v_ip)
+                await asyncio.sleep(0.5)
+                seen = {
+                    "victim's gateway entry": in_netns(sandbox, victim["Pid"], "ip", "neigh", "show",
+                                                       gateway),
+                    "host's victim entry": sh(sandbox, "ip", "neigh", "show", v_ip, "dev", bridge),
+                }
+                # Datagrams to the victim: one as the gateway, one honest (which must arrive).
+                listener = asyncio.create_task(asyncio.to_thread(
+                    in_netns, sandbox, victim["Pid"], "python3", "-c", LISTEN))
+                await asyncio.sleep(0.5)
+                rogue(sandbox, attacker["Pid"], "udp", a_mac, gateway, v_mac, v_ip, "7000", "as-gateway")
+                rogue(sandbox, attacker["Pid"], "udp", a_mac, a_ip, v_mac, v_ip, "7000", "honest")
+                received = (await listener).split()
+                # The victim's MAC as source: the bridge would learn it on the attacker's
+                # port and send it the victim's frames.
+                rogue(sandbox, attacker["Pid"], "udp", v_mac, a_ip, bridge_mac, gateway, "9", "as-victim")
+                fdb = sh(sandbox, "bridge", "fdb", "show", "br", bridge)
+                outcome = {
+                    **{what: a_mac in entry for what, entry in seen.items()},
+                    "datagrams received": received,
+                    "victim's MAC on the attacker's port": f"{v_mac} dev qv{attacker_id[:13]}" in fdb,
+                    "victim's MAC on its own port": f"{v_mac} dev qv{victim_id[:13]}" in fdb,
+                }
+                assert outcome == {"victim's gateway entry": False, "host's victim entry": False,
+                                   "datagrams received": ["honest"],
+                                   "victim's MAC on the attacker's port": False,
+                                   "victim's MAC on its own port": True}, (seen, fdb)
+            finally:
+                await _remove(q, name)
+                await _remove(q, f"{name}-v")
+                with contextlib.suppress(errors.NoSuchNetwork):
+                    await q.remove_network(net)
+
+    run(scenario())

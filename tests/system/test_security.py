@@ -130,3 +130,71 @@ def test_init_memory_per_container(sandbox: Any, quilt: Any, name: str) -> None:
         assert kib["Private_Dirty"] < 4 * 1024, rollup
     finally:
         run(remove())
+
+
+SOCKPROBE = (Path(__file__).parent / "sockprobe.py").read_text()
+
+
+def test_vsock_is_refused_through_every_abi(sandbox: Any, quilt: Any, name: str) -> None:
+    """vsock is not namespaced: a container that opens one talks to the host and the hypervisor."""
+    cid, code = run_to_end(quilt, name, "host", ["python3", "-c", SOCKPROBE])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    got = dict(line.split(" ", 1) for line in lines[:-1])
+    refused = {"EAFNOSUPPORT", "EPERM"}
+    for door in ("vsock", "vsock-high-bits", "vsock-socketpair", "vsock-i386", "vsock-i386-socketcall",
+                 "packet", "tipc", "alg"):
+        assert got[door] in refused, (door, lines)
+    # This kernel may have no x32 ABI at all (ENOSYS); either way no socket.
+    assert got["vsock-x32"] in refused | {"ENOSYS"}, lines
+    # What a container needs still works, through the i386 ABI too.
+    assert (got["inet"], got["unix"], got["inet-i386"]) == ("socket", "socket", "socket"), lines
+
+
+IO_URING_PROBE = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+for name, nr, args in (("io_uring_setup", 425, (8, params)), ("io_uring_enter", 426, (0, 1, 0, 0, None, 0)),
+                       ("io_uring_register", 427, (0, 0, None, 0))):
+    rc = libc.syscall(nr, *args)
+    print(name, rc if rc >= 0 else errno.errorcode[ctypes.get_errno()])
+print("done 0")
+"""
+
+
+def test_io_uring_is_refused(sandbox: Any, quilt: Any, name: str) -> None:
+    """io_uring runs system calls in kernel workers, out of seccomp's sight."""
+    cid, code = run_to_end(quilt, name, "host", ["python3", "-c", IO_URING_PROBE])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    assert lines[:-1] == ["io_uring_setup EPERM", "io_uring_enter EPERM", "io_uring_register EPERM"], lines
+
+
+RAW_PROBE = """
+import socket
+def attempt(*args):
+    try:
+        socket.socket(*args).close()
+        return "socket"
+    except OSError as e:
+        return e.strerror
+print("raw-icmp", attempt(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+print("raw-ip", attempt(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+print("packet", attempt(socket.AF_PACKET, socket.SOCK_RAW, 0))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.settimeout(5)
+s.sendto(bytes([8, 0, 0xf7, 0xff, 0, 0, 0, 0]), ("10.88.0.1", 0))
+print("echo-socket", "reply" if s.recvfrom(64)[0][0] == 0 else "no reply")
+"""
+
+
+def test_no_raw_sockets_by_default_but_ping_works(sandbox: Any, quilt: Any, name: str) -> None:
+    """Without CAP_NET_RAW no packet can be forged; ICMP echo sockets still ping."""
+    script = f"python3 -c '{RAW_PROBE}'; busybox ping -c1 -W2 10.88.0.1 >/dev/null 2>&1; echo busybox-ping $?"
+    cid, code = run_to_end(quilt, name, "host", ["sh", "-c", script + "; echo done 0"])
+    lines = journal_lines(sandbox, cid)
+    assert code == 0 and lines[-1] == "done 0", lines
+    assert lines[:-1] == ["raw-icmp Operation not permitted", "raw-ip Operation not permitted",
+                          "packet Address family not supported by protocol", "echo-socket reply",
+                          "busybox-ping 1"], lines  # busybox's ping wants a raw socket

@@ -125,6 +125,9 @@ def test_egress_option_and_rules() -> None:
     assert 'ip saddr 10.90.0.0/16 oifname != "qbb" masquerade' in script
     assert "10.89.0.0/16 oifname" not in script
     assert script.startswith("table inet quilt {}\ndelete table inet quilt\n")
+    # Router advertisements from containers are dropped before egress "all" accepts anything.
+    inbound = script[script.index("chain input"):]
+    assert inbound.index('iifname "qbb" icmpv6 type 133-137 drop') < inbound.index('iifname "qbb" accept')
 
 
 def test_published_port_rules() -> None:
@@ -158,3 +161,17 @@ def test_subnet_checks() -> None:
                      ("300.0.0.0/8", "invalid")):
         with pytest.raises(InvalidArgument, match=why):
             check_subnet(bad, others)
+
+
+def test_ports_are_pinned_to_their_mac_and_address() -> None:
+    pin = firewall.Pin("qv0123456789abc", "02:51:0a:59:00:02", "10.89.0.2")
+    script = firewall.ruleset([firewall.Policy("qba", "10.89.0.0/16", "10.89.0.1", "none")], (), (pin,))
+    bridge = script[script.index("table bridge quilt {\n"):]
+    # Replaced whole, like the inet table, and the pins come with it.
+    assert script.index("delete table bridge quilt") < script.index("table bridge quilt {\n")
+    assert 'add element bridge quilt port_mac { "qv0123456789abc" . 02:51:0a:59:00:02 }' in bridge
+    assert 'add element bridge quilt port_ip { "qv0123456789abc" . 10.89.0.2 }' in bridge
+    for rule in ("iifname . ether saddr != @port_mac drop", "iifname . arp saddr ip != @port_ip drop",
+                 "iifname . ip saddr != @port_ip drop"):
+        assert rule in bridge
+    assert firewall.unpin_script(pin) == firewall.pin_script(pin).replace("add element", "delete element")
