@@ -35,6 +35,7 @@ from quiltd.errors import (
 )
 from quiltd.model import Container, Lease, Network
 from quiltd.network import CONTAINER_IFNAME, VETH_PREFIX, Netlink, container_mac, veth_name
+from quiltd.nftqueue import NftQueue
 from quiltd.paths import Paths
 from quiltd.store import Store
 
@@ -134,6 +135,7 @@ class Networks:
         self._store = store
         self._netlink = netlink
         self._stale_hosts: set[str] = set()
+        self._nft = NftQueue(netlink)
         # Per network, the hosts file's entries by container id: kept up to
         # date from the container events, so a change costs one lookup and
         # not a read of every container on record.
@@ -287,8 +289,7 @@ class Networks:
             return
         network = self.find(lease.network)
         # Before the port exists: it sends nothing until pinned to its MAC and address.
-        await self._netlink.call(f"pinning the port of {c.id}", firewall.load,
-                                 firewall.pin_script(pin(c.id, lease.address)))
+        await self._nft.run(firewall.pin_script(pin(c.id, lease.address)))
         # The bridge is made on first use, by the same worker, in the same request.
         await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
                                      lease.address)
@@ -300,10 +301,10 @@ class Networks:
         await self._netlink.delete_link(veth_name(c.id))
         lease = self._store.find_lease(c.id)
         if lease is not None:
-            # Absent after a reload that found the container stopped: nothing to undo then.
-            with contextlib.suppress(Internal):
-                await self._netlink.call(f"unpinning the port of {c.id}", firewall.load,
-                                         firewall.unpin_script(pin(c.id, lease.address)))
+            # Not waited for: the port is gone, and a pin names its port, so a
+            # stale one lets nothing through. Absent after a reload that found
+            # the container stopped: the failure is only logged then.
+            self._nft.submit(firewall.unpin_script(pin(c.id, lease.address)), f"unpinning the port of {c.id}")
 
     async def recover(self, active: list[Container]) -> None:
         """After a restart: bridges up, running containers' veths on their bridges, strays deleted."""
