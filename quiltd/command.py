@@ -1,8 +1,14 @@
 """The last steps of every process that runs in a container, up to execve.
 
-The container's command and every exec take the same path here, inside the
-container (namespaces and root already its own), so an exec can never be a
-way out: the same user lookup, the same session, the same hardening.
+The container's command and every exec get the same restrictions, so an
+exec can never be a way out: the same user lookup, the same session, the
+same capabilities, no_new_privs and seccomp filter (restrict).
+
+- The command is forked by init before init restricts itself, and takes
+  the restrictions on in the child (execute).
+- Then init restricts itself, and each exec it starts inherits them: it is
+  spawned without running any Python in the child (spawn), which lets the
+  standard library use vfork, so an exec does not copy init's memory map.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from quiltd import accounts, linux, security
 from quiltd.execproto import FAILURE_EXEC, FAILURE_USER
@@ -32,6 +39,10 @@ RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 class _Failure(Exception):
     """A reason for the daemon, starting with one of the FAILURE_ words."""
+
+
+class SpawnFailed(Exception):
+    """Why an exec could not be started, starting with one of the FAILURE_ words."""
 
 
 def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
@@ -57,7 +68,7 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
             os.dup2(fd, std)
         os.closerange(3, error_fd)
         os.closerange(error_fd + 1, 1 << 16)
-        harden_before_exec(nested_userns)
+        restrict(nested_userns)
         try:
             os.execvpe(argv[0], list(argv), environ)
         except OSError as e:
@@ -70,10 +81,7 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
 
 
 def _switch_user(user: str, env: dict[str, str]) -> None:
-    try:
-        account = accounts.resolve(user)
-    except accounts.UnknownUser as e:
-        raise _Failure(f"{FAILURE_USER}: {e}") from None
+    account = _account(user)
     if account.home and "HOME" not in env:
         env["HOME"] = account.home
     os.setgroups(list(account.groups))
@@ -81,8 +89,43 @@ def _switch_user(user: str, env: dict[str, str]) -> None:
     os.setuid(account.uid)
 
 
-def harden_before_exec(nested_userns: bool) -> None:
-    """The final step before execve: what a process in a container may do from here on."""
+def _account(user: str) -> accounts.Account:
+    try:
+        return accounts.resolve(user)
+    except accounts.UnknownUser as e:
+        raise _Failure(f"{FAILURE_USER}: {e}") from None
+
+
+def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
+          stdio: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+    """From init, once restricted: starts an exec in a new session; SpawnFailed says why not.
+
+    The caller reaps the process (init reaps every child) and must then set
+    its returncode.
+    """
+    environ = dict(item.split("=", 1) for item in env)
+    ids: dict[str, Any] = {}
+    try:
+        if user:
+            account = _account(user)
+            if account.home and "HOME" not in environ:
+                environ["HOME"] = account.home
+            ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+        # close_fds leaves the child nothing of init's but stdio; restore_signals
+        # gives it SIGPIPE and SIGXFSZ back (Python ignores them).
+        return subprocess.Popen(list(argv), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], cwd=workdir,
+                                env=environ, start_new_session=True, close_fds=True, restore_signals=True,
+                                **ids)
+    except _Failure as e:
+        raise SpawnFailed(str(e)) from None
+    except OSError as e:
+        if e.filename == workdir:
+            raise SpawnFailed(f"{FAILURE_EXEC}: workdir {workdir}: {e.strerror}") from None
+        raise SpawnFailed(f"{FAILURE_EXEC}: {argv[0]}: {e.strerror}") from None
+
+
+def restrict(nested_userns: bool) -> None:
+    """What a process in a container may do from here on; its children inherit it."""
     # No setuid binary or file capability can raise privileges from here on.
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     # A process already switched to another user holds no capabilities (the

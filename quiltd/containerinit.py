@@ -100,8 +100,10 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os.close(err_w)
         os.close(error_fd)  # the daemon sees end of file once the command's exec succeeded
         error_fd = -1  # its number may be reused below
-        code = InitLoop(command_pid, {out_r: 1, err_r: 2}, journal, listener, run_dir_fd,
-                        spec.nested_userns).run()
+        # Init needs no more privilege than its execs get, and they inherit
+        # this: none of them has to be restricted on its own.
+        command.restrict(spec.nested_userns)
+        code = InitLoop(command_pid, {out_r: 1, err_r: 2}, journal, listener, run_dir_fd).run()
         os.write(exit_fd, f"{code}\n".encode())
         os._exit(code)
     except BaseException as e:  # a failed start, told to the daemon

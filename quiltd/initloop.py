@@ -26,6 +26,7 @@ import re
 import selectors
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -100,7 +101,7 @@ class _Exec:
     """An exec init forked and has not reaped yet."""
 
     request: ExecRequest
-    pid: int
+    process: subprocess.Popen[bytes]  # reaped by init's loop, which then sets its returncode
     output: Output | None  # background execs' lines
     deadline: float | None  # monotonic
     # Told of the end: the connection that asked for the exec, and any that waits for it.
@@ -110,12 +111,11 @@ class _Exec:
 
 class InitLoop:
     def __init__(self, command_pid: int, command_pipes: dict[int, int], journal: JournalStream,
-                 listener: socket.socket, run_dir_fd: int, nested_userns: bool) -> None:
+                 listener: socket.socket, run_dir_fd: int) -> None:
         self._command_pid = command_pid
         self._journal = journal
         self._listener = listener
         self._run_dir_fd = run_dir_fd
-        self._nested_userns = nested_userns
         self._selector = selectors.DefaultSelector()
         self._output = Output(command_pipes, journal, on_close=self._forget)
         self._execs: dict[int, _Exec] = {}  # by pid
@@ -183,7 +183,7 @@ class InitLoop:
             if e.deadline is not None and not e.timed_out and now >= e.deadline:
                 e.timed_out = True
                 # The whole process group: the command's own children go too.
-                for target in (-e.pid, e.pid):
+                for target in (-e.process.pid, e.process.pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(target, signal.SIGKILL)
 
@@ -229,39 +229,27 @@ class InitLoop:
             raise ValueError(f"bad exec id {request.exec_id!r}")
         if len(fds) != (0 if request.background else 3):
             raise ValueError(f"an exec takes 3 descriptors or none, got {len(fds)}")
-        error_r, error_w = os.pipe2(os.O_CLOEXEC)
         relay: dict[int, int] = {}
-        child_side: list[int] = [error_w]
         if request.background:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
             stdio = (null, out_w, err_w)
             relay = {out_r: 1, err_r: 2}
-            child_side += stdio
         else:
             stdio = (fds[0], fds[1], fds[2])
         try:
-            pid = os.fork()
-        except OSError:  # out of tasks (the scope's TasksMax) or memory
-            for fd in (*child_side, *relay, error_r):
-                os.close(fd)
-            raise
-        if pid == 0:
-            command.execute(request.command, request.env, request.workdir, request.user, stdio, error_w,
-                            self._nested_userns)
-        for fd in child_side:
-            os.close(fd)
-        # The child only sets itself up before execve (no lookup that can
-        # block: the account files are read non-blocking), so waiting for
-        # its word here holds the loop for about a millisecond.
-        failure = _read_to_end(error_r)
-        if failure:
+            process = command.spawn(request.command, request.env, request.workdir, request.user, stdio)
+        except command.SpawnFailed as failure:
             for fd in relay:
                 os.close(fd)
-            self._reply(conn, Kind.FAILED, reason=failure)
+            self._reply(conn, Kind.FAILED, reason=str(failure))
             self._drop(conn)
-            return  # the child exits 127 and is reaped as a stranger
+            return
+        finally:
+            if request.background:
+                for fd in stdio:
+                    os.close(fd)
         output = None
         if relay:
             output = Output(relay, self._journal, {"QUILT_EXEC_ID": request.exec_id}, on_close=self._forget)
@@ -269,13 +257,16 @@ class InitLoop:
                 os.set_blocking(fd, False)
                 self._watch(fd, lambda fd=fd, o=output: o.read(fd))  # type: ignore[misc]
         deadline = time.monotonic() + request.timeout_sec if request.timeout_sec else None
-        e = _Exec(request, pid, output, deadline, [conn])
-        self._execs[pid] = e
+        e = _Exec(request, process, output, deadline, [conn])
+        self._execs[process.pid] = e
         self._by_id[request.exec_id] = e
         self._reply(conn, Kind.STARTED)
 
     def _finish(self, e: _Exec, code: int) -> None:
         del self._by_id[e.request.exec_id]
+        # Reaped here, not by Popen: a Popen collected without a returncode
+        # would try to reap its pid again later.
+        e.process.returncode = code
         if e.output is not None:
             e.output.drain()
         status = ExecStatus(TIMEOUT_EXIT if e.timed_out else code, e.timed_out)
@@ -298,7 +289,7 @@ class InitLoop:
         e = self._by_id.get(exec_id)
         if e is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(e.pid, signum)
+                os.kill(e.process.pid, signum)
         self._reply(conn, Kind.OK if e is not None else Kind.UNKNOWN)
         self._drop(conn)
 
@@ -327,13 +318,3 @@ class InitLoop:
 def _drain_wakeups(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         os.read(fd, 512)
-
-
-def _read_to_end(fd: int) -> str:
-    data = bytearray()
-    try:
-        while chunk := os.read(fd, 4096):
-            data.extend(chunk)
-    finally:
-        os.close(fd)
-    return data.decode(errors="replace")
