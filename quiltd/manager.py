@@ -51,6 +51,7 @@ from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Imag
 from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
+from quiltd.retries import CommitQueue
 from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import (
     ForkServer,
@@ -124,6 +125,7 @@ class Manager:
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
+        self.commits = CommitQueue()  # state changes with no caller to fail to: retried until they commit
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -305,15 +307,27 @@ class Manager:
                 with contextlib.suppress(Internal):
                     await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
-            return self._transition(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
-                                    finished_usec=now_usec())
+            return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
+                                finished_usec=now_usec())
         if failure:
             os.close(launched.pidfd)
-            return self._transition(c, state=State.FAILED, reason=failure, pid=0, pid_starttime=0,
-                                    exit_code=127, finished_usec=now_usec())
-        c = self._transition(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
-        self._watch(c, launched.pidfd)
+            return self._settle(c, state=State.FAILED, reason=failure, pid=0, pid_starttime=0,
+                                exit_code=127, finished_usec=now_usec())
+        c = self._settle(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
+        self._watch(c, launched.pidfd)  # an exit seen before the commit queues behind it
         return c
+
+    def _settle(self, c: Container, **changes: object) -> Container:
+        """The last change of a start: committed now, or retried until it is (retries.py)."""
+        new = replace(c, **changes)  # type: ignore[arg-type]
+
+        def commit() -> None:
+            row = self._store.find_container(c.id)
+            if row is not None and row.state == c.state:  # not removed or overtaken meanwhile
+                self._transition(row, **changes)  # type: ignore[arg-type]
+
+        self.commits.run(f"container {c.name} {new.state.value}", commit)
+        return new
 
     async def _resume_start(self, c: Container) -> Container | None:
         # The scope of the interrupted attempt may linger for a moment, and
@@ -398,9 +412,18 @@ class Manager:
         c = self._store.find_container(container_id)
         if c is None or not c.state.is_active:
             return
+        # Read once: the record of the exit must not change between retries.
         code, reason = self._exit_status(c)
+        finished = now_usec()
+        self.commits.run(f"the exit of container {c.name}",
+                         lambda: self._record_exit(container_id, code, reason, finished))
+
+    def _record_exit(self, container_id: str, code: int, reason: str, finished_usec: int) -> None:
+        c = self._store.find_container(container_id)
+        if c is None or not c.state.is_active:
+            return
         c = self._transition(c, state=State.EXITED, exit_code=code, reason=reason, pid=0,
-                             pid_starttime=0, finished_usec=now_usec())
+                             pid_starttime=0, finished_usec=finished_usec)
         for waiter in self._exit_waiters.pop(container_id, []):
             if not waiter.done():
                 waiter.set_result(None)
