@@ -13,6 +13,7 @@ import enum
 import logging
 import os
 import platform
+import re
 import secrets
 import signal
 import sqlite3
@@ -100,6 +101,11 @@ class SystemInfo:
     state_dir: str
     run_dir: str
     kernel: str
+
+
+# An import extracts into images/<16 hex digits>; recovery removes one no image names.
+IMPORT_DIR_BYTES = 8
+IMPORT_DIR = re.compile(f"[0-9a-f]{{{2 * IMPORT_DIR_BYTES}}}")
 
 
 def now_usec() -> int:
@@ -590,7 +596,7 @@ class Manager:
             raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         if self._store.find_image(name) is not None:
             raise NameTaken(f"an image named {name!r} exists already")
-        dest = self.paths.images / secrets.token_hex(8)
+        dest = self.paths.images / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:  # in the worker thread
@@ -696,10 +702,25 @@ class Manager:
         for parent in (self.paths.state_dir / "containers", self.paths.run_dir / "containers"):
             if parent.is_dir():
                 orphans.update(p.name for p in parent.iterdir())
+        partial = self._partial_imports()
         with self._store.transaction():
             for container_id in sorted(orphans - known):
                 log.warning("container %s is on no record: cleaning up its leftovers", container_id)
                 self._queue_container_leftovers(container_id)
+            for path in partial:
+                log.warning("image directory %s is on no record (an import cut off): removing it", path)
+                self._store.add_cleanup(CleanupKind.TREE, str(path))
+
+    def _partial_imports(self) -> list[Path]:
+        """Import directories no image names: what a daemon killed during ImportImage left.
+
+        Recovery runs before any call is served, so no import of this daemon is under way.
+        """
+        recorded = {Path(image.path).name for image in self._store.list_images()}
+        if not self.paths.images.is_dir():
+            return []
+        return sorted(p for p in self.paths.images.iterdir()
+                      if IMPORT_DIR.fullmatch(p.name) and p.name not in recorded)
 
     # Helpers
 
