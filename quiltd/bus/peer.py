@@ -347,6 +347,9 @@ class PeerServer:
                 log.info("direct connection refused: %s", e or type(e).__name__)
                 conn.close()
                 return
+            except asyncio.CancelledError:
+                conn.close()  # quiltd is stopping
+                raise
             self._authenticating -= 1
             _count(self._authenticating_per_uid, creds.uid, -1)
             authenticating = False

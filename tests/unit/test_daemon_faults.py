@@ -7,11 +7,13 @@ import os
 import socket
 import sqlite3
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from dbus_next.message import Message
 
 from quiltd.bus.connection import handed_over
+from quiltd.bus.peer import MAX_AUTHENTICATING_PER_UID, PeerServer
 from quiltd.errors import Busy, InvalidArgument, NoSpace
 from quiltd.notify import Notifier, notify_address
 from quiltd.retries import CommitQueue
@@ -101,3 +103,36 @@ def test_descriptor_arguments_are_checked_and_copied() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the socket serves root and group quilt; run as root")
+def test_connections_over_a_cap_are_refused_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        path = str(tmp_path / "quiltd.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        server = PeerServer([listener], cast(Any, None), [])  # nobody authenticates: no exports needed
+        server.start()
+        clients = []
+        try:
+            for _ in range(MAX_AUTHENTICATING_PER_UID + 4):
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(client, path)
+                clients.append(client)
+            await asyncio.sleep(0.2)
+            answers = []
+            for client in clients:
+                try:
+                    answers.append(client.recv(64))
+                except BlockingIOError:
+                    answers.append(None)  # held: still authenticating
+            assert answers[:MAX_AUTHENTICATING_PER_UID] == [None] * MAX_AUTHENTICATING_PER_UID
+            assert answers[MAX_AUTHENTICATING_PER_UID:] == [b"REJECTED EXTERNAL\r\n"] * 4
+        finally:
+            for client in clients:
+                client.close()
+            server.close()
+
+    asyncio.run(scenario())
