@@ -15,6 +15,7 @@ from dbus_next.message import Message
 from quiltd.bus.connection import handed_over
 from quiltd.bus.peer import MAX_AUTHENTICATING_PER_UID, PeerServer
 from quiltd.errors import Busy, InvalidArgument, NoSpace
+from quiltd.model import Volume
 from quiltd.notify import Notifier, notify_address
 from quiltd.retries import CommitQueue
 from quiltd.store import Store, unavailable
@@ -59,6 +60,17 @@ def test_a_locked_database_is_busy_and_a_full_one_no_space(tmp_path: Path) -> No
         pass
     store.close()
     assert isinstance(unavailable(sqlite3.OperationalError("database or disk is full")), NoSpace)
+
+
+def test_a_full_database_is_no_space_and_changes_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "quilt.db")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's own "disk full"
+    with pytest.raises(NoSpace, match="full"), store.transaction():
+        for i in range(2000):
+            store.insert_volume(Volume(name=f"v{i}", path="/x" * 50, created_usec=i))
+    assert store.list_volumes() == []
+    store.close()
     assert unavailable(sqlite3.OperationalError("no such table: x")) is None
 
 
