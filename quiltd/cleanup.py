@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from quiltd import images
+from quiltd.errors import Busy, NoSpace
 from quiltd.model import CleanupKind, CleanupTask
 from quiltd.scopes import Systemd
 from quiltd.store import Store
@@ -60,9 +61,15 @@ class Cleaner:
         while True:
             self._wake.clear()  # before looking, so a task queued meanwhile wakes us again
             now = self._now_usec()
-            for task in self._store.list_cleanups():
-                if task.next_usec <= now:
-                    await self._attempt(task)  # one that finished meanwhile is a no-op
+            try:
+                for task in self._store.list_cleanups():
+                    if task.next_usec <= now:
+                        await self._attempt(task)  # one that finished meanwhile is a no-op
+            except (Busy, NoSpace) as e:
+                # The store cannot record the outcome now; the tasks stay queued.
+                log.warning("cleanup paused: %s", e)
+                await asyncio.sleep(FIRST_RETRY_SEC)
+                continue
             pending = self._store.list_cleanups()
             wait = None
             if pending:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager, RecoveryOutcome
 from quiltd.network import Netlink
+from quiltd.notify import Notifier
 from quiltd.paths import Paths
 from quiltd.scopes import Systemd
 from quiltd.spawner import ForkServer
@@ -66,8 +68,10 @@ def setup_logging(level: str) -> None:
 
 
 class Daemon:
-    def __init__(self, args: argparse.Namespace, forkserver: ForkServer, listen_fds: list[int]) -> None:
+    def __init__(self, args: argparse.Namespace, forkserver: ForkServer, listen_fds: list[int],
+                 notifier: Notifier) -> None:
         self._args = args
+        self._notifier = notifier
         self._listen_fds = listen_fds
         self._paths = Paths(args.state_dir, args.run_dir)
         self._forkserver = forkserver
@@ -121,7 +125,7 @@ class Daemon:
         peers.start()
         journal.send(f"quiltd {__version__} ready", MESSAGE_ID=MESSAGE_STARTED, SYSLOG_IDENTIFIER="quiltd")
         self._status_sent = self._status()
-        sd_daemon.notify(f"READY=1\nSTATUS={self._status_sent}")
+        self._notifier.notify(f"READY=1\nSTATUS={self._status_sent}")
         self._start_watchdog()
         disconnected = loop.create_task(bus.wait_for_disconnect())
         stopped = loop.create_task(self._stop.wait())
@@ -129,7 +133,7 @@ class Daemon:
         if disconnected.done():
             log.error("lost the bus connection; exiting so systemd restarts quiltd")
             return 1
-        sd_daemon.notify("STOPPING=1")
+        self._notifier.notify("STOPPING=1")
         journal.send("quiltd stopping; containers keep running", MESSAGE_ID=MESSAGE_STOPPING,
                      SYSLOG_IDENTIFIER="quiltd")
         manager.cleaner.stop()
@@ -156,7 +160,7 @@ class Daemon:
         interval = usec / 1e6 / 2
 
         def ping() -> None:
-            sd_daemon.notify("WATCHDOG=1")
+            self._notifier.notify("WATCHDOG=1")
             loop.call_later(interval, ping)
 
         ping()
@@ -184,7 +188,7 @@ class Daemon:
             status = self._status()
             if status != self._status_sent:
                 self._status_sent, self._status_sent_at = status, loop.time()
-                sd_daemon.notify(f"STATUS={status}")
+                self._notifier.notify(f"STATUS={status}")
 
         # The first change after a quiet spell goes out at once (at the end
         # of this loop turn); later ones are gathered into one, sent when the
@@ -201,6 +205,21 @@ def _quiet_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, ob
     loop.default_exception_handler(context)
 
 
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (quiltd.service sets 524288).
+
+    Every connection, exec and copy holds descriptors; the usual soft limit of
+    1024 is what a flood of connections ran out of. The peer server caps its
+    connections well below the hard limit (bus/peer.py).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, hard, e)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.detach:
@@ -213,13 +232,17 @@ def main(argv: list[str] | None = None) -> None:
     # Started before asyncio brings threads into this process.
     forkserver = ForkServer()
     forkserver.start()
+    # After the fork server: it and the containers keep the usual soft limit.
+    raise_nofile_limit()
+    notifier = Notifier()
     try:
-        code = asyncio.run(Daemon(args, forkserver, listen_fds).run())
+        code = asyncio.run(Daemon(args, forkserver, listen_fds, notifier).run())
     except Exception:
         log.exception("quiltd failed")
         code = 1
     finally:
         forkserver.stop()
+        notifier.close()
     sys.exit(code)
 
 

@@ -97,6 +97,18 @@ class CopyFailed(QuiltError):
     """A file could not be read or written inside the container (read-only, full, ...)."""
 
     dbus_name = ERROR_PREFIX + "CopyFailed"
+class Busy(QuiltError):
+    """The state database is locked by another process; the message gives the cause. Try again."""
+
+    dbus_name = ERROR_PREFIX + "Busy"
+
+
+class NoSpace(QuiltError):
+    """The state directory's filesystem is full: nothing could be recorded."""
+
+    dbus_name = ERROR_PREFIX + "NoSpace"
+
+
 class NoSuchNetwork(QuiltError):
     dbus_name = ERROR_PREFIX + "NoSuchNetwork"
 

@@ -13,12 +13,14 @@ import enum
 import logging
 import os
 import platform
+import re
 import secrets
 import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from quiltd import (
@@ -58,6 +60,7 @@ from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Imag
 from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
+from quiltd.retries import CommitQueue
 from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import (
     ForkServer,
@@ -116,6 +119,11 @@ def _describe_fd(fd: int) -> str:
         return "the image descriptor"
 
 
+# An import extracts into images/<16 hex digits>; recovery removes one no image names.
+IMPORT_DIR_BYTES = 8
+IMPORT_DIR = re.compile(f"[0-9a-f]{{{2 * IMPORT_DIR_BYTES}}}")
+
+
 def now_usec() -> int:
     return time.time_ns() // 1000
 
@@ -140,6 +148,7 @@ class Manager:
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
+        self.commits = CommitQueue()  # state changes with no caller to fail to: retried until they commit
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -323,15 +332,27 @@ class Manager:
                 with contextlib.suppress(Internal):
                     await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
-            return self._transition(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
-                                    finished_usec=now_usec())
+            return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
+                                finished_usec=now_usec())
         if failure:
             os.close(launched.pidfd)
-            return self._transition(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
-                                    pid_starttime=0, exit_code=127, finished_usec=now_usec())
-        c = self._transition(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
-        self._watch(c, launched.pidfd)
+            return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
+                                pid_starttime=0, exit_code=127, finished_usec=now_usec())
+        c = self._settle(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
+        self._watch(c, launched.pidfd)  # an exit seen before the commit queues behind it
         return c
+
+    def _settle(self, c: Container, **changes: object) -> Container:
+        """The last change of a start: committed now, or retried until it is (retries.py)."""
+        new = replace(c, **changes)  # type: ignore[arg-type]
+
+        def commit() -> None:
+            row = self._store.find_container(c.id)
+            if row is not None and row.state == c.state:  # not removed or overtaken meanwhile
+                self._transition(row, **changes)  # type: ignore[arg-type]
+
+        self.commits.run(f"container {c.name} {new.state.value}", commit)
+        return new
 
     async def _resume_start(self, c: Container) -> Container | None:
         # The scope of the interrupted attempt may linger for a moment, and
@@ -437,9 +458,18 @@ class Manager:
         c = self._store.find_container(container_id)
         if c is None or not c.state.is_active:
             return
+        # Read once: the record of the exit must not change between retries.
         code, reason = self._exit_status(c)
+        finished = now_usec()
+        self.commits.run(f"the exit of container {c.name}",
+                         lambda: self._record_exit(container_id, code, reason, finished))
+
+    def _record_exit(self, container_id: str, code: int, reason: str, finished_usec: int) -> None:
+        c = self._store.find_container(container_id)
+        if c is None or not c.state.is_active:
+            return
         c = self._transition(c, state=State.EXITED, exit_code=code, reason=reason, pid=0,
-                             pid_starttime=0, finished_usec=now_usec())
+                             pid_starttime=0, finished_usec=finished_usec)
         for waiter in self._exit_waiters.pop(container_id, []):
             if not waiter.done():
                 waiter.set_result(None)
@@ -654,7 +684,7 @@ class Manager:
     async def _import(self, name: str, fd: int, label: str, import_options: imageimport.ImportOptions,
                       caller: Credentials) -> Image:
         """Imports from fd (taken over); the files of a layout directory are opened as caller."""
-        dest = self.paths.images / secrets.token_hex(8)
+        dest = self.paths.images / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:  # in the worker thread
@@ -760,10 +790,25 @@ class Manager:
         for parent in (self.paths.state_dir / "containers", self.paths.run_dir / "containers"):
             if parent.is_dir():
                 orphans.update(p.name for p in parent.iterdir())
+        partial = self._partial_imports()
         with self._store.transaction():
             for container_id in sorted(orphans - known):
                 log.warning("container %s is on no record: cleaning up its leftovers", container_id)
                 self._queue_container_leftovers(container_id)
+            for path in partial:
+                log.warning("image directory %s is on no record (an import cut off): removing it", path)
+                self._store.add_cleanup(CleanupKind.TREE, str(path))
+
+    def _partial_imports(self) -> list[Path]:
+        """Import directories no image names: what a daemon killed during ImportImage left.
+
+        Recovery runs before any call is served, so no import of this daemon is under way.
+        """
+        recorded = {Path(image.path).name for image in self._store.list_images()}
+        if not self.paths.images.is_dir():
+            return []
+        return sorted(p for p in self.paths.images.iterdir()
+                      if IMPORT_DIR.fullmatch(p.name) and p.name not in recorded)
 
     # Helpers
 

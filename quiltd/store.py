@@ -16,6 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from quiltd.errors import Busy, NoSpace
 from quiltd.model import (
     CleanupKind,
     CleanupTask,
@@ -142,13 +143,33 @@ _CONTAINER_COLUMNS = (
 )
 
 
+BUSY_TIMEOUT_MS = 1000
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
+
+
+def unavailable(e: sqlite3.OperationalError) -> Busy | NoSpace | None:
+    """The named error for a database that cannot be written now, or None for other failures."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(e)
+    if primary in (SQLITE_BUSY, SQLITE_LOCKED) or "database is locked" in text:
+        return Busy(f"the state database is locked by another process ({text}); nothing was "
+                    "changed, try again")
+    if primary == SQLITE_FULL or "disk is full" in text:
+        return NoSpace(f"the state directory's filesystem is full ({text}); nothing was changed")
+    return None
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # quiltd is the only writer; only another process (sqlite3 in a
+        # shell, a backup) can hold the lock. The wait blocks the event loop,
+        # so it is short: past it the call fails with Busy.
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
@@ -171,15 +192,27 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        # IMMEDIATE takes the write lock up front, so a transaction never
-        # fails half-way for want of it.
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction; a locked database is Busy and a full disk NoSpace."""
+        try:
+            # IMMEDIATE takes the write lock up front, so a transaction never
+            # fails half-way for want of it.
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            named = unavailable(e)
+            if named is None:
+                raise
+            raise named from e
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("COMMIT")
+        except BaseException as e:
+            # SQLite may have rolled back already (a full disk does).
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            named = unavailable(e) if isinstance(e, sqlite3.OperationalError) else None
+            if named is None:
+                raise
+            raise named from e
 
     def integrity_check(self) -> str:
         result: str = self._db.execute("PRAGMA integrity_check").fetchone()[0]

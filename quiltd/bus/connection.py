@@ -1,20 +1,45 @@
-"""A dbus-next MessageBus that survives a full socket.
+"""A dbus-next MessageBus that survives a full socket, a peer that does not read, and stray descriptors.
 
 dbus-next 0.2.3 (the release Debian and PyPI carry) treats EAGAIN from
 send() as a fatal error and drops the connection, so a burst of replies and
 signals larger than the socket buffer (fifty containers created at once)
 disconnected the daemon. This writer waits for the socket to drain instead,
 and sends what is queued in one write rather than one write per message.
+Waiting has a bound where one is set (max_queued, on direct connections): a
+peer that lets more pile up is dropped.
+
+dbus-next hands the descriptors a call carries to the method as plain
+numbers and never closes any. Here the connection owns them: a method with
+'h' arguments gets its own duplicates (which it takes over and closes), after
+a check that every index names a descriptor; the received ones are closed
+once the call is dispatched, whether or not anything used them.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
+import copy
+import io
+import logging
+import os
 import socket
+import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from dbus_next._private.util import _replace_fds
 from dbus_next.aio import message_bus as aio_bus
+from dbus_next.constants import MessageType
+from dbus_next.errors import DBusError
+from dbus_next.message import Message
+
+from quiltd.errors import InvalidArgument
+
+log = logging.getLogger("quiltd")
+
+MESSAGES_PER_TURN = 64  # read from one connection before the event loop turns again
 
 _BATCH_BYTES = 256 << 10
 
@@ -24,6 +49,27 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
         super().__init__(bus)
         self.pending: deque[tuple[bytes, list[int], Any]] = deque()
         self.futs: list[Any] = []  # one per message in buf
+        self.max_queued: int | None = None  # bytes waiting for the peer; None: no bound
+        self.queued = 0
+        self.batch_bytes = 0
+        self.overflowed = False
+
+    def buffer_message(self, msg: Any, future: Any = None) -> None:
+        if self.overflowed:
+            aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
+            return
+        data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+        if self.max_queued is not None and self.queued and self.queued + len(data) > self.max_queued:
+            # Dropped on the next turn: a send can come from inside a loop
+            # over this bus's interfaces, which finalizing would change.
+            self.overflowed = True
+            log.info("dropped direct connection %s: %d bytes of replies and signals unread",
+                     self.bus.unique_name, self.queued)
+            aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
+            self.loop.call_soon(self.bus._finalize, ConnectionError("the peer does not read its replies"))
+            return
+        self.queued += len(data)
+        self.messages.put_nowait((data, copy.copy(msg.unix_fds), future))
 
     def _next_batch(self) -> memoryview | None:
         """Takes the queued messages into one buffer: one send for all of them, not one each.
@@ -44,6 +90,7 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
             parts.append(data)
             self.futs.append(fut)
             size += len(data)
+        self.batch_bytes = size
         self.buf = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
         self.offset = 0
         return self.buf
@@ -67,6 +114,7 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
                 if self.offset < len(buf):
                     return
                 self.buf = None
+                self.queued -= self.batch_bytes
                 for fut in self.futs:
                     aio_bus._future_set_result(fut, None)
         except Exception as e:
@@ -75,7 +123,145 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
             self.bus._finalize(e)
 
 
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def handed_over(msg: Message) -> list[int]:
+    """The call's descriptor list for a method: a duplicate for each one an 'h' argument names.
+
+    Raises InvalidArgument for an index with no descriptor behind it (none
+    sent, or unix fds not negotiated) or one that is not open.
+    """
+    received = msg.unix_fds
+    named: set[int] = set()
+
+    def note(index: Any) -> Any:
+        if not isinstance(index, int) or not 0 <= index < len(received):
+            raise InvalidArgument(
+                f"a descriptor argument names index {index}, but the call carries {len(received)} "
+                "descriptor(s): send the descriptor with the call (over a connection that "
+                "negotiated unix fd passing)")
+        named.add(index)
+        return index
+
+    _replace_fds(copy.deepcopy(msg.body), msg.signature_tree.types, note)
+    out = [-1] * len(received)
+    try:
+        for index in sorted(named):
+            try:
+                out[index] = os.dup(received[index])
+            except OSError as e:
+                raise InvalidArgument(f"descriptor {index} of the call cannot be used: "
+                                      f"{e.strerror}") from None
+    except BaseException:
+        _close(out)
+        raise
+    return out
+
+
+PEER_INTERFACE = "org.freedesktop.DBus.Peer"
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def machine_id() -> str | None:
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+    return None
+
+
+def _answer_peer(msg: Message, send_reply: Any) -> None:
+    """org.freedesktop.DBus.Peer on every path, on the bus and on a direct connection.
+
+    dbus-next asks the bus driver for the machine id, which a direct
+    connection does not have, so GetMachineId was never answered there.
+    """
+    if msg.member == "Ping" and not msg.signature:
+        send_reply(Message.new_method_return(msg))
+    elif msg.member == "GetMachineId" and not msg.signature:
+        value = machine_id()
+        if value is None:
+            send_reply(Message.new_error(msg, "org.freedesktop.DBus.Error.FileNotFound",
+                                         "this host has no machine id"))
+        else:
+            send_reply(Message.new_method_return(msg, "s", [value]))
+    else:
+        send_reply(Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                     f"{PEER_INTERFACE} has no method {msg.member} with signature "
+                                     f"{msg.signature!r}"))
+
+
 class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._writer = _PatientWriter(self)
+        self._writer: _PatientWriter = _PatientWriter(self)
+        self._held_calls: set[int] = set()  # ids of calls a handler holds, with their descriptors
+
+    def hold_call(self, msg: Message) -> None:
+        """A message handler keeps msg to dispatch it later: its descriptors stay open until then."""
+        self._held_calls.add(id(msg))
+
+    def resume_call(self, msg: Message) -> None:
+        """Dispatches a held call; its descriptors are closed after."""
+        self._held_calls.discard(id(msg))
+        self._on_message(msg)
+
+    def drop_call(self, msg: Message) -> None:
+        """A held call answered without dispatch: its descriptors go."""
+        self._held_calls.discard(id(msg))
+        _close(msg.unix_fds)
+
+    def _process_message(self, msg: Message) -> None:
+        received = list(msg.unix_fds) if msg.message_type == MessageType.METHOD_CALL else []
+        try:
+            super()._process_message(msg)
+        finally:
+            if received and id(msg) not in self._held_calls:
+                _close(received)
+
+    def _message_reader(self) -> None:
+        # dbus-next reads until the socket is empty, so one client's stream of
+        # pipelined calls held the event loop (and the watchdog's pings) for
+        # as long as it kept sending. A turn now takes at most
+        # MESSAGES_PER_TURN; the socket stays readable for the next one.
+        # Bounded only where no buffered reader could hold the rest unseen.
+        bounded = self._unmarshaller.sock is not None or not isinstance(self._stream, io.BufferedIOBase)
+        try:
+            for _ in range(MESSAGES_PER_TURN if bounded else sys.maxsize):
+                if self._writer.overflowed:
+                    return  # being dropped: nothing more is read
+                if not self._unmarshaller.unmarshall():
+                    return
+                self._on_message(self._unmarshaller.message)
+                self._unmarshaller = self._create_unmarshaller()
+        except Exception as e:
+            self._finalize(e)
+
+    def _find_message_handler(self, msg: Message) -> Any:
+        if msg.interface == PEER_INTERFACE:
+            return _answer_peer
+        return super()._find_message_handler(msg)
+
+    def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Any], None]:
+        inner: Callable[[Message, Any], None] = super()._make_method_handler(interface, method)
+        if "h" not in method.in_signature:
+            return inner
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            try:
+                fds = handed_over(msg)
+            except InvalidArgument as e:
+                raise DBusError(e.dbus_name, e.message) from None
+            # Only this dispatch sees the duplicates; the received list is closed by _process_message.
+            call = copy.copy(msg)
+            call.unix_fds = fds
+            inner(call, send_reply)
+
+        return handler

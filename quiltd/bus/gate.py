@@ -23,12 +23,12 @@ import os
 import pwd
 from collections.abc import Callable
 
-from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
 from quiltd import access
 from quiltd.access import Credentials
+from quiltd.bus.connection import MessageBus
 from quiltd.errors import AccessDenied
 
 log = logging.getLogger("quiltd")
@@ -132,6 +132,7 @@ class BusGate:
                 return _let_through(msg, creds)
             _log_denied(msg, creds)
             return denial(msg, creds)
+        self._bus.hold_call(msg)  # its descriptors stay open until it is dispatched or denied
         held = self._held.get(sender)
         if held is not None:
             held.append(msg)  # keeps a sender's calls in order
@@ -166,11 +167,12 @@ class BusGate:
             if not ok:
                 _log_denied(msg, creds)
                 self._bus.send(denial(msg, creds))
+                self._bus.drop_call(msg)
                 continue
             assert creds is not None  # ok implies it
             self._passed[id(msg)] = creds
             try:
-                self._bus._on_message(msg)
+                self._bus.resume_call(msg)
             finally:
                 self._passed.pop(id(msg), None)
 

@@ -7,6 +7,16 @@ MessageBus that shares the exports of the bus connection. That bus object
 does the marshalling, dispatch, properties and introspection exactly as on
 the system bus. Calls meant for the bus driver (Hello, AddMatch) are answered
 here, so clients written for a bus work unchanged.
+
+The socket is open to every local user (0666), so nothing a caller sends may
+cost quiltd more than a bounded amount before it is known to be a member:
+
+- a caller who is neither root nor in group quilt is refused at accept, from
+  SO_PEERCRED alone: quiltd reads nothing of it and keeps no descriptor;
+- connections are capped per uid, in total, and while still authenticating
+  (the caps below); one over a cap is refused the same way;
+- a member's message is at most MAX_MESSAGE_BYTES, and a member that does not
+  read its replies is dropped once MAX_QUEUED_BYTES wait for it.
 """
 
 from __future__ import annotations
@@ -14,16 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.constants import MessageType
+from dbus_next.errors import InvalidMessageError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
+from quiltd import access
 from quiltd.access import Credentials
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.gate import PeerGate, groups_of
@@ -35,6 +50,18 @@ MAX_AUTH_LINE = 1024
 MAX_AUTH_LINES = 16
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 DRIVER = "org.freedesktop.DBus"
+
+# The caps of the direct socket (documented in docs/api.md, "Direct connection").
+MAX_CONNECTIONS = 1024  # served and authenticating, all users together
+MAX_PER_UID = 256  # of one uid, root included
+MAX_AUTHENTICATING = 64  # accepted, SASL not finished yet (each for AUTH_TIMEOUT at most)
+MAX_AUTHENTICATING_PER_UID = 8  # so one uid cannot hold all of them and lock out the others
+# The bus daemon's own default for the system bus: no call of the API needs more.
+MAX_MESSAGE_BYTES = 32 << 20
+# Replies and signals waiting for a peer that does not read. One message
+# larger than this still goes out alone (an ExecEx of 2 x 8 MiB of output).
+MAX_QUEUED_BYTES = 16 << 20
+REFUSAL_LOG_INTERVAL = 10.0  # seconds: one line per reason, with a count, not one per connection
 
 
 class AuthFailed(Exception):
@@ -149,6 +176,16 @@ def _claims(data: str, uid: int) -> bool:
         return False
 
 
+class _BoundedUnmarshaller(Unmarshaller):  # type: ignore[misc]
+    """Refuses a message over MAX_MESSAGE_BYTES before reading (or allocating) its body."""
+
+    def read(self, n: int, prefetch: bool = False) -> int:
+        if self.offset + n > MAX_MESSAGE_BYTES:
+            raise InvalidMessageError(f"a message over {MAX_MESSAGE_BYTES} bytes")
+        offset: int = super().read(n, prefetch)
+        return offset
+
+
 class PeerBus(MessageBus):  # type: ignore[misc]
     """One accepted connection, serving the objects exported on `exports`."""
 
@@ -159,10 +196,15 @@ class PeerBus(MessageBus):  # type: ignore[misc]
         self._path_exports = exports._path_exports  # the same dict: new containers appear here too
         self._peer_name = name
         self._signal_sources: list[ServiceInterface] = []
+        self._writer.max_queued = MAX_QUEUED_BYTES
+
+    def _create_unmarshaller(self) -> Unmarshaller:
+        return _BoundedUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
 
     def _setup_socket(self) -> None:
         self._sock = self._peer_sock
-        self._stream = self._sock.makefile("rwb")
+        # Unbuffered: a buffered reader could hold messages the loop is never told about.
+        self._stream = self._sock.makefile("rwb", buffering=0)  # type: ignore[assignment]
         self._fd = self._sock.fileno()
 
     def begin(self, signal_sources: Sequence[ServiceInterface]) -> None:
@@ -182,6 +224,14 @@ class PeerBus(MessageBus):  # type: ignore[misc]
             with contextlib.suppress(KeyError):
                 ServiceInterface._remove_bus(iface, self)
         super()._finalize(err)
+        # Descriptors of a message cut off half-way: no call will take them.
+        for fd in self._unmarshaller.unix_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._unmarshaller.unix_fds = []
+        # The stream first: while it is open, closing the socket would not
+        # close the descriptor, and the peer would never see the end.
+        self._stream.close()
         self._sock.close()
 
 
@@ -201,7 +251,7 @@ def _driver(msg: Message, name: str) -> Message | bool:
 
 
 class PeerServer:
-    """Accepts on the sockets systemd passed and serves each connection."""
+    """Accepts on the sockets systemd passed and serves each connection, within the caps."""
 
     def __init__(self, listeners: list[socket.socket], exports: MessageBus,
                  signal_sources: Sequence[ServiceInterface]) -> None:
@@ -212,6 +262,11 @@ class PeerServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._peers: set[PeerBus] = set()
         self._count = 0
+        self._connections = 0
+        self._authenticating = 0
+        self._per_uid: dict[int, int] = {}
+        self._authenticating_per_uid: dict[int, int] = {}
+        self._refusals: dict[str, tuple[float, int]] = {}  # reason: (last logged, refused since)
 
     def start(self) -> None:
         for listener in self._listeners:
@@ -232,30 +287,91 @@ class PeerServer:
                 log.warning("accept on quiltd's socket failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            self._spawn(self._serve(conn))
+            try:
+                creds = peer_credentials(conn)
+            except OSError as e:
+                log.info("direct connection refused: no peer credentials: %s", e)
+                conn.close()
+                continue
+            reason = self._refusal(creds)
+            if reason is not None:
+                self._refuse(conn, reason)
+                continue
+            self._connections += 1
+            self._authenticating += 1
+            _count(self._per_uid, creds.uid, 1)
+            _count(self._authenticating_per_uid, creds.uid, 1)
+            self._spawn(self._serve(conn, creds))
 
-    async def _serve(self, conn: socket.socket) -> None:
+    def _refusal(self, creds: Credentials) -> str | None:
+        """Why a new connection of creds may not be served, or None."""
+        if not access.allowed(creds):
+            return (f"{creds} is neither root nor in group {access.GROUP} (the socket serves only "
+                    "them; anyone may introspect on the system bus)")
+        if self._per_uid.get(creds.uid, 0) >= MAX_PER_UID:
+            return f"{creds} has {MAX_PER_UID} connections already"
+        if self._connections >= MAX_CONNECTIONS:
+            return f"{MAX_CONNECTIONS} connections are open already"
+        if self._authenticating_per_uid.get(creds.uid, 0) >= MAX_AUTHENTICATING_PER_UID:
+            return f"{creds} has {MAX_AUTHENTICATING_PER_UID} connections authenticating already"
+        if self._authenticating >= MAX_AUTHENTICATING:
+            return f"{MAX_AUTHENTICATING} connections are authenticating already"
+        return None
+
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        """Answers REJECTED (a client's SASL attempt fails at once) and closes, all in this turn."""
         conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            # What the client sent already: closing with unread data would
+            # reset the connection before it reads the answer.
+            conn.recv(MAX_AUTH_LINE * 4)
+        with contextlib.suppress(OSError):
+            conn.send(b"REJECTED EXTERNAL\r\n")
+        conn.close()
+        now = time.monotonic()
+        last, count = self._refusals.get(reason, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - last >= REFUSAL_LOG_INTERVAL:
+            more = f" ({count} more since the last such line)" if count else ""
+            log.info("direct connection refused: %s%s", reason, more)
+            self._refusals[reason] = (now, 0)
+        else:
+            self._refusals[reason] = (last, count + 1)
+
+    async def _serve(self, conn: socket.socket, creds: Credentials) -> None:
+        authenticating = True
         try:
-            creds = peer_credentials(conn)
-            unix_fds = await asyncio.wait_for(authenticate(conn, creds.uid, self._guid), AUTH_TIMEOUT)
-        except (AuthFailed, OSError, asyncio.TimeoutError) as e:
-            log.info("direct connection refused: %s", e or type(e).__name__)
-            conn.close()
-            return
-        self._count += 1
-        name = f":1.{self._count}"
-        bus = PeerBus(conn, unix_fds, self._exports, name)
-        bus.add_message_handler(lambda msg: _driver(msg, name))
-        bus.add_message_handler(PeerGate(creds).on_message)
-        self._peers.add(bus)
-        bus.begin(self._signal_sources)
-        try:
-            await bus.wait_for_disconnect()
-        except Exception:
-            pass  # the peer went away; nothing to clean but our set
+            conn.setblocking(False)
+            try:
+                unix_fds = await asyncio.wait_for(authenticate(conn, creds.uid, self._guid), AUTH_TIMEOUT)
+            except (AuthFailed, OSError, asyncio.TimeoutError) as e:
+                log.info("direct connection refused: %s", e or type(e).__name__)
+                conn.close()
+                return
+            except asyncio.CancelledError:
+                conn.close()  # quiltd is stopping
+                raise
+            self._authenticating -= 1
+            _count(self._authenticating_per_uid, creds.uid, -1)
+            authenticating = False
+            self._count += 1
+            name = f":1.{self._count}"
+            bus = PeerBus(conn, unix_fds, self._exports, name)
+            bus.add_message_handler(lambda msg: _driver(msg, name))
+            bus.add_message_handler(PeerGate(creds).on_message)
+            self._peers.add(bus)
+            bus.begin(self._signal_sources)
+            try:
+                await bus.wait_for_disconnect()
+            except Exception:
+                pass  # the peer went away; nothing to clean but our set
+            finally:
+                self._peers.discard(bus)
         finally:
-            self._peers.discard(bus)
+            if authenticating:
+                self._authenticating -= 1
+                _count(self._authenticating_per_uid, creds.uid, -1)
+            self._connections -= 1
+            _count(self._per_uid, creds.uid, -1)
 
     def close(self) -> None:
         for task in list(self._tasks):
@@ -264,6 +380,15 @@ class PeerServer:
             bus.disconnect()
         for listener in self._listeners:
             listener.close()
+
+
+def _count(counts: dict[int, int], uid: int, step: int) -> None:
+    """Adds step to uid's count; a count back at 0 leaves the dict, so it never grows with uids gone."""
+    n = counts.get(uid, 0) + step
+    if n > 0:
+        counts[uid] = n
+    else:
+        counts.pop(uid, None)
 
 
 def listeners_from_fds(fds: list[int]) -> list[socket.socket]:

@@ -74,8 +74,17 @@ def test_root_and_members_may_call(sandbox: Any, member: str, quilt_socket: str,
     assert b'"Version"' in result.stdout
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_others_may_introspect_only(sandbox: Any, member: str, quilt_socket: str, transport: str) -> None:
+def test_others_are_refused_on_the_socket(sandbox: Any, member: str, quilt_socket: str) -> None:
+    # Refused at accept, from SO_PEERCRED: quiltd reads nothing a non-member sends.
+    for args in (("introspect", BUS[0], BUS[1]), ("call", *BUS, "GetSystemInfo")):
+        result = call(sandbox, AS_NOBODY, "socket", *args)
+        assert result.returncode != 0
+    journal = sandbox.run(["journalctl", "-u", "quiltd", "-o", "cat", "--no-pager"]).stdout.decode()
+    assert "direct connection refused: uid 65534 is neither root nor in group quilt" in journal
+
+
+def test_others_may_introspect_only(sandbox: Any, member: str, quilt_socket: str) -> None:
+    transport = "bus"
     introspect = call(sandbox, AS_NOBODY, transport, "introspect", BUS[0], BUS[1])
     assert introspect.returncode == 0, introspect.stderr
     assert b"CreateContainer" in introspect.stdout
