@@ -264,17 +264,23 @@ class Execs:
             return  # its container was removed, and the exec with it
         if status is None:
             status = self._read_status(e.container_id, exec_id)
-        e = replace(e, state=ExecState.TIMED_OUT if status.timed_out else ExecState.EXITED,
-                    exit_code=status.exit_code, finished_usec=now_usec())
-        with self._store.transaction():
-            self._store.update_exec(e)
-        with contextlib.suppress(FileNotFoundError):
-            self._status_file(e.container_id, exec_id).unlink()
-        for waiter in self._exit_waiters.pop(exec_id, []):
-            if not waiter.done():
-                waiter.set_result(None)
-        for listener in self._listeners:
-            listener.exec_exited(e)
+        ended = replace(e, state=ExecState.TIMED_OUT if status.timed_out else ExecState.EXITED,
+                        exit_code=status.exit_code, finished_usec=now_usec())
+
+        def commit() -> None:
+            with self._store.transaction():
+                self._store.update_exec(ended)
+            with contextlib.suppress(FileNotFoundError):
+                self._status_file(ended.container_id, exec_id).unlink()
+            for waiter in self._exit_waiters.pop(exec_id, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+            for listener in self._listeners:
+                listener.exec_exited(ended)
+
+        # Nobody waits to be told this failed: a busy or full store is retried
+        # until it commits, in order with the containers' own changes.
+        self._manager.commits.run(f"the end of exec {exec_id}", commit)
 
     async def recover(self) -> int:
         """Follows again every background exec still running; records those that ended meanwhile."""
