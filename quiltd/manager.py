@@ -171,7 +171,9 @@ class Manager:
         if unknown:
             raise InvalidArgument(f"unknown filter(s): {', '.join(sorted(unknown))}")
         labels = wanted.get("labels", {})
-        if not isinstance(labels, dict):
+        # Values of any other type (an a{sv} sent as labels) are refused here: a list or map
+        # among them cannot be compared with the labels on record.
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise InvalidArgument("filter labels must be a map of strings (a{ss})")
         for key in ("state", "name", "image"):
             if not isinstance(wanted.get(key, ""), str):

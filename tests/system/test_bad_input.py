@@ -180,3 +180,18 @@ def test_a_trailing_newline_makes_no_second_name(quilt: Any, name: str) -> None:
                         await removal
 
     run(scenario())
+
+
+@pytest.mark.parametrize("labels", [
+    Variant("a{sv}", {"team": Variant("as", ["ml"])}),
+    Variant("a{sv}", {"team": Variant("a{sv}", {})}),
+    Variant("a{sv}", {"team": Variant("i", 1)}),
+    Variant("as", ["team"]),
+])
+def test_a_labels_filter_that_is_not_strings_is_invalid(quilt: Any, labels: Variant) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidArgument, match="labels"):
+                await q.call("ListContainers", "a{sv}", {"labels": labels})
+
+    run(scenario())
