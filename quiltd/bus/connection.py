@@ -34,6 +34,7 @@ from dbus_next.aio import message_bus as aio_bus
 from dbus_next.constants import MessageType
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from quiltd.errors import InvalidArgument
 
@@ -128,6 +129,30 @@ def _close(fds: list[int]) -> None:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _carries_fd(value: Any) -> bool:
+    """Whether a variant anywhere in value holds a descriptor ('h')."""
+    if isinstance(value, Variant):
+        return "h" in value.signature or _carries_fd(value.value)
+    if isinstance(value, list | tuple):
+        return any(_carries_fd(v) for v in value)
+    if isinstance(value, dict):
+        return any(_carries_fd(k) or _carries_fd(v) for k, v in value.items())
+    return False
+
+
+def refuse_fds_in_variants(msg: Message) -> None:
+    """A descriptor may only be a method's own 'h' argument, never inside a variant (options).
+
+    dbus-next puts a variant's descriptor into the options as a bare number:
+    the received one (closed after dispatch, so the number may name another
+    file by the time it is used), or the copy made for the call, which no
+    one would close.
+    """
+    if _carries_fd(msg.body):
+        raise InvalidArgument("a descriptor (h) may only be passed as a method's own argument, "
+                              "not inside a variant or the options")
 
 
 def handed_over(msg: Message) -> list[int]:
@@ -251,14 +276,18 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
 
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Any], None]:
         inner: Callable[[Message, Any], None] = super()._make_method_handler(interface, method)
-        if "h" not in method.in_signature:
+        if "h" not in method.in_signature and "v" not in method.in_signature:
             return inner
 
         def handler(msg: Message, send_reply: Any) -> None:
             try:
-                fds = handed_over(msg)
+                refuse_fds_in_variants(msg)
+                fds = handed_over(msg) if "h" in method.in_signature else None
             except InvalidArgument as e:
                 raise DBusError(e.dbus_name, e.message) from None
+            if fds is None:
+                inner(msg, send_reply)
+                return
             # Only this dispatch sees the duplicates; the received list is closed by _process_message.
             call = copy.copy(msg)
             call.unix_fds = fds

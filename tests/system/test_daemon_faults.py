@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from quiltd import errors
 from quiltd.client import QuiltClient
@@ -286,6 +287,10 @@ def test_stray_and_bad_descriptors_are_closed_and_refused(sandbox: Any, quilt_so
                     ("CopyOut", "ssh", "nope", "/", 2, [w, w]),
                     ("FollowLogs", "sa{sv}h", "nope", {}, 3, [w]),
                     ("CopyOutEx", "ssha{sv}", "nope", "/", 0, {}, []),
+                    # A descriptor inside the options: the copy made for the call was never closed.
+                    ("CopyOutEx", "ssha{sv}", "nope", "/", 0, {"max_bytes": Variant("h", 1)}, [w, r]),
+                    ("CreateContainer", "ssasa{sv}", "nope", "busybox", ["true"],
+                     {"user": Variant("v", Variant("h", 0))}, [r]),
                 ]
                 for member_name, signature, *args, fds in bad:
                     with pytest.raises(errors.InvalidArgument, match="descriptor"):

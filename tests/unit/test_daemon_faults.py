@@ -11,8 +11,9 @@ from typing import Any, cast
 
 import pytest
 from dbus_next.message import Message
+from dbus_next.signature import Variant
 
-from quiltd.bus.connection import handed_over
+from quiltd.bus.connection import handed_over, refuse_fds_in_variants
 from quiltd.bus.peer import MAX_AUTHENTICATING_PER_UID, PeerServer
 from quiltd.errors import Busy, InvalidArgument, NoSpace
 from quiltd.model import Volume
@@ -112,6 +113,10 @@ def test_descriptor_arguments_are_checked_and_copied() -> None:
         bad = Message(path="/x", interface="a.b", member="M", signature="h", body=[3], unix_fds=[r])
         with pytest.raises(InvalidArgument, match="index 3"):
             handed_over(bad)
+        in_options = Message(path="/x", interface="a.b", member="M", signature="ha{sv}",
+                             body=[0, {"k": Variant("av", [Variant("h", 1)])}], unix_fds=[r, w])
+        with pytest.raises(InvalidArgument, match="inside a variant"):
+            refuse_fds_in_variants(in_options)
     finally:
         os.close(r)
         os.close(w)
