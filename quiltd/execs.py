@@ -112,7 +112,10 @@ def parse_exec_options(opts: Mapping[str, object], background: bool,
     timeout = _int(opts, "timeout_sec", 0, 0, MAX_TIMEOUT)
     max_output = _int(opts, "max_output", DEFAULT_MAX_OUTPUT, 0, MAX_OUTPUT_LIMIT)
     stdin = opts.get("stdin", b"")
-    if isinstance(stdin, list):  # an 'ay' inside a variant may arrive as a list of ints
+    # An 'ay' inside a variant may arrive as a list of ints; any other list (an 'as', an 'at'
+    # with values past 255) is the wrong type, not bytes() failing.
+    if isinstance(stdin, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
+                                       for b in stdin):
         stdin = bytes(stdin)
     if not isinstance(stdin, bytes):
         raise InvalidArgument("option stdin must be bytes (ay)")

@@ -124,6 +124,9 @@ def test_exec_bad_input_gets_named_errors(quilt: Any, name: str) -> None:
                 await q.call("Exec", "sasa{sv}", name, ["true"], {"color": _variant("s", "red")})
             with pytest.raises(errors.InvalidArgument, match="max_output"):
                 await q.exec(name, ["true"], max_output=1 << 40)
+            for stdin in (_variant("as", ["x"]), _variant("at", [256]), _variant("ab", [True])):
+                with pytest.raises(errors.InvalidArgument, match="stdin"):
+                    await q.call("ExecEx", "sasa{sv}", name, ["cat"], {"stdin": stdin})
             with pytest.raises(errors.NoSuchExec):
                 await q.exec_wait("0123456789abcdef")
             with pytest.raises(errors.NoSuchExec):
