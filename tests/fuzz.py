@@ -534,7 +534,11 @@ async def connect(address: str) -> Any:
 
 @dataclass
 class Fuzzer:
-    """Sends the generator's calls one at a time and judges each answer."""
+    """Sends the generator's calls, `parallel` at a time on one connection, and judges each answer.
+
+    Calls in flight together meet each other in quiltd (two creates of one
+    name, a remove during an exec), which one at a time never do.
+    """
 
     address: str
     transport: Transport
@@ -544,6 +548,7 @@ class Fuzzer:
     # Called every `refresh_every` calls with a fresh bus: puts the world back (a call may stop or remove it).
     refresh: Callable[[Any, World], Any] | None = None
     refresh_every: int = 50
+    parallel: int = 1
 
     async def run(self, calls: int, seed: int) -> Summary:
         summary = Summary(seed)
@@ -551,17 +556,24 @@ class Fuzzer:
         bus = await connect(self.address)
         start = time.monotonic()
         try:
-            for i in range(calls):
-                if self.refresh is not None and i % self.refresh_every == 0:
+            next_refresh = 0
+            for i in range(0, calls, self.parallel):
+                if self.refresh is not None and i >= next_refresh:
                     await self.refresh(bus, self.world)
-                call = gen.call()
-                bus = await self._one(bus, call, summary)
+                    next_refresh = i + self.refresh_every
+                batch = [gen.call() for _ in range(min(self.parallel, calls - i))]
+                lost = await asyncio.gather(*(self._one(bus, call, summary) for call in batch))
+                if any(lost):
+                    # A call that hung or a dropped connection: go on with a new one.
+                    bus.disconnect()
+                    bus = await connect(self.address)
         finally:
             bus.disconnect()
             summary.seconds = time.monotonic() - start
         return summary
 
-    async def _one(self, bus: Any, call: Call, summary: Summary) -> Any:
+    async def _one(self, bus: Any, call: Call, summary: Summary) -> bool:
+        """Sends one call and judges its answer; True if the connection is no longer to be used."""
         label = f"{call.method.interface.rsplit('.', 1)[-1]}.{call.method.name}"
         summary.calls[label] += 1
         with opened(call.fds, self.scratch) as fds:
@@ -573,14 +585,12 @@ class Fuzzer:
                 summary.answers["(no reply)"] += 1
                 summary.hangs.append(Finding(label, call.note, short(call.body), "no reply",
                                              f"none within {self.timeout} s"))
-                bus.disconnect()
-                return await connect(self.address)
+                return True
             except Exception as e:  # the connection went: quiltd or the bus dropped us
                 summary.answers["(connection dropped)"] += 1
                 summary.disconnects.append(Finding(label, call.note, short(call.body), type(e).__name__,
                                                    str(e)))
-                bus.disconnect()
-                return await connect(self.address)
+                return True
         if reply.message_type == MessageType.ERROR:
             name = reply.error_name or "(unnamed error)"
             summary.answers[name] += 1
@@ -590,7 +600,7 @@ class Fuzzer:
         else:
             summary.answers["ok"] += 1
             self._learn(call, reply)
-        return bus
+        return False
 
     def _learn(self, call: Call, reply: Message) -> None:
         """A call that succeeded may have made something later calls should name."""
@@ -684,7 +694,7 @@ async def clean_up(address: str, before: Inventory) -> None:
 
 
 async def fuzz(address: str, transport: Transport, calls: int, seed: int, scratch: Path,
-               timeout: float = 25.0) -> Summary:
+               timeout: float = 25.0, parallel: int = 1) -> Summary:
     """One fuzz run against quiltd at address, leaving quiltd holding what it held before."""
     bus = await connect(address)
     try:
@@ -693,7 +703,7 @@ async def fuzz(address: str, transport: Transport, calls: int, seed: int, scratc
         bus.disconnect()
     world = World()
     try:
-        fuzzer = Fuzzer(address, transport, world, scratch, timeout, refresh_world)
+        fuzzer = Fuzzer(address, transport, world, scratch, timeout, refresh_world, parallel=parallel)
         return await fuzzer.run(calls, seed)
     finally:
         await clean_up(address, before)
