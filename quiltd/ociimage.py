@@ -201,7 +201,11 @@ def open_image_source(fd: int, label: str, opener: Opener = plain_opener) -> _So
             os.close(fd)
             return None  # the rootfs path gives the precise refusal
         os.set_blocking(fd, True)
-        members = _scan_tar(fd)
+        try:
+            members = _scan_tar(fd)
+        except OSError as exc:
+            # A file that stat calls regular may still refuse reads (/proc/self/mem: EIO).
+            raise InvalidImage(f"{source}: cannot read: {exc.strerror or exc}") from None
         if members is None:
             os.close(fd)
             return None

@@ -116,6 +116,9 @@ def test_bad_tarball_is_invalid_image_and_leaves_no_files(sandbox: Any, quilt: A
                 await q.import_image("evil", "/var/tmp/evil.tar")
             with pytest.raises(errors.InvalidImage):
                 await q.import_image("missing", "/var/tmp/does-not-exist.tar")
+            # A regular file by stat whose reads fail (EIO).
+            with pytest.raises(errors.InvalidImage, match="cannot read"):
+                await q.import_image("unreadable", "/proc/self/mem")
             with pytest.raises(errors.InvalidArgument):
                 await q.import_image("bad name!", "/var/tmp/evil.tar")
             assert "evil" not in [i[0] for i in await q.images()]
