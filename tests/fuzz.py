@@ -58,6 +58,12 @@ PEER = "org.freedesktop.DBus.Peer"
 QUILT_ERROR = "org.quilt.Quilt1.Error."
 INTERNAL = QUILT_ERROR + "Internal"
 BUSYBOX_SOURCE = "/var/tmp/quilt-test-busybox.tar.gz"  # inside the sandbox
+FIFO = "/var/tmp/quilt-fuzz-fifo"  # inside the sandbox: an open for reading of it waits for a writer
+# Paths a call may name in the container or on the host.
+PATHS = ("/", "/tmp", "/tmp/", "/etc/passwd", "/etc/../../..", "/proc", "/proc/self/mem", "/proc/1/root",
+         "/sys", "/sys/kernel", "/dev", "/dev/null", "/nonexistent", "/bin/sh", "/tmp/../../etc", "relative",
+         "", ".", "/\n", "//tmp//", "/" + "a" * 255, "/" + "a/" * 2100, FIFO, BUSYBOX_SOURCE, "/var/tmp",
+         "/run/quilt/quiltd.sock", "/var/lib/quilt/quilt.db", "/dev/zero", "/etc")
 
 # What the bus itself and dbus-next answer to a call no method takes: each names the fault.
 FREEDESKTOP_OK = frozenset(f"org.freedesktop.DBus.Error.{n}" for n in (
@@ -102,6 +108,7 @@ class FdKind(enum.Enum):
     FILE_RO = "regular file, read-only"
     FILE_WO = "regular file, write-only"
     TAR_FILE = "regular file holding a small tar"
+    EVIL_TAR = "regular file holding a tar of escapes: '..', absolute names, links out, devices"
     DIRECTORY = "a directory"
     O_PATH = "an O_PATH descriptor"
     DEV_NULL = "/dev/null"
@@ -339,6 +346,8 @@ class Generator:
             return r.choice(SHORT_USEC if name == "timeout_usec" else SHORT_SEC)
         if name == "ref":
             return self.ref()
+        if name in ("path", "source") and r.random() < 0.7:
+            return r.choice(PATHS)
         if name == "command" and r.random() < 0.8:
             return list(r.choice(COMMANDS))
         if name == "image" and r.random() < 0.7:
@@ -418,6 +427,32 @@ def _tar_bytes() -> bytes:
     return TAR_BYTES
 
 
+def _evil_tar_bytes() -> bytes:
+    """Members that try to leave the target directory or reach the host's files and devices."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name: str, kind: bytes, data: bytes = b"", link: str = "", **more: int) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, len(data), link
+            for key, value in more.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data))
+        add("../../../fz-escape", tarfile.REGTYPE, b"x")
+        add("/fz-absolute", tarfile.REGTYPE, b"x")
+        add("fz-link", tarfile.SYMTYPE, link="/etc")
+        add("fz-link/fz-through-link", tarfile.REGTYPE, b"x")
+        add("fz-hard", tarfile.LNKTYPE, link="/etc/shadow")
+        add("fz-null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("fz-disk", tarfile.BLKTYPE, devmajor=8, devminor=0)
+        add("fz-fifo", tarfile.FIFOTYPE)
+        add("fz-suid", tarfile.REGTYPE, b"x", mode=0o6777, uid=0)
+        add("fz-dir/" + "d/" * 200 + "deep", tarfile.REGTYPE, b"x")
+        add("fz-big", tarfile.REGTYPE, b"x" * 10, mtime=-(2**40))
+    return buf.getvalue()
+
+
 def open_fd(kind: FdKind, scratch: Path) -> int:
     """A descriptor of the kind, with nothing of ours left holding its other end."""
     if kind is FdKind.PIPE_READ:
@@ -429,11 +464,13 @@ def open_fd(kind: FdKind, scratch: Path) -> int:
         r, w = os.pipe()
         os.close(r)
         return w
-    if kind in (FdKind.FILE_RW, FdKind.FILE_RO, FdKind.FILE_WO, FdKind.TAR_FILE):
+    if kind in (FdKind.FILE_RW, FdKind.FILE_RO, FdKind.FILE_WO, FdKind.TAR_FILE, FdKind.EVIL_TAR):
         fd, name = tempfile.mkstemp(dir=scratch)
-        os.write(fd, _tar_bytes() if kind is FdKind.TAR_FILE else b"\0" * 1024)
+        content = {FdKind.TAR_FILE: _tar_bytes(), FdKind.EVIL_TAR: _evil_tar_bytes()}
+        os.write(fd, content.get(kind, b"\0" * 1024))
         os.close(fd)
-        flags = {FdKind.FILE_RO: os.O_RDONLY, FdKind.TAR_FILE: os.O_RDONLY, FdKind.FILE_WO: os.O_WRONLY}
+        flags = {FdKind.FILE_RO: os.O_RDONLY, FdKind.TAR_FILE: os.O_RDONLY, FdKind.EVIL_TAR: os.O_RDONLY,
+                 FdKind.FILE_WO: os.O_WRONLY}
         out = os.open(name, flags.get(kind, os.O_RDWR))
         os.unlink(name)
         return out
@@ -639,6 +676,10 @@ async def _state(bus: Any, ref: str) -> tuple[str, str] | None:
 
 async def refresh_world(bus: Any, world: World) -> None:
     """A running and a stopped container of the fuzz's own, whatever earlier calls did to them."""
+    images = (await manager_call(bus, "ListImages"))[0]
+    if not any(image[0] == "busybox" for image in images):
+        # RemoveImageEx with force removes an image once no active container uses it.
+        await manager_call(bus, "ImportImage", "ssa{sv}", "busybox", BUSYBOX_SOURCE, {})
     running = await _state(bus, RUNNING_NAME)
     if running is None:
         await manager_call(bus, "CreateContainer", "ssasa{sv}", RUNNING_NAME, "busybox",
@@ -764,7 +805,11 @@ def quiltd_process(sandbox: Any) -> Process:
 
 
 def serve_socket(sandbox: Any) -> None:
-    """quiltd started by its socket unit, so it serves /run/quilt/quiltd.sock as well as the bus."""
+    """quiltd started by its socket unit, so it serves /run/quilt/quiltd.sock as well as the bus.
+
+    And a FIFO for calls to name as a path: opening one for reading waits for a writer.
+    """
+    sandbox.run(["sh", "-c", f"[ -p {FIFO} ] || mkfifo -m 0666 {FIFO}"])
     sandbox.run(["systemctl", "stop", "quiltd"])
     sandbox.run(["systemctl", "start", "quiltd.socket", "quiltd"])
 
