@@ -141,6 +141,7 @@ class Call:
     body: list[Any]
     fds: tuple[FdKind, ...]  # what Message.unix_fds holds, in order
     note: str  # what makes it hostile, for the report
+    abandon: bool = False  # the caller hangs up right after sending: quiltd must let go of the call
 
 
 @dataclass
@@ -409,7 +410,9 @@ class Generator:
             extra = min(r.choice((1, 2, 4, 20)), self.max_fds - len(fds))
             fds += [r.choice(list(FdKind)) for _ in range(extra)]
             note += ", extra descriptors"
-        return Call(m, path, signature, body, tuple(fds), note)
+        abandon = r.random() < 0.01
+        return Call(m, path, signature, body, tuple(fds), note + (", caller hangs up" if abandon else ""),
+                    abandon)
 
 
 # -- descriptors ---------------------------------------------------------------------------------------
@@ -620,6 +623,11 @@ class Fuzzer:
         with opened(call.fds, self.scratch) as fds:
             msg = Message(destination=BUS_NAME, path=call.path, interface=call.method.interface,
                           member=call.method.name, signature=call.signature, body=call.body, unix_fds=fds)
+            if call.abandon and self.parallel == 1:
+                # Only alone: hanging up would cut off the other calls in flight.
+                await asyncio.wait_for(bus.send(msg), self.timeout)
+                summary.answers["(caller hung up)"] += 1
+                return True
             try:
                 reply = await asyncio.wait_for(bus.call(msg), self.timeout)
             except asyncio.TimeoutError:
@@ -794,10 +802,12 @@ class Process:
     fds: int
     rss_kib: int
     fd_targets: tuple[str, ...]  # what each descriptor is (socket:[N] as socket), to say what grew
+    tasks: int  # processes and threads of quiltd.service: quiltd's, the fork server and its waiting inits
 
 
 def quiltd_process(sandbox: Any) -> Process:
-    show = sandbox.run(["systemctl", "show", "-p", "MainPID", "-p", "NRestarts", "quiltd"]).stdout.decode()
+    show = sandbox.run(["systemctl", "show", "-p", "MainPID", "-p", "NRestarts", "-p", "TasksCurrent",
+                        "quiltd"]).stdout.decode()
     props = dict(line.split("=", 1) for line in show.split())
     pid = int(props["MainPID"])
     listing = sandbox.run(["ls", "-l", f"/proc/{pid}/fd"]).stdout.decode().splitlines()
@@ -805,7 +815,7 @@ def quiltd_process(sandbox: Any) -> Process:
     fds = len(targets)
     status = sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.decode()
     rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return Process(pid, int(props["NRestarts"]), fds, rss, targets)
+    return Process(pid, int(props["NRestarts"]), fds, rss, targets, int(props["TasksCurrent"]))
 
 
 def serve_socket(sandbox: Any) -> None:
