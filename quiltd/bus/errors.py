@@ -12,6 +12,15 @@ from quiltd.errors import Internal, QuiltError
 log = logging.getLogger("quiltd")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# Messages quote the value they refuse: a 4 MiB name would come back as a 4 MiB error.
+MAX_MESSAGE = 4096
+
+
+def clipped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters cut)"
+
 
 def bus_errors(fn: F) -> F:
     """Wraps a bus method so no library-named error reaches a client.
@@ -24,11 +33,11 @@ def bus_errors(fn: F) -> F:
         try:
             return await fn(*args, **kwargs)
         except QuiltError as e:
-            raise DBusError(e.dbus_name, e.message) from e
+            raise DBusError(e.dbus_name, clipped(e.message)) from e
         except DBusError:
             raise
         except Exception as e:
             log.exception("internal error in %s", fn.__name__)
-            raise DBusError(Internal.dbus_name, f"internal error: {type(e).__name__}: {e}") from e
+            raise DBusError(Internal.dbus_name, clipped(f"internal error: {type(e).__name__}: {e}")) from e
 
     return wrapper  # type: ignore[return-value]

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from quiltd.bus.connection import handed_over, refuse_fds_in_variants
+from quiltd.bus.errors import bus_errors
 from quiltd.bus.peer import MAX_AUTHENTICATING_PER_UID, PeerServer
 from quiltd.errors import Busy, InvalidArgument, NoSpace
 from quiltd.model import Volume
@@ -153,3 +155,14 @@ def test_connections_over_a_cap_are_refused_at_once(tmp_path: Path) -> None:
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_an_error_quoting_a_huge_value_is_cut() -> None:
+    @bus_errors
+    async def refuse(name: str) -> None:
+        raise InvalidArgument(f"invalid container name {name!r}")
+
+    with pytest.raises(DBusError) as caught:
+        asyncio.run(refuse("y" * (4 << 20)))
+    assert caught.value.type == InvalidArgument.dbus_name
+    assert len(caught.value.text) < 5000 and caught.value.text.endswith("characters cut)")
