@@ -802,12 +802,12 @@ class Process:
     fds: int
     rss_kib: int
     fd_targets: tuple[str, ...]  # what each descriptor is (socket:[N] as socket), to say what grew
-    tasks: int  # processes and threads of quiltd.service: quiltd's, the fork server and its waiting inits
+    threads: int  # quiltd's own
+    processes: int  # quiltd and its descendants: the fork server and the inits it keeps waiting
 
 
 def quiltd_process(sandbox: Any) -> Process:
-    show = sandbox.run(["systemctl", "show", "-p", "MainPID", "-p", "NRestarts", "-p", "TasksCurrent",
-                        "quiltd"]).stdout.decode()
+    show = sandbox.run(["systemctl", "show", "-p", "MainPID", "-p", "NRestarts", "quiltd"]).stdout.decode()
     props = dict(line.split("=", 1) for line in show.split())
     pid = int(props["MainPID"])
     listing = sandbox.run(["ls", "-l", f"/proc/{pid}/fd"]).stdout.decode().splitlines()
@@ -815,7 +815,13 @@ def quiltd_process(sandbox: Any) -> Process:
     fds = len(targets)
     status = sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.decode()
     rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return Process(pid, int(props["NRestarts"]), fds, rss, targets, int(props["TasksCurrent"]))
+    threads = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Threads:"))
+    parents = [tuple(map(int, line.split())) for line in
+               sandbox.run(["ps", "-e", "-o", "pid=,ppid="]).stdout.decode().splitlines() if line.strip()]
+    tree = {pid}
+    for _ in range(8):  # the inits are grandchildren of the fork server
+        tree |= {child for child, parent in parents if parent in tree}
+    return Process(pid, int(props["NRestarts"]), fds, rss, targets, threads, len(tree))
 
 
 def serve_socket(sandbox: Any) -> None:
