@@ -56,7 +56,17 @@ from quiltd.errors import (
 )
 from quiltd.execproto import split_failure
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, Network, State, scope_unit
+from quiltd.model import (
+    NO_EXIT_CODE,
+    CleanupKind,
+    CleanupTask,
+    Container,
+    ContainerListing,
+    Image,
+    Network,
+    State,
+    scope_unit,
+)
 from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
@@ -165,7 +175,7 @@ class Manager:
             raise NoSuchContainer(f"no container {ref!r}")
         return c
 
-    def list_containers(self, filters: Mapping[str, object]) -> list[Container]:
+    def list_containers(self, filters: Mapping[str, object]) -> list[ContainerListing]:
         wanted = {k: v for k, v in filters.items()}
         unknown = set(wanted) - {"state", "name", "image", "labels"}
         if unknown:
@@ -176,18 +186,18 @@ class Manager:
         for key in ("state", "name", "image"):
             if not isinstance(wanted.get(key, ""), str):
                 raise InvalidArgument(f"filter {key} must be a string (s)")
-        result = []
-        for c in self._store.list_containers():
-            if "state" in wanted and c.state.value != wanted["state"]:
-                continue
-            if "name" in wanted and c.name != wanted["name"]:
-                continue
-            if "image" in wanted and c.image != wanted["image"]:
-                continue
-            if labels and not set(labels.items()) <= set(c.spec.labels):
-                continue
-            result.append(c)
-        return result
+        listings = self._store.list_container_listings(
+            *(str(wanted[key]) if key in wanted else None for key in ("state", "name", "image")))
+        if not labels:
+            return listings
+        # Labels are in the spec: only then is it read, for the rows left.
+        matching = {c.id for c in map(self._store.find_container, (item.id for item in listings))
+                    if c is not None and set(labels.items()) <= set(c.spec.labels)}
+        return [item for item in listings if item.id in matching]
+
+    def containers(self) -> list[Container]:
+        """Every container on record, whole."""
+        return self._store.list_containers()
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)

@@ -84,6 +84,16 @@ class Container:
 
 
 @dataclass(frozen=True)
+class ContainerListing:
+    """What ListContainers shows of a container: read without decoding its spec."""
+
+    id: str
+    name: str
+    image: str
+    state: State
+
+
+@dataclass(frozen=True)
 class Usage:
     """A running container's live usage, as systemd accounts it for its scope."""
 

@@ -21,6 +21,7 @@ from quiltd.model import (
     CleanupKind,
     CleanupTask,
     Container,
+    ContainerListing,
     ContainerSpec,
     Exec,
     ExecState,
@@ -257,6 +258,16 @@ class Store:
     def list_containers(self) -> list[Container]:
         rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()
         return [_container_from_row(r) for r in rows]
+
+    def list_container_listings(self, state: str | None = None, name: str | None = None,
+                                image: str | None = None) -> list[ContainerListing]:
+        """The listing columns only, filtered in SQL: no spec is decoded, so a thousand rows stay cheap."""
+        wanted = [(column, value) for column, value in (("state", state), ("name", name), ("image", image))
+                  if value is not None]
+        where = " WHERE " + " AND ".join(f"{column} = ?" for column, _ in wanted) if wanted else ""
+        rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
+                                "ORDER BY created_usec, id", [value for _, value in wanted])
+        return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM containers GROUP BY state").fetchall()

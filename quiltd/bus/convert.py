@@ -6,7 +6,7 @@ from dbus_next.signature import Variant
 
 from quiltd.bus.names import container_path
 from quiltd.manager import ContainerInfo, SystemInfo
-from quiltd.model import Container
+from quiltd.model import ContainerListing
 
 
 def unwrap(options: dict[str, Variant]) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def container_row(c: Container) -> list[Any]:
+def container_row(c: ContainerListing) -> list[Any]:
     return [c.id, c.name, c.image, c.state.value, container_path(c.id)]
 
 
