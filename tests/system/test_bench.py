@@ -84,7 +84,7 @@ LOAD_CALLS = {
     "status": ("GetContainerInfo",),
 }
 CPU_KEYS = ("quiltd", "fork_server", "quiltd_service_other", "quilt_slice", "systemd", "dbus", "journald",
-            "total")
+            "total", "sandbox_other")
 
 
 def test_load_bench_reports_every_part(
