@@ -82,12 +82,18 @@ from quiltd.spawner import (
     watch_exit,
 )
 from quiltd.store import Store
+from quiltd.turns import FairTurns
 
 log = logging.getLogger("quiltd")
 T = TypeVar("T")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SIGKILL_EXIT = 128 + signal.SIGKILL
+# Starts at once, and starts that may wait for a turn before a new one is
+# refused with Busy (see turns.py). A start holds its turn mostly while
+# systemd makes the scope; more at once only slow each other down.
+START_TURNS = 16
+MAX_WAITING_STARTS = 1024
 
 
 class Listener(Protocol):
@@ -119,6 +125,10 @@ class SystemInfo:
     state_dir: str
     run_dir: str
     kernel: str
+    starts_running: int
+    starts_waiting: int
+    start_turns: int
+    max_waiting_starts: int
 
 
 def _describe_fd(fd: int) -> str:
@@ -159,6 +169,7 @@ class Manager:
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
         self.commits = CommitQueue()  # state changes with no caller to fail to: retried until they commit
+        self._starts = FairTurns(START_TURNS, MAX_WAITING_STARTS)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -222,6 +233,8 @@ class Manager:
             state_dir=str(self.paths.state_dir),
             run_dir=str(self.paths.run_dir),
             kernel=platform.release(),
+            starts_running=self._starts.running, starts_waiting=self._starts.waiting,
+            start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
         )
 
     def counts(self) -> dict[str, int]:
@@ -240,6 +253,8 @@ class Manager:
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
+        if start:
+            self._starts.check_room("starts")
         binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
         volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
@@ -295,6 +310,7 @@ class Manager:
             if c.state not in (State.CREATED, State.EXITED, State.FAILED):
                 raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
                                    "containers can be started")
+            self._starts.check_room("starts")
             c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE,
                                  _with=self._networks.take_lease)
             c = await self._run_start(c.id) or c
@@ -310,6 +326,13 @@ class Manager:
         c = self._store.find_container(container_id)
         if c is None or c.state != State.STARTING:
             return c
+        async with self._starts.turn(c.spec.creator_uid):
+            return await self._start_now(container_id)
+
+    async def _start_now(self, container_id: str) -> Container | None:
+        c = self._store.find_container(container_id)
+        if c is None or c.state != State.STARTING:
+            return c  # removed, or its start overtaken, while it waited for its turn
         launched: Launched | None = None
         try:
             image = self._find_image(c.image)

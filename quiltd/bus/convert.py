@@ -77,4 +77,8 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "StateDirectory": Variant("s", info.state_dir),
         "RuntimeDirectory": Variant("s", info.run_dir),
         "Kernel": Variant("s", info.kernel),
+        "StartsRunning": Variant("u", info.starts_running),
+        "StartsWaiting": Variant("u", info.starts_waiting),
+        "StartTurns": Variant("u", info.start_turns),
+        "MaxWaitingStarts": Variant("u", info.max_waiting_starts),
     }
