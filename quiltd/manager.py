@@ -148,6 +148,25 @@ def now_usec() -> int:
     return time.time_ns() // 1000
 
 
+def boot_usec() -> int:
+    """CLOCK_BOOTTIME: monotonic, and counting suspend, so a duration on it is the time that passed."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+
+
+def finished_usec(c: Container, now: int, boot_now: int | None) -> int:
+    """When c's command ended, seen now (wall clock, µs); never before its start.
+
+    With boot_now (the exit was seen while the process was watched, so in the
+    boot it started in) it is the start plus how long the command ran on
+    CLOCK_BOOTTIME: a wall clock set back or forward meanwhile changes neither
+    FinishedUsec - StartedUsec nor its sign. Otherwise it is the wall clock,
+    held to no earlier than the start.
+    """
+    if boot_now is not None and c.started_usec and c.started_boot_usec and boot_now >= c.started_boot_usec:
+        return c.started_usec + boot_now - c.started_boot_usec
+    return max(now, c.started_usec, c.created_usec)
+
+
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
                  netlink: Netlink | None = None, config: Config | None = None) -> None:
@@ -366,12 +385,14 @@ class Manager:
                     await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
             return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
-                                finished_usec=now_usec())
+                                finished_usec=finished_usec(c, now_usec(), None))
         if failure:
             os.close(launched.pidfd)
             return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
-                                pid_starttime=0, exit_code=127, finished_usec=now_usec())
-        c = self._settle(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
+                                pid_starttime=0, exit_code=127,
+                                finished_usec=finished_usec(c, now_usec(), None))
+        c = self._settle(c, state=State.RUNNING, started_usec=max(now_usec(), c.created_usec),
+                         started_boot_usec=boot_usec(), finished_usec=0)
         self._watch(c, launched.pidfd)  # an exit seen before the commit queues behind it
         return c
 
@@ -484,16 +505,17 @@ class Manager:
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
-        watch_exit(pidfd, lambda: self._on_exit(c.id))
+        watch_exit(pidfd, lambda: self._on_exit(c.id, boot_usec()))
 
-    def _on_exit(self, container_id: str) -> None:
+    def _on_exit(self, container_id: str, boot_now: int | None) -> None:
+        """The command ended; boot_now if it was seen ending, None if it was found gone."""
         self._pidfds.pop(container_id, None)
         c = self._store.find_container(container_id)
         if c is None or not c.state.is_active:
             return
         # Read once: the record of the exit must not change between retries.
         code, reason = self._exit_status(c)
-        finished = now_usec()
+        finished = finished_usec(c, now_usec(), boot_now)
         self.commits.run(f"the exit of container {c.name}",
                          lambda: self._record_exit(container_id, code, reason, finished))
 
@@ -796,7 +818,9 @@ class Manager:
             pidfd = open_pidfd(c.pid, c.pid_starttime) if c.pid else None
             if pidfd is not None:
                 if c.state == State.STARTING:
-                    c = self._transition(c, state=State.RUNNING, started_usec=c.started_usec or now_usec())
+                    c = self._transition(c, state=State.RUNNING,
+                                         started_usec=c.started_usec or max(now_usec(), c.created_usec),
+                                         started_boot_usec=c.started_boot_usec or boot_usec())
                 self._watch(c, pidfd)
                 found[RecoveryOutcome.ADOPTED].append(c.name)
             elif c.state == State.STARTING and not self.paths.exit_file(c.id).exists():
@@ -805,7 +829,7 @@ class Manager:
                 self._start_in_background(c, resume=True)
                 found[RecoveryOutcome.RESTARTED].append(c.name)
             else:
-                self._on_exit(c.id)
+                self._on_exit(c.id, None)  # when it ended is not known: the daemon was down
                 found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
         active = [c for c in self._store.list_containers() if c.state.is_active and c.pid]
         try:

@@ -136,11 +136,25 @@ MIGRATIONS = (
     ALTER TABLE containers ADD COLUMN userns_base INTEGER NOT NULL DEFAULT 0;
     CREATE UNIQUE INDEX containers_userns_base ON containers(userns_base) WHERE userns_base > 0;
     """,
+    """
+    -- The order containers were created in. created_usec is the wall clock,
+    -- which can be set back: ListContainers orders by this sequence instead.
+    -- Rows from before number in their created_usec order.
+    ALTER TABLE containers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE containers SET seq = (
+        SELECT COUNT(*) FROM containers AS o
+        WHERE o.created_usec < containers.created_usec
+           OR (o.created_usec = containers.created_usec AND o.id <= containers.id));
+    CREATE INDEX containers_seq ON containers(seq);
+    -- When a container's command started, on CLOCK_BOOTTIME: its exit time is
+    -- its start plus how long it ran on that clock (see manager.finished_usec).
+    ALTER TABLE containers ADD COLUMN started_boot_usec INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 _CONTAINER_COLUMNS = (
     "id", "name", "image", "image_id", "command", "spec", "state", "reason", "pid", "pid_starttime",
-    "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base",
+    "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base", "started_boot_usec",
 )
 
 
@@ -224,8 +238,11 @@ class Store:
     def insert_container(self, c: Container) -> None:
         row = _container_row(c)
         marks = ", ".join("?" for _ in _CONTAINER_COLUMNS)
+        # One past the highest on record: above every row there is, so the
+        # order of creation holds whatever the wall clock said.
         self._db.execute(
-            f"INSERT INTO containers ({', '.join(_CONTAINER_COLUMNS)}) VALUES ({marks})",
+            f"INSERT INTO containers ({', '.join(_CONTAINER_COLUMNS)}, seq) VALUES ({marks}, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM containers))",
             [row[k] for k in _CONTAINER_COLUMNS],
         )
 
@@ -256,7 +273,7 @@ class Store:
         return [row[0] for row in rows]
 
     def list_containers(self) -> list[Container]:
-        rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()
+        rows = self._db.execute("SELECT * FROM containers ORDER BY seq").fetchall()
         return [_container_from_row(r) for r in rows]
 
     def list_container_listings(self, state: str | None = None, name: str | None = None,
@@ -454,6 +471,7 @@ def _container_row(c: Container) -> dict[str, Any]:
 
 def _container_from_row(row: sqlite3.Row) -> Container:
     raw = dict(row)
+    del raw["seq"]  # the store's own: only the order of rows
     spec = json.loads(raw.pop("spec"))
     spec["env"] = tuple(spec["env"])
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
