@@ -14,7 +14,15 @@ import threading
 from collections.abc import Mapping
 
 from quiltd import fdcheck, journalreader
-from quiltd.errors import Internal, InvalidArgument, InvalidState, LimitExceeded, NoSuchExec, OutputTruncated
+from quiltd.errors import (
+    Internal,
+    InvalidArgument,
+    InvalidState,
+    LimitExceeded,
+    NoSuchContainer,
+    NoSuchExec,
+    OutputTruncated,
+)
 from quiltd.execs import Execs
 from quiltd.journalreader import Follower, JournalWatch, Line, Query
 from quiltd.manager import Manager
@@ -97,8 +105,15 @@ class Logs:
                     self._reserved -= 1
             os.close(fd)
             raise
-        exec_ended = q.exec_id not in ("", "*") and self._execs.get(q.exec_id).state.is_final
-        if not c.state.is_active or exec_ended:
+        # Looked at again: the container or exec may have ended while the
+        # reader was opened, before this follower was there to be stopped.
+        try:
+            ended = not self._manager.get(c.id).state.is_active
+            if q.exec_id not in ("", "*"):
+                ended = ended or self._execs.get(q.exec_id).state.is_final
+        except (NoSuchContainer, NoSuchExec):
+            ended = True
+        if ended:
             follower.stop.set()  # what is there, then the end
         follower.start()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 from typing import Any
 
 import pytest
@@ -76,3 +77,27 @@ def test_a_follow_whose_journal_fails_says_why_before_its_end() -> None:
     usec, stream, text = data.split(b" ", 2)
     assert usec.isdigit() and stream == b"error"
     assert text == b"quiltd: the follow ended: watching the journal failed: [Errno 5] Input/output error\n"
+
+
+class _Ending(_Core):
+    """A container that exits while its follow's reader is being opened."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get(self, ref: str) -> _Container:
+        self.asked += 1
+        c = _Container()
+        if self.asked > 1:
+            c.state = State.EXITED
+        return c
+
+
+def test_a_follow_of_a_container_that_ends_while_it_is_set_up_ends_too() -> None:
+    core: Any = _Ending()
+    logs = Logs(core, core)
+    r, w = os.pipe()
+    asyncio.run(logs.follow("c", {}, w))
+    ready, _, _ = select.select([r], [], [], 10)
+    assert ready and os.read(r, 100) == b"", "the follow went on after its container had ended"
+    os.close(r)
