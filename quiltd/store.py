@@ -283,7 +283,7 @@ class Store:
                   if value is not None]
         where = " WHERE " + " AND ".join(f"{column} = ?" for column, _ in wanted) if wanted else ""
         rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
-                                "ORDER BY created_usec, id", [value for _, value in wanted])
+                                "ORDER BY seq", [value for _, value in wanted])
         return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:

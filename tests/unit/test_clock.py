@@ -38,6 +38,7 @@ def test_list_containers_keeps_the_order_of_creation_when_the_clock_goes_back(tm
         store.delete_container(f"{2:016x}")  # the newest gone, the next still comes last
         store.insert_container(_container(f"{3:016x}", T0 - 3 * DAY_USEC))
     assert [c.id[-1] for c in store.list_containers()] == ["0", "1", "3"]
+    assert [c.id[-1] for c in store.list_container_listings()] == ["0", "1", "3"]  # what ListContainers reads
 
 
 def test_rows_from_before_the_sequence_keep_their_created_order(tmp_path: Path) -> None:
