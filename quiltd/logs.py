@@ -92,13 +92,17 @@ class Logs:
                 self._reserved += 1
                 reserved = True
             reader = await asyncio.get_running_loop().run_in_executor(None, self._open, q)
-            with self._lock:
-                self._reserved -= 1
-                reserved = False
-                # The follower must never block on a reader that does not read.
-                os.set_blocking(fd, False)
-                follower = Follower(q, fd, reader, self._watch, self._ended)
-                self._followers.add(follower)
+            try:
+                with self._lock:
+                    self._reserved -= 1
+                    reserved = False
+                    # The follower must never block on a reader that does not read.
+                    os.set_blocking(fd, False)
+                    follower = Follower(q, fd, reader, self._watch, self._ended)
+                    self._followers.add(follower)
+            except BaseException:
+                reader.close()  # the follower, which closes it, never came to be
+                raise
         except BaseException:
             if reserved:
                 with self._lock:
