@@ -14,6 +14,7 @@ and the caller asks systemd instead.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from quiltd.model import Usage
@@ -23,26 +24,31 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 class CgroupUsage:
     def __init__(self, slice_name: str, root: Path = CGROUP_ROOT) -> None:
-        self._slice = slice_name
         # Unified (v2) when the root itself is a cgroup2 mount. On a hybrid
         # host the v2 tree holds no controllers: the counters are on v1.
         self._unified = (root / "cgroup.controllers").exists()
-        self._root = root
+        # Plain strings: this runs on every GetContainerInfo, and building
+        # Path objects cost as much as reading the files.
+        base = str(root)
+        if self._unified:
+            self._memory = self._tasks = self._cpu = f"{base}/{slice_name}/"
+        else:
+            self._memory = f"{base}/memory/{slice_name}/"
+            self._tasks = f"{base}/pids/{slice_name}/"
+            self._cpu = f"{base}/cpuacct/{slice_name}/"
 
     def read(self, unit: str) -> Usage | None:
-        rel = f"{self._slice}/{unit}"
         try:
             if self._unified:
-                scope = self._root / rel
                 return Usage(
-                    memory_current=_number(scope / "memory.current"),
-                    cpu_usage_nsec=_usage_usec(scope / "cpu.stat") * 1000,
-                    tasks_current=_number(scope / "pids.current"),
+                    memory_current=_number(f"{self._memory}{unit}/memory.current"),
+                    cpu_usage_nsec=_usage_usec(f"{self._cpu}{unit}/cpu.stat") * 1000,
+                    tasks_current=_number(f"{self._tasks}{unit}/pids.current"),
                 )
-            memory = _number(self._root / "memory" / rel / "memory.usage_in_bytes")
-            tasks = _number(self._root / "pids" / rel / "pids.current")
+            memory = _number(f"{self._memory}{unit}/memory.usage_in_bytes")
+            tasks = _number(f"{self._tasks}{unit}/pids.current")
             try:
-                cpu = _number(self._root / "cpuacct" / rel / "cpuacct.usage")
+                cpu = _number(f"{self._cpu}{unit}/cpuacct.usage")
             except FileNotFoundError:
                 # systemd made no cpuacct group for the unit (cpu and cpuacct
                 # mounted apart): it has no CPU time to report either.
@@ -52,15 +58,21 @@ class CgroupUsage:
             return None
 
 
-def _number(path: Path) -> int:
-    with open(path, "rb") as f:
-        return int(f.read())
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
-def _usage_usec(path: Path) -> int:
-    with open(path, "rb") as f:
-        for line in f:
-            key, _, value = line.partition(b" ")
-            if key == b"usage_usec":
-                return int(value)
+def _number(path: str) -> int:
+    return int(_read(path))
+
+
+def _usage_usec(path: str) -> int:
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"usage_usec":
+            return int(value)
     raise ValueError(f"no usage_usec in {path}")

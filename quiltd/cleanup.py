@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -32,10 +33,22 @@ def backoff_sec(attempts: int) -> float:
 
 
 class Cleaner:
-    def __init__(self, store: Store, systemd: Systemd, now_usec: Callable[[], int]) -> None:
+    """Retries each task when its pause is over, timed on the monotonic clock.
+
+    A task's next attempt is also stored as wall-clock µs, for
+    GetCleanupStatus and for a daemon that starts again. The wall clock can be
+    set back (a day back would stall every retry for a day) or forward, so it
+    never times a pause while the daemon runs, and a stored time is believed
+    only up to the task's own pause.
+    """
+
+    def __init__(self, store: Store, systemd: Systemd, now_usec: Callable[[], int],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._systemd = systemd
         self._now_usec = now_usec
+        self._monotonic = monotonic
+        self._due: dict[int, float] = {}  # task id -> monotonic time of its next attempt
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: set[int] = set()
@@ -57,13 +70,23 @@ class Cleaner:
                 await self._attempt(task)
         self._wake.set()
 
+    def _due_at(self, task: CleanupTask) -> float:
+        due = self._due.get(task.id)
+        if due is None:
+            # Not timed here yet (queued by another path, or before a
+            # restart): its stored time, but never further off than its pause.
+            pause = backoff_sec(task.attempts) if task.attempts else 0.0
+            ahead = (task.next_usec - self._now_usec()) / 1e6
+            due = self._monotonic() + min(max(0.0, ahead), pause)
+            self._due[task.id] = due
+        return due
+
     async def _run(self) -> None:
         while True:
             self._wake.clear()  # before looking, so a task queued meanwhile wakes us again
-            now = self._now_usec()
             try:
                 for task in self._store.list_cleanups():
-                    if task.next_usec <= now:
+                    if self._due_at(task) <= self._monotonic():
                         await self._attempt(task)  # one that finished meanwhile is a no-op
             except (Busy, NoSpace) as e:
                 # The store cannot record the outcome now; the tasks stay queued.
@@ -71,9 +94,12 @@ class Cleaner:
                 await asyncio.sleep(FIRST_RETRY_SEC)
                 continue
             pending = self._store.list_cleanups()
+            live = {t.id for t in pending}
+            for gone in set(self._due) - live:
+                del self._due[gone]
             wait = None
             if pending:
-                wait = max(0.0, (min(t.next_usec for t in pending) - self._now_usec()) / 1e6)
+                wait = max(0.0, min(self._due_at(t) for t in pending) - self._monotonic())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -90,6 +116,7 @@ class Cleaner:
                         task.kind.value, task.target, attempts, delay, e)
             with self._store.transaction():
                 self._store.defer_cleanup(task.id, attempts, self._now_usec() + int(delay * 1e6), str(e))
+            self._due[task.id] = self._monotonic() + delay
         else:
             log.debug("cleaned up %s %s", task.kind.value, task.target)
             with self._store.transaction():

@@ -685,7 +685,8 @@ def _message(e: errors.QuiltError) -> str:
 
 
 def _write_line(stream: str, data: bytes) -> None:
-    out = sys.stderr if stream == "stderr" else sys.stdout
+    # "error" is quiltd's own last word on a follow that could not go on.
+    out = sys.stderr if stream in ("stderr", "error") else sys.stdout
     out.flush()
     out.buffer.write(data + b"\n")
     out.buffer.flush()

@@ -88,7 +88,11 @@ class NoSuchPath(QuiltError):
 
 
 class LimitExceeded(QuiltError):
-    """A cap was reached (a copy's max_bytes, the user namespace ranges); the message names it."""
+    """A cap was reached; the message names it.
+
+    A copy's or an import's size, the Exec output quiltd holds, the user
+    namespace ranges, what the journal can be watched with.
+    """
 
     dbus_name = ERROR_PREFIX + "LimitExceeded"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -26,7 +27,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from quiltd import execproto, fdcheck, options
-from quiltd.errors import ExecFailed, Internal, InvalidArgument, InvalidState, NoSuchExec, Timeout
+from quiltd.access import Credentials
+from quiltd.errors import (
+    ExecFailed,
+    Internal,
+    InvalidArgument,
+    InvalidState,
+    LimitExceeded,
+    NoSuchExec,
+    Timeout,
+)
 from quiltd.execproto import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecRequest, ExecStatus, Kind
 from quiltd.manager import Manager
 from quiltd.model import Container, Exec, ExecState, State
@@ -40,6 +50,16 @@ DEFAULT_MAX_OUTPUT = 1 << 20
 # Both streams travel in one D-Bus reply; the system bus refuses messages
 # over 32 MiB (dbus-daemon's default max_message_size).
 MAX_OUTPUT_LIMIT = 8 << 20
+# The output quiltd may hold for foreground Execs running at once: each
+# reserves 2 x max_output (both streams) while it runs, per caller's uid and
+# in all. With the default max_output that is 64 execs at once per caller;
+# at the largest, 8. The output is copied a few times on its way into the
+# reply, and quiltd.service's MemoryHigh and MemoryMax are sized for
+# CAPTURE_BUDGET. ExecWithFds and ExecStart hold no output: not counted.
+CAPTURE_BUDGET_PER_UID = 128 << 20
+CAPTURE_BUDGET = 192 << 20
+GC_AFTER_OUTPUT = 1 << 20  # output of one Exec that makes quiltd collect its garbage soon after
+GC_DELAY_SEC = 1.0  # once the reply has gone; one collection for all the Execs meanwhile
 MAX_STDIN = 8 << 20
 MAX_SPEC = 128 << 10  # command and environment; one message on the exec channel
 CONNECT_TRIES = 200
@@ -146,14 +166,45 @@ class Execs:
         self._listeners: list[ExecListener] = []
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self._captured: dict[int, int] = {}  # uid -> bytes its running foreground execs may hold
+        self._gc: asyncio.TimerHandle | None = None  # a collection after large outputs, see _collect
 
     def add_listener(self, listener: ExecListener) -> None:
         self._listeners.append(listener)
 
     # Foreground
 
-    async def run(self, ref: str, command: list[str], opts: Mapping[str, object]) -> ExecResult:
+    async def run(self, ref: str, command: list[str], opts: Mapping[str, object], *,
+                  caller: Credentials) -> ExecResult:
         """Runs command in the container and returns its exit code and output."""
+        # Reserved before the first await, so execs asked for together cannot pass the caps together.
+        need = 2 * parse_exec_options(opts, background=False).max_output
+        mine, total = self._captured.get(caller.uid, 0), sum(self._captured.values())
+        if mine + need > CAPTURE_BUDGET_PER_UID or total + need > CAPTURE_BUDGET:
+            raise LimitExceeded(
+                f"the output of running Execs is capped at {CAPTURE_BUDGET_PER_UID} bytes per user and "
+                f"{CAPTURE_BUDGET} in all, each counting 2 x max_output ({need} here); {caller}'s hold "
+                f"{mine} and all {total}. Wait for one to end, lower max_output, or use ExecWithFds or "
+                "ExecStart, which hold no output")
+        self._captured[caller.uid] = mine + need
+        try:
+            result = await self._run_captured(ref, command, opts)
+            if len(result.stdout) + len(result.stderr) >= GC_AFTER_OUTPUT and self._gc is None:
+                self._gc = asyncio.get_running_loop().call_later(GC_DELAY_SEC, self._collect)
+            return result
+        finally:
+            self._captured[caller.uid] -= need
+            if not self._captured[caller.uid]:
+                del self._captured[caller.uid]
+
+    def _collect(self) -> None:
+        # A large output stays reachable after its reply has gone, through a
+        # reference cycle on the way out, until a full collection; these come
+        # rarely, and quiltd kept hundreds of MiB of old outputs meanwhile.
+        self._gc = None
+        gc.collect()
+
+    async def _run_captured(self, ref: str, command: list[str], opts: Mapping[str, object]) -> ExecResult:
         c = self._manager.get(ref)
         argv = options.check_command(command)
         o = parse_exec_options(opts, background=False)

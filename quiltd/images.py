@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
-from quiltd.errors import InvalidImage
+from quiltd.errors import InvalidImage, LimitExceeded
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -63,6 +63,11 @@ _META_TYPES = frozenset(
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+
+# Left free on the image directory's filesystem after an import: it usually
+# holds the state database and the containers' writable layers too, and an
+# import that fills it would make every later commit fail with NoSpace.
+DISK_RESERVE = 64 << 20
 
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -591,10 +596,15 @@ class _Extractor:
         name = member.name
         # Checked against the header before any content is decompressed, so
         # a bomb stops at its first oversized member.
+        # member.size is the apparent size, holes of a sparse member included:
+        # holes are written out as zeros, so that is what the member costs on
+        # disk, however small the archive.
         if self.size_bytes + member.size > self._limits.max_bytes:
-            raise InvalidImage(
-                f"{name!r}: image content exceeds the limit of {self._limits.max_bytes} bytes"
+            raise LimitExceeded(
+                f"{name!r}: image content exceeds the limit of {self._limits.max_bytes} bytes "
+                f"(option max_bytes); this member alone is {member.size} bytes"
             )
+        self._check_free_space(name, member.size)
         content = tf.extractfile(member)
         if content is None:
             raise InvalidImage(f"{name!r}: no content for a regular file")
@@ -618,6 +628,17 @@ class _Extractor:
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
         finally:
             os.close(fd)
+
+    def _check_free_space(self, name: str, size: int) -> None:
+        # Asked before each file rather than once: earlier members, and other
+        # imports running at the same time, have used some of it since.
+        vfs = os.fstatvfs(self._root)
+        free = vfs.f_bavail * vfs.f_frsize - DISK_RESERVE
+        if size > free:
+            raise LimitExceeded(
+                f"{name!r}: {size} bytes do not fit in the free space of the image directory's "
+                f"filesystem ({max(free, 0)} bytes, keeping {DISK_RESERVE} bytes free)"
+            )
 
     def _add_symlink(self, member: tarfile.TarInfo, parts: tuple[str, ...], meta: _Meta) -> None:
         name, target = member.name, member.linkname
@@ -836,6 +857,8 @@ class LayeredImage:
             _apply(raw, magic, self._extractor, _stream_cap(self._limits), tar_digest)
         except InvalidImage as exc:
             raise InvalidImage(f"{what}: {exc.message}") from exc
+        except LimitExceeded as exc:
+            raise LimitExceeded(f"{what}: {exc.message}") from exc
         except _ARCHIVE_ERRORS as exc:
             raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
         return tar_digest.hexdigest()

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from systemd import journal
 
@@ -121,6 +122,90 @@ def _read_tail_and_cursor(r: journal.Reader, q: Query, limit: int) -> tuple[list
     return lines[::-1], False, cursor
 
 
+class JournalError(Exception):
+    """The journal could not be read or watched; the message says why."""
+
+
+class JournalWatch:
+    """One inotify watch of the journal, shared by every follow.
+
+    An sd_journal that is waited on makes an inotify instance of its own, and
+    the kernel allows 128 (fs.inotify.max_user_instances) to all of root's
+    processes together. With one per follow, the follows past the first
+    hundred or so could not wait and ended at once, without a word. Here one
+    thread waits and counts the journal's changes; a follow only reads. An
+    open journal sees what is appended to its files without inotify, and when
+    files come or go (rotation) each follow opens its reader again at its
+    cursor.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._changes = 0
+        self._invalidations = 0
+        self._error: str | None = None
+        self._running = False
+
+    def start(self) -> None:
+        """Starts the watch unless it runs; raises OSError when the journal cannot be watched."""
+        with self._cond:
+            if self._running:
+                return
+            r = journal.Reader()
+            try:
+                # Makes the inotify instance and its watches now, so that a
+                # failure is the caller's error rather than a follow's silent end.
+                r.fileno()
+            except BaseException:
+                r.close()
+                raise
+            self._error = None
+            self._running = True
+            threading.Thread(target=self._run, args=(r,), name="journal-watch", daemon=True).start()
+
+    def _run(self, r: journal.Reader) -> None:
+        try:
+            while True:
+                event = r.wait(None)
+                with self._cond:
+                    self._changes += 1
+                    if event == journal.INVALIDATE:
+                        self._invalidations += 1
+                    self._cond.notify_all()
+        except Exception as exc:  # the follows are told, and say so to their readers
+            with self._cond:
+                self._error = f"watching the journal failed: {exc}"
+                self._running = False
+                self._cond.notify_all()
+        finally:
+            r.close()
+
+    def seen(self) -> tuple[int, int]:
+        with self._cond:
+            return self._changes, self._invalidations
+
+    def wait(self, seen: tuple[int, int], timeout: float) -> tuple[int, int]:
+        """(changes, invalidations) once they differ from `seen`, or after timeout.
+
+        Raises JournalError once the watch has failed.
+        """
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._error is not None or (self._changes, self._invalidations) != seen, timeout)
+            if self._error is not None:
+                raise JournalError(self._error)
+            return self._changes, self._invalidations
+
+
+Reader: TypeAlias = journal.Reader
+
+
+def open_reader(q: Query) -> Reader:
+    """A reader for the query; OSError if the journal cannot be opened."""
+    r: Reader = _reader(q)
+    return r
+
+
 class Follower(threading.Thread):
     """Writes the matching lines to fd, then new ones as they come, until stopped or fd is closed.
 
@@ -128,28 +213,40 @@ class Follower(threading.Thread):
     hold a newline, so this is binary safe and needs no escaping.
     """
 
-    def __init__(self, q: Query, fd: int, on_end: Callable[[Follower], None]) -> None:
+    def __init__(self, q: Query, fd: int, reader: journal.Reader, watch: JournalWatch,
+                 on_end: Callable[[Follower], None]) -> None:
         super().__init__(name=f"follow-{q.container_id}", daemon=True)
         self.query = q
         self.stop = threading.Event()
         self._fd = fd
+        self._reader = reader  # opened by the caller, so that failing to open it is the call's error
+        self._watch = watch
         self._on_end = on_end
+        self._cursor = ""  # of the last entry read, to open the reader again after rotation
 
     def run(self) -> None:
         try:
             self._follow()
-        except Exception:  # a client's closed descriptor or a journal error ends one follow only
-            pass
+        except Exception as exc:
+            # One follow ends, and never silently: its reader is told why,
+            # in the line format, with "error" where the stream would be.
+            self._say_error(str(exc) or type(exc).__name__)
         finally:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._on_end(self)
 
+    def _say_error(self, reason: str) -> None:
+        line = Line(time.time_ns() // 1000, "error", f"quiltd: the follow ended: {reason}".encode())
+        with contextlib.suppress(Exception):
+            self._write([line])
+
     def _follow(self) -> None:
-        r = _reader(self.query)
+        r = self._reader
         try:
             if self.query.tail:
                 lines, _, cursor = _read_tail_and_cursor(r, self.query, self.query.tail)
+                self._cursor = cursor
                 if not self._write(lines):
                     return
                 if cursor:
@@ -162,8 +259,9 @@ class Follower(threading.Thread):
             elif self.query.since_usec:
                 r.seek_realtime(self.query.since_usec)
             stopping_since: float | None = None
+            seen = self._watch.seen()
             while True:
-                lines = list(_forward(r, self.query))
+                lines = list(self._forward(r))
                 if not self._write(lines) or self._closed():
                     return
                 if self.stop.is_set():
@@ -172,9 +270,36 @@ class Follower(threading.Thread):
                         stopping_since = time.monotonic()
                     elif not lines and time.monotonic() - stopping_since >= SETTLE_SEC:
                         return
-                r.wait(POLL_SEC if stopping_since is None else SETTLE_SEC / 5)
+                now = self._watch.wait(seen, POLL_SEC if stopping_since is None else SETTLE_SEC / 5)
+                if now[1] != seen[1]:
+                    r = self._reopen(r)
+                seen = now
         finally:
             r.close()
+
+    def _forward(self, r: journal.Reader) -> Iterator[Line]:
+        moved = False
+        try:
+            while r._next():
+                moved = True
+                line = _line(r, self.query)
+                if line is not None and line.usec >= self.query.since_usec:
+                    yield line
+        finally:
+            if moved:
+                self._cursor = r._get_cursor()
+
+    def _reopen(self, old: journal.Reader) -> journal.Reader:
+        """A new reader where the old one was: journal files were added or removed."""
+        r = _reader(self.query)
+        old.close()
+        self._reader = r
+        if self._cursor:
+            r.seek_cursor(self._cursor)
+            r._next()  # the entry of the cursor was read already
+        elif self.query.since_usec:
+            r.seek_realtime(self.query.since_usec)
+        return r
 
     def _write(self, lines: list[Line]) -> bool:
         for line in lines:

@@ -8,14 +8,23 @@ stops when the container (or the followed exec) ends.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from collections.abc import Mapping
 
 from quiltd import fdcheck, journalreader
-from quiltd.errors import InvalidArgument, InvalidState, NoSuchExec, OutputTruncated
+from quiltd.errors import (
+    Internal,
+    InvalidArgument,
+    InvalidState,
+    LimitExceeded,
+    NoSuchContainer,
+    NoSuchExec,
+    OutputTruncated,
+)
 from quiltd.execs import Execs
-from quiltd.journalreader import Follower, Line, Query
+from quiltd.journalreader import Follower, JournalWatch, Line, Query
 from quiltd.manager import Manager
 from quiltd.model import Container, Exec
 
@@ -29,6 +38,8 @@ class Logs:
         self._manager = manager
         self._execs = execs
         self._followers: set[Follower] = set()
+        self._reserved = 0  # follows being set up
+        self._watch = JournalWatch()  # one for every follow: see JournalWatch
         self._lock = threading.Lock()  # followers end in their own threads
         manager.add_listener(self)
         execs.add_listener(self)
@@ -63,25 +74,62 @@ class Logs:
             raise OutputTruncated(f"more than {MAX_LINES} lines match; narrow with since_usec or tail")
         return lines
 
-    def follow(self, ref: str, opts: Mapping[str, object], fd: int) -> None:
-        """Starts writing lines to fd; takes fd over (closes it) whatever happens."""
+    async def follow(self, ref: str, opts: Mapping[str, object], fd: int) -> None:
+        """Starts writing lines to fd; takes fd over (closes it) whatever happens.
+
+        Everything a follow needs is set up before this returns, so a follow
+        that cannot be served is this call's error, not an empty stream.
+        """
+        reserved = False
         try:
             c, q = self._query(ref, opts)
             fdcheck.check(fd, writable=True, what="the log lines")
             with self._lock:
-                if len(self._followers) >= MAX_FOLLOWERS:
+                # A slot is taken before the first await, so follows asked
+                # for at the same time cannot pass the cap together.
+                if len(self._followers) + self._reserved >= MAX_FOLLOWERS:
                     raise InvalidState(f"{MAX_FOLLOWERS} log follows are running already")
-                # The follower must never block on a reader that does not read.
-                os.set_blocking(fd, False)
-                follower = Follower(q, fd, self._ended)
-                self._followers.add(follower)
+                self._reserved += 1
+                reserved = True
+            reader = await asyncio.get_running_loop().run_in_executor(None, self._open, q)
+            try:
+                with self._lock:
+                    self._reserved -= 1
+                    reserved = False
+                    # The follower must never block on a reader that does not read.
+                    os.set_blocking(fd, False)
+                    follower = Follower(q, fd, reader, self._watch, self._ended)
+                    self._followers.add(follower)
+            except BaseException:
+                reader.close()  # the follower, which closes it, never came to be
+                raise
         except BaseException:
+            if reserved:
+                with self._lock:
+                    self._reserved -= 1
             os.close(fd)
             raise
-        exec_ended = q.exec_id not in ("", "*") and self._execs.get(q.exec_id).state.is_final
-        if not c.state.is_active or exec_ended:
+        # Looked at again: the container or exec may have ended while the
+        # reader was opened, before this follower was there to be stopped.
+        try:
+            ended = not self._manager.get(c.id).state.is_active
+            if q.exec_id not in ("", "*"):
+                ended = ended or self._execs.get(q.exec_id).state.is_final
+        except (NoSuchContainer, NoSuchExec):
+            ended = True
+        if ended:
             follower.stop.set()  # what is there, then the end
         follower.start()
+
+    def _open(self, q: Query) -> journalreader.Reader:  # in a worker thread
+        try:
+            self._watch.start()
+            return journalreader.open_reader(q)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM):
+                raise LimitExceeded(f"cannot follow the journal: {exc.strerror} (the system's limits on "
+                                    "inotify instances or descriptors are reached)") from None
+            raise Internal(f"cannot follow the journal: {exc.strerror or exc}") from None
 
     def _ended(self, follower: Follower) -> None:
         with self._lock:

@@ -56,7 +56,17 @@ from quiltd.errors import (
 )
 from quiltd.execproto import split_failure
 from quiltd.launchspec import LaunchSpec
-from quiltd.model import NO_EXIT_CODE, CleanupKind, CleanupTask, Container, Image, Network, State, scope_unit
+from quiltd.model import (
+    NO_EXIT_CODE,
+    CleanupKind,
+    CleanupTask,
+    Container,
+    ContainerListing,
+    Image,
+    Network,
+    State,
+    scope_unit,
+)
 from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
@@ -72,12 +82,18 @@ from quiltd.spawner import (
     watch_exit,
 )
 from quiltd.store import Store
+from quiltd.turns import FairTurns
 
 log = logging.getLogger("quiltd")
 T = TypeVar("T")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SIGKILL_EXIT = 128 + signal.SIGKILL
+# Starts at once, and starts that may wait for a turn before a new one is
+# refused with Busy (see turns.py). A start holds its turn mostly while
+# systemd makes the scope; more at once only slow each other down.
+START_TURNS = 16
+MAX_WAITING_STARTS = 1024
 
 
 class Listener(Protocol):
@@ -109,6 +125,10 @@ class SystemInfo:
     state_dir: str
     run_dir: str
     kernel: str
+    starts_running: int
+    starts_waiting: int
+    start_turns: int
+    max_waiting_starts: int
 
 
 def _describe_fd(fd: int) -> str:
@@ -126,6 +146,25 @@ IMPORT_DIR = re.compile(f"[0-9a-f]{{{2 * IMPORT_DIR_BYTES}}}")
 
 def now_usec() -> int:
     return time.time_ns() // 1000
+
+
+def boot_usec() -> int:
+    """CLOCK_BOOTTIME: monotonic, and counting suspend, so a duration on it is the time that passed."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+
+
+def finished_usec(c: Container, now: int, boot_now: int | None) -> int:
+    """When c's command ended, seen now (wall clock, µs); never before its start.
+
+    With boot_now (the exit was seen while the process was watched, so in the
+    boot it started in) it is the start plus how long the command ran on
+    CLOCK_BOOTTIME: a wall clock set back or forward meanwhile changes neither
+    FinishedUsec - StartedUsec nor its sign. Otherwise it is the wall clock,
+    held to no earlier than the start.
+    """
+    if boot_now is not None and c.started_usec and c.started_boot_usec and boot_now >= c.started_boot_usec:
+        return c.started_usec + boot_now - c.started_boot_usec
+    return max(now, c.started_usec, c.created_usec)
 
 
 class Manager:
@@ -149,6 +188,7 @@ class Manager:
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
         self.commits = CommitQueue()  # state changes with no caller to fail to: retried until they commit
+        self._starts = FairTurns(START_TURNS, MAX_WAITING_STARTS)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -165,7 +205,7 @@ class Manager:
             raise NoSuchContainer(f"no container {ref!r}")
         return c
 
-    def list_containers(self, filters: Mapping[str, object]) -> list[Container]:
+    def list_containers(self, filters: Mapping[str, object]) -> list[ContainerListing]:
         wanted = {k: v for k, v in filters.items()}
         unknown = set(wanted) - {"state", "name", "image", "labels"}
         if unknown:
@@ -178,18 +218,18 @@ class Manager:
         for key in ("state", "name", "image"):
             if not isinstance(wanted.get(key, ""), str):
                 raise InvalidArgument(f"filter {key} must be a string (s)")
-        result = []
-        for c in self._store.list_containers():
-            if "state" in wanted and c.state.value != wanted["state"]:
-                continue
-            if "name" in wanted and c.name != wanted["name"]:
-                continue
-            if "image" in wanted and c.image != wanted["image"]:
-                continue
-            if labels and not set(labels.items()) <= set(c.spec.labels):
-                continue
-            result.append(c)
-        return result
+        listings = self._store.list_container_listings(
+            *(str(wanted[key]) if key in wanted else None for key in ("state", "name", "image")))
+        if not labels:
+            return listings
+        # Labels are in the spec: only then is it read, for the rows left.
+        matching = {c.id for c in map(self._store.find_container, (item.id for item in listings))
+                    if c is not None and set(labels.items()) <= set(c.spec.labels)}
+        return [item for item in listings if item.id in matching]
+
+    def containers(self) -> list[Container]:
+        """Every container on record, whole."""
+        return self._store.list_containers()
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)
@@ -214,6 +254,8 @@ class Manager:
             state_dir=str(self.paths.state_dir),
             run_dir=str(self.paths.run_dir),
             kernel=platform.release(),
+            starts_running=self._starts.running, starts_waiting=self._starts.waiting,
+            start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
         )
 
     def counts(self) -> dict[str, int]:
@@ -232,6 +274,8 @@ class Manager:
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
+        if start:
+            self._starts.check_room("starts")
         binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
         volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
@@ -287,6 +331,7 @@ class Manager:
             if c.state not in (State.CREATED, State.EXITED, State.FAILED):
                 raise InvalidState(f"container {c.name} is {c.state.value}; only created or ended "
                                    "containers can be started")
+            self._starts.check_room("starts")
             c = self._transition(c, state=State.STARTING, reason="", exit_code=NO_EXIT_CODE,
                                  _with=self._networks.take_lease)
             c = await self._run_start(c.id) or c
@@ -302,6 +347,13 @@ class Manager:
         c = self._store.find_container(container_id)
         if c is None or c.state != State.STARTING:
             return c
+        async with self._starts.turn(c.spec.creator_uid):
+            return await self._start_now(container_id)
+
+    async def _start_now(self, container_id: str) -> Container | None:
+        c = self._store.find_container(container_id)
+        if c is None or c.state != State.STARTING:
+            return c  # removed, or its start overtaken, while it waited for its turn
         launched: Launched | None = None
         try:
             image = self._find_image(c.image)
@@ -335,12 +387,14 @@ class Manager:
                     await self._networks.detach(c)
             log.exception("starting container %s failed", c.name)
             return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
-                                finished_usec=now_usec())
+                                finished_usec=finished_usec(c, now_usec(), None))
         if failure:
             os.close(launched.pidfd)
             return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
-                                pid_starttime=0, exit_code=127, finished_usec=now_usec())
-        c = self._settle(c, state=State.RUNNING, started_usec=now_usec(), finished_usec=0)
+                                pid_starttime=0, exit_code=127,
+                                finished_usec=finished_usec(c, now_usec(), None))
+        c = self._settle(c, state=State.RUNNING, started_usec=max(now_usec(), c.created_usec),
+                         started_boot_usec=boot_usec(), finished_usec=0)
         self._watch(c, launched.pidfd)  # an exit seen before the commit queues behind it
         return c
 
@@ -453,16 +507,17 @@ class Manager:
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
-        watch_exit(pidfd, lambda: self._on_exit(c.id))
+        watch_exit(pidfd, lambda: self._on_exit(c.id, boot_usec()))
 
-    def _on_exit(self, container_id: str) -> None:
+    def _on_exit(self, container_id: str, boot_now: int | None) -> None:
+        """The command ended; boot_now if it was seen ending, None if it was found gone."""
         self._pidfds.pop(container_id, None)
         c = self._store.find_container(container_id)
         if c is None or not c.state.is_active:
             return
         # Read once: the record of the exit must not change between retries.
         code, reason = self._exit_status(c)
-        finished = now_usec()
+        finished = finished_usec(c, now_usec(), boot_now)
         self.commits.run(f"the exit of container {c.name}",
                          lambda: self._record_exit(container_id, code, reason, finished))
 
@@ -765,7 +820,9 @@ class Manager:
             pidfd = open_pidfd(c.pid, c.pid_starttime) if c.pid else None
             if pidfd is not None:
                 if c.state == State.STARTING:
-                    c = self._transition(c, state=State.RUNNING, started_usec=c.started_usec or now_usec())
+                    c = self._transition(c, state=State.RUNNING,
+                                         started_usec=c.started_usec or max(now_usec(), c.created_usec),
+                                         started_boot_usec=c.started_boot_usec or boot_usec())
                 self._watch(c, pidfd)
                 found[RecoveryOutcome.ADOPTED].append(c.name)
             elif c.state == State.STARTING and not self.paths.exit_file(c.id).exists():
@@ -774,7 +831,7 @@ class Manager:
                 self._start_in_background(c, resume=True)
                 found[RecoveryOutcome.RESTARTED].append(c.name)
             else:
-                self._on_exit(c.id)
+                self._on_exit(c.id, None)  # when it ended is not known: the daemon was down
                 found[RecoveryOutcome.EXITED_WHILE_DOWN].append(c.name)
         active = [c for c in self._store.list_containers() if c.state.is_active and c.pid]
         try:

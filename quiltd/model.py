@@ -77,10 +77,23 @@ class Container:
     finished_usec: int = 0
     # With spec.userns: the host id its ids start at, held from create to removal.
     userns_base: int = 0
+    # CLOCK_BOOTTIME when the command started: how long it ran is measured on
+    # this clock, which no one sets back (see manager.finished_usec).
+    started_boot_usec: int = 0
 
     @property
     def unit(self) -> str:
         return scope_unit(self.id)
+
+
+@dataclass(frozen=True)
+class ContainerListing:
+    """What ListContainers shows of a container: read without decoding its spec."""
+
+    id: str
+    name: str
+    image: str
+    state: State
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from quiltd.model import (
     CleanupKind,
     CleanupTask,
     Container,
+    ContainerListing,
     ContainerSpec,
     Exec,
     ExecState,
@@ -135,11 +136,25 @@ MIGRATIONS = (
     ALTER TABLE containers ADD COLUMN userns_base INTEGER NOT NULL DEFAULT 0;
     CREATE UNIQUE INDEX containers_userns_base ON containers(userns_base) WHERE userns_base > 0;
     """,
+    """
+    -- The order containers were created in. created_usec is the wall clock,
+    -- which can be set back: ListContainers orders by this sequence instead.
+    -- Rows from before number in their created_usec order.
+    ALTER TABLE containers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE containers SET seq = (
+        SELECT COUNT(*) FROM containers AS o
+        WHERE o.created_usec < containers.created_usec
+           OR (o.created_usec = containers.created_usec AND o.id <= containers.id));
+    CREATE INDEX containers_seq ON containers(seq);
+    -- When a container's command started, on CLOCK_BOOTTIME: its exit time is
+    -- its start plus how long it ran on that clock (see manager.finished_usec).
+    ALTER TABLE containers ADD COLUMN started_boot_usec INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 _CONTAINER_COLUMNS = (
     "id", "name", "image", "image_id", "command", "spec", "state", "reason", "pid", "pid_starttime",
-    "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base",
+    "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base", "started_boot_usec",
 )
 
 
@@ -223,8 +238,11 @@ class Store:
     def insert_container(self, c: Container) -> None:
         row = _container_row(c)
         marks = ", ".join("?" for _ in _CONTAINER_COLUMNS)
+        # One past the highest on record: above every row there is, so the
+        # order of creation holds whatever the wall clock said.
         self._db.execute(
-            f"INSERT INTO containers ({', '.join(_CONTAINER_COLUMNS)}) VALUES ({marks})",
+            f"INSERT INTO containers ({', '.join(_CONTAINER_COLUMNS)}, seq) VALUES ({marks}, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM containers))",
             [row[k] for k in _CONTAINER_COLUMNS],
         )
 
@@ -255,8 +273,18 @@ class Store:
         return [row[0] for row in rows]
 
     def list_containers(self) -> list[Container]:
-        rows = self._db.execute("SELECT * FROM containers ORDER BY created_usec, id").fetchall()
+        rows = self._db.execute("SELECT * FROM containers ORDER BY seq").fetchall()
         return [_container_from_row(r) for r in rows]
+
+    def list_container_listings(self, state: str | None = None, name: str | None = None,
+                                image: str | None = None) -> list[ContainerListing]:
+        """The listing columns only, filtered in SQL: no spec is decoded, so a thousand rows stay cheap."""
+        wanted = [(column, value) for column, value in (("state", state), ("name", name), ("image", image))
+                  if value is not None]
+        where = " WHERE " + " AND ".join(f"{column} = ?" for column, _ in wanted) if wanted else ""
+        rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
+                                "ORDER BY seq", [value for _, value in wanted])
+        return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM containers GROUP BY state").fetchall()
@@ -443,6 +471,7 @@ def _container_row(c: Container) -> dict[str, Any]:
 
 def _container_from_row(row: sqlite3.Row) -> Container:
     raw = dict(row)
+    del raw["seq"]  # the store's own: only the order of rows
     spec = json.loads(raw.pop("spec"))
     spec["env"] = tuple(spec["env"])
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])

@@ -78,6 +78,24 @@ def tar_bytes(members: Sequence[Member]) -> bytes:
     return buf.getvalue()
 
 
+def sparse_tar(name: str, apparent: int) -> bytes:
+    """A tar of one GNU sparse (pax 1.0) file of `apparent` bytes: holes and a last byte "x".
+
+    The archive is a few KiB whatever `apparent` is; tar and Python's tarfile
+    read it back as a file of `apparent` bytes.
+    """
+    content = f"1\n{apparent - 1}\n1\n".encode().ljust(512, b"\0") + b"x"
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.size = len(content)
+    info.mode = 0o644
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": name, "GNU.sparse.realsize": str(apparent)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
 def compress(data: bytes, how: str) -> bytes:
     """A layer as registries and tools store it: "gzip", "xz" or "zstd"."""
     if how == "gzip":

@@ -8,6 +8,7 @@ from dbus_next.service import dbus_property, method
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import exec_reply
+from quiltd.bus.gate import caller
 from quiltd.bus.interfaces import SharedMembersInterface
 from quiltd.bus.names import CONTAINER_INTERFACE
 from quiltd.execs import Execs
@@ -143,4 +144,4 @@ class ContainerInterface(SharedMembersInterface):
     @method()
     @bus_errors
     async def Exec(self, command: "as", options: "a{sv}") -> "iayay":
-        return exec_reply(await self._execs.run(self._id, command, convert.unwrap(options)))
+        return exec_reply(await self._execs.run(self._id, command, convert.unwrap(options), caller=caller()))

@@ -6,7 +6,7 @@ from dbus_next.signature import Variant
 
 from quiltd.bus.names import container_path
 from quiltd.manager import ContainerInfo, SystemInfo
-from quiltd.model import Container
+from quiltd.model import ContainerListing
 
 
 def unwrap(options: dict[str, Variant]) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def container_row(c: Container) -> list[Any]:
+def container_row(c: ContainerListing) -> list[Any]:
     return [c.id, c.name, c.image, c.state.value, container_path(c.id)]
 
 
@@ -77,4 +77,8 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "StateDirectory": Variant("s", info.state_dir),
         "RuntimeDirectory": Variant("s", info.run_dir),
         "Kernel": Variant("s", info.kernel),
+        "StartsRunning": Variant("u", info.starts_running),
+        "StartsWaiting": Variant("u", info.starts_waiting),
+        "StartTurns": Variant("u", info.start_turns),
+        "MaxWaitingStarts": Variant("u", info.max_waiting_starts),
     }

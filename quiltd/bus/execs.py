@@ -9,6 +9,7 @@ from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
+from quiltd.bus.gate import caller
 from quiltd.errors import OutputTruncated
 from quiltd.execs import ExecResult, Execs
 
@@ -44,12 +45,12 @@ class ExecMethods:
     @method()
     @bus_errors
     async def Exec(self, ref: "s", command: "as", options: "a{sv}") -> "iayay":
-        return exec_reply(await self._execs.run(ref, command, convert.unwrap(options)))
+        return exec_reply(await self._execs.run(ref, command, convert.unwrap(options), caller=caller()))
 
     @method()
     @bus_errors
     async def ExecEx(self, ref: "s", command: "as", options: "a{sv}") -> "iayaya{sv}":
-        result = await self._execs.run(ref, command, convert.unwrap(options))
+        result = await self._execs.run(ref, command, convert.unwrap(options), caller=caller())
         return [result.exit_code, result.stdout, result.stderr, exec_info(result)]
 
     @method()

@@ -34,4 +34,4 @@ class LogMethods:
     @method()
     @bus_errors
     async def FollowLogs(self, ref: "s", options: "a{sv}", fd: "h") -> None:
-        self._logs.follow(ref, convert.unwrap(options), fd)
+        await self._logs.follow(ref, convert.unwrap(options), fd)

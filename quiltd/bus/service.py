@@ -32,7 +32,7 @@ class BusService:
         return [self._interface]
 
     def export_existing(self) -> None:
-        for c in self._manager.list_containers({}):
+        for c in self._manager.containers():
             self._export(c)
 
     def container_added(self, c: Container) -> None:

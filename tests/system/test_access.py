@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,78 @@ def test_a_member_sees_output_without_journal_access(sandbox: Any, member: str, 
         sandbox.run([quiltctl, "rm", "-f", name], check=False)
         for d, mode in modes.items():
             sandbox.run(["chmod", mode, str(d)], check=False)
+
+
+MONITOR = ("stdbuf", "-oL", "gdbus", "monitor", "--system", "--dest", BUS[0])
+
+
+class _Monitor:
+    """`gdbus monitor` of quiltd's signals as one user, inside the sandbox: a match rule, no eavesdropping."""
+
+    def __init__(self, sandbox: Any, who: tuple[str, ...], tag: str) -> None:
+        self._sandbox = sandbox
+        self._pidfile = f"/run/quilt-test-monitor-{tag}-{secrets.token_hex(3)}.pid"
+        self.lines: list[str] = []
+        self._subscribed = threading.Event()
+        self._proc = subprocess.Popen(
+            sandbox.argv(["sh", "-c", 'echo $$ > "$0"; exec "$@"', self._pidfile, *who, *MONITOR]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # gdbus adds its match before it asks who owns the name, on the same
+        # connection: once it prints the owner, every later signal is matched.
+        assert self._subscribed.wait(10), self.lines
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if "is owned by" in line:
+                self._subscribed.set()
+
+    def stop(self) -> None:
+        self._sandbox.run(["sh", "-c", 'kill -TERM "$(cat "$0")"; rm -f "$0"', self._pidfile], check=False)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(5)
+
+
+def test_only_root_and_members_receive_quiltds_signals(sandbox: Any, member: str, busybox_image: str) -> None:
+    # A non-member's match rule for quiltd's signals: the bus must deliver it
+    # none, while a member (and root) get every one.
+    sandbox.run(["busctl", "call", *BUS, "GetSystemInfo"])  # quiltd owns its name
+    name = f"signals-{secrets.token_hex(3)}"
+    monitors = {who: _Monitor(sandbox, argv, who) for who, argv in
+                (("root", AS_ROOT), ("member", AS_MEMBER), ("nobody", AS_NOBODY))}
+    try:
+        sandbox.run(["busctl", "call", "--", *BUS, "CreateContainer", "ssasa{sv}", name, "busybox", "1",
+                     "true", "0"])
+        sandbox.run(["busctl", "call", *BUS, "WaitContainer", "st", name, "10000000"])
+        sandbox.run(["busctl", "call", *BUS, "RemoveContainer", "sb", name, "false"])
+
+        async def members_saw_the_removal() -> bool:
+            return all(any("ContainerRemoved" in line and name in line for line in monitors[who].lines)
+                       for who in ("root", "member"))
+
+        run(eventually(members_saw_the_removal))
+    finally:
+        for monitor in monitors.values():
+            monitor.stop()
+    for who in ("root", "member"):
+        changes = [line for line in monitors[who].lines if "ContainerStateChanged" in line and name in line]
+        assert len(changes) >= 3, (who, monitors[who].lines)
+    leaked = [line for line in monitors["nobody"].lines if "org.quilt.Quilt1." in line]
+    assert leaked == [], leaked
+
+
+def test_a_non_member_gets_no_signal_on_the_socket(sandbox: Any, member: str, quilt_socket: str) -> None:
+    # On quiltd.sock there is no bus policy: quiltd refuses the connection at
+    # accept, before the client can send a match rule.
+    result = sandbox.run([*AS_NOBODY, "timeout", "10", "gdbus", "monitor", "--address",
+                          f"unix:path={SOCKET}", "--dest", BUS[0]], check=False)
+    assert result.returncode not in (0, 124), result
+    assert b"ContainerStateChanged" not in result.stdout

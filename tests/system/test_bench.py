@@ -77,6 +77,73 @@ def test_quick_bench_reports_every_metric(
     assert f"{result['quilt']['create']['p50_ms']:.2f}" in table
 
 
+LOAD_CALLS = {
+    "closed": ("CreateContainer", "create -> running", "Exec", "GetContainerInfo", "RemoveContainer"),
+    "open": ("Exec", "Exec (from sending)"),
+    "burst": ("CreateContainer", "create -> running"),
+    "status": ("GetContainerInfo",),
+}
+CPU_KEYS = ("quiltd", "fork_server", "quiltd_service_other", "quilt_slice", "systemd", "dbus", "journald",
+            "total", "sandbox_other")
+
+
+def test_load_bench_reports_every_part(
+    sandbox_name: Callable[[str], str], sandbox_module: ModuleType
+) -> None:
+    """tools/bench --load with tiny counts: every part reports its fields and no call failed."""
+    name = sandbox_name("bench-load")
+    r = subprocess.run(
+        [str(REPO / "tools/bench"), "--load", "--json", "--clients", "2", "--seconds", "2",
+         "--containers", "2", "--burst", "4", "--burst-clients", "2", "--status-clients", "2",
+         "--procs", "2", "--sandbox-name", name],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    load = result["load"]
+    assert set(load) == set(LOAD_CALLS)
+    for part, calls in LOAD_CALLS.items():
+        v = load[part]
+        assert v["errors"] == {}, (part, v["errors"])
+        for call in calls:
+            stats = v["calls"][call]
+            assert stats["n"] >= 1 and 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"], (part, call)
+        for when in ("before", "after"):
+            assert v["quiltd"][when]["rss_kib"] > 0 and v["quiltd"][when]["fds"] > 0, (part, v["quiltd"])
+        assert v["quiltd"]["peak"]["fds"] >= v["quiltd"]["before"]["fds"]
+        assert v["restarts"] == 0 and v["leftover_containers"] == 0, (part, v)
+        assert v["loadavg"]["max"] >= 0
+
+    closed = load["closed"]
+    assert closed["loops"] >= 1 and closed["loops_per_s"] > 0 and closed["slowest_over_median"] >= 1
+    assert closed["wait"] == "signal"
+    assert closed["calls"]["Exec"]["n"] == 5 * closed["loops"]
+    cpu = closed["server_cpu_ms_per_loop"]
+    assert set(cpu) == set(CPU_KEYS) and cpu["quiltd"] > 0 and cpu["total"] >= cpu["quiltd"], cpu
+    assert closed["generator_cpu_ms_per_loop"] > 0
+
+    opened = load["open"]
+    assert opened["running"] == 2 and opened["completed"] == opened["offered"] == 2 * opened["seconds"]
+
+    burst = load["burst"]
+    assert burst["accepted"] == burst["running"] == 4 and burst["failed"] == 0
+    assert burst["first_create_to_last_running_s"] > 0
+    assert burst["list_containers"]["rows"] >= 4 and burst["list_containers"]["p50_ms"] > 0
+    assert set(burst["quiltd_at_running"]) == {"0", "4"}
+    assert burst["removal"]["errors"] == {} and burst["removal"]["calls"]["RemoveContainer"]["n"] == 4
+
+    status = load["status"]
+    assert status["calls_per_s"] > 0 and status["generator_cpu_cores"] is not None
+
+    # Its sandbox is gone, whatever happened inside.
+    assert name not in sandbox_module.Sandbox.names()
+
+    table = _bench_module().render_load(result)
+    for line in ("1. Closed agent loop", "ms/loop", "quiltd (the daemon process)", "3. Open-loop exec load",
+                 "4. Burst", "ListContainers with", "5. Status saturation", "load generator CPU"):
+        assert line in table, (line, table)
+
+
 def _bench_module() -> ModuleType:
     # tools/bench is a script without a .py suffix: load it by path.
     loader = importlib.machinery.SourceFileLoader("quilt_bench", str(REPO / "tools/bench"))

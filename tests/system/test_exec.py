@@ -262,3 +262,68 @@ def test_exec_racing_a_kill_answers_a_result_or_invalid_state(quilt: Any, name: 
 
     outcomes = run(scenario())
     assert set(outcomes) <= {"exit 0", "exit 137", "InvalidState"}, outcomes
+
+
+def test_execs_holding_output_are_capped_per_caller(quilt: Any, name: str) -> None:
+    # Each Exec's output is held in quiltd until it ends: six at 8 MiB took
+    # quiltd from 55 to 379 MiB. One caller may have 128 MiB of max_output
+    # (both streams) running at once: eight at the largest.
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            held = [asyncio.ensure_future(q.exec(name, ["sh", "-c", f"sleep 3; echo done{i}"],
+                                                 max_output=8 << 20))
+                    for i in range(8)]
+            await asyncio.sleep(1)
+            try:
+                with pytest.raises(errors.LimitExceeded, match="capped at 134217728 bytes per user"):
+                    await q.exec(name, ["echo", "ninth"])
+                # Output that goes to the caller's own descriptors is not held: not counted.
+                r, w = os.pipe()
+                try:
+                    code = await q.exec_with_fds(name, ["echo", "direct"], r, w, w)
+                finally:
+                    os.close(w)
+                assert code == 0 and os.read(r, 100) == b"direct\n"
+                os.close(r)
+            finally:
+                results = await asyncio.gather(*held)
+            assert results == [(0, f"done{i}\n".encode(), b"") for i in range(8)]
+            assert await q.exec(name, ["echo", "again"]) == (0, b"again\n", b"")  # the places are free again
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_the_memory_of_large_outputs_is_given_back(sandbox: Any, quilt: Any, name: str) -> None:
+    # Six Execs of 8 MiB took quiltd from 55 to 379 MiB, never returned.
+    def rss_kib() -> int:
+        pid = sandbox.run(["systemctl", "show", "-P", "MainPID", "quiltd"]).stdout.decode().strip()
+        status = sandbox.host_path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+    both = ["sh", "-c", "head -c 8388608 /dev/zero; head -c 8388608 /dev/zero >&2"]
+    baseline = 0
+
+    async def scenario() -> None:
+        nonlocal baseline
+        async with quilt() as q:
+            await _running(q, name)
+            baseline = rss_kib()
+            for _ in range(4):
+                results = await asyncio.gather(*(q.exec(name, both, max_output=8 << 20) for _ in range(8)))
+                assert all(len(out) == len(err) == 8 << 20 for _, out, err in results)
+            del results
+            peak = rss_kib()
+            assert peak < 768 << 10, f"{peak} KiB is past quiltd.service's MemoryHigh"
+            await q.remove(name, force=True)
+
+        async def given_back() -> bool:
+            return rss_kib() < baseline + (48 << 10)
+
+        await eventually(given_back)
+
+    try:
+        run(scenario())
+    except AssertionError as e:
+        raise AssertionError(f"quiltd holds {rss_kib()} KiB, {baseline} KiB before: {e}") from None

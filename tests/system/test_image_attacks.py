@@ -33,15 +33,12 @@ CORPUS = {
     "hardlink-up": (b.tar_bytes([b.hardlink("shadow", "../../../etc/shadow")]), "'shadow'.*'\\.\\.'"),
     "device-node": (b.tar_bytes([b.directory("dev"), b.device("dev/mem")]),
                     "'dev/mem': device nodes are not allowed"),
-    "bomb": (BOMB, "'big/zeros': image content exceeds the limit of 1048576 bytes"),
 }
 
 
 @pytest.mark.parametrize("attack", sorted(CORPUS))
 def test_hostile_tarball_is_invalid_image_naming_the_path(sandbox: Any, quilt: Any, attack: str) -> None:
     data, message = CORPUS[attack]
-    if attack == "bomb":
-        assert len(data) < BOMB_CAP  # the archive is under the cap; its content is 10 times over it
     source = f"/var/tmp/quilt-attack-{attack}-{secrets.token_hex(3)}.tar"
     sandbox.host_path(source).write_bytes(data)
     images_dir = sandbox.host_path("/var/lib/quilt/images")
@@ -86,6 +83,61 @@ def test_docker_layer_not_matching_its_diff_id_leaves_nothing(sandbox: Any, quil
     finally:
         sandbox.host_path(source).unlink()
     assert sorted(p.name for p in images_dir.iterdir()) == before
+
+
+def _import_over_a_limit(sandbox: Any, quilt: Any, data: bytes, image: str, message: str,
+                         **options: Any) -> None:
+    """Imports data: LimitExceeded naming message, then no image, no row and no directory."""
+    source = f"/var/tmp/quilt-attack-{image}-{secrets.token_hex(3)}.tar"
+    sandbox.host_path(source).write_bytes(data)
+    images_dir = sandbox.host_path("/var/lib/quilt/images")
+    before = sorted(p.name for p in images_dir.iterdir())
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.LimitExceeded, match=message):
+                await q.import_image(image, source, **options)
+            assert image not in [i[0] for i in await q.images()]
+            assert (await q.system_info())["Version"]
+
+    try:
+        run(scenario())
+    finally:
+        sandbox.host_path(source).unlink()
+    assert sorted(p.name for p in images_dir.iterdir()) == before
+
+
+def test_a_bomb_past_max_bytes_is_limit_exceeded(sandbox: Any, quilt: Any) -> None:
+    assert len(BOMB) < BOMB_CAP  # the archive is under the cap; its content is 10 times over it
+    _import_over_a_limit(sandbox, quilt, BOMB, "attack-bomb",
+                         "'big/zeros': image content exceeds the limit of 1048576 bytes",
+                         max_bytes=BOMB_CAP)
+
+
+def test_a_sparse_member_counts_its_holes_against_max_bytes(sandbox: Any, quilt: Any) -> None:
+    # A few hundred bytes of archive that extract to 256 MiB of zeros.
+    data = gzip.compress(b.sparse_tar("holes", 256 << 20))
+    assert len(data) < 1024
+    _import_over_a_limit(sandbox, quilt, data, "attack-sparse",
+                         "'holes': image content exceeds the limit of 67108864 bytes",
+                         max_bytes=64 << 20)
+
+
+def test_an_import_larger_than_the_free_disk_is_refused_before_writing(sandbox: Any, quilt: Any) -> None:
+    # The images directory on a 128 MiB filesystem, and an archive of a few
+    # hundred bytes whose one file is 256 MiB, well under the default max_bytes.
+    # Before anything is written, not after the disk is full: the state
+    # database may share the filesystem.
+    data = gzip.compress(b.sparse_tar("holes", 256 << 20))
+    images = "/var/lib/quilt/images"
+    sandbox.run(["mount", "-t", "tmpfs", "-o", "size=128m,mode=0700", "quilt-small", images])
+    try:
+        _import_over_a_limit(sandbox, quilt, data, "attack-disk", "'holes': 268435456 bytes do not fit "
+                             "in the free space of the image directory's filesystem")
+        used = sandbox.run(["df", "--output=used", "-B1", images]).stdout.decode().split()[-1]
+        assert int(used) < 1 << 20, f"{used} bytes were written to the images filesystem"
+    finally:
+        sandbox.run(["umount", images])
 
 
 def test_max_bytes_option_is_checked(quilt: Any) -> None:

@@ -124,11 +124,13 @@ def test_follow_ends_when_the_reader_goes_and_bad_input_is_refused(sandbox: Any,
         async with quilt() as q:
             await _running(q, name, ["sh", "-c", "while true; do echo tick; sleep 0.1; done"])
             pid = int(sandbox.run(["systemctl", "show", "-P", "MainPID", "quiltd"]).stdout.decode())
-            threads = len(os.listdir(sandbox.host_path(f"/proc/{pid}/task")))
             r, w = os.pipe()
             await q.follow_logs(name, w, tail=1)
             os.close(w)
             assert os.read(r, 100).split(b" ", 2)[1:] == [b"stdout", b"tick\n"]
+            # Counted while the follow runs: the first follow also starts the
+            # one thread that watches the journal for all, which stays.
+            threads = len(os.listdir(sandbox.host_path(f"/proc/{pid}/task"))) - 1
             os.close(r)
 
             async def follower_gone() -> bool:
@@ -163,3 +165,43 @@ def _variant(signature: str, value: Any) -> Any:
     from dbus_next.signature import Variant
 
     return Variant(signature, value)
+
+
+def test_follows_past_the_cap_are_refused_and_none_ends_silently(quilt: Any, name: str) -> None:
+    # 128 follows of one container, the documented cap. Each used to wait on
+    # an inotify instance of its own, and the kernel allows root 128 of those
+    # for every process together: the follows past the first hundred or so
+    # ended at once with an empty stream, and freed their places for more.
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sh", "-c", "echo first; while true; do sleep 1; echo tick; done"])
+            readers: list[int] = []
+            try:
+                for _ in range(128):
+                    r, w = os.pipe()
+                    readers.append(r)
+                    try:
+                        await q.follow_logs(name, w)
+                    finally:
+                        os.close(w)
+                r, w = os.pipe()
+                try:
+                    with pytest.raises(errors.InvalidState, match="128 log follows are running already"):
+                        await q.follow_logs(name, w)
+                finally:
+                    os.close(r)
+                    os.close(w)
+                await asyncio.sleep(2.5)  # a tick or two for every follow
+                ended = []
+                for i, r in enumerate(readers):
+                    os.set_blocking(r, False)
+                    data = os.read(r, 1 << 16)
+                    if not data.endswith(b"\n") or b"stdout first\n" not in data:
+                        ended.append((i, data))
+                assert ended == [], f"{len(ended)} follows ended or wrote nothing: {ended[:3]}"
+            finally:
+                await q.remove(name, force=True)
+                for r in readers:
+                    os.close(r)
+
+    run(scenario())

@@ -7,6 +7,7 @@ user it is. See docs/security.md, "What group quilt grants".
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests import imagebuilders as b
-from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO
+from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO, run
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.system
@@ -252,3 +253,36 @@ def test_a_source_swapped_for_a_symlink_before_start_binds_nothing(
             assert '"State" s "failed"' in info
         finally:
             remove(sandbox, name)
+
+
+def test_a_flood_of_creates_does_not_starve_another_caller(sandbox: Any, quilt: Any, as_member: MemberRun,
+                                                           name: str) -> None:
+    # Root floods 80 starts; the member's one start is served in turn with
+    # them, one caller at a time, not behind all of root's.
+    flood = [f"{name}-{i}" for i in range(80)]
+    mine = f"{name}-member"
+
+    async def create_flood() -> None:
+        async with quilt() as q0, quilt() as q1:
+            await asyncio.gather(*(q.create(n, "busybox", ["sleep", "600"])
+                                   for q, n in zip([q0, q1] * 40, flood, strict=True)))
+
+    async def started(refs: list[str]) -> dict[str, int]:
+        async with quilt() as q:
+            for ref in refs:
+                assert await q.wait_started(ref, 120_000_000) == "running", ref
+            return {ref: int((await q.info(ref))["StartedUsec"]) for ref in refs}
+
+    try:
+        run(create_flood())
+        code, out = as_member(f"""
+            await q.create({mine!r}, "busybox", ["sleep", "600"])
+        """)
+        assert code == 0, out
+        times = run(started([*flood, mine]))
+        earlier = sum(times[n] < times[mine] for n in flood)
+        # 16 run at once; of the waiting ones, root's and the member's alternate.
+        assert earlier < 40, f"{earlier} of root's 80 starts went before the member's one"
+    finally:
+        for ref in [*flood, mine]:
+            remove(sandbox, ref)

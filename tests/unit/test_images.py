@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from quiltd.errors import InvalidImage
-from quiltd.images import ExtractedImage, ImageLimits, extract_rootfs_tarball, remove_tree
+from quiltd.errors import InvalidImage, LimitExceeded
+from quiltd.images import DISK_RESERVE, ExtractedImage, ImageLimits, extract_rootfs_tarball, remove_tree
+from tests.imagebuilders import sparse_tar
 
 REPO = Path(__file__).resolve().parents[2]
 MTIME = 1_600_000_000
@@ -409,17 +410,51 @@ def test_too_many_entries(tmp_path: Path) -> None:
     assert "f3" in message
 
 
+def over_limit(source: Path, dest: Path, limits: ImageLimits = DEFAULT_LIMITS) -> str:
+    """Extract, expect LimitExceeded, check nothing is left; return the message."""
+    with pytest.raises(LimitExceeded) as caught:
+        extract_rootfs_tarball(source, dest, limits)
+    assert not os.path.lexists(dest), "a failed extraction must leave nothing behind"
+    return caught.value.message
+
+
 def test_gzip_bomb_is_stopped_at_max_bytes(tmp_path: Path) -> None:
     source = archive(tmp_path, [reg("zeros", bytes(20 << 20))], "gz")
     assert source.stat().st_size < 100 << 10, "the bomb should be small on disk"
-    message = refuse(source, tmp_path / "rootfs", ImageLimits(max_bytes=1 << 20))
+    message = over_limit(source, tmp_path / "rootfs", ImageLimits(max_bytes=1 << 20))
     assert "zeros" in message
+
+
+def test_sparse_member_counts_its_holes(tmp_path: Path) -> None:
+    # A few hundred bytes of archive standing for 256 MiB of zeros on disk.
+    source = tmp_path / "sparse.tar"
+    source.write_bytes(sparse_tar("big", 256 << 20))
+    assert source.stat().st_size < 16 << 10
+    message = over_limit(source, tmp_path / "rootfs", ImageLimits(max_bytes=64 << 20))
+    assert "'big'" in message and "268435456" in message
+
+
+def test_content_past_the_free_space_is_refused_before_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fstatvfs
+
+    def nearly_full(fd: int) -> os.statvfs_result:
+        got = real(fd)
+        fields = list(got)
+        fields[4] = (DISK_RESERVE + (1 << 20)) // got.f_frsize  # f_bavail: 1 MiB over the reserve
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "fstatvfs", nearly_full)
+    source = tmp_path / "sparse.tar"
+    source.write_bytes(sparse_tar("big", 2 << 20))
+    message = over_limit(source, tmp_path / "rootfs")
+    assert "free space" in message
 
 
 def test_many_small_files_past_max_bytes(tmp_path: Path) -> None:
     chunk = bytes(64 << 10)
     source = archive(tmp_path, [reg(f"part{i:02}", chunk) for i in range(40)], "gz")
-    message = refuse(source, tmp_path / "rootfs", ImageLimits(max_bytes=1 << 20))
+    message = over_limit(source, tmp_path / "rootfs", ImageLimits(max_bytes=1 << 20))
     # 16 parts make exactly 1 MiB; the 17th is the one over.
     assert "part16" in message
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from quiltd import imageimport
-from quiltd.errors import InvalidArgument, InvalidImage
+from quiltd.errors import InvalidArgument, InvalidImage, LimitExceeded
 from quiltd.images import ImageLimits
 from quiltd.model import ImageConfig
 from tests import imagebuilders as b
@@ -114,7 +114,7 @@ def test_bomb_layer_stops_at_max_bytes(tmp_path: Path) -> None:
     bomb = gzip.compress(b.tar_bytes([b.file("zeros", bytes(10 << 20))]))
     assert len(bomb) < 100 << 10  # a 10 MiB file in under 100 KiB
     source = b.write_tar(b.docker_files([bomb], {}), tmp_path / "image.tar")
-    with pytest.raises(InvalidImage, match="exceeds the limit of 1048576 bytes"):
+    with pytest.raises(LimitExceeded, match="exceeds the limit of 1048576 bytes"):
         import_path(source, tmp_path / "image", ImageLimits(max_bytes=1 << 20), lambda *_: None)
     assert not os.path.lexists(tmp_path / "image")
 
