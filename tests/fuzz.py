@@ -824,6 +824,21 @@ def quiltd_process(sandbox: Any) -> Process:
     return Process(pid, int(props["NRestarts"]), fds, rss, targets, threads, len(tree))
 
 
+def settled(sandbox: Any, before: Process, fd_slack: int, seconds: float = 10.0) -> Process:
+    """quiltd once what the fuzz left has ended, or after `seconds`.
+
+    A follow ends on its own thread after its container is removed, writing
+    what journald still has before it closes its reader and descriptor.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        now = quiltd_process(sandbox)
+        done = now.fds <= before.fds + fd_slack and now.threads <= before.threads
+        if done or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
 def serve_socket(sandbox: Any) -> None:
     """quiltd started by its socket unit, so it serves /run/quilt/quiltd.sock as well as the bus.
 

@@ -60,7 +60,7 @@ def test_hostile_calls_get_named_errors_in_time_and_leave_nothing_held(
             asyncio.run(fuzz.prime(address))
         before = fuzz.quiltd_process(sandbox)
         summaries = fuzz_both(served, CALLS_PER_TRANSPORT, SEED, Path(scratch))
-        after = fuzz.quiltd_process(sandbox)
+        after = fuzz.settled(sandbox, before, FD_SLACK)
     report = "\n\n".join(s.render() for s in summaries)
     for s in summaries:
         assert s.total == CALLS_PER_TRANSPORT
