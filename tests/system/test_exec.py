@@ -315,7 +315,9 @@ def test_the_memory_of_large_outputs_is_given_back(sandbox: Any, quilt: Any, nam
                 assert all(len(out) == len(err) == 8 << 20 for _, out, err in results)
             del results
             peak = rss_kib()
-            assert peak < 768 << 10, f"{peak} KiB is past quiltd.service's MemoryHigh"
+            # 192 MiB of output at once at most (8 of 2 x 8 MiB here), plus
+            # quiltd's own: the cap holds quiltd well under this.
+            assert peak < 512 << 10, f"{peak} KiB: quiltd holds more than the output cap allows"
             await q.remove(name, force=True)
 
         async def given_back() -> bool:
