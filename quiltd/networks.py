@@ -135,7 +135,7 @@ class Networks:
         self._store = store
         self._netlink = netlink
         self._stale_hosts: set[str] = set()
-        self._nft = NftQueue(netlink)
+        self._nft = NftQueue(_load_nft)
         # Per network, the hosts file's entries by container id: kept up to
         # date from the container events, so a change costs one lookup and
         # not a read of every container on record.
@@ -288,11 +288,18 @@ class Networks:
         if lease is None:
             return
         network = self.find(lease.network)
-        # Before the port exists: it sends nothing until pinned to its MAC and address.
-        await self._nft.run(firewall.pin_script(pin(c.id, lease.address)))
-        # The bridge is made on first use, by the same worker, in the same request.
-        await self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
-                                     lease.address)
+        # The pin and the veth are made at the same time: nothing in the
+        # container can send before GO, and GO waits for both. The bridge is
+        # made on first use, by the network worker, in the veth's request.
+        pinned, veth = await asyncio.gather(
+            self._nft.run(firewall.pin_script(pin(c.id, lease.address))),
+            self._netlink.add_veth(c.id, network.bridge, self._gateway_interface(network), pid,
+                                   lease.address),
+            return_exceptions=True,
+        )
+        for result in (pinned, veth):
+            if isinstance(result, BaseException):
+                raise result
         if c.spec.publish:
             await self.apply_firewall()
 
@@ -424,3 +431,7 @@ def _load_firewall(policies: list[firewall.Policy], forwards: tuple[firewall.For
         # Egress and published ports need routing between the bridges and the host's links.
         IP_FORWARD.write_text("1\n")
     firewall.load(firewall.ruleset(policies, forwards, pins))
+
+
+async def _load_nft(script: str) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, firewall.load, script)

@@ -2,28 +2,29 @@
 
 Each container start pins its bridge port (firewall.pin_script) and each
 removal unpins it. One nft process per script costs a fork, an exec and a
-netlink transaction on the network worker, in turn with every veth: under
-a stream of starts that worker becomes the ceiling. Scripts that arrive
-while one nft runs are joined and run together next. A joined run that
-fails is retried one script at a time, so one bad script (an element
-already gone, say) fails only its own caller.
+netlink transaction: under a stream of starts, one per start is a ceiling.
+Scripts that arrive while one nft runs are joined and run together next. A
+joined run that fails is retried one script at a time, so one bad script
+(an element already gone, say) fails only its own caller.
+
+nft runs on a thread of its own (`load`, given by the caller), not on the
+network worker, so a start's pin and its veth are made at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
-from quiltd import firewall
 from quiltd.errors import Internal
-from quiltd.network import Netlink
 
 log = logging.getLogger("quiltd")
 
 
 class NftQueue:
-    def __init__(self, netlink: Netlink) -> None:
-        self._netlink = netlink
+    def __init__(self, load: Callable[[str], Awaitable[None]]) -> None:
+        self._load = load  # runs one nft script; Internal if nft refused it
         self._pending: list[tuple[str, asyncio.Future[None]]] = []
         self._running = False
 
@@ -64,9 +65,6 @@ class NftQueue:
                             _settle([(script, done)], one)
         finally:
             self._running = False
-
-    async def _load(self, script: str) -> None:
-        await self._netlink.call("loading nftables elements", firewall.load, script)
 
 
 def _settle(batch: list[tuple[str, asyncio.Future[None]]], error: Exception | None) -> None:
