@@ -286,8 +286,7 @@ class Manager:
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
         argv, spec = imagedefaults.apply(image.config, command, opts, spec)
-        if self._store.name_in_use(name):
-            raise NameTaken(f"a container named {name!r} exists already")
+        self._check_name_free(name)
         c = Container(
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
             command=argv, spec=spec, created_usec=now_usec(),
@@ -311,6 +310,7 @@ class Manager:
                     self._networks.take_lease(starting)
         except sqlite3.IntegrityError as e:
             self.volumes.undo(made)
+            self._check_name_free(name)
             raise NameTaken(f"a container named {name!r} exists already") from e
         except BaseException:
             self.volumes.undo(made)
@@ -323,6 +323,14 @@ class Manager:
             self._start_in_background(starting, resume=False)
             return starting
         return c
+
+    def _check_name_free(self, name: str) -> None:
+        # The id is in the message: a client whose create got no answer (the
+        # daemon was killed meanwhile) retries with the same name and learns
+        # from this which container its first call made (docs/api.md).
+        taken = self._store.container_named(name)
+        if taken is not None:
+            raise NameTaken(f"a container named {name!r} exists already: id {taken}")
 
     async def start(self, ref: str) -> Container:
         c = self.get(ref)

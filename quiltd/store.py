@@ -264,8 +264,10 @@ class Store:
         ).fetchone()
         return _container_from_row(row) if row else None
 
-    def name_in_use(self, name: str) -> bool:
-        return self._db.execute("SELECT 1 FROM containers WHERE name = ?", (name,)).fetchone() is not None
+    def container_named(self, name: str) -> str | None:
+        """The id of the container of that name, if one is on record (by name only, never by id)."""
+        row = self._db.execute("SELECT id FROM containers WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else None
 
     def userns_bases(self) -> list[int]:
         """The user namespace ranges in use, by their first host id."""

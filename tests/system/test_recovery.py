@@ -261,3 +261,37 @@ def test_sigkill_at_random_moments_loses_nothing(sandbox: Any, quilt: Any, name:
                     await q.remove(row[0], force=True)
 
     run(tidy())
+
+
+def test_a_create_cut_off_by_a_kill_is_found_by_retrying_it(sandbox: Any, quilt: Any, name: str) -> None:
+    # quiltd is killed while creates are in flight: some were committed and
+    # never answered. Retrying each with its name tells the client which.
+    names = [f"{name}-{i}" for i in range(40)]
+
+    async def create_while_killed() -> None:
+        async with quilt() as q:
+            calls = [asyncio.ensure_future(q.create(n, "busybox", ["sleep", "1000"])) for n in names]
+            await asyncio.sleep(0.02)
+            sandbox.run(["systemctl", "kill", "-s", "KILL", "quiltd"])
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    async def retry_all() -> dict[str, str]:
+        found = {}
+        async with quilt() as q:
+            for n in names:
+                try:
+                    cid, _ = await q.create(n, "busybox", ["sleep", "1000"])
+                    found[n] = f"new {cid}"
+                except errors.NameTaken as e:
+                    existing = str(e).rsplit("id ", 1)[1]
+                    assert existing == (await q.info(n))["Id"], str(e)
+                    found[n] = "taken"
+            for n in names:
+                await eventually(lambda n=n: _state_is(q, n, "running"))
+                await q.remove(n, force=True)
+        return found
+
+    run(create_while_killed())
+    found = run(retry_all())
+    # The kill landed among the creates: the retries found both kinds.
+    assert "taken" in found.values(), found
