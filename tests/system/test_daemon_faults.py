@@ -18,15 +18,14 @@ from dbus_next.signature import Variant
 from quiltd import errors
 from quiltd.client import QuiltClient
 from tests.system.conftest import BUS, eventually, run
+from tests.system.test_access import AS_MEMBER, member  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.system
 
 SOCKET = "/run/quilt/quiltd.sock"
 DATABASE = "/var/lib/quilt/quilt.db"
 IMAGES = "/var/lib/quilt/images"
-MEMBER = "quilt-member-f"
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
-AS_MEMBER = ("runuser", "-u", MEMBER, "--")
 SANDBOX_PYTHON = "/usr/bin/python3"  # the host's, seen through the sandbox's overlay root
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PEER = "org.freedesktop.DBus.Peer"
@@ -104,27 +103,6 @@ def rss_kib(sandbox: Any, pid: int) -> int:
     return int(line.split()[1])
 
 
-def reload_dbus(sandbox: Any) -> None:
-    sandbox.run(["busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                 "ReloadConfig"])
-
-
-@pytest.fixture(scope="module")
-def member(sandbox: Any) -> Iterator[str]:
-    made_group = sandbox.run(["getent", "group", "quilt"], check=False).returncode != 0
-    if made_group:
-        sandbox.run(["groupadd", "--system", "quilt"])
-    sandbox.run(["useradd", "--no-create-home", "--groups", "quilt", MEMBER])
-    reload_dbus(sandbox)
-    try:
-        yield MEMBER
-    finally:
-        sandbox.run(["userdel", MEMBER], check=False)
-        if made_group:
-            sandbox.run(["groupdel", "quilt"], check=False)
-        reload_dbus(sandbox)
-
-
 @pytest.fixture
 def quilt_socket(sandbox: Any, busybox_image: str) -> Iterator[str]:
     """quiltd.socket listening and quiltd holding it, with a short watchdog so a stall shows at once."""
@@ -162,7 +140,7 @@ def finish(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def test_a_connection_flood_neither_crashes_nor_blocks_quiltd(sandbox: Any, member: str,
+def test_a_connection_flood_neither_crashes_nor_blocks_quiltd(sandbox: Any, member: str,  # noqa: F811
                                                                quilt_socket: str) -> None:
     pid, restarts = main_pid(sandbox), systemctl_show(sandbox, "NRestarts")
     attackers = [flood(sandbox, AS_NOBODY, 1100, 8, auth=False),
@@ -199,7 +177,7 @@ def test_a_connection_flood_neither_crashes_nor_blocks_quiltd(sandbox: Any, memb
     assert "direct connection refused: uid 65534 is neither root nor in group quilt" in journal
 
 
-def test_a_non_member_cannot_make_quiltd_hold_memory(sandbox: Any, member: str, quilt_socket: str) -> None:
+def test_a_non_member_cannot_make_quiltd_hold_memory(sandbox: Any, member: str, quilt_socket: str) -> None:  # noqa: F811
     pid = main_pid(sandbox)
     member_call(sandbox, "GetSystemInfo")  # a warm daemon: what it holds anyway is in the baseline
     before = rss_kib(sandbox, pid)
