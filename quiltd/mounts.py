@@ -151,14 +151,24 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# With RESOLVE_IN_ROOT or RESOLVE_BENEATH the kernel answers EAGAIN when a
+# rename or mount anywhere on the host raced a ".." in the lookup: it cannot
+# prove the walk stayed inside. The walk is safe to repeat; on a busy host
+# (many containers starting) the race is common enough to need it.
+_OPENAT2_TRIES = 100
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd: int = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), path.encode(),
-                            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    if fd < 0:
+    for _ in range(_OPENAT2_TRIES):
+        fd: int = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), path.encode(),
+                                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return fd
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return fd
+        if err != errno.EAGAIN:
+            break
+    raise OSError(err, os.strerror(err), path)
 
 
 def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
