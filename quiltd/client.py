@@ -27,7 +27,7 @@ OPTION_TYPES = {
     "tasks_max": "t", "network": "s", "labels": "a{ss}", "ttl_sec": "t", "auto_remove": "b",
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
     "publish": "a(qqs)",
-    "disk_max": "t", "user": "s", "userns": "b",
+    "disk_max": "t", "user": "s", "userns": "b", "log_rate_burst": "t", "log_rate_interval_sec": "t",
     "nested_userns": "b",
 }
 

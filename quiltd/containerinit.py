@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from quiltd import command, execproto, linux, mounts, netconfig, security, userns
 from quiltd.initloop import InitLoop
-from quiltd.journalstream import JournalStream
+from quiltd.journalstream import LOG_DROPPED_FILE, JournalStream, LogLimit
 from quiltd.launchspec import GO, LaunchSpec
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -44,6 +44,13 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         if not request.endswith(b"\n"):
             os._exit(0)
         spec = LaunchSpec.from_json(request)
+        # The exit file is made only once the command is to run: a file there
+        # tells a restarted daemon that this start got that far. Its
+        # directory is held open across the root switch.
+        run_dir, exit_name = os.path.split(spec.exit_path)
+        run_dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        dropped_fd = os.open(LOG_DROPPED_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
+                             dir_fd=run_dir_fd)
         journal = JournalStream(
             {
                 "SYSLOG_IDENTIFIER": spec.name,
@@ -51,12 +58,9 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
                 "QUILT_CONTAINER_NAME": spec.name,
             },
             spec.journal_socket,
+            LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec),
+            dropped_fd,
         )
-        # The exit file is made only once the command is to run: a file there
-        # tells a restarted daemon that this start got that far. Its
-        # directory is held open across the root switch.
-        run_dir, exit_name = os.path.split(spec.exit_path)
-        run_dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
         listener = _listen_for_execs(run_dir, spec.userns_base)
         _enter_root(spec, userns_fd)

@@ -140,6 +140,7 @@ class InitLoop:
                 # The command is gone: take what is already in the pipes and
                 # leave, since a background child may keep them open for ever.
                 self._output.drain()
+                self._journal.tell_dropped()
                 return self._exit_code
             for key, _ in self._selector.select(self._next_deadline()):
                 key.data()
@@ -175,9 +176,13 @@ class InitLoop:
 
     def _next_deadline(self) -> float | None:
         deadlines = [e.deadline for e in self._execs.values() if e.deadline is not None and not e.timed_out]
+        tell = self._journal.tell_due()
+        if tell is not None:
+            deadlines.append(tell)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _expire(self) -> None:
+        self._journal.tick()
         now = time.monotonic()
         for e in self._execs.values():
             if e.deadline is not None and not e.timed_out and now >= e.deadline:

@@ -51,6 +51,8 @@ class LaunchSpec:
     # Where the sources of binds may come from, checked by init on what it
     # opens; the default binds nothing.
     bind_policy: SourcePolicy = NO_BINDS
+    log_rate_burst: int = 0  # lines per interval the container may log; 0 = no limit of Quilt's own
+    log_rate_interval_sec: int = 30
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -55,6 +55,7 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.execproto import split_failure
+from quiltd.journalstream import LOG_DROPPED_FILE
 from quiltd.launchspec import LaunchSpec
 from quiltd.model import (
     NO_EXIT_CODE,
@@ -115,6 +116,7 @@ class ContainerInfo:
     container: Container
     usage: Usage | None  # None when no process runs
     ip_address: str = ""
+    log_lines_dropped: int = 0  # since the container last started
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,15 @@ class Manager:
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)
-        return ContainerInfo(c, await self.usage(c), self._networks.address(c.id))
+        return ContainerInfo(c, await self.usage(c), self._networks.address(c.id), self.log_lines_dropped(c))
+
+    def log_lines_dropped(self, c: Container) -> int:
+        """What the container's init counted in its file (see journalstream); 0 before any start."""
+        try:
+            with open(self.paths.container_run_dir(c.id) / LOG_DROPPED_FILE, "rb") as f:
+                return int(f.read() or b"0")
+        except (OSError, ValueError):
+            return 0
 
     def ip_address(self, container_id: str) -> str:
         return self._networks.address(container_id)
@@ -449,6 +459,7 @@ class Manager:
             volume_binds=self._volume_binds(c),
             tmpfs=c.spec.tmpfs, userns_base=c.userns_base, nested_userns=c.spec.nested_userns,
             bind_policy=self._source_policy(c.spec.creator_uid, image.id == hostimage.IMAGE_ID),
+            log_rate_burst=c.spec.log_rate_burst, log_rate_interval_sec=c.spec.log_rate_interval_sec,
         )
         net = self._networks.attachment(c)
         if net is None:

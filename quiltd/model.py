@@ -31,6 +31,13 @@ class State(str, enum.Enum):
         return self in (State.EXITED, State.FAILED)
 
 
+# journald's own defaults (RateLimitBurst, RateLimitIntervalSec), which it
+# only ever raises with free disk space: at these a container's lines are
+# dropped by Quilt, where they are counted, before journald drops any.
+DEFAULT_LOG_RATE_BURST = 10000
+DEFAULT_LOG_RATE_INTERVAL_SEC = 30
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """How a container runs, fixed at create time."""
@@ -53,6 +60,10 @@ class ContainerSpec:
     user: str = ""  # "user" or "user:group" as in the container's /etc/passwd; "" = root
     userns: bool = False  # root in the container is an unprivileged range of host ids
     nested_userns: bool = False  # with userns: its processes may make user namespaces of their own
+    # Lines of output per interval; more are dropped, counted and told in the
+    # logs. 0 leaves only journald's own per-unit limit, which drops silently.
+    log_rate_burst: int = DEFAULT_LOG_RATE_BURST
+    log_rate_interval_sec: int = DEFAULT_LOG_RATE_INTERVAL_SEC
     # Who created it: 0 (root) may bind any host path and use the host image;
     # anyone else only what /etc/quilt/quiltd.conf allows members. Rows from
     # before this was recorded have UNKNOWN_CREATOR, which counts as a member.

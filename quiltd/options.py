@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 
 from quiltd.errors import InvalidArgument
-from quiltd.model import ContainerSpec
+from quiltd.model import DEFAULT_LOG_RATE_BURST, DEFAULT_LOG_RATE_INTERVAL_SEC, ContainerSpec
 
 # \Z, not $: $ also matches before a final newline, so "web\n" would pass
 # as a second name next to "web" (and carry the newline into hosts files).
@@ -25,6 +25,8 @@ MIN_MEMORY = 4 << 20  # below this even a shell cannot start; refuse rather than
 MAX_TASKS = 1 << 22
 MIN_DISK = 1 << 20  # a writable layer smaller than this cannot hold a shell's history
 MAX_DISK = 1 << 40
+MAX_LOG_RATE_BURST = 1 << 32
+MAX_LOG_RATE_INTERVAL_SEC = 86400
 
 KNOWN_OPTIONS = frozenset({
     "env", "workdir", "hostname", "memory_max", "cpu_quota", "tasks_max", "network",
@@ -32,6 +34,7 @@ KNOWN_OPTIONS = frozenset({
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
     "disk_max", "user", "userns", "nested_userns",
+    "log_rate_burst", "log_rate_interval_sec",
 })
 PROTOCOLS = ("tcp", "udp")
 
@@ -111,6 +114,8 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         # Made from host root's namespace, a nested one would be owned by
         # host root: only a container's own range may own it.
         raise InvalidArgument("nested_userns needs userns=true")
+    log_rate_burst = _optional_int(options, "log_rate_burst", 0, MAX_LOG_RATE_BURST)
+    log_rate_interval_sec = _optional_int(options, "log_rate_interval_sec", 1, MAX_LOG_RATE_INTERVAL_SEC)
     start = _bool(options, "start", True)
     spec = ContainerSpec(
         env=tuple(env),
@@ -128,6 +133,8 @@ def parse_create_options(options: Mapping[str, object], name: str) -> tuple[Cont
         user=user,
         userns=userns,
         nested_userns=nested_userns,
+        log_rate_burst=DEFAULT_LOG_RATE_BURST if log_rate_burst is None else log_rate_burst,
+        log_rate_interval_sec=log_rate_interval_sec or DEFAULT_LOG_RATE_INTERVAL_SEC,
     )
     return spec, start
 

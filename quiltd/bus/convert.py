@@ -66,6 +66,9 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "MemoryCurrent": Variant("t", usage.memory_current if usage else 0),
         "CPUUsageNSec": Variant("t", usage.cpu_usage_nsec if usage else 0),
         "TasksCurrent": Variant("t", usage.tasks_current if usage else 0),
+        "LogRateBurst": Variant("t", c.spec.log_rate_burst),
+        "LogRateIntervalSec": Variant("t", c.spec.log_rate_interval_sec),
+        "LogLinesDropped": Variant("t", info.log_lines_dropped),
     }
 
 

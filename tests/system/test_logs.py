@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from dbus_next.signature import Variant
 
 from quiltd import errors
 from tests.system.conftest import eventually, run
@@ -203,5 +204,73 @@ def test_follows_past_the_cap_are_refused_and_none_ends_silently(quilt: Any, nam
                 await q.remove(name, force=True)
                 for r in readers:
                     os.close(r)
+
+    run(scenario())
+
+
+def _dropped_notices(rows: list[tuple[int, str, str]]) -> list[str]:
+    return [line for _, _, line in rows if line.startswith("quilt: ")]
+
+
+@pytest.mark.parametrize(("options", "burst"), [({"log_rate_burst": 200}, 200), ({}, 10000)])
+def test_a_flood_beyond_the_rate_limit_is_counted_and_told(quilt: Any, name: str, options: dict[str, Any],
+                                                            burst: int) -> None:
+    """Lines over the limit are dropped, but the logs say where and how many, and so does the info."""
+    lines = burst + 5000
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", f"seq 1 {lines}"], **options)
+            assert await q.wait(name) == ("exited", 0)
+            rows = await _lines_ready(q, name, burst + 1)
+            kept = [line for _, stream, line in rows if stream == "stdout"]
+            assert kept == [str(i) for i in range(1, burst + 1)]
+            assert _dropped_notices(rows) == [
+                f"quilt: 5000 lines of output dropped: more than {burst} lines in 30 s (log_rate_burst)"]
+            info = await q.info(name)
+            assert (info["LogLinesDropped"], info["LogRateBurst"], info["LogRateIntervalSec"]) == (5000, burst, 30)
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_no_limit_of_quilts_own_drops_nothing_it_can_see(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", "seq 1 3000"], log_rate_burst=0)
+            assert await q.wait(name) == ("exited", 0)
+            rows = await _lines_ready(q, name, 3000)
+            assert [line for _, _, line in rows] == [str(i) for i in range(1, 3001)]
+            assert (await q.info(name))["LogLinesDropped"] == 0
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_the_window_reopens_and_a_quiet_container_still_tells(quilt: Any, name: str) -> None:
+    """After the interval, lines pass again; a drop is told when its window ends, with nothing after it."""
+    script = "seq 1 20; sleep 2.5; echo after; sleep 3600"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", script], log_rate_burst=5, log_rate_interval_sec=1)
+            rows = await _lines_ready(q, name, 7)
+            assert [line for _, _, line in rows] == [
+                "1", "2", "3", "4", "5",
+                "quilt: 15 lines of output dropped: more than 5 lines in 1 s (log_rate_burst)", "after"]
+            assert (await q.info(name))["LogLinesDropped"] == 15
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("options", [{"log_rate_burst": Variant("x", -1)},
+                                     {"log_rate_interval_sec": Variant("t", 0)},
+                                     {"log_rate_burst": Variant("s", "many")}])
+def test_bad_log_rate_options_are_named(quilt: Any, options: dict[str, Variant]) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            with pytest.raises(errors.InvalidArgument, match="log_rate"):
+                await q.call("CreateContainer", "ssasa{sv}", "bad-log-rate", "busybox", ["true"], options)
 
     run(scenario())
