@@ -274,3 +274,45 @@ def test_bad_log_rate_options_are_named(quilt: Any, options: dict[str, Variant])
                 await q.call("CreateContainer", "ssasa{sv}", "bad-log-rate", "busybox", ["true"], options)
 
     run(scenario())
+
+
+# The CPU time of a unit's processes (user + system, theirs and their
+# reaped children's), in seconds: systemd's CPUUsageNSec needs CPU
+# accounting, which a cgroup v1 host may not have on for these units.
+UNIT_CPU = r"""
+cg=$(systemctl show -P ControlGroup "$1")
+for dir in /sys/fs/cgroup/unified$cg /sys/fs/cgroup$cg /sys/fs/cgroup/systemd$cg; do
+    [ -f "$dir/cgroup.procs" ] && break
+done
+ticks=0
+for pid in $(cat "$dir/cgroup.procs"); do
+    set -- $(sed 's/.*) //' /proc/$pid/stat 2>/dev/null)
+    [ $# -gt 14 ] && ticks=$((ticks + ${12} + ${13} + ${14} + ${15}))
+done
+echo "$ticks $(getconf CLK_TCK)"
+"""
+
+
+def _cpu_sec(sandbox: Any, unit: str) -> float:
+    ticks, per_sec = sandbox.run(["sh", "-c", UNIT_CPU, "cpu", unit]).stdout.split()
+    return int(ticks) / int(per_sec)
+
+
+def test_a_flood_costs_the_daemon_and_journald_nothing_past_the_limit(sandbox: Any, quilt: Any,
+                                                                      name: str) -> None:
+    """The output is split and limited by the container's init, inside its scope and CPU quota:
+    neither quiltd nor journald pays for a container that floods for seconds."""
+    async def scenario() -> None:
+        async with quilt() as q:
+            before = _cpu_sec(sandbox, "quiltd.service"), _cpu_sec(sandbox, "systemd-journald.service")
+            await q.create(name, "busybox", ["timeout", "4", "yes", "flood"], cpu_quota=0.2)
+            state, _ = await q.wait(name, 30_000_000)
+            assert state == "exited"
+            after = _cpu_sec(sandbox, "quiltd.service"), _cpu_sec(sandbox, "systemd-journald.service")
+            dropped = (await q.info(name))["LogLinesDropped"]
+            await q.remove(name)
+            assert dropped > 0
+            assert after[0] - before[0] < 0.4, (before, after)
+            assert after[1] - before[1] < 1.0, (before, after)
+
+    run(scenario())
