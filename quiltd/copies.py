@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 
 from quiltd import fdcheck
+from quiltd.access import Credentials
 from quiltd.copyspec import CopyResult, CopySpec, Direction, Failure
 from quiltd.errors import (
     CopyFailed,
@@ -27,12 +28,18 @@ from quiltd.errors import (
 from quiltd.manager import Manager
 from quiltd.model import Container, State
 from quiltd.spawner import ForkServer
+from quiltd.turns import FairTurns
 
 log = logging.getLogger("quiltd")
 
 DEFAULT_MAX_BYTES = 1 << 30
 MAX_BYTES_LIMIT = 1 << 40
 IDLE_TIMEOUT_SEC = 30
+# Each copy is a process of its own: at most this many run at once, the
+# rest wait their caller's turn (see turns), and past MAX_WAITING_COPIES a
+# copy is Busy rather than one more descriptor held in a queue.
+COPY_TURNS = 32
+MAX_WAITING_COPIES = 1024
 MAX_PATH = 4096
 COPY_KEYS = frozenset({"max_bytes"})
 STOPPED = (State.CREATED, State.EXITED, State.FAILED)
@@ -62,42 +69,45 @@ class Copies:
     def __init__(self, manager: Manager, forkserver: ForkServer) -> None:
         self._manager = manager
         self._forkserver = forkserver
+        self._turns = FairTurns(COPY_TURNS, MAX_WAITING_COPIES)
 
-    async def copy_in(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
+    async def copy_in(self, ref: str, path: str, fd: int, opts: Mapping[str, object], *,
+                      caller: Credentials) -> CopyResult:
         """Extracts the tar stream read from fd at path (an existing directory); takes fd over."""
-        return await self._checked_copy(ref, Direction.IN, path, fd, opts, DEFAULT_MAX_BYTES)
+        return await self._checked_copy(ref, Direction.IN, path, fd, opts, DEFAULT_MAX_BYTES, caller)
 
-    async def copy_out(self, ref: str, path: str, fd: int, opts: Mapping[str, object]) -> CopyResult:
+    async def copy_out(self, ref: str, path: str, fd: int, opts: Mapping[str, object], *,
+                       caller: Credentials) -> CopyResult:
         """Writes path as a tar stream to fd; takes fd over. No cap unless max_bytes is given."""
-        return await self._checked_copy(ref, Direction.OUT, path, fd, opts, 0)
+        return await self._checked_copy(ref, Direction.OUT, path, fd, opts, 0, caller)
 
     async def _checked_copy(self, ref: str, direction: Direction, path: str, fd: int,
-                            opts: Mapping[str, object], default_max_bytes: int) -> CopyResult:
+                            opts: Mapping[str, object], default_max_bytes: int,
+                            caller: Credentials) -> CopyResult:
         try:
             c = self._manager.get(ref)
             max_bytes = parse_copy_options(opts, default_max_bytes)
             check_path(path)
             fdcheck.check(fd, writable=direction == Direction.OUT, what="the tar stream")
-        except BaseException:
+            self._turns.check_room("copies")
+            async with self._turns.turn(caller.uid):
+                c = self._manager.get(c.id)  # it may have gone while the copy waited
+                return await self._copy(c, direction, path, fd, max_bytes)
+        finally:
             os.close(fd)
-            raise
-        return await self._copy(c, direction, path, fd, max_bytes)
 
     async def _copy(self, c: Container, direction: Direction, path: str, fd: int,
                     max_bytes: int) -> CopyResult:
-        try:
-            if c.state in STOPPED:
-                async with self._manager.container_lock(c.id):
-                    c = self._manager.get(c.id)
-                    if c.state in STOPPED:
-                        return await self._fork(c, self._stopped_spec(c, direction, path, max_bytes), fd, "")
-            if c.state != State.RUNNING:
-                raise InvalidState(f"container {c.name} is {c.state.value}; "
-                                   "copy when it is running or stopped")
-            spec = self._spec(c, direction, path, max_bytes, c.pid, c.pid_starttime)
-            return await self._fork(c, spec, fd, c.unit)
-        finally:
-            os.close(fd)
+        if c.state in STOPPED:
+            async with self._manager.container_lock(c.id):
+                c = self._manager.get(c.id)
+                if c.state in STOPPED:
+                    return await self._fork(c, self._stopped_spec(c, direction, path, max_bytes), fd, "")
+        if c.state != State.RUNNING:
+            raise InvalidState(f"container {c.name} is {c.state.value}; "
+                               "copy when it is running or stopped")
+        spec = self._spec(c, direction, path, max_bytes, c.pid, c.pid_starttime)
+        return await self._fork(c, spec, fd, c.unit)
 
     def _spec(self, c: Container, direction: Direction, path: str, max_bytes: int, pid: int,
               starttime: int) -> CopySpec:

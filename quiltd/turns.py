@@ -1,4 +1,6 @@
-"""Fair turns for starts: a bounded number at once, callers served in turn.
+"""Fair turns: a bounded number at once, callers served in turn.
+
+Used for starts and for copies (each a process of its own).
 
 A start makes namespaces, a scope and a veth; a few hundred at once only
 make each other slow and hold a pre-forked init, pipes and a lease each

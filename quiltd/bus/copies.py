@@ -7,6 +7,7 @@ from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
+from quiltd.bus.gate import caller
 from quiltd.copies import Copies
 
 
@@ -18,21 +19,21 @@ class CopyMethods:
     @method()
     @bus_errors
     async def CopyIn(self, ref: "s", path: "s", tar_fd: "h") -> None:
-        await self._copies.copy_in(ref, path, tar_fd, {})
+        await self._copies.copy_in(ref, path, tar_fd, {}, caller=caller())
 
     @method()
     @bus_errors
     async def CopyInEx(self, ref: "s", path: "s", tar_fd: "h", options: "a{sv}") -> "a{sv}":
-        result = await self._copies.copy_in(ref, path, tar_fd, convert.unwrap(options))
+        result = await self._copies.copy_in(ref, path, tar_fd, convert.unwrap(options), caller=caller())
         return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}
 
     @method()
     @bus_errors
     async def CopyOut(self, ref: "s", path: "s", fd: "h") -> None:
-        await self._copies.copy_out(ref, path, fd, {})
+        await self._copies.copy_out(ref, path, fd, {}, caller=caller())
 
     @method()
     @bus_errors
     async def CopyOutEx(self, ref: "s", path: "s", fd: "h", options: "a{sv}") -> "a{sv}":
-        result = await self._copies.copy_out(ref, path, fd, convert.unwrap(options))
+        result = await self._copies.copy_out(ref, path, fd, convert.unwrap(options), caller=caller())
         return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import secrets
@@ -338,3 +339,47 @@ def test_symlink_to_the_root_in_a_stopped_container(sandbox: Any, quilt: Any, na
         assert host_canary.read_bytes() == b"host secret\n"
     finally:
         host_canary.unlink(missing_ok=True)
+
+
+def test_a_flood_of_copies_runs_a_bounded_number_at_once_and_all_finish(quilt: Any, name: str) -> None:
+    """Each copy is a process in the container's scope: 40 at once run 32 at a time, the rest wait."""
+    count = 40
+    go = threading.Event()
+
+    def held_writer(fd: int, data: bytes) -> None:
+        go.wait(60)
+        _write_all(fd, data)
+
+    async def one(q: Any, i: int, writers: list[threading.Thread]) -> dict[str, Any]:
+        r, w = os.pipe()
+        writer = threading.Thread(target=held_writer, args=(w, make_tar({f"f{i}": b"%d\n" % i})))
+        writer.start()
+        writers.append(writer)
+        try:
+            info: dict[str, Any] = await q.copy_in(name, "/tmp", r)
+            return info
+        finally:
+            os.close(r)
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, ["sleep", "1000"])
+            writers: list[threading.Thread] = []
+            copies = [asyncio.ensure_future(one(q, i, writers)) for i in range(count)]
+
+            async def all_waiting() -> bool:
+                return bool((await q.info(name))["TasksCurrent"] >= 2 + 32)
+
+            await eventually(all_waiting)
+            await asyncio.sleep(1)  # time for any copy past the bound to show up too
+            assert (await q.info(name))["TasksCurrent"] == 2 + 32
+            go.set()
+            results = await asyncio.gather(*copies)
+            for writer in writers:
+                writer.join(30)
+            assert all(r["entries"] == 1 for r in results)
+            code, out, _ = await q.exec(name, ["sh", "-c", "cat /tmp/f* | sort -n | tr '\\n' ' '"])
+            assert out.decode().split() == [str(i) for i in range(count)]
+            await q.remove(name, force=True)
+
+    run(scenario())
