@@ -379,6 +379,7 @@ def test_a_flood_of_copies_runs_a_bounded_number_at_once_and_all_finish(quilt: A
                 writer.join(30)
             assert all(r["entries"] == 1 for r in results)
             code, out, _ = await q.exec(name, ["sh", "-c", "cat /tmp/f* | sort -n | tr '\\n' ' '"])
+            assert code == 0
             assert out.decode().split() == [str(i) for i in range(count)]
             await q.remove(name, force=True)
 

@@ -228,7 +228,8 @@ def test_a_flood_beyond_the_rate_limit_is_counted_and_told(quilt: Any, name: str
             assert _dropped_notices(rows) == [
                 f"quilt: 5000 lines of output dropped: more than {burst} lines in 30 s (log_rate_burst)"]
             info = await q.info(name)
-            assert (info["LogLinesDropped"], info["LogRateBurst"], info["LogRateIntervalSec"]) == (5000, burst, 30)
+            got = info["LogLinesDropped"], info["LogRateBurst"], info["LogRateIntervalSec"]
+            assert got == (5000, burst, 30)
             await q.remove(name)
 
     run(scenario())

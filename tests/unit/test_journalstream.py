@@ -56,7 +56,8 @@ def test_over_the_burst_is_dropped_counted_and_told_when_the_window_ends(
     assert received(sock) == []
     time.sleep(due - time.monotonic() + 0.01)
     stream.tick()
-    assert received(sock) == [b"quilt: 7 lines of output dropped: more than 3 lines in 1 s (log_rate_burst) [7]"]
+    told = b"quilt: 7 lines of output dropped: more than 3 lines in 1 s (log_rate_burst) [7]"
+    assert received(sock) == [told]
     assert stream.tell_due() is None
     stream.send(b"again", {}, 6)
     assert received(sock) == [b"again"]
