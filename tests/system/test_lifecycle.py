@@ -291,3 +291,11 @@ def test_remove_deletes_row_scope_and_layer(sandbox: Any, quilt: Any, name: str)
             assert units.strip() == ""
 
     run(scenario())
+
+
+def test_the_daemon_runs_under_a_memory_cap(sandbox: Any, busybox_image: str) -> None:
+    """quiltd.service has a MemoryMax, and quiltd (not the containers) is what it counts."""
+    assert sh(sandbox, "systemctl", "show", "-P", "MemoryMax", "quiltd").strip() == str(1 << 30)
+    sh(sandbox, "busctl", "call", *BUS, "GetSystemInfo")  # started, if it was not
+    current = sh(sandbox, "systemctl", "show", "-P", "MemoryCurrent", "quiltd").strip()
+    assert current.isdigit() and int(current) < 256 << 20, current
