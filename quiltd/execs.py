@@ -64,6 +64,9 @@ MAX_STDIN = 8 << 20
 MAX_SPEC = 128 << 10  # command and environment; one message on the exec channel
 CONNECT_TRIES = 200
 CONNECT_RETRY_SEC = 0.005
+# Init answers a request at once unless something holds it: it was sent
+# SIGSTOP, or its cgroup is frozen. An Exec must not wait on that for ever.
+START_ANSWER_SEC = 30
 MAX_TIMEOUT = 1 << 31
 KILLED_EXIT = 128 + signal.SIGKILL
 SYNC_KEYS = frozenset({"env", "workdir", "user", "timeout_sec", "stdin", "max_output"})
@@ -392,12 +395,19 @@ class Execs:
         ).encode()
         if len(request) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")
+        if _is_stopped(c.pid):
+            raise InvalidState(f"container {c.name} is stopped (its init got SIGSTOP): "
+                               "send it SIGCONT with KillContainer to exec again")
         channel = await self._connect(c.id, exec_id)
         if channel is None:
             raise InvalidState(f"container {c.name} is not running")
         try:
             channel.send(request, stdio)
-            answer = await channel.receive()
+            try:
+                answer = await asyncio.wait_for(channel.receive(), START_ANSWER_SEC)
+            except asyncio.TimeoutError:
+                raise Timeout(f"container {c.name}'s init did not take the exec in {START_ANSWER_SEC} s: "
+                              "is the container stopped or frozen?") from None
             if answer is None:
                 raise InvalidState(f"container {c.name} is not running")
             kind, message = answer
@@ -409,6 +419,16 @@ class Execs:
             channel.close()
             raise
         return channel
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T) or traced (t)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # gone: the connection says so
+    return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
 
 
 async def _exit_status(channel: _Channel) -> ExecStatus:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
 import time
 from typing import Any
@@ -329,3 +330,18 @@ def test_the_memory_of_large_outputs_is_given_back(sandbox: Any, quilt: Any, nam
         run(scenario())
     except AssertionError as e:
         raise AssertionError(f"quiltd holds {rss_kib()} KiB, {baseline} KiB before: {e}") from None
+
+
+def test_exec_in_a_stopped_container_answers_instead_of_hanging(quilt: Any, name: str) -> None:
+    """SIGSTOP holds the container's init, which runs every exec: the call says so at once."""
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            await q.kill(name, signal.SIGSTOP)
+            with pytest.raises(errors.InvalidState, match="SIGSTOP"):
+                await asyncio.wait_for(q.exec(name, ["true"]), 10)
+            await q.kill(name, signal.SIGCONT)
+            assert (await q.exec(name, ["echo", "back"]))[:2] == (0, b"back\n")
+            await q.remove(name, force=True)
+
+    run(scenario())
