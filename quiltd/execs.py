@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import secrets
@@ -58,8 +57,6 @@ MAX_OUTPUT_LIMIT = 8 << 20
 # CAPTURE_BUDGET. ExecWithFds and ExecStart hold no output: not counted.
 CAPTURE_BUDGET_PER_UID = 128 << 20
 CAPTURE_BUDGET = 192 << 20
-GC_AFTER_OUTPUT = 1 << 20  # output of one Exec that makes quiltd collect its garbage soon after
-GC_DELAY_SEC = 1.0  # once the reply has gone; one collection for all the Execs meanwhile
 MAX_STDIN = 8 << 20
 MAX_SPEC = 128 << 10  # command and environment; one message on the exec channel
 CONNECT_TRIES = 200
@@ -170,7 +167,6 @@ class Execs:
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._captured: dict[int, int] = {}  # uid -> bytes its running foreground execs may hold
-        self._gc: asyncio.TimerHandle | None = None  # a collection after large outputs, see _collect
 
     def add_listener(self, listener: ExecListener) -> None:
         self._listeners.append(listener)
@@ -191,21 +187,11 @@ class Execs:
                 "ExecStart, which hold no output")
         self._captured[caller.uid] = mine + need
         try:
-            result = await self._run_captured(ref, command, opts)
-            if len(result.stdout) + len(result.stderr) >= GC_AFTER_OUTPUT and self._gc is None:
-                self._gc = asyncio.get_running_loop().call_later(GC_DELAY_SEC, self._collect)
-            return result
+            return await self._run_captured(ref, command, opts)
         finally:
             self._captured[caller.uid] -= need
             if not self._captured[caller.uid]:
                 del self._captured[caller.uid]
-
-    def _collect(self) -> None:
-        # A large output stays reachable after its reply has gone, through a
-        # reference cycle on the way out, until a full collection; these come
-        # rarely, and quiltd kept hundreds of MiB of old outputs meanwhile.
-        self._gc = None
-        gc.collect()
 
     async def _run_captured(self, ref: str, command: list[str], opts: Mapping[str, object]) -> ExecResult:
         c = self._manager.get(ref)

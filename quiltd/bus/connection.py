@@ -13,6 +13,14 @@ numbers and never closes any. Here the connection owns them: a method with
 'h' arguments gets its own duplicates (which it takes over and closes), after
 a check that every index names a descriptor; the received ones are closed
 once the call is dispatched, whether or not anything used them.
+
+dbus-next made reference cycles of every message, so each message's body
+and buffer stayed in memory until a full garbage collection, which comes
+rarely (a few large Exec outputs held hundreds of MiB): its Marshaller and
+Unmarshaller keep a dict of their own bound methods, and every method call
+got a class of its own (SendReply) whose methods hold the call. Here both
+drop that dict once their message is done, and one class answers every
+call, so a message is freed as soon as its last user lets go.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from dbus_next import message as dbus_message
+from dbus_next._private.marshaller import Marshaller
 from dbus_next._private.util import _replace_fds
 from dbus_next.aio import message_bus as aio_bus
-from dbus_next.constants import MessageType
+from dbus_next.constants import ErrorType, MessageFlag, MessageType
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
@@ -43,6 +53,49 @@ log = logging.getLogger("quiltd")
 MESSAGES_PER_TURN = 64  # read from one connection before the event loop turns again
 
 _BATCH_BYTES = 256 << 10
+
+
+class _AcyclicMarshaller(Marshaller):  # type: ignore[misc]
+    def marshall(self) -> bytearray:
+        try:
+            buffer: bytearray = super().marshall()
+            return buffer
+        finally:
+            self.writers = {}  # the cycle: see the module's docstring
+
+
+# Message._marshall makes its Marshallers by this module-level name.
+dbus_message.Marshaller = _AcyclicMarshaller  # type: ignore[attr-defined]
+
+
+class _SendReply:
+    """How a method handler answers one call (what dbus-next made a new class for, per call)."""
+
+    def __init__(self, bus: Any, call: Message) -> None:
+        self._bus = bus
+        self._call = call
+
+    def __enter__(self) -> _SendReply:
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if not self._call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self._bus.send(reply)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._answer_error(exc_type, exc)
+
+    def send_error(self, exc: BaseException) -> None:
+        self._answer_error(type(exc), exc)
+
+    def _answer_error(self, exc_type: Any, exc: Any) -> None:
+        if exc_type is None:
+            return
+        if issubclass(exc_type, DBusError):
+            self(exc._as_message(self._call))
+        elif issubclass(exc_type, Exception):
+            self(Message.new_error(self._call, ErrorType.SERVICE_ERROR.value,
+                                   f"The service interface raised an error: {exc}."))
 
 
 class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
@@ -243,6 +296,9 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
         self._held_calls.discard(id(msg))
         _close(msg.unix_fds)
 
+    def _send_reply(self, msg: Message) -> _SendReply:
+        return _SendReply(self, msg)
+
     def _process_message(self, msg: Message) -> None:
         received = list(msg.unix_fds) if msg.message_type == MessageType.METHOD_CALL else []
         try:
@@ -265,6 +321,7 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
                 if not self._unmarshaller.unmarshall():
                     return
                 self._on_message(self._unmarshaller.message)
+                self._unmarshaller.readers = {}  # the cycle: see the module's docstring
                 self._unmarshaller = self._create_unmarshaller()
         except Exception as e:
             self._finalize(e)
