@@ -84,8 +84,8 @@ def test_socket_unit_restart_while_quiltd_runs(sandbox: Any, quilt: Any, name: s
         assert restarted.returncode == 0, restarted.stderr
         # quiltd restarts with it (a job of its own, which systemctl does not wait for).
         deadline = time.monotonic() + 30
-        while (states := sh(sandbox, "systemctl", "is-active", "quiltd.socket", "quiltd", check=False).split()) \
-                != ["active", "active"]:
+        units = ("quiltd.socket", "quiltd")
+        while (states := sh(sandbox, "systemctl", "is-active", *units, check=False).split()) != ["active"]*2:
             assert time.monotonic() < deadline, states
             time.sleep(0.1)
         status = sh(sandbox, "systemctl", "status", "quiltd", "--no-pager", check=False)
