@@ -86,11 +86,20 @@ class QuiltClient:
         """One method call; timeout in seconds, None for none, default: what fits the member."""
         if timeout == _DEFAULT:
             timeout = None if member in UNBOUNDED else self.timeout
+        pending = self.bus.call(Message(
+            destination=destination, path=path, interface=interface, member=member,
+            signature=signature, body=list(args), unix_fds=unix_fds or [],
+        ))
         try:
-            reply = await asyncio.wait_for(self.bus.call(Message(
-                destination=destination, path=path, interface=interface, member=member,
-                signature=signature, body=list(args), unix_fds=unix_fds or [],
-            )), timeout)
+            if timeout is None:
+                reply = await pending
+            elif hasattr(asyncio, "timeout"):
+                # Python 3.11: a deadline on this task, not a task of its own
+                # (as wait_for makes), so the call goes out at once, as without one.
+                async with asyncio.timeout(timeout):
+                    reply = await pending
+            else:
+                reply = await asyncio.wait_for(pending, timeout)
         except asyncio.TimeoutError:
             raise errors.NoReply(f"{errors.NoReply.dbus_name}: no answer to {member} within {timeout:g} s") \
                 from None
