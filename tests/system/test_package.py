@@ -98,7 +98,7 @@ def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
     assert "table inet quilt" in during["tables"] and "table bridge quilt" in during["tables"], during
 
     # Removal takes the daemon, the socket and the containers with it; state stays.
-    sh(sb, "dpkg", "-r", "quiltd")
+    sh(sb, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "-q", "quiltd")
     # The host's network is as it was before the installation.
     assert host_network(sb) == network_before
     assert sh(sb, "systemctl", "is-active", "quiltd", "quiltd.socket", check=False).split() == \
@@ -108,5 +108,6 @@ def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
     assert sb.run(["test", "-e", "/usr/bin/quiltd"], check=False).returncode != 0
     assert "org.quilt.Quilt1" not in sh(sb, "busctl", "list", "--activatable", "--no-pager")
 
-    sh(sb, "dpkg", "--purge", "quiltd")
+    sh(sb, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "-q", "quiltd")
+    assert host_network(sb) == network_before
     assert sh(sb, "find", "/var/lib/quilt", "/run/quilt", "-mindepth", "1", check=False).strip() == ""
