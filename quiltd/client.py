@@ -36,6 +36,20 @@ EXEC_OPTION_TYPES = {
     "env": "as", "workdir": "s", "user": "s", "timeout_sec": "u", "stdin": "ay", "max_output": "t",
 }
 
+# How long a call may go unanswered before the client gives up (NoReply):
+# long enough for a create or start on a loaded host, where D-Bus's usual
+# 25 s would cut off a busy but healthy quiltd.
+CALL_TIMEOUT = 120.0
+# Calls that last as long as their work, which the client cannot bound: an
+# import of several GiB, a copy, an exec, a wait for a container or a log to
+# end. These get no timeout unless the caller gives one; ImportProgress
+# shows that an import is moving.
+UNBOUNDED = frozenset({
+    "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx",
+    "Exec", "ExecEx", "ExecWithFds", "WaitContainer", "WaitContainerStarted", "ExecWait",
+})
+_DEFAULT = -1.0  # call(): the timeout that fits the member
+
 _ERRORS: dict[str, type[errors.QuiltError]] = {
     cls.dbus_name: cls for cls in errors.QuiltError.__subclasses__()
 }
@@ -50,28 +64,45 @@ class StateChange:
 
 
 class QuiltClient:
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, timeout: float = CALL_TIMEOUT) -> None:
         self.bus = bus
+        self.timeout = timeout  # seconds, for every call not in UNBOUNDED
 
     @classmethod
-    async def connect(cls, address: str | None = None) -> QuiltClient:
+    async def connect(cls, address: str | None = None, timeout: float = CALL_TIMEOUT) -> QuiltClient:
         if address:
             bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
         else:
             bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         await bus.connect()
-        return cls(bus)
+        return cls(bus, timeout)
 
     def close(self) -> None:
         self.bus.disconnect()
 
     async def call(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
                    interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
-                   unix_fds: list[int] | None = None) -> list[Any]:
-        reply = await self.bus.call(Message(
+                   unix_fds: list[int] | None = None, timeout: float | None = _DEFAULT) -> list[Any]:
+        """One method call; timeout in seconds, None for none, default: what fits the member."""
+        if timeout == _DEFAULT:
+            timeout = None if member in UNBOUNDED else self.timeout
+        pending = self.bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
             signature=signature, body=list(args), unix_fds=unix_fds or [],
         ))
+        try:
+            if timeout is None:
+                reply = await pending
+            elif hasattr(asyncio, "timeout"):
+                # Python 3.11: a deadline on this task, not a task of its own
+                # (as wait_for makes), so the call goes out at once, as without one.
+                async with asyncio.timeout(timeout):
+                    reply = await pending
+            else:
+                reply = await asyncio.wait_for(pending, timeout)
+        except asyncio.TimeoutError:
+            raise errors.NoReply(f"{errors.NoReply.dbus_name}: no answer to {member} within {timeout:g} s") \
+                from None
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
@@ -87,7 +118,7 @@ class QuiltClient:
         await self.call("StartContainer", "s", ref)
 
     async def stop(self, ref: str, timeout_sec: int = 10) -> None:
-        await self.call("StopContainer", "su", ref, timeout_sec)
+        await self.call("StopContainer", "su", ref, timeout_sec, timeout=timeout_sec + self.timeout)
 
     async def kill(self, ref: str, signal: int) -> None:
         await self.call("KillContainer", "si", ref, signal)
@@ -315,9 +346,9 @@ class Quilt:
     per thread. Errors are the same QuiltError classes.
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float = CALL_TIMEOUT) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(QuiltClient.connect(address))
+        self._client = self._loop.run_until_complete(QuiltClient.connect(address, timeout))
 
     def close(self) -> None:
         self._client.close()

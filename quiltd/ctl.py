@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from dbus_next.errors import AuthError
 
-from quiltd import __version__, ctlstreams, errors
+from quiltd import __version__, ctlmonitor, ctloutput, ctlstreams, errors
 from quiltd.client import QuiltClient
 
 SOCKET_ADDRESS = "unix:path=/run/quilt/quiltd.sock"
@@ -120,7 +120,12 @@ def _container_options(p: argparse.ArgumentParser) -> None:
 
 # An argument: its names or flags, and add_argument's keywords.
 _Arg = tuple[tuple[str, ...], dict[str, Any]]
-JSON_ARG: _Arg = (("--json",), {"action": "store_true", "help": "as JSON"})
+# --format table|json and --json (dest "format"), on every verb that lists.
+FORMAT_ARGS: list[_Arg] = [
+    (("--format",), {"choices": ctloutput.FORMATS, "default": "table",
+                     "help": "output format (default table)"}),
+    (("--json",), {"action": "store_const", "const": "json", "dest": "format", "help": "as --format json"}),
+]
 NAME_ARG: _Arg = (("name",), {})
 NAMES_ARG: _Arg = (("names",), {"nargs": "+", "metavar": "NAME"})
 
@@ -129,9 +134,9 @@ def _subverbs(p: argparse.ArgumentParser, dest: str,
               table: list[tuple[str, str, str, Callable[..., Awaitable[int]], list[_Arg]]]) -> None:
     """The verbs under volume, network or images: (name, help, description, function, arguments).
 
-    The verb alone lists, as its ls does, so it takes --json as well.
+    The verb alone lists, as its ls does, so it takes --format and --json as well.
     """
-    p.add_argument(*JSON_ARG[0], **JSON_ARG[1])
+    ctloutput.add_format(p)
     verbs = p.add_subparsers(dest=dest, metavar=dest.upper())
     for name, text, description, fn, arguments in table:
         s = verbs.add_parser(name, help=text, description=description)
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_const", const="json", dest="format", help="as --format json")
     s.add_argument("-q", "--quiet", action="store_const", const="ids", dest="format", help="ids only")
     s = verb("inspect", "show everything about containers as JSON", cmd_inspect)
+    ctloutput.add_format(s, ("json",))  # JSON is its only form; taken for the habit of podman's flags
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("exec", "run a command in a running container; exits with its code", cmd_exec)
     s.add_argument("-i", "--interactive", action="store_true", help="pass our stdin to the command")
@@ -207,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("wait", "wait for containers to end; prints their exit codes", cmd_wait)
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("info", "show quiltd's version, counts and directories", cmd_info)
-    s.add_argument("--json", action="store_true", help="as JSON")
+    ctloutput.add_format(s)
+    ctlmonitor.add_verbs(verb)
     _subverbs(verb("volume", "list, create and remove named volumes", cmd_volume_ls), "volume_verb", [
-        ("ls", "list volumes", "list volumes", cmd_volume_ls, [JSON_ARG]),
+        ("ls", "list volumes", "list volumes", cmd_volume_ls, FORMAT_ARGS),
         ("create", "create a volume", "create a named volume", cmd_volume_create, [NAME_ARG]),
         ("rm", "remove volumes", "remove volumes no container uses", cmd_volume_rm, [NAMES_ARG]),
     ])
     _subverbs(verb("network", "list, create and remove networks", cmd_network_ls), "network_verb", [
-        ("ls", "list networks", "list networks", cmd_network_ls, [JSON_ARG]),
+        ("ls", "list networks", "list networks", cmd_network_ls, FORMAT_ARGS),
         ("create", "create a network", "create a network: its own bridge and subnet", cmd_network_create, [
             (("--subnet",), {"help": "CIDR, e.g. 10.90.0.0/24 (default: a free /16)"}),
             (("--egress",), {"help": "none (default), all, or comma-separated CIDR[:PORT] entries"}),
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rm", "remove networks", "remove networks no container uses", cmd_network_rm, [NAMES_ARG]),
     ])
     _subverbs(verb("images", "list, import and remove images", cmd_images_ls), "image_verb", [
-        ("ls", "list images", "list images", cmd_images_ls, [JSON_ARG]),
+        ("ls", "list images", "list images", cmd_images_ls, FORMAT_ARGS),
         ("import", "import an image archive you can read",
          "import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst), an OCI image layout (directory or tar) "
          "or a docker save archive: quiltctl opens it as you and hands quiltd the open file, so you "
@@ -566,7 +573,7 @@ async def _copy_out(q: QuiltClient, ref: str, path: str, local: str, options: di
 
 async def cmd_info(q: QuiltClient, args: argparse.Namespace) -> int:
     info = await q.system_info()
-    if args.json:
+    if args.format == "json":
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     for key, value in info.items():
@@ -578,7 +585,7 @@ async def cmd_info(q: QuiltClient, args: argparse.Namespace) -> int:
 
 async def cmd_images_ls(q: QuiltClient, args: argparse.Namespace) -> int:
     rows = await q.images()
-    if args.json:
+    if args.format == "json":
         keys = ("name", "id", "size_bytes", "created_usec")
         print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
         return EXIT_OK
@@ -591,10 +598,16 @@ async def cmd_images_import(q: QuiltClient, args: argparse.Namespace) -> int:
         fd = _image_source(args.source)
     except OSError as e:
         raise Failure(f"{args.source}: {e.strerror or e}", EXIT_FAILED) from None
+    progress = ctloutput.Progress(args.name)
+    if progress.shown:
+        await q.watch_signal("ImportProgress",
+                             lambda body: progress.update(body[1], body[2]) if body[0] == args.name else None)
     try:
-        print(await q.import_image_fd(args.name, fd, ref=args.ref))
+        image_id = await q.import_image_fd(args.name, fd, ref=args.ref)
     finally:
         os.close(fd)
+        progress.finish()
+    print(image_id)
     return EXIT_OK
 
 
@@ -620,7 +633,7 @@ async def cmd_images_rm(q: QuiltClient, args: argparse.Namespace) -> int:
 
 async def cmd_volume_ls(q: QuiltClient, args: argparse.Namespace) -> int:
     rows = await q.volumes()
-    if args.json:
+    if args.format == "json":
         print(json.dumps([dict(zip(("name", "path", "size_bytes"), r, strict=True)) for r in rows], indent=2))
         return EXIT_OK
     _table(["NAME", "SIZE", "PATH"], [[name, _size(size), path] for name, path, size in rows])
@@ -640,7 +653,7 @@ async def cmd_volume_rm(q: QuiltClient, args: argparse.Namespace) -> int:
 async def cmd_network_ls(q: QuiltClient, args: argparse.Namespace) -> int:
     rows = await q.networks()
     keys = ("name", "subnet", "gateway", "bridge", "egress")
-    if args.json:
+    if args.format == "json":
         print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
         return EXIT_OK
     _table([k.upper() for k in keys], [list(r) for r in rows])
@@ -660,19 +673,8 @@ async def cmd_network_rm(q: QuiltClient, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- output
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
+_table = ctloutput.table
+_size = ctloutput.size
 
 
 def _message(e: errors.QuiltError) -> str:
@@ -757,6 +759,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(_main(args))
     except Failure as e:
         fail(str(e), e.code)
+    except ctlmonitor.UsageError as e:
+        fail(str(e), EXIT_USAGE)
     except errors.QuiltError as e:
         fail(_message(e), EXIT_RUN_FAILED if args.verb == "run" else EXIT_FAILED)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
-from quiltd import __version__, config
+from quiltd import __version__, config, hostreset
 from quiltd.bus.connection import MessageBus
 from quiltd.bus.gate import BusGate
 from quiltd.bus.names import BUS_NAME
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=Paths.run_dir)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--detach", action="store_true", help="run in the background (outside systemd)")
+    p.add_argument("--reset-host-network", action="store_true",
+                   help="remove quiltd's nftables tables, bridges and veths from the host and set "
+                        "ip_forward back, then exit (for the package's removal, with quiltd stopped)")
     p.add_argument("--version", action="version", version=f"quiltd {__version__}")
     return p.parse_args(argv)
 
@@ -222,6 +225,10 @@ def raise_nofile_limit() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.reset_host_network:
+        for line in hostreset.reset(Paths(run_dir=args.run_dir).ip_forward_before):
+            print(f"quiltd: {line}")
+        return
     if args.detach:
         import daemon as python_daemon
 

@@ -55,6 +55,12 @@ class Timeout(QuiltError):
     dbus_name = ERROR_PREFIX + "Timeout"
 
 
+class NoReply(QuiltError):
+    """Client side: quiltd did not answer within the call's timeout (as libdbus names it)."""
+
+    dbus_name = "org.freedesktop.DBus.Error.NoReply"
+
+
 class Internal(QuiltError):
     dbus_name = ERROR_PREFIX + "Internal"
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiltd import firewall
+from quiltd import firewall, hostreset
 from quiltd.errors import (
     AddressesExhausted,
     Internal,
@@ -46,7 +46,6 @@ DEFAULT = "bridge"  # the default network's name; its bridge device is quilt0
 HOSTS_HEADER = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 BRIDGE_PREFIX = "qb"  # bridges of created networks: qb + 12 hex digits
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 # Subnets handed out when CreateNetwork names none: 10.89.0.0/16 upwards.
 AUTO_SUBNETS = [ipaddress.IPv4Network(f"10.{n}.0.0/16") for n in range(89, 255)]
 MAX_PREFIX = 29  # the smallest network: a gateway and five containers
@@ -273,7 +272,8 @@ class Networks:
         # Every container that may have a port now; a stopped one's is gone, and harmless.
         active = {c.id for c in self._store.list_containers() if c.state.is_active}
         pins = tuple(pin(cid, address) for cid, address in leases.items() if cid in active)
-        await self._netlink.call("loading the nftables rules", _load_firewall, policies, forwards, pins)
+        await self._netlink.call("loading the nftables rules", _load_firewall, policies, forwards, pins,
+                                 self._paths.ip_forward_before)
 
     async def forget(self, c: Container) -> None:
         """After a container's row is gone: its published ports go too."""
@@ -426,10 +426,12 @@ def pin(container_id: str, address: str) -> firewall.Pin:
 
 
 def _load_firewall(policies: list[firewall.Policy], forwards: tuple[firewall.Forward, ...],
-                   pins: tuple[firewall.Pin, ...]) -> None:
+                   pins: tuple[firewall.Pin, ...], ip_forward_before: Path) -> None:
     if forwards or any(p.egress != firewall.EGRESS_NONE for p in policies):
-        # Egress and published ports need routing between the bridges and the host's links.
-        IP_FORWARD.write_text("1\n")
+        # Egress and published ports need routing between the bridges and the
+        # host's links. The value found first is kept, for the package's removal.
+        hostreset.remember_ip_forward(ip_forward_before)
+        hostreset.IP_FORWARD.write_text("1\n")
     firewall.load(firewall.ruleset(policies, forwards, pins))
 
 

@@ -35,6 +35,11 @@ class Paths:
     def exit_file(self, container_id: str) -> Path:
         return self.container_run_dir(container_id) / "exit"
 
+    @property
+    def ip_forward_before(self) -> Path:
+        """net.ipv4.ip_forward as quiltd found it this boot (hostreset.py)."""
+        return self.run_dir / "ip_forward.before"
+
     def create(self) -> None:
         for path in (self.state_dir, self.images, self.volumes, self.state_dir / "containers",
                      self.run_dir / "containers"):

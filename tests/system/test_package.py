@@ -42,6 +42,17 @@ def sh(sb: Any, *argv: str, check: bool = True) -> str:
     return str(sb.run(list(argv), check=check, timeout=120).stdout.decode())
 
 
+def host_network(sb: Any) -> dict[str, Any]:
+    """What a user checks of the sandbox's network: nft tables, bridges, veths and ip_forward."""
+    links = sh(sb, "ip", "-o", "-d", "link", "show").splitlines()
+    return {
+        "tables": sorted(sh(sb, "nft", "list", "tables").splitlines()),
+        "bridges": sorted(line.split(": ")[1] for line in links if " bridge " in line),
+        "veths": sorted(line.split(": ")[1].split("@")[0] for line in links if " veth " in line),
+        "forward": sh(sb, "sysctl", "-n", "net.ipv4.ip_forward").strip(),
+    }
+
+
 def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
     sb = fresh
     # This machine's image forbids starting services from maintainer scripts
@@ -49,6 +60,8 @@ def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
     sh(sb, "rm", "-f", "/usr/sbin/policy-rc.d")
     sh(sb, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-download",
        "--no-install-recommends", f"-o=Dir::Cache::archives={DEBS}", *DEPENDS)
+    network_before = host_network(sb)
+    assert network_before["forward"] == "0", network_before
     sh(sb, "dpkg", "-i", str(deb))
 
     assert "quilt" in sh(sb, "getent", "group", "quilt")
@@ -76,9 +89,18 @@ def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
         assert time.monotonic() < deadline, sh(sb, "quiltctl", "ps", "-a")
         time.sleep(0.1)
     assert sh(sb, "systemctl", "is-active", f"quilt-{cid}.scope").strip() == "active"
+    # A network that routes beyond itself: its own bridge, and ip_forward on.
+    sh(sb, "quiltctl", "network", "create", "--egress", "all", "out")
+    sh(sb, "quiltctl", "run", "-d", "--network", "out", "busybox", "sleep", "1000")
+    during = host_network(sb)
+    assert during["forward"] == "1" and "quilt0" in during["bridges"], during
+    assert any(b.startswith("qb") for b in during["bridges"]) and len(during["veths"]) == 2, during
+    assert "table inet quilt" in during["tables"] and "table bridge quilt" in during["tables"], during
 
     # Removal takes the daemon, the socket and the containers with it; state stays.
-    sh(sb, "dpkg", "-r", "quiltd")
+    sh(sb, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "-q", "quiltd")
+    # The host's network is as it was before the installation.
+    assert host_network(sb) == network_before
     assert sh(sb, "systemctl", "is-active", "quiltd", "quiltd.socket", check=False).split() == \
         ["inactive", "inactive"]
     assert sh(sb, "systemctl", "list-units", "--no-legend", "--plain", "quilt-*.scope").strip() == ""
@@ -86,5 +108,6 @@ def test_install_activate_run_remove(fresh: Any, deb: Path) -> None:
     assert sb.run(["test", "-e", "/usr/bin/quiltd"], check=False).returncode != 0
     assert "org.quilt.Quilt1" not in sh(sb, "busctl", "list", "--activatable", "--no-pager")
 
-    sh(sb, "dpkg", "--purge", "quiltd")
+    sh(sb, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "-q", "quiltd")
+    assert host_network(sb) == network_before
     assert sh(sb, "find", "/var/lib/quilt", "/run/quilt", "-mindepth", "1", check=False).strip() == ""

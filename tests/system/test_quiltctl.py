@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import secrets
+import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from typing import Any
 
 import pytest
 
-from tests.system.conftest import BUSYBOX_TARBALL, REPO
+from quiltd.client import QuiltClient
+from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO
 
 pytestmark = pytest.mark.system
 
@@ -235,3 +240,193 @@ def test_volume_and_network_verbs(sandbox: Any, busybox_image: str, name: str) -
     assert network not in ctl(sandbox, "network", "ls").stdout.decode()
     missing = ctl(sandbox, "network", "rm", network, check=False)
     assert missing.returncode != 0 and network in missing.stderr.decode()
+
+
+def _running(sandbox: Any, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while json.loads(ctl(sandbox, "inspect", name).stdout)[0]["State"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_stats_shows_cpu_memory_tasks_and_network(sandbox: Any, busybox_image: str, name: str) -> None:
+    # Busy on one CPU, after a connection attempt to its gateway (sent, so counted as its TX).
+    ctl(sandbox, "run", "-d", "--name", name, "--memory", "64M", "busybox", "sh", "-c",
+        "echo x | nc -w 1 10.88.0.1 9; while :; do :; done")
+    try:
+        _running(sandbox, name)
+        time.sleep(2)
+        table = ctl(sandbox, "stats", "--no-stream", name).stdout.decode().splitlines()
+        assert table[0].split() == ["ID", "NAME", "CPU", "%", "MEM", "USAGE", "/", "LIMIT", "MEM", "%",
+                                    "NET", "IO", "(RX", "/", "TX)", "PIDS"]
+        assert len(table) == 2 and table[1].split()[1] == name and "/ 64.0 MiB" in table[1]
+        (row,) = json.loads(ctl(sandbox, "stats", "--no-stream", "--format", "json", name).stdout)
+        assert row["name"] == name and row["memory_limit_bytes"] == 64 << 20
+        assert row["cpu_percent"] > 5 and 0 < row["memory_bytes"] < 64 << 20, row
+        assert row["tasks"] >= 2 and row["net_tx_bytes"] > 0, row
+        # Without names: every running container, this one among them.
+        everyone = json.loads(ctl(sandbox, "stats", "--no-stream", "--json").stdout)
+        assert name in [r["name"] for r in everyone]
+        # Streaming: a frame per interval until interrupted; JSON Lines when piped.
+        streamed = sandbox.run(["timeout", "-s", "INT", "3.5", QUILTCTL, "stats", "--interval", "1", "--json",
+                                name], check=False)
+        frames = [json.loads(line) for line in streamed.stdout.decode().splitlines()]
+        assert len(frames) >= 2 and all(f[0]["name"] == name for f in frames), streamed
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def test_top_lists_the_containers_processes(sandbox: Any, busybox_image: str, name: str) -> None:
+    # "; true": else sh would exec the last sleep and be gone from the list.
+    ctl(sandbox, "run", "-d", "--name", name, "busybox", "sh", "-c", "sleep 1001 & sleep 1002; true")
+    try:
+        _running(sandbox, name)
+        deadline = time.monotonic() + 10
+        while len(listed := json.loads(ctl(sandbox, "top", "--json", name).stdout)) < 4:
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.1)
+        by_command = {p["command"]: p for p in listed}
+        shell = by_command["sh -c sleep 1001 & sleep 1002; true"]
+        # PIDs as the container sees them; the container's init is PID 1.
+        assert 1 in [p["pid"] for p in listed] and shell["ppid"] == 1
+        assert by_command["sleep 1001"]["ppid"] == by_command["sleep 1002"]["ppid"] == shell["pid"]
+        assert {p["user"] for p in listed} == {"root"}
+        table = ctl(sandbox, "top", name).stdout.decode().splitlines()
+        assert table[0].split() == ["USER", "PID", "PPID", "%CPU", "ELAPSED", "TIME", "COMMAND"]
+        assert any(line.endswith("sleep 1002") for line in table[1:]), table
+        ctl(sandbox, "stop", "-t", "1", name)
+        stopped = ctl(sandbox, "top", name, check=False)
+        assert stopped.returncode == 1 and b"not running (InvalidState)" in stopped.stderr
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def _contents(f: Any) -> bytes:
+    f.seek(0)
+    return bytes(f.read())
+
+
+def test_events_as_lines_and_json_with_filters(sandbox: Any, busybox_image: str, name: str) -> None:
+    ready = f"{name[:40]}-ready"
+    with tempfile.TemporaryFile() as as_json, tempfile.TemporaryFile() as as_lines:
+        # Each in a process group of its own, which the interrupt goes to, as a Ctrl-C would.
+        watchers = [
+            subprocess.Popen(sandbox.argv([QUILTCTL, "events", "--format", "json", "--filter",
+                                           f"container={name}", "--filter", f"container={ready}"]),
+                             stdout=as_json, start_new_session=True),
+            subprocess.Popen(sandbox.argv([QUILTCTL, "events", "--filter", "type=container",
+                                           "--filter", "event=removed"]),
+                             stdout=as_lines, start_new_session=True),
+        ]
+        try:
+            # Until both listen: a container made and removed shows in both.
+            deadline = time.monotonic() + 20
+            while True:
+                ctl(sandbox, "create", "--name", ready, "busybox", "true")
+                ctl(sandbox, "rm", ready)
+                time.sleep(0.3)
+                if all(ready.encode() in _contents(f) for f in (as_json, as_lines)):
+                    break
+                assert time.monotonic() < deadline
+            as_json.seek(0, io.SEEK_END)
+            start = as_json.tell()
+            cid = ctl(sandbox, "run", "-d", "--name", name, "busybox", "sh", "-c", "exit 3").stdout.decode()
+            cid = cid.strip()
+            ctl(sandbox, "wait", name)
+            ctl(sandbox, "rm", name)
+            deadline = time.monotonic() + 10
+            while True:
+                as_json.seek(start)
+                events = [json.loads(line) for line in as_json.read().splitlines()]
+                if [e["action"] for e in events][-1:] == ["removed"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            for w in watchers:
+                os.killpg(w.pid, signal.SIGINT)
+                w.wait(10)
+        assert {e["id"] for e in events} == {cid} and {e["type"] for e in events} == {"container"}
+        actions = [e["action"] for e in events]
+        assert actions[0] == "created" and actions[-2:] == ["exited", "removed"], actions
+        assert "running" in actions
+        assert events[-2]["attributes"] == {"name": name, "exit_code": 3}
+        lines = _contents(as_lines).decode().splitlines()
+        (line,) = [x for x in lines if x.endswith(f"(name={name})")]
+        assert line.split(" ", 1)[1] == f"container removed {cid} (name={name})", lines
+        assert all(" container removed " in x for x in lines), lines
+
+
+def test_listing_and_inspect_verbs_take_format_json(sandbox: Any, busybox_image: str, name: str) -> None:
+    ctl(sandbox, "create", "--name", name, "busybox", "true")
+    try:
+        for args in (["ps", "-a"], ["images"], ["images", "ls"], ["volume", "ls"], ["network", "ls"],
+                     ["network"], ["inspect", name]):
+            for flag in (["--format", "json"], ["--json"]):
+                out = ctl(sandbox, *args, *flag).stdout
+                assert isinstance(json.loads(out), list), (args, flag, out)
+        assert "Version" in json.loads(ctl(sandbox, "info", "--format", "json").stdout)
+        assert json.loads(ctl(sandbox, "images", "--json").stdout)[0].keys() >= {"name", "id"}
+    finally:
+        ctl(sandbox, "rm", name)
+
+
+def test_import_shows_progress_on_a_terminal_only(sandbox: Any, busybox_image: str) -> None:
+    # script(1) gives quiltctl a terminal, as a user's shell does.
+    shown = sandbox.run(["script", "-qec", f"{QUILTCTL} images import bb-bar {BUSYBOX_TARBALL}", "/dev/null"])
+    try:
+        out = shown.stdout.decode()
+        assert "\rbb-bar [" + "#" * 30 + "] 100%  " in out and " KiB / " in out, out
+    finally:
+        ctl(sandbox, "images", "rm", "bb-bar")
+    piped = ctl(sandbox, "images", "import", "bb-bar", BUSYBOX_TARBALL)
+    try:
+        assert piped.stderr == b"" and len(piped.stdout.decode().strip()) == 64
+    finally:
+        ctl(sandbox, "images", "rm", "bb-bar")
+
+
+API_DOC = REPO / "docs/api.md"
+BIG_TAR = "/var/tmp/big.tar"  # the path docs/api.md's busctl --timeout example imports
+
+
+def test_long_import_outlasts_the_clients_timeout_and_busctls(sandbox: Any, busybox_image: str) -> None:
+    """An import longer than a call's timeout still succeeds, as docs/api.md says; busctl needs --timeout."""
+    big = sandbox.host_path(BIG_TAR)
+    with tarfile.open(big, "w") as tar:  # 128 MiB that does not compress, as a real layer
+        for i in range(4):
+            data = os.urandom(32 << 20)
+            member = tarfile.TarInfo(f"blob{i}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    try:
+        async def import_with_a_short_timeout() -> float:
+            q = await QuiltClient.connect(sandbox.bus_address, timeout=0.5)
+            try:
+                started = time.monotonic()
+                await q.import_image("big", BIG_TAR)
+                took = time.monotonic() - started
+                await q.remove_image("big")
+                return took
+            finally:
+                q.close()
+
+        took = asyncio.run(import_with_a_short_timeout())
+        assert took > 0.5  # longer than the client's timeout, which an import does not get
+
+        # busctl's own timeout cuts the call off (quiltd finishes it anyway)...
+        cut = sandbox.run(["busctl", "--timeout=0.1", "call", *BUS, "ImportImage", "ssa{sv}", "cut", BIG_TAR,
+                           "0"], check=False)
+        assert cut.returncode != 0 and b"Connection timed out" in cut.stderr, cut
+        deadline = time.monotonic() + 60
+        while '"cut"' not in sandbox.run(["busctl", "call", *BUS, "ListImages"]).stdout.decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", "cut"])
+        # ...and the documented command, as written, waits for it.
+        doc = API_DOC.read_text().splitlines()
+        (command,) = [line for line in doc if line.startswith("busctl --timeout=")]
+        done = sandbox.run(["sh", "-c", command], timeout=300)
+        assert done.stdout.decode().startswith('s "'), done
+        sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", "big"])
+    finally:
+        big.unlink()

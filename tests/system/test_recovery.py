@@ -65,6 +65,47 @@ def test_restart_keeps_fifty_running_containers(sandbox: Any, quilt: Any, name: 
     run(check_and_stop())
 
 
+def test_socket_unit_restart_while_quiltd_runs(sandbox: Any, quilt: Any, name: str) -> None:
+    """`systemctl restart quiltd.socket` works as for any socket unit, and the new socket answers."""
+    # As at boot: the socket first (systemd starts no socket unit under a running service).
+    sandbox.run(["systemctl", "stop", "quiltd"])
+    sandbox.run(["systemctl", "reset-failed", "quiltd", "quiltd.socket"], check=False)
+    sandbox.run(["systemctl", "start", "quiltd.socket", "quiltd"])
+
+    async def create() -> int:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "1000"])
+            await eventually(lambda: _state_is(q, name, "running"))
+            return int((await q.info(name))["Pid"])
+
+    pid = run(create())
+    try:
+        restarted = sandbox.run(["systemctl", "restart", "quiltd.socket"], check=False)
+        assert restarted.returncode == 0, restarted.stderr
+        # quiltd restarts with it (a job of its own, which systemctl does not wait for).
+        deadline = time.monotonic() + 30
+        units = ("quiltd.socket", "quiltd")
+        while (states := sh(sandbox, "systemctl", "is-active", *units, check=False).split()) != ["active"]*2:
+            assert time.monotonic() < deadline, states
+            time.sleep(0.1)
+        status = sh(sandbox, "systemctl", "status", "quiltd", "--no-pager", check=False)
+        assert "TriggeredBy: ● quiltd.socket" in status
+        # The direct socket answers, and the container lived through it all.
+        listed = sh(sandbox, "busctl", "--address=unix:path=/run/quilt/quiltd.sock", "--json=short", "call",
+                    "org.quilt.Quilt1", "/org/quilt/Quilt1", "org.quilt.Quilt1.Manager", "GetContainerInfo",
+                    "s", name)
+        assert '"State":{"type":"s","data":"running"}' in listed
+        assert f'"Pid":{{"type":"u","data":{pid}}}' in listed
+    finally:
+        sandbox.run(["systemctl", "stop", "quiltd.socket"], check=False)
+
+        async def remove() -> None:
+            async with quilt() as q:
+                await q.remove(name, True)
+
+        run(remove())
+
+
 def test_ttl_and_auto_remove_hold_across_a_restart(sandbox: Any, quilt: Any, name: str) -> None:
     async def create() -> None:
         async with quilt() as q:
