@@ -1,15 +1,26 @@
-"""Exports the manager and one object per container, and relays core events as signals."""
+"""Exports the manager and one object per container, and relays core events as signals.
+
+The manager's path is the containers' org.freedesktop.DBus.ObjectManager:
+InterfacesAdded and InterfacesRemoved come from it, as the specification
+says (GLib's ObjectManagerClient listens for them there and nowhere else),
+and are sent here rather than by dbus-next, in the same turn as the export,
+so that a new container is announced before anything else about it and
+gone only after the last signal about it.
+"""
 
 from dbus_next.aio.message_bus import MessageBus
+from dbus_next.message import Message
 
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
-from quiltd.bus.names import MANAGER_PATH, container_path
+from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_PATH, container_path
 from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager
 from quiltd.model import Container, Exec
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 class BusService:
@@ -42,7 +53,13 @@ class BusService:
     def _export(self, c: Container) -> None:
         obj = ContainerInterface(self._manager, c, self._execs)
         self._containers[c.id] = obj
-        self._bus.export(container_path(c.id), obj)
+        path = container_path(c.id)
+        self._bus.export(path, obj)
+        self._announce("InterfacesAdded", "oa{sa{sv}}", [path, {CONTAINER_INTERFACE: obj.announced()}])
+
+    def _announce(self, member: str, signature: str, body: list[object]) -> None:
+        if self._bus.connected:
+            self._bus.send(Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, member, signature, body))
 
     def container_changed(self, c: Container, old: Container) -> None:
         if c.state != old.state:
@@ -54,7 +71,9 @@ class BusService:
     def container_removed(self, c: Container) -> None:
         obj = self._containers.pop(c.id, None)
         if obj is not None:
-            self._bus.unexport(container_path(c.id), obj)
+            path = container_path(c.id)
+            self._bus.unexport(path, obj)
+            self._announce("InterfacesRemoved", "oas", [path, [CONTAINER_INTERFACE]])
         self._interface.ContainerRemoved(c.id, c.name)
 
     def exec_exited(self, e: Exec) -> None:
