@@ -71,10 +71,10 @@ class BusService:
     def container_removed(self, c: Container) -> None:
         obj = self._containers.pop(c.id, None)
         if obj is not None:
-            path = container_path(c.id)
-            self._bus.unexport(path, obj)
-            self._announce("InterfacesRemoved", "oas", [path, [CONTAINER_INTERFACE]])
+            self._bus.unexport(container_path(c.id), obj)
         self._interface.ContainerRemoved(c.id, c.name)
+        if obj is not None:
+            self._announce("InterfacesRemoved", "oas", [container_path(c.id), [CONTAINER_INTERFACE]])
 
     def exec_exited(self, e: Exec) -> None:
         self._interface.ExecExited(e.id, e.container_id, e.exit_code)
