@@ -43,19 +43,21 @@ class BusService:
         return [self._interface]
 
     def export_existing(self) -> None:
+        # Before the name is taken: an object manager client learns of
+        # these from GetManagedObjects once quiltd owns the name.
         for c in self._manager.containers():
             self._export(c)
 
     def container_added(self, c: Container) -> None:
         self._export(c)
+        self._announce("InterfacesAdded", "oa{sa{sv}}",
+                       [container_path(c.id), {CONTAINER_INTERFACE: self._containers[c.id].announced()}])
         self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
 
     def _export(self, c: Container) -> None:
         obj = ContainerInterface(self._manager, c, self._execs)
         self._containers[c.id] = obj
-        path = container_path(c.id)
-        self._bus.export(path, obj)
-        self._announce("InterfacesAdded", "oa{sa{sv}}", [path, {CONTAINER_INTERFACE: obj.announced()}])
+        self._bus.export(container_path(c.id), obj)
 
     def _announce(self, member: str, signature: str, body: list[object]) -> None:
         if self._bus.connected:
