@@ -169,6 +169,31 @@ def finished_usec(c: Container, now: int, boot_now: int | None) -> int:
     return max(now, c.started_usec, c.created_usec)
 
 
+TTL_EXPIRED = "ttl expired"
+# How long a start may take between asking systemd for the scope and
+# recording the container running: an adopted container's scope began at
+# most this long before its StartedUsec.
+START_SLACK_USEC = 5_000_000
+
+
+def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, stopped_by_client: bool) -> bool:
+    """Whether c's exit, seen at boot_now, was systemd ending its scope for ttl_sec (RuntimeMaxSec).
+
+    scope_since is when quiltd asked for the scope (CLOCK_BOOTTIME, µs),
+    no later than when systemd began counting; None for a container
+    adopted from an earlier run of quiltd, whose start is then taken from
+    its record. An exit a client asked for (Stop, or Kill with SIGKILL) is
+    the client's, whenever it came.
+    """
+    if not c.spec.ttl_sec or boot_now is None or stopped_by_client or c.state != State.RUNNING:
+        return False
+    if scope_since is None:
+        if not c.started_boot_usec:
+            return False
+        scope_since = c.started_boot_usec - START_SLACK_USEC
+    return boot_now - scope_since >= c.spec.ttl_sec * 1_000_000
+
+
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
                  netlink: Netlink | None = None, config: Config | None = None) -> None:
@@ -182,6 +207,7 @@ class Manager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
         self._killed_with: dict[str, int] = {}  # signals that end init itself, for the exit code
+        self._scope_since: dict[str, int] = {}  # CLOCK_BOOTTIME µs when each running scope was asked for
         self._exit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
@@ -381,6 +407,7 @@ class Manager:
             # The init builds the root while systemd makes the scope and the
             # veth is made: the three overlap, and GO waits for all of them.
             send_spec(launched, spec)
+            self._scope_since[c.id] = boot_usec()
             scope, veth = await asyncio.gather(
                 self._systemd.start_scope(
                     c.unit, launched.pid,
@@ -397,6 +424,7 @@ class Manager:
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
             failure = await go_and_confirm(launched)
         except Exception as e:
+            self._scope_since.pop(c.id, None)
             if launched is not None:
                 launched.close()  # init reads end of file instead of a spec and exits
                 with contextlib.suppress(Internal):
@@ -407,6 +435,7 @@ class Manager:
             return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
                                 finished_usec=finished_usec(c, now_usec(), None))
         if failure:
+            self._scope_since.pop(c.id, None)
             os.close(launched.pidfd)
             return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
                                 pid_starttime=0, exit_code=127,
@@ -535,7 +564,10 @@ class Manager:
         if c is None or not c.state.is_active:
             return
         # Read once: the record of the exit must not change between retries.
+        by_client = c.id in self._killed_with
         code, reason = self._exit_status(c)
+        if ttl_expired(c, self._scope_since.pop(container_id, None), boot_now, by_client):
+            reason = TTL_EXPIRED
         finished = finished_usec(c, now_usec(), boot_now)
         self.commits.run(f"the exit of container {c.name}",
                          lambda: self._record_exit(container_id, code, reason, finished))

@@ -46,6 +46,7 @@ from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from quiltd.bus.introspection import INTROSPECTOR
 from quiltd.errors import InvalidArgument
 
 log = logging.getLogger("quiltd")
@@ -325,6 +326,21 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
                 self._unmarshaller = self._create_unmarshaller()
         except Exception as e:
             self._finalize(e)
+
+    def _introspect_export_path(self, path: str) -> Any:
+        node = super()._introspect_export_path(path)
+        node.interfaces = [INTROSPECTOR.interface(i) for i in node.interfaces]
+        return node
+
+    # InterfacesAdded and InterfacesRemoved are sent by the object manager
+    # (bus/service.py): dbus-next sent them from the object's own path, where
+    # no ObjectManager client listens, and InterfacesAdded only once every
+    # property was read, after signals sent meanwhile.
+    def _emit_interface_added(self, path: str, interface: Any) -> None:
+        pass
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        pass
 
     def _find_message_handler(self, msg: Message) -> Any:
         if msg.interface == PEER_INTERFACE:

@@ -3,7 +3,8 @@
 """org.quilt.Quilt1.Container: one object per container, its properties and verbs."""
 
 from dbus_next.constants import PropertyAccess
-from dbus_next.service import dbus_property, method
+from dbus_next.service import ServiceInterface, dbus_property, method
+from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
@@ -18,6 +19,10 @@ from quiltd.scopes import Usage
 
 READ = PropertyAccess.READ
 
+# Read live from the container's cgroup (a read that may wait on systemd),
+# never cached here and never announced by PropertiesChanged.
+LIVE = frozenset({"MemoryCurrent", "CPUUsageNSec", "TasksCurrent"})
+
 
 class ContainerInterface(SharedMembersInterface):
     def __init__(self, manager: Manager, container: Container, execs: Execs) -> None:
@@ -28,6 +33,7 @@ class ContainerInterface(SharedMembersInterface):
         # The latest record, kept current by announce_change: property reads
         # cost no query and cannot fail on a container being removed.
         self._record = container
+        self._ip = manager.ip_address(container.id) if manager is not None else ""
 
     def _c(self) -> Container:
         return self._record
@@ -38,9 +44,31 @@ class ContainerInterface(SharedMembersInterface):
         except Exception:
             return None  # a property read must not fail on a scope going away
 
+    def announced(self) -> dict[str, Variant]:
+        """Every property as InterfacesAdded carries it: read now, without waiting.
+
+        The live ones are left out while a process may exist (a reader Gets
+        them, as their EmitsChangedSignal "false" says); otherwise they are
+        0, which is what a Get answers then.
+        """
+        values: dict[str, Variant] = {}
+        for prop in ServiceInterface._get_properties(self):
+            if prop.name in LIVE:
+                if not self._record.state.is_active:
+                    values[prop.name] = Variant(prop.signature, 0)
+                continue
+            values[prop.name] = Variant(prop.signature, prop.prop_getter(self))
+        return values
+
     def announce_change(self, new: Container, old: Container) -> None:
         self._record = new
         changed: dict[str, object] = {}
+        # The address is leased by the first start and kept until removal:
+        # it changes once, from "", and a client's cached copy must follow.
+        ip = self._m.ip_address(self._id)
+        if ip != self._ip:
+            self._ip = ip
+            changed["IPAddress"] = ip
         if new.state != old.state:
             changed["State"] = new.state.value
         if new.pid != old.pid:

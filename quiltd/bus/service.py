@@ -1,15 +1,26 @@
-"""Exports the manager and one object per container, and relays core events as signals."""
+"""Exports the manager and one object per container, and relays core events as signals.
+
+The manager's path is the containers' org.freedesktop.DBus.ObjectManager:
+InterfacesAdded and InterfacesRemoved come from it, as the specification
+says (GLib's ObjectManagerClient listens for them there and nowhere else),
+and are sent here rather than by dbus-next, in the same turn as the export,
+so that a new container is announced before anything else about it and
+gone only after the last signal about it.
+"""
 
 from dbus_next.aio.message_bus import MessageBus
+from dbus_next.message import Message
 
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
-from quiltd.bus.names import MANAGER_PATH, container_path
+from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_PATH, container_path
 from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
 from quiltd.manager import Manager
 from quiltd.model import Container, Exec
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 class BusService:
@@ -32,17 +43,25 @@ class BusService:
         return [self._interface]
 
     def export_existing(self) -> None:
+        # Before the name is taken: an object manager client learns of
+        # these from GetManagedObjects once quiltd owns the name.
         for c in self._manager.containers():
             self._export(c)
 
     def container_added(self, c: Container) -> None:
         self._export(c)
+        self._announce("InterfacesAdded", "oa{sa{sv}}",
+                       [container_path(c.id), {CONTAINER_INTERFACE: self._containers[c.id].announced()}])
         self._interface.ContainerStateChanged(c.id, c.name, c.state.value, c.exit_code)
 
     def _export(self, c: Container) -> None:
         obj = ContainerInterface(self._manager, c, self._execs)
         self._containers[c.id] = obj
         self._bus.export(container_path(c.id), obj)
+
+    def _announce(self, member: str, signature: str, body: list[object]) -> None:
+        if self._bus.connected:
+            self._bus.send(Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, member, signature, body))
 
     def container_changed(self, c: Container, old: Container) -> None:
         if c.state != old.state:
@@ -56,6 +75,8 @@ class BusService:
         if obj is not None:
             self._bus.unexport(container_path(c.id), obj)
         self._interface.ContainerRemoved(c.id, c.name)
+        if obj is not None:
+            self._announce("InterfacesRemoved", "oas", [container_path(c.id), [CONTAINER_INTERFACE]])
 
     def exec_exited(self, e: Exec) -> None:
         self._interface.ExecExited(e.id, e.container_id, e.exit_code)
