@@ -30,7 +30,8 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BUS = ("org.quilt.Quilt1", "/org/quilt/Quilt1", "org.quilt.Quilt1.Manager")
 TARBALL = "/var/tmp/quilt-docs-busybox.tar.gz"
 # The image paths the docs use, all the same busybox rootfs.
-IMAGE_PATHS = ("/srv/busybox-rootfs.tar.gz", "/srv/images/busybox-rootfs.tar.gz", "/srv/busybox.tar.gz")
+IMAGE_PATHS = ("/srv/busybox-rootfs.tar.gz", "/srv/images/busybox-rootfs.tar.gz", "/srv/busybox.tar.gz",
+               "/var/tmp/big.tar")
 PATH = f"{REPO}/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Commands that follow until interrupted: run for a while, then stopped as a user would.
 FOLLOWS = ("journalctl -f ", "busctl monitor ", "quiltctl logs -f ")
