@@ -7,7 +7,7 @@ their D-Bus names.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ OPTION_TYPES = {
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
     "publish": "a(qqs)",
     "disk_max": "t", "user": "s", "userns": "b",
-    "nested_userns": "b",
+    "nested_userns": "b", "entrypoint": "as",
 }
 
 # The D-Bus type of each Exec / ExecStart option.
@@ -78,9 +78,10 @@ class QuiltClient:
             raise _ERRORS.get(reply.error_name, errors.QuiltError)(f"{reply.error_name}: {text}")
         return list(reply.body)
 
-    async def create(self, name: str, image: str, command: list[str], **options: Any) -> tuple[str, str]:
-        variants = {k: Variant(OPTION_TYPES[k], v) for k, v in options.items()}
-        cid, path = await self.call("CreateContainer", "ssasa{sv}", name, image, command, variants)
+    async def create(self, name: str, image: str, command: Sequence[str], **options: Any) -> tuple[str, str]:
+        """Creates a container; a struct option (publish, mounts, tmpfs, volumes) takes tuples or lists."""
+        variants = {k: variant(OPTION_TYPES[k], v) for k, v in options.items()}
+        cid, path = await self.call("CreateContainer", "ssasa{sv}", name, image, list(command), variants)
         return cid, path
 
     async def start(self, ref: str) -> None:
@@ -166,25 +167,26 @@ class QuiltClient:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}
 
-    async def exec(self, ref: str, command: list[str], **options: Any) -> tuple[int, bytes, bytes]:
-        code, out, err = await self.call("Exec", "sasa{sv}", ref, command, _exec_options(options))
+    async def exec(self, ref: str, command: Sequence[str], **options: Any) -> tuple[int, bytes, bytes]:
+        code, out, err = await self.call("Exec", "sasa{sv}", ref, list(command), _exec_options(options))
         return code, bytes(out), bytes(err)
 
     async def exec_ex(
-        self, ref: str, command: list[str], **options: Any
+        self, ref: str, command: Sequence[str], **options: Any
     ) -> tuple[int, bytes, bytes, dict[str, Any]]:
-        code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, command, _exec_options(options))
+        code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, list(command),
+                                               _exec_options(options))
         return code, bytes(out), bytes(err), {k: v.value for k, v in info.items()}
 
-    async def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+    async def exec_with_fds(self, ref: str, command: Sequence[str], stdin: int, stdout: int, stderr: int,
                             **options: Any) -> int:
         """Runs command on (the daemon's copies of) these descriptors; returns its exit code."""
-        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, command, _exec_options(options), 0, 1, 2,
-                                  unix_fds=[stdin, stdout, stderr])
+        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, list(command), _exec_options(options),
+                                  0, 1, 2, unix_fds=[stdin, stdout, stderr])
         return int(code)
 
-    async def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
-        (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, command, _exec_options(options))
+    async def exec_start(self, ref: str, command: Sequence[str], **options: Any) -> str:
+        (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, list(command), _exec_options(options))
         return str(exec_id)
 
     async def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
@@ -259,12 +261,28 @@ class QuiltClient:
 LOG_OPTION_TYPES = {"since_usec": "t", "tail": "u", "stream": "s", "exec_id": "s"}
 
 
+def _plain(value: Any) -> Any:
+    """value as dbus-next marshals it: every tuple or list a list, every bytes-like bytes, at any depth."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def variant(signature: str, value: Any) -> Variant:
+    """A Variant of value, whose structs and arrays may be tuples or lists (dbus-next wants lists)."""
+    return Variant(signature, _plain(value))
+
+
 def _log_options(options: dict[str, Any]) -> dict[str, Variant]:
-    return {k: Variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
+    return {k: variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
 def _exec_options(options: dict[str, Any]) -> dict[str, Variant]:
-    return {k: Variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
+    return {k: variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -332,7 +350,7 @@ class Quilt:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
 
-    def create(self, name: str, image: str, command: list[str], **options: Any) -> str:
+    def create(self, name: str, image: str, command: Sequence[str], **options: Any) -> str:
         """Creates (and, unless start=False, starts) a container; returns its id."""
         container_id, _ = self._run(self._client.create(name, image, command, **options))
         return container_id
@@ -361,16 +379,16 @@ class Quilt:
     def containers(self, **filters: Any) -> list[ContainerSummary]:
         return [ContainerSummary(*row) for row in self._run(self._client.list_containers(**filters))]
 
-    def exec(self, ref: str, command: list[str], **options: Any) -> ExecResult:
+    def exec(self, ref: str, command: Sequence[str], **options: Any) -> ExecResult:
         return ExecResult(*self._run(self._client.exec(ref, command, **options)))
 
-    def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
+    def exec_start(self, ref: str, command: Sequence[str], **options: Any) -> str:
         return self._run(self._client.exec_start(ref, command, **options))
 
     def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         return self._run(self._client.exec_wait(exec_id, timeout_usec))
 
-    def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+    def exec_with_fds(self, ref: str, command: Sequence[str], stdin: int, stdout: int, stderr: int,
                       **options: Any) -> int:
         return self._run(self._client.exec_with_fds(ref, command, stdin, stdout, stderr, **options))
 

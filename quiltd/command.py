@@ -60,6 +60,8 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
         environ = dict(item.split("=", 1) for item in env)
         if user:
             _switch_user(user, environ)
+        else:
+            _set_home(_root(), environ)
         try:
             os.chdir(workdir)
         except OSError as e:
@@ -82,11 +84,23 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
 
 def _switch_user(user: str, env: dict[str, str]) -> None:
     account = _account(user)
-    if account.home and "HOME" not in env:
-        env["HOME"] = account.home
+    _set_home(account, env)
     os.setgroups(list(account.groups))
     os.setgid(account.gid)
     os.setuid(account.uid)
+
+
+def _set_home(account: accounts.Account, env: dict[str, str]) -> None:
+    # As docker does: the entry's home, "/" for a user without one, unless
+    # the environment sets HOME already.
+    env.setdefault("HOME", account.home or "/")
+
+
+def _root() -> accounts.Account:
+    try:
+        return accounts.resolve("0")
+    except accounts.UnknownUser:  # root's entry has an odd id: root all the same
+        return accounts.Account(0, 0, (0,), "")
 
 
 def _account(user: str) -> accounts.Account:
@@ -108,9 +122,10 @@ def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
     try:
         if user:
             account = _account(user)
-            if account.home and "HOME" not in environ:
-                environ["HOME"] = account.home
+            _set_home(account, environ)
             ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+        else:
+            _set_home(_root(), environ)
         # close_fds leaves the child nothing of init's but stdio; restore_signals
         # gives it SIGPIPE and SIGXFSZ back (Python ignores them).
         return subprocess.Popen(list(argv), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], cwd=workdir,

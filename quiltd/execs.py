@@ -74,7 +74,7 @@ BACKGROUND_KEYS = frozenset({"env", "workdir", "user", "timeout_sec"})
 class ExecOptions:
     env: tuple[str, ...] = ()  # NAME=value entries over the container's environment
     workdir: str = ""  # "" is the container's workdir
-    user: str = ""  # "" is root
+    user: str = ""  # "" is the container's user (its user option, else the image's User, else root)
     timeout_sec: int = 0
     stdin: bytes = b""
     max_output: int = DEFAULT_MAX_OUTPUT
@@ -156,6 +156,20 @@ def merged_env(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]
     env = {item.split("=", 1)[0]: item for item in base}
     env.update({item.split("=", 1)[0]: item for item in extra})
     return tuple(env.values())
+
+
+def exec_env(c: Container, o: ExecOptions) -> tuple[str, ...]:
+    """An exec's environment: the container's, with the exec's env option over it.
+
+    HOME follows the user, as with docker exec: the container's HOME is
+    kept for an exec that runs as the container's user, and dropped for one
+    that runs as another, which init then gives the home its entry in the
+    container's /etc/passwd names. HOME in the env option always wins.
+    """
+    env = merged_env(c.spec.env, o.env)
+    if o.user and o.user != c.spec.user and not any(item.startswith("HOME=") for item in o.env):
+        env = tuple(item for item in env if not item.startswith("HOME="))
+    return env
 
 
 class Execs:
@@ -387,8 +401,8 @@ class Execs:
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
         exec_id = secrets.token_hex(8)
         request = ExecRequest(
-            exec_id=exec_id, command=argv, env=merged_env(c.spec.env, o.env),
-            workdir=o.workdir or c.spec.workdir, user=o.user, timeout_sec=o.timeout_sec, background=not stdio,
+            exec_id=exec_id, command=argv, env=exec_env(c, o), workdir=o.workdir or c.spec.workdir,
+            user=o.user or c.spec.user, timeout_sec=o.timeout_sec, background=not stdio,
         ).encode()
         if len(request) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")

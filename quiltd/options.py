@@ -32,6 +32,7 @@ KNOWN_OPTIONS = frozenset({
     "mounts", "tmpfs",  # checked by mountopts
     "volumes",  # checked by volumes
     "disk_max", "user", "userns", "nested_userns",
+    "entrypoint",  # checked by imagedefaults, which knows the image's
 })
 PROTOCOLS = ("tcp", "udp")
 
