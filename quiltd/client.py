@@ -7,6 +7,8 @@ their D-Bus names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ OPTION_TYPES = {
 # The D-Bus type of each Exec / ExecStart option.
 EXEC_OPTION_TYPES = {
     "env": "as", "workdir": "s", "user": "s", "timeout_sec": "u", "stdin": "ay", "max_output": "t",
+    "rows": "q", "cols": "q",
 }
 
 _ERRORS: dict[str, type[errors.QuiltError]] = {
@@ -68,15 +71,24 @@ class QuiltClient:
     async def call(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
                    interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
                    unix_fds: list[int] | None = None) -> list[Any]:
+        reply = await self.call_reply(member, signature, *args, path=path, interface=interface,
+                                      destination=destination, unix_fds=unix_fds)
+        return list(reply.body)
+
+    async def call_reply(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
+                         interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
+                         unix_fds: list[int] | None = None) -> Message:
+        """The reply itself: its unix_fds are the descriptors it brought, which the caller then owns."""
         reply = await self.bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
             signature=signature, body=list(args), unix_fds=unix_fds or [],
         ))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
+            _close_all(reply.unix_fds)
             text = reply.body[0] if reply.body else reply.error_name
             raise _ERRORS.get(reply.error_name, errors.QuiltError)(f"{reply.error_name}: {text}")
-        return list(reply.body)
+        return reply
 
     async def create(self, name: str, image: str, command: Sequence[str], **options: Any) -> tuple[str, str]:
         """Creates a container; a struct option (publish, mounts, tmpfs, volumes) takes tuples or lists."""
@@ -189,6 +201,23 @@ class QuiltClient:
         (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, list(command), _exec_options(options))
         return str(exec_id)
 
+    async def exec_with_pty(self, ref: str, command: Sequence[str], **options: Any) -> tuple[str, int]:
+        """Starts command on a pseudo-terminal of the container: (exec id, the terminal's master).
+
+        The master is yours to close: read the command's output from it,
+        write its input, set its size with TIOCSWINSZ (ptys.set_size). Options
+        are ExecStart's and rows, cols: its first size. Its end: exec_wait.
+        """
+        reply = await self.call_reply("ExecWithPty", "sasa{sv}", ref, list(command), _exec_options(options))
+        fds = list(reply.unix_fds)
+        exec_id, index = reply.body
+        if not 0 <= index < len(fds):
+            _close_all(fds)
+            raise errors.QuiltError("ExecWithPty answered without the terminal (does the connection pass "
+                                    "descriptors?)")
+        _close_all([fd for i, fd in enumerate(fds) if i != index])
+        return str(exec_id), fds[index]
+
     async def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         state, code = await self.call("ExecWait", "st", exec_id, timeout_usec)
         return state, code
@@ -285,6 +314,12 @@ def _exec_options(options: dict[str, Any]) -> dict[str, Variant]:
     return {k: variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Polls a condition a client observes through signals; for tests and tools."""
     loop = asyncio.get_running_loop()
@@ -317,6 +352,15 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+
+
+@dataclass(frozen=True)
+class ExecSummary:
+    id: str
+    state: str
+    command: list[str]
+    exit_code: int
+    created_usec: int
 
 
 @dataclass(frozen=True)
@@ -387,6 +431,17 @@ class Quilt:
 
     def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         return self._run(self._client.exec_wait(exec_id, timeout_usec))
+
+    def exec_with_pty(self, ref: str, command: Sequence[str], **options: Any) -> tuple[str, int]:
+        """(exec id, master of its terminal): see QuiltClient.exec_with_pty."""
+        return self._run(self._client.exec_with_pty(ref, command, **options))
+
+    def exec_kill(self, exec_id: str, signal: int) -> None:
+        self._run(self._client.exec_kill(exec_id, signal))
+
+    def list_execs(self, ref: str) -> list[ExecSummary]:
+        return [ExecSummary(row[0], row[1], list(row[2]), row[3], row[4])
+                for row in self._run(self._client.list_execs(ref))]
 
     def exec_with_fds(self, ref: str, command: Sequence[str], stdin: int, stdout: int, stderr: int,
                       **options: Any) -> int:

@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from quiltd import accounts, linux, security
+from quiltd import accounts, linux, ptys, security
 from quiltd.execproto import FAILURE_EXEC, FAILURE_USER
 
 # Init passes on to the command every signal it can catch, except those the
@@ -111,11 +111,12 @@ def _account(user: str) -> accounts.Account:
 
 
 def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
-          stdio: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+          stdio: tuple[int, int, int], terminal: bool = False) -> subprocess.Popen[bytes]:
     """From init, once restricted: starts an exec in a new session; SpawnFailed says why not.
 
-    The caller reaps the process (init reaps every child) and must then set
-    its returncode.
+    With terminal, stdio is the peer of a pty (see ptys), which becomes the
+    session's controlling terminal. The caller reaps the process (init reaps
+    every child) and must then set its returncode.
     """
     environ = dict(item.split("=", 1) for item in env)
     ids: dict[str, Any] = {}
@@ -124,8 +125,17 @@ def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
             account = _account(user)
             _set_home(account, environ)
             ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+            if terminal:
+                # The terminal is the user's, as login makes it: tools that
+                # open it by its name (or check its owner) work.
+                with contextlib.suppress(OSError):
+                    os.fchown(stdio[0], account.uid, -1)
         else:
             _set_home(_root(), environ)
+        if terminal:
+            # The one exec that runs Python in its child (so it forks, not
+            # vforks): nothing else can make a terminal the controlling one.
+            ids["preexec_fn"] = ptys.take_as_controlling_terminal
         # close_fds leaves the child nothing of init's but stdio; restore_signals
         # gives it SIGPIPE and SIGXFSZ back (Python ignores them).
         return subprocess.Popen(list(argv), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], cwd=workdir,

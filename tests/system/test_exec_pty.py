@@ -1,0 +1,123 @@
+"""ExecWithPty: a command on a pseudo-terminal of the container, its master in the client's hands."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Any
+
+import pytest
+
+from quiltd import errors, ptys
+from tests.system.conftest import eventually, run
+from tests.system.test_quiltctl import QUILTCTL, ctl
+
+pytestmark = pytest.mark.system
+
+
+def read_until(fd: int, want: bytes, timeout: float = 10.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while want not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want!r} in {data!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the terminal has no process any more
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def _running(q: Any, name: str, **options: Any) -> None:
+    await q.create(name, "busybox", ["sleep", "1000"], **options)
+
+    async def up() -> bool:
+        return bool((await q.info(name))["State"] == "running")
+
+    await eventually(up)
+
+
+def test_a_shell_on_a_pty_of_the_container(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, user="nobody")
+            exec_id, master = await q.exec_with_pty(name, ["sh"], rows=24, cols=80, env=["PS1=$ "])
+            try:
+                # The terminal is the container's: its devpts, not the host's.
+                devpts = (await q.exec(name, ["stat", "-c", "%d", "/dev/pts/ptmx"]))[1]
+                assert os.fstat(master).st_dev == int(devpts)
+                assert os.fstat(master).st_dev != os.stat("/dev/ptmx", follow_symlinks=True).st_dev
+                # Each marker is made by the shell, so the echo of what we typed cannot match it.
+                os.write(master, b"tty; stty size; id -u; test -t 0 && echo is-a-$((1+1))tty\n")
+                out = read_until(master, b"is-a-2tty")
+                assert b"/dev/pts/0" in out and b"24 80" in out and b"65534" in out, out
+                # Resized from our side: the command sees it.
+                ptys.set_size(master, 30, 100)
+                os.write(master, b"stty size | tr ' ' x\n")
+                assert b"30x100" in read_until(master, b"30x100")
+                # Ctrl-C reaches its foreground job through the terminal's line discipline.
+                os.write(master, b"sleep 100\n")
+                time.sleep(0.3)
+                os.write(master, b"\x03")
+                os.write(master, b"echo after-$?-$((1))\n")
+                assert b"after-130-1" in read_until(master, b"after-130-1")
+                assert [e[0] for e in await q.list_execs(name) if e[1] == "running"] == [exec_id]
+                os.write(master, b"exit 3\n")
+                assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 3)
+            finally:
+                os.close(master)
+            # Closing the master hangs the terminal up: a command left on it ends.
+            exec_id, master = await q.exec_with_pty(name, ["sleep", "1000"])
+            os.close(master)
+            state, code = await q.exec_wait(exec_id, 10_000_000)
+            assert state == "exited" and code == 128 + 1  # SIGHUP
+            await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_pty_bad_input_gets_named_errors(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name)
+            with pytest.raises(errors.InvalidArgument, match="no user 'ghost'"):
+                await q.exec_with_pty(name, ["sh"], user="ghost")
+            with pytest.raises(errors.ExecFailed, match="no-such-program"):
+                await q.exec_with_pty(name, ["no-such-program"])
+            with pytest.raises(errors.InvalidArgument, match="unknown exec option"):
+                await q.exec_with_pty(name, ["sh"], stdin=b"x")
+            with pytest.raises(errors.InvalidArgument, match="empty"):
+                await q.exec_with_pty(name, [])
+            # Nothing was left behind, and the daemon holds no terminal.
+            assert await q.list_execs(name) == []
+            await q.stop(name, 0)
+            with pytest.raises(errors.InvalidState):
+                await q.exec_with_pty(name, ["sh"])
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_quiltctl_exec_t_gives_the_command_a_terminal(sandbox: Any, busybox_image: str, name: str) -> None:
+    ctl(sandbox, "run", "-d", "--name", name, "busybox", "sleep", "1000")
+    try:
+        deadline = time.monotonic() + 10
+        while ctl(sandbox, "exec", name, "true", check=False).returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # script(1) gives quiltctl a terminal of 40x120, as a person's would be.
+        inner = f"stty rows 40 cols 120; {QUILTCTL} exec -it {name} sh -c 'tty; stty size; exit 5'"
+        result = sandbox.run(["script", "-qec", inner, "/dev/null"], check=False)
+        out = result.stdout.replace(b"\r", b"")
+        assert b"/dev/pts/0\n40 120\n" in out, out
+        assert result.returncode == 5
+        # Without a terminal of ours, -t still gives the command one.
+        result = ctl(sandbox, "exec", "-t", name, "sh", "-c", "test -t 1 && echo tty-out")
+        assert result.stdout.replace(b"\r", b"") == b"tty-out\n"
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
