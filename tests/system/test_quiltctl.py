@@ -235,3 +235,47 @@ def test_volume_and_network_verbs(sandbox: Any, busybox_image: str, name: str) -
     assert network not in ctl(sandbox, "network", "ls").stdout.decode()
     missing = ctl(sandbox, "network", "rm", network, check=False)
     assert missing.returncode != 0 and network in missing.stderr.decode()
+
+
+def test_run_the_images_command_with_podman_flags(sandbox: Any, busybox_image: str, name: str) -> None:
+    env_file = "/var/tmp/quilt-env-" + secrets.token_hex(3)
+    sandbox.host_path(env_file).write_text("# comment\nFROM_FILE=yes\nSHARED=file\n")
+    try:
+        # The entrypoint as a program, the command as its arguments; -u, -w, -e over --env-file.
+        result = ctl(sandbox, "run", "--rm", "--entrypoint", "/bin/sh", "-u", "nobody", "-w", "/tmp",
+                     "--env-file", env_file, "-e", "SHARED=flag", "busybox",
+                     "-c", 'echo "$FROM_FILE $SHARED $(id -u) $(pwd)"')
+        assert result.stdout == b"yes flag 65534 /tmp\n"
+        # A JSON entrypoint; -p forwards a port (the container's record shows it).
+        ctl(sandbox, "create", "--name", name, "-p", "18080:80", "-p", "18053:53/udp",
+            "--entrypoint", '["sh", "-c"]', "busybox", "echo hi")
+        info = json.loads(ctl(sandbox, "inspect", name).stdout)[0]
+        assert info["Command"] == ["sh", "-c", "echo hi"]
+        assert info["Publish"] == [[18080, 80, "tcp"], [18053, 53, "udp"]]
+        ctl(sandbox, "rm", name)
+        # No command with an image that has none: a named error, not a usage error.
+        result = ctl(sandbox, "run", "--rm", "busybox", check=False)
+        assert result.returncode == 125 and b"no Entrypoint or Cmd" in result.stderr
+        bad = ctl(sandbox, "run", "-p", "80", "busybox", "true", check=False)
+        assert bad.returncode == 2 and b"HOSTPORT:CONTAINERPORT" in bad.stderr
+    finally:
+        sandbox.host_path(env_file).unlink()
+
+
+def test_background_execs_from_the_command_line(sandbox: Any, busybox_image: str, name: str) -> None:
+    _run_detached(sandbox, name, "sleep", "1000")
+    try:
+        quick = ctl(sandbox, "exec", "-d", "-e", "CODE=4", name, "sh", "-c", "exit $CODE").stdout
+        quick = quick.decode().strip()
+        slow = ctl(sandbox, "exec", "-d", "-u", "nobody", name, "sleep", "1000").stdout.decode().strip()
+        assert ctl(sandbox, "exec-wait", quick).stdout == b"4\n"
+        rows = {r["id"]: r for r in json.loads(ctl(sandbox, "execs", "--json", name).stdout)}
+        assert rows[slow]["state"] == "running" and rows[slow]["command"] == ["sleep", "1000"]
+        assert (rows[quick]["state"], rows[quick]["exit_code"]) == ("exited", 4)
+        assert slow in ctl(sandbox, "execs", name).stdout.decode()
+        ctl(sandbox, "exec-kill", "-s", "TERM", slow)
+        assert ctl(sandbox, "exec-wait", slow).stdout == b"143\n"
+        missing = ctl(sandbox, "exec-wait", "0123456789abcdef", check=False)
+        assert missing.returncode == 1 and b"(NoSuchExec)" in missing.stderr
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
