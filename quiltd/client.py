@@ -470,3 +470,9 @@ class Quilt:
 
     def remove_image(self, name: str) -> None:
         self._run(self._client.remove_image(name))
+
+    def create_volume(self, name: str) -> None:
+        self._run(self._client.create_volume(name))
+
+    def remove_volume(self, name: str) -> None:
+        self._run(self._client.remove_volume(name))
