@@ -46,7 +46,7 @@ def test_a_shell_on_a_pty_of_the_container(quilt: Any, name: str) -> None:
     async def scenario() -> None:
         async with quilt() as q:
             await _running(q, name, user="nobody")
-            exec_id, master = await q.exec_with_pty(name, ["sh"], rows=24, cols=80, env=["PS1=$ "])
+            exec_id, master = await q.exec_with_pty(name, ["sh"], rows=24, cols=80)
             try:
                 # The terminal is the container's: its devpts, not the host's.
                 devpts = (await q.exec(name, ["stat", "-c", "%d", "/dev/pts/ptmx"]))[1]

@@ -279,3 +279,31 @@ def test_background_execs_from_the_command_line(sandbox: Any, busybox_image: str
         assert missing.returncode == 1 and b"(NoSuchExec)" in missing.stderr
     finally:
         ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def test_the_documented_podman_habits_run_as_written(sandbox: Any, busybox_image: str) -> None:
+    text = (REPO / "docs/quiltctl.md").read_text()
+    block = text.split("These are run as written by the test suite:\n\n```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    path = f"{REPO / '.venv/bin'}:/usr/sbin:/usr/bin:/sbin:/bin"
+    outputs = []
+    try:
+        for i, line in enumerate(lines):
+            if line.startswith("quiltctl exec agent"):  # the container may still be starting
+                deadline = time.monotonic() + 10
+                while sandbox.run(["env", f"PATH={path}", "sh", "-c", "quiltctl exec agent true"],
+                                  check=False).returncode:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            result = sandbox.run(["env", f"PATH={path}", "sh", "-c", line], check=False)
+            assert result.returncode == 0, (line, result.stderr)
+            outputs.append(result.stdout.decode())
+            if i == 3:
+                exec_id = result.stdout.decode().strip()
+                assert sandbox.run(["env", f"PATH={path}", "quiltctl", "exec-wait", exec_id]).stdout == b"3\n"
+    finally:
+        ctl(sandbox, "rm", "-f", "agent", check=False)
+    assert outputs[1] == "65534\n"  # the container's user
+    assert outputs[2] == "test /tmp 0\n"
+    assert "exited" in outputs[4] and "sh -c exit 3" in outputs[4]
+    assert outputs[5] == "hello\n"
