@@ -230,6 +230,8 @@ class InitLoop:
         if len(fds) != (0 if request.background else 3):
             raise ValueError(f"an exec takes 3 descriptors or none, got {len(fds)}")
         if request.pty:
+            if not request.background:
+                raise ValueError("a pty exec is a background one")
             self._start_on_pty(conn, request)
             return
         relay: dict[int, int] = {}

@@ -11,6 +11,7 @@ import pytest
 
 from quiltd import errors, ptys
 from tests.system.conftest import eventually, run
+from tests.system.test_daemon_faults import fd_count, main_pid
 from tests.system.test_quiltctl import QUILTCTL, ctl
 
 pytestmark = pytest.mark.system
@@ -81,10 +82,21 @@ def test_a_shell_on_a_pty_of_the_container(quilt: Any, name: str) -> None:
     run(scenario())
 
 
-def test_pty_bad_input_gets_named_errors(quilt: Any, name: str) -> None:
+def test_pty_bad_input_gets_named_errors_and_the_daemon_keeps_no_terminal(sandbox: Any, quilt: Any,
+                                                                          name: str) -> None:
     async def scenario() -> None:
         async with quilt() as q:
             await _running(q, name)
+            pid = main_pid(sandbox)
+            before = fd_count(sandbox, pid)
+            # Ended every way: exited, hung up by our close, killed with the container below.
+            for _ in range(10):
+                exec_id, master = await q.exec_with_pty(name, ["true"])
+                assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 0)
+                os.close(master)
+                exec_id, master = await q.exec_with_pty(name, ["sleep", "100"])
+                os.close(master)
+                assert (await q.exec_wait(exec_id, 10_000_000))[1] == 129
             with pytest.raises(errors.InvalidArgument, match="no user 'ghost'"):
                 await q.exec_with_pty(name, ["sh"], user="ghost")
             with pytest.raises(errors.ExecFailed, match="no-such-program"):
@@ -94,8 +106,12 @@ def test_pty_bad_input_gets_named_errors(quilt: Any, name: str) -> None:
             with pytest.raises(errors.InvalidArgument, match="empty"):
                 await q.exec_with_pty(name, [])
             # Nothing was left behind, and the daemon holds no terminal.
-            assert await q.list_execs(name) == []
+            assert all(e[1] == "exited" for e in await q.list_execs(name))
+            assert fd_count(sandbox, pid) == before
+            kept = await q.exec_with_pty(name, ["sleep", "100"])
             await q.stop(name, 0)
+            assert await q.exec_wait(kept[0], 10_000_000) == ("exited", 137)
+            os.close(kept[1])
             with pytest.raises(errors.InvalidState):
                 await q.exec_with_pty(name, ["sh"])
             await q.remove(name)
