@@ -36,7 +36,11 @@ def _our_size() -> tuple[int, int] | None:
 
 
 def _copy_out(master: int, out: int) -> None:
-    """The terminal's output to ours, until the command (and all that holds its terminal) is gone."""
+    """The terminal's output to ours, until the command (and all that holds its terminal) is gone.
+
+    master is this thread's own copy, closed at the end: the caller may
+    stop waiting for it and close its own.
+    """
     try:
         while True:
             try:
@@ -50,6 +54,8 @@ def _copy_out(master: int, out: int) -> None:
                 view = view[os.write(out, view):]
     except OSError:
         return
+    finally:
+        os.close(master)
 
 
 async def run(q: QuiltClient, ref: str, command: list[str], options: dict[str, Any], interactive: bool,
@@ -67,11 +73,11 @@ async def run(q: QuiltClient, ref: str, command: list[str], options: dict[str, A
     try:
         if interactive and os.isatty(0):
             saved = termios.tcgetattr(0)
-            tty.setraw(0)
+            tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: what was typed ahead goes to the command
         if interactive:
             # Not waited for: it may sit in a read of our stdin when the command is done.
             ctlstreams.start(ctlstreams.pump, os.dup(0), os.dup(master), True)
-        output = ctlstreams.start(_copy_out, master, sys.stdout.fileno())
+        output = ctlstreams.start(_copy_out, os.dup(master), sys.stdout.fileno())
 
         def resize() -> None:
             now = _our_size()

@@ -130,10 +130,32 @@ def test_quiltctl_exec_t_gives_the_command_a_terminal(sandbox: Any, busybox_imag
         inner = f"stty rows 40 cols 120; {QUILTCTL} exec -it {name} sh -c 'tty; stty size; exit 5'"
         result = sandbox.run(["script", "-qec", inner, "/dev/null"], check=False)
         out = result.stdout.replace(b"\r", b"")
-        assert b"/dev/pts/0\n40 120\n" in out, out
+        # (script echoes what it reads from its own stdin, at a moment of its choosing: lines, not a block.)
+        assert b"/dev/pts/0\n" in out and b"40 120\n" in out, out
         assert result.returncode == 5
+        # Typed input reaches an interactive shell, and its exit code comes back.
+        inner = f"{QUILTCTL} exec -it -u nobody {name} sh -c 'read x; echo got-$x-$(id -u); exit 4'"
+        typed = sandbox.run(["script", "-qec", inner, "/dev/null"], check=False, input=b"typed\n")
+        assert b"got-typed-65534" in typed.stdout and typed.returncode == 4, typed
         # Without a terminal of ours, -t still gives the command one.
         result = ctl(sandbox, "exec", "-t", name, "sh", "-c", "test -t 1 && echo tty-out")
         assert result.stdout.replace(b"\r", b"") == b"tty-out\n"
     finally:
         ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def test_a_pty_in_a_user_namespace_container(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            await _running(q, name, userns=True)
+            exec_id, master = await q.exec_with_pty(name, ["sh", "-c", "tty; stat -c %u:%g $(tty); id -u"],
+                                                    user="nobody")
+            try:
+                out = read_until(master, b"65534\r\n65534")
+                assert b"/dev/pts/0\r\n65534:5\r\n65534" in out, out  # the user's, group tty
+                assert await q.exec_wait(exec_id, 10_000_000) == ("exited", 0)
+            finally:
+                os.close(master)
+            await q.remove(name, force=True)
+
+    run(scenario())
