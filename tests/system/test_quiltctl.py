@@ -258,6 +258,10 @@ def test_run_the_images_command_with_podman_flags(sandbox: Any, busybox_image: s
         assert result.returncode == 125 and b"no Entrypoint or Cmd" in result.stderr
         bad = ctl(sandbox, "run", "-p", "80", "busybox", "true", check=False)
         assert bad.returncode == 2 and b"HOSTPORT:CONTAINERPORT" in bad.stderr
+        bad = ctl(sandbox, "run", "--env-file", "/var/tmp/no-such-env-file", "busybox", "true", check=False)
+        assert bad.returncode == 2 and b"--env-file /var/tmp/no-such-env-file" in bad.stderr
+        bad = ctl(sandbox, "run", "--entrypoint", "[1]", "busybox", check=False)
+        assert bad.returncode == 2 and b"invalid entrypoint" in bad.stderr
     finally:
         sandbox.host_path(env_file).unlink()
 
@@ -277,6 +281,13 @@ def test_background_execs_from_the_command_line(sandbox: Any, busybox_image: str
         assert ctl(sandbox, "exec-wait", slow).stdout == b"143\n"
         missing = ctl(sandbox, "exec-wait", "0123456789abcdef", check=False)
         assert missing.returncode == 1 and b"(NoSuchExec)" in missing.stderr
+        for how in (["-d"], ["-t"], []):
+            ghost = ctl(sandbox, "exec", *how, "-u", "ghost", name, "true", check=False)
+            assert ghost.returncode == 125 and b"no user 'ghost'" in ghost.stderr, ghost
+        bad_env = ctl(sandbox, "exec", "-d", "-e", "1X=y", name, "true", check=False)
+        assert bad_env.returncode == 125 and b"(InvalidArgument)" in bad_env.stderr
+        nowhere = ctl(sandbox, "exec", "-w", "/nowhere", name, "true", check=False)
+        assert nowhere.returncode == 127 and b"workdir /nowhere" in nowhere.stderr
     finally:
         ctl(sandbox, "rm", "-f", name, check=False)
 
