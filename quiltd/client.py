@@ -7,7 +7,9 @@ their D-Bus names.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import os
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,12 +30,13 @@ OPTION_TYPES = {
     "start": "b", "mounts": "a(ssb)", "tmpfs": "a(st)", "volumes": "a(ssb)",
     "publish": "a(qqs)",
     "disk_max": "t", "user": "s", "userns": "b", "log_rate_burst": "t", "log_rate_interval_sec": "t",
-    "nested_userns": "b",
+    "nested_userns": "b", "entrypoint": "as",
 }
 
 # The D-Bus type of each Exec / ExecStart option.
 EXEC_OPTION_TYPES = {
     "env": "as", "workdir": "s", "user": "s", "timeout_sec": "u", "stdin": "ay", "max_output": "t",
+    "rows": "q", "cols": "q",
 }
 
 # How long a call may go unanswered before the client gives up (NoReply):
@@ -84,6 +87,14 @@ class QuiltClient:
                    interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
                    unix_fds: list[int] | None = None, timeout: float | None = _DEFAULT) -> list[Any]:
         """One method call; timeout in seconds, None for none, default: what fits the member."""
+        reply = await self.call_reply(member, signature, *args, path=path, interface=interface,
+                                      destination=destination, unix_fds=unix_fds, timeout=timeout)
+        return list(reply.body)
+
+    async def call_reply(self, member: str, signature: str = "", *args: Any, path: str = MANAGER_PATH,
+                         interface: str = MANAGER_INTERFACE, destination: str = BUS_NAME,
+                         unix_fds: list[int] | None = None, timeout: float | None = _DEFAULT) -> Message:
+        """The reply itself: its unix_fds are the descriptors it brought, which the caller then owns."""
         if timeout == _DEFAULT:
             timeout = None if member in UNBOUNDED else self.timeout
         pending = self.bus.call(Message(
@@ -105,13 +116,15 @@ class QuiltClient:
                 from None
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
+            _close_all(reply.unix_fds)
             text = reply.body[0] if reply.body else reply.error_name
             raise _ERRORS.get(reply.error_name, errors.QuiltError)(f"{reply.error_name}: {text}")
-        return list(reply.body)
+        return reply
 
-    async def create(self, name: str, image: str, command: list[str], **options: Any) -> tuple[str, str]:
-        variants = {k: Variant(OPTION_TYPES[k], v) for k, v in options.items()}
-        cid, path = await self.call("CreateContainer", "ssasa{sv}", name, image, command, variants)
+    async def create(self, name: str, image: str, command: Sequence[str], **options: Any) -> tuple[str, str]:
+        """Creates a container; a struct option (publish, mounts, tmpfs, volumes) takes tuples or lists."""
+        variants = {k: variant(OPTION_TYPES[k], v) for k, v in options.items()}
+        cid, path = await self.call("CreateContainer", "ssasa{sv}", name, image, list(command), variants)
         return cid, path
 
     async def start(self, ref: str) -> None:
@@ -197,26 +210,44 @@ class QuiltClient:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}
 
-    async def exec(self, ref: str, command: list[str], **options: Any) -> tuple[int, bytes, bytes]:
-        code, out, err = await self.call("Exec", "sasa{sv}", ref, command, _exec_options(options))
+    async def exec(self, ref: str, command: Sequence[str], **options: Any) -> tuple[int, bytes, bytes]:
+        code, out, err = await self.call("Exec", "sasa{sv}", ref, list(command), _exec_options(options))
         return code, bytes(out), bytes(err)
 
     async def exec_ex(
-        self, ref: str, command: list[str], **options: Any
+        self, ref: str, command: Sequence[str], **options: Any
     ) -> tuple[int, bytes, bytes, dict[str, Any]]:
-        code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, command, _exec_options(options))
+        code, out, err, info = await self.call("ExecEx", "sasa{sv}", ref, list(command),
+                                               _exec_options(options))
         return code, bytes(out), bytes(err), {k: v.value for k, v in info.items()}
 
-    async def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+    async def exec_with_fds(self, ref: str, command: Sequence[str], stdin: int, stdout: int, stderr: int,
                             **options: Any) -> int:
         """Runs command on (the daemon's copies of) these descriptors; returns its exit code."""
-        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, command, _exec_options(options), 0, 1, 2,
-                                  unix_fds=[stdin, stdout, stderr])
+        (code,) = await self.call("ExecWithFds", "sasa{sv}hhh", ref, list(command), _exec_options(options),
+                                  0, 1, 2, unix_fds=[stdin, stdout, stderr])
         return int(code)
 
-    async def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
-        (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, command, _exec_options(options))
+    async def exec_start(self, ref: str, command: Sequence[str], **options: Any) -> str:
+        (exec_id,) = await self.call("ExecStart", "sasa{sv}", ref, list(command), _exec_options(options))
         return str(exec_id)
+
+    async def exec_with_pty(self, ref: str, command: Sequence[str], **options: Any) -> tuple[str, int]:
+        """Starts command on a pseudo-terminal of the container: (exec id, the terminal's master).
+
+        The master is yours to close: read the command's output from it,
+        write its input, set its size with TIOCSWINSZ (ptys.set_size). Options
+        are ExecStart's and rows, cols: its first size. Its end: exec_wait.
+        """
+        reply = await self.call_reply("ExecWithPty", "sasa{sv}", ref, list(command), _exec_options(options))
+        fds = list(reply.unix_fds)
+        exec_id, index = reply.body
+        if not 0 <= index < len(fds):
+            _close_all(fds)
+            raise errors.QuiltError("ExecWithPty answered without the terminal (does the connection pass "
+                                    "descriptors?)")
+        _close_all([fd for i, fd in enumerate(fds) if i != index])
+        return str(exec_id), fds[index]
 
     async def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         state, code = await self.call("ExecWait", "st", exec_id, timeout_usec)
@@ -290,12 +321,34 @@ class QuiltClient:
 LOG_OPTION_TYPES = {"since_usec": "t", "tail": "u", "stream": "s", "exec_id": "s"}
 
 
+def _plain(value: Any) -> Any:
+    """value as dbus-next marshals it: every tuple or list a list, every bytes-like bytes, at any depth."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def variant(signature: str, value: Any) -> Variant:
+    """A Variant of value, whose structs and arrays may be tuples or lists (dbus-next wants lists)."""
+    return Variant(signature, _plain(value))
+
+
 def _log_options(options: dict[str, Any]) -> dict[str, Variant]:
-    return {k: Variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
+    return {k: variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
 
 
 def _exec_options(options: dict[str, Any]) -> dict[str, Variant]:
-    return {k: Variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
+    return {k: variant(EXEC_OPTION_TYPES[k], v) for k, v in options.items()}
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -333,6 +386,15 @@ class ExecResult:
 
 
 @dataclass(frozen=True)
+class ExecSummary:
+    id: str
+    state: str
+    command: list[str]
+    exit_code: int
+    created_usec: int
+
+
+@dataclass(frozen=True)
 class LogLine:
     usec: int
     stream: str
@@ -363,7 +425,7 @@ class Quilt:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
 
-    def create(self, name: str, image: str, command: list[str], **options: Any) -> str:
+    def create(self, name: str, image: str, command: Sequence[str], **options: Any) -> str:
         """Creates (and, unless start=False, starts) a container; returns its id."""
         container_id, _ = self._run(self._client.create(name, image, command, **options))
         return container_id
@@ -392,16 +454,27 @@ class Quilt:
     def containers(self, **filters: Any) -> list[ContainerSummary]:
         return [ContainerSummary(*row) for row in self._run(self._client.list_containers(**filters))]
 
-    def exec(self, ref: str, command: list[str], **options: Any) -> ExecResult:
+    def exec(self, ref: str, command: Sequence[str], **options: Any) -> ExecResult:
         return ExecResult(*self._run(self._client.exec(ref, command, **options)))
 
-    def exec_start(self, ref: str, command: list[str], **options: Any) -> str:
+    def exec_start(self, ref: str, command: Sequence[str], **options: Any) -> str:
         return self._run(self._client.exec_start(ref, command, **options))
 
     def exec_wait(self, exec_id: str, timeout_usec: int = 0) -> tuple[str, int]:
         return self._run(self._client.exec_wait(exec_id, timeout_usec))
 
-    def exec_with_fds(self, ref: str, command: list[str], stdin: int, stdout: int, stderr: int,
+    def exec_with_pty(self, ref: str, command: Sequence[str], **options: Any) -> tuple[str, int]:
+        """(exec id, master of its terminal): see QuiltClient.exec_with_pty."""
+        return self._run(self._client.exec_with_pty(ref, command, **options))
+
+    def exec_kill(self, exec_id: str, signal: int) -> None:
+        self._run(self._client.exec_kill(exec_id, signal))
+
+    def list_execs(self, ref: str) -> list[ExecSummary]:
+        return [ExecSummary(row[0], row[1], list(row[2]), row[3], row[4])
+                for row in self._run(self._client.list_execs(ref))]
+
+    def exec_with_fds(self, ref: str, command: Sequence[str], stdin: int, stdout: int, stderr: int,
                       **options: Any) -> int:
         return self._run(self._client.exec_with_fds(ref, command, stdin, stdout, stderr, **options))
 
@@ -428,3 +501,9 @@ class Quilt:
 
     def remove_image(self, name: str) -> None:
         self._run(self._client.remove_image(name))
+
+    def create_volume(self, name: str) -> None:
+        self._run(self._client.create_volume(name))
+
+    def remove_volume(self, name: str) -> None:
+        self._run(self._client.remove_volume(name))

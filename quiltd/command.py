@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from quiltd import accounts, linux, security
+from quiltd import accounts, linux, ptys, security
 from quiltd.execproto import FAILURE_EXEC, FAILURE_USER
 
 # Init passes on to the command every signal it can catch, except those the
@@ -60,6 +60,8 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
         environ = dict(item.split("=", 1) for item in env)
         if user:
             _switch_user(user, environ)
+        else:
+            _set_home(_root(), environ)
         try:
             os.chdir(workdir)
         except OSError as e:
@@ -82,11 +84,23 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
 
 def _switch_user(user: str, env: dict[str, str]) -> None:
     account = _account(user)
-    if account.home and "HOME" not in env:
-        env["HOME"] = account.home
+    _set_home(account, env)
     os.setgroups(list(account.groups))
     os.setgid(account.gid)
     os.setuid(account.uid)
+
+
+def _set_home(account: accounts.Account, env: dict[str, str]) -> None:
+    # As docker does: the entry's home, "/" for a user without one, unless
+    # the environment sets HOME already.
+    env.setdefault("HOME", account.home or "/")
+
+
+def _root() -> accounts.Account:
+    try:
+        return accounts.resolve("0")
+    except accounts.UnknownUser:  # root's entry has an odd id: root all the same
+        return accounts.Account(0, 0, (0,), "")
 
 
 def _account(user: str) -> accounts.Account:
@@ -97,20 +111,31 @@ def _account(user: str) -> accounts.Account:
 
 
 def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
-          stdio: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+          stdio: tuple[int, int, int], terminal: bool = False) -> subprocess.Popen[bytes]:
     """From init, once restricted: starts an exec in a new session; SpawnFailed says why not.
 
-    The caller reaps the process (init reaps every child) and must then set
-    its returncode.
+    With terminal, stdio is the peer of a pty (see ptys), which becomes the
+    session's controlling terminal. The caller reaps the process (init reaps
+    every child) and must then set its returncode.
     """
     environ = dict(item.split("=", 1) for item in env)
     ids: dict[str, Any] = {}
     try:
         if user:
             account = _account(user)
-            if account.home and "HOME" not in environ:
-                environ["HOME"] = account.home
+            _set_home(account, environ)
             ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+            if terminal:
+                # The terminal is the user's, as login makes it: tools that
+                # open it by its name (or check its owner) work.
+                with contextlib.suppress(OSError):
+                    os.fchown(stdio[0], account.uid, -1)
+        else:
+            _set_home(_root(), environ)
+        if terminal:
+            # The one exec that runs Python in its child (so it forks, not
+            # vforks): nothing else can make a terminal the controlling one.
+            ids["preexec_fn"] = ptys.take_as_controlling_terminal
         # close_fds leaves the child nothing of init's but stdio; restore_signals
         # gives it SIGPIPE and SIGXFSZ back (Python ignores them).
         return subprocess.Popen(list(argv), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], cwd=workdir,

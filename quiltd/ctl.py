@@ -22,13 +22,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from dbus_next.errors import AuthError
 
-from quiltd import __version__, ctlmonitor, ctloutput, ctlstreams, errors
+from quiltd import __version__, ctlmonitor, ctloutput, ctlpty, ctlstreams, errors
 from quiltd.client import QuiltClient
 
+T = TypeVar("T")
 SOCKET_ADDRESS = "unix:path=/run/quilt/quiltd.sock"
 EXIT_OK = 0
 EXIT_FAILED = 1  # quiltd answered with an error
@@ -97,10 +98,45 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _publish(text: str) -> tuple[int, int, str]:
+    ports, _, proto = text.partition("/")
+    host, sep, inner = ports.partition(":")
+    if not sep or not host.isdigit() or not inner.isdigit() or proto not in ("", "tcp", "udp"):
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use HOSTPORT:CONTAINERPORT[/tcp|/udp]")
+    return int(host), int(inner), proto or "tcp"
+
+
+def _entrypoint(text: str) -> list[str]:
+    """As podman: a JSON list of strings, or one program; "" clears the image's Entrypoint."""
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise argparse.ArgumentTypeError(
+                f"invalid entrypoint {text!r}: use PROGRAM or a JSON list of strings")
+        return value
+    return [text] if text else []
+
+
+def _env_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="environment variable; NAME alone takes ours (repeatable)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="NAME=VALUE lines of a file, as -e (repeatable; # comments)")
+
+
 def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="container name (default: quiltd picks one from the id)")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="environment variable (repeatable)")
+    _env_options(p)
+    p.add_argument("-u", "--user", help="user[:group] the command runs as, by name or number "
+                                        "(default: the image's USER, else root); execs too")
+    p.add_argument("-p", "--publish", action="append", default=[], type=_publish,
+                   metavar="HOSTPORT:PORT[/PROTO]",
+                   help="forward a host port to the container's (repeatable)")
+    p.add_argument("--entrypoint", type=_entrypoint, metavar="PROGRAM|JSON",
+                   help="replace the image's Entrypoint: a program, or a JSON list; '' clears it")
     p.add_argument("-v", "--volume", action="append", default=[], type=_mount, metavar="SRC:DST[:ro]",
                    help="bind mount a host path (repeatable; needs a quiltd with mounts)")
     p.add_argument("-w", "--workdir", help="working directory inside the container")
@@ -115,7 +151,8 @@ def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
                    help="label (repeatable)")
     p.add_argument("image", help="image name (see `quiltctl images`)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="the command and its arguments (default: the image's; replaces its Cmd)")
 
 
 # An argument: its names or flags, and add_argument's keywords.
@@ -195,12 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("exec", "run a command in a running container; exits with its code", cmd_exec)
     s.add_argument("-i", "--interactive", action="store_true", help="pass our stdin to the command")
-    s.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="environment variable (repeatable)")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("-d", "--detach", action="store_true",
+                     help="run in the background (output to the container's log); prints the exec id")
+    how.add_argument("-t", "--tty", action="store_true", help="run on a pseudo-terminal of the container")
+    _env_options(s)
     s.add_argument("-w", "--workdir", help="working directory inside the container")
-    s.add_argument("-u", "--user", help="user[:group], by name or number (default root)")
+    s.add_argument("-u", "--user", help="user[:group], by name or number (default: the container's user)")
     s.add_argument("ref", metavar="CONTAINER")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    s = verb("execs", "list a container's background execs", cmd_execs)
+    s.add_argument("--json", action="store_true", help="as JSON")
+    s.add_argument("ref", metavar="CONTAINER")
+    s = verb("exec-wait", "wait for background execs to end; prints their exit codes", cmd_exec_wait)
+    s.add_argument("ids", nargs="+", metavar="EXEC_ID")
+    s = verb("exec-kill", "send a signal to background execs", cmd_exec_kill)
+    s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
+                   help="signal name or number (default KILL)")
+    s.add_argument("ids", nargs="+", metavar="EXEC_ID")
     s = verb("cp", "copy files between a container and here, as tar streams", cmd_cp)
     s.add_argument("--max-bytes", type=_memory, metavar="SIZE",
                    help="most bytes of tar stream, e.g. 4G (default: 1G into a container, no cap out of one)")
@@ -249,10 +298,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- the verbs
 
 
+def _env(args: argparse.Namespace) -> list[str]:
+    """-e and --env-file as NAME=VALUE entries: files first, then -e, the later winning as podman's."""
+    entries: list[str] = []
+    for path in args.env_file:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise Failure(f"--env-file {path}: {e.strerror or e}", EXIT_USAGE) from None
+        entries += [line.strip() for line in text.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    entries += args.env
+    env: list[str] = []
+    for item in entries:
+        if "=" not in item:
+            if item not in os.environ:
+                continue  # as podman: a name we do not have is left out
+            item = f"{item}={os.environ[item]}"
+        env.append(item)
+    return env
+
+
 def _create_options(args: argparse.Namespace, start: bool) -> dict[str, Any]:
     opts: dict[str, Any] = {"start": start}
     pairs: list[tuple[str, Any]] = [
-        ("env", args.env), ("workdir", args.workdir), ("hostname", args.hostname),
+        ("env", _env(args)), ("workdir", args.workdir), ("hostname", args.hostname),
+        ("user", args.user), ("publish", args.publish),
         ("memory_max", args.memory), ("cpu_quota", args.cpus), ("tasks_max", args.tasks_max),
         ("network", args.network), ("ttl_sec", args.ttl), ("labels", dict(args.label)),
         ("mounts", [list(m) for m in args.volume]), ("userns", args.userns or None),
@@ -260,6 +331,8 @@ def _create_options(args: argparse.Namespace, start: bool) -> dict[str, Any]:
     for key, value in pairs:
         if value not in (None, [], {}):
             opts[key] = value
+    if args.entrypoint is not None:
+        opts["entrypoint"] = args.entrypoint  # [] too: it clears the image's
     return opts
 
 
@@ -271,23 +344,24 @@ def _name(args: argparse.Namespace) -> str:
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def _command(args: argparse.Namespace) -> list[str]:
+def _command(args: argparse.Namespace, required: bool = True) -> list[str]:
     command: list[str] = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
-    if not command:
-        raise Failure("give the command to run after the image", EXIT_USAGE)
+    if not command and required:
+        raise Failure("give the command to run after the container", EXIT_USAGE)
     return command
 
 
 async def cmd_create(q: QuiltClient, args: argparse.Namespace) -> int:
-    cid, _ = await q.create(_name(args), args.image, _command(args), **_create_options(args, False))
+    cid, _ = await q.create(_name(args), args.image, _command(args, required=False),
+                            **_create_options(args, False))
     print(cid)
     return EXIT_OK
 
 
 async def cmd_run(q: QuiltClient, args: argparse.Namespace) -> int:
-    command = _command(args)
+    command = _command(args, required=False)  # none: the image's Entrypoint and Cmd
     try:
         if args.detach:
             opts = _create_options(args, True)
@@ -440,13 +514,38 @@ async def cmd_logs(q: QuiltClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_exec(q: QuiltClient, args: argparse.Namespace) -> int:
-    command = _command(args)
-    options: dict[str, Any] = {"env": args.env} if args.env else {}
+def _exec_options(args: argparse.Namespace) -> dict[str, Any]:
+    env = _env(args)
+    options: dict[str, Any] = {"env": env} if env else {}
     if args.workdir:
         options["workdir"] = args.workdir
     if args.user:
         options["user"] = args.user
+    return options
+
+
+async def _exec_call(call: Awaitable[T]) -> T:
+    """An exec call, its failure to start told with podman's exit codes."""
+    try:
+        return await call
+    except errors.ExecFailed as e:
+        missing = "No such file" in e.message
+        raise Failure(_message(e), EXIT_NOT_FOUND if missing else EXIT_CANNOT_EXEC) from None
+    except errors.QuiltError as e:
+        raise Failure(_message(e), EXIT_RUN_FAILED) from None
+
+
+async def cmd_exec(q: QuiltClient, args: argparse.Namespace) -> int:
+    command = _command(args)
+    options = _exec_options(args)
+    if args.detach:
+        if args.interactive:
+            raise Failure("-d and -i do not go together: a background exec's stdin is empty", EXIT_USAGE)
+        print(await _exec_call(q.exec_start(args.ref, command, **options)))
+        return EXIT_OK
+    if args.tty:
+        code: int = await ctlpty.run(q, args.ref, command, options, args.interactive, _exec_call)
+        return code
     loop = asyncio.get_running_loop()
     relays: list[threading.Thread] = []
     ours: list[int] = []  # our copies of what quiltd gets; closed once it has them
@@ -472,18 +571,37 @@ async def cmd_exec(q: QuiltClient, args: argparse.Namespace) -> int:
                 stdio.append(w)
                 ours.append(w)
     try:
-        code = await q.exec_with_fds(args.ref, command, stdio[0], stdio[1], stdio[2], **options)
-    except errors.ExecFailed as e:
-        missing = "No such file" in e.message
-        raise Failure(_message(e), EXIT_NOT_FOUND if missing else EXIT_CANNOT_EXEC) from None
-    except errors.QuiltError as e:
-        raise Failure(_message(e), EXIT_RUN_FAILED) from None
+        code = await _exec_call(q.exec_with_fds(args.ref, command, stdio[0], stdio[1], stdio[2], **options))
     finally:
         for fd in ours:
             os.close(fd)
     for relay in relays:  # our stdout and stderr, when they are terminals
         await loop.run_in_executor(None, relay.join, RELAY_WAIT)
     return code
+
+
+async def cmd_execs(q: QuiltClient, args: argparse.Namespace) -> int:
+    rows = await q.list_execs(args.ref)
+    keys = ("id", "state", "command", "exit_code", "created_usec")
+    if args.json:
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return EXIT_OK
+    _table(["ID", "STATE", "EXIT", "COMMAND"],
+           [[i, state, "" if state == "running" else str(code), " ".join(cmd)]
+            for i, state, cmd, code, _ in rows])
+    return EXIT_OK
+
+
+async def cmd_exec_wait(q: QuiltClient, args: argparse.Namespace) -> int:
+    async def wait(exec_id: str) -> None:
+        _, code = await q.exec_wait(exec_id)
+        print(code)
+
+    return await _each(args.ids, wait, echo=False)
+
+
+async def cmd_exec_kill(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.ids, lambda exec_id: q.exec_kill(exec_id, args.signal))
 
 
 def _container_path(text: str) -> tuple[str, str] | None:

@@ -6,13 +6,15 @@ it (the directory is root's alone, and init is not dumpable). One
 connection carries one request, each message one JSON object with a "kind":
 
     daemon -> init          init -> daemon
-    exec (+3 fds or none)   started | failed, then exited
+    exec (+3 fds or none)   started (+ the pty's master with pty) | failed, then exited
     wait                    exited | unknown
     kill                    ok | unknown
 
 A foreground exec passes the command's stdin, stdout and stderr with the
 request; a background one passes none, and init relays its output to the
-journal. An exec is a child of init: it is in the container's namespaces,
+journal. A pty exec passes none either: init opens a pseudo-terminal in the
+container's own devpts, runs the command on it, and hands its master back
+with "started". An exec is a child of init: it is in the container's namespaces,
 root, cgroup and user namespace from its fork, with nothing to join. When a
 background exec ends, init also writes its status file in the run dir, so
 the end is known to a daemon that was down at the time.
@@ -57,7 +59,10 @@ class ExecRequest:
     workdir: str
     user: str  # "" for root, else a uid, a name, or either with ":group"
     timeout_sec: int  # 0: no limit
-    background: bool  # output goes to the journal, and the status to a file
+    background: bool  # the status goes to a file; the output to the journal, or to the pty
+    pty: bool = False  # on a pseudo-terminal whose master init answers with (background too)
+    rows: int = 0  # the pty's first size; 0: the kernel's default
+    cols: int = 0
 
     def encode(self) -> bytes:
         return encode(Kind.EXEC, **asdict(self))
@@ -66,7 +71,8 @@ class ExecRequest:
     def decode(cls, message: dict[str, Any]) -> ExecRequest:
         return cls(str(message["exec_id"]), tuple(map(str, message["command"])),
                    tuple(map(str, message["env"])), str(message["workdir"]), str(message["user"]),
-                   int(message["timeout_sec"]), bool(message["background"]))
+                   int(message["timeout_sec"]), bool(message["background"]), bool(message.get("pty", False)),
+                   int(message.get("rows", 0)), int(message.get("cols", 0)))
 
 
 @dataclass(frozen=True)

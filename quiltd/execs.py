@@ -68,13 +68,15 @@ MAX_TIMEOUT = 1 << 31
 KILLED_EXIT = 128 + signal.SIGKILL
 SYNC_KEYS = frozenset({"env", "workdir", "user", "timeout_sec", "stdin", "max_output"})
 BACKGROUND_KEYS = frozenset({"env", "workdir", "user", "timeout_sec"})
+PTY_KEYS = BACKGROUND_KEYS | {"rows", "cols"}
+MAX_PTY_SIZE = 0xFFFF  # a winsize field
 
 
 @dataclass(frozen=True)
 class ExecOptions:
     env: tuple[str, ...] = ()  # NAME=value entries over the container's environment
     workdir: str = ""  # "" is the container's workdir
-    user: str = ""  # "" is root
+    user: str = ""  # "" is the container's user (its user option, else the image's User, else root)
     timeout_sec: int = 0
     stdin: bytes = b""
     max_output: int = DEFAULT_MAX_OUTPUT
@@ -158,6 +160,20 @@ def merged_env(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]
     return tuple(env.values())
 
 
+def exec_env(c: Container, o: ExecOptions) -> tuple[str, ...]:
+    """An exec's environment: the container's, with the exec's env option over it.
+
+    HOME follows the user, as with docker exec: the container's HOME is
+    kept for an exec that runs as the container's user, and dropped for one
+    that runs as another, which init then gives the home its entry in the
+    container's /etc/passwd names. HOME in the env option always wins.
+    """
+    env = merged_env(c.spec.env, o.env)
+    if o.user and o.user != c.spec.user and not any(item.startswith("HOME=") for item in o.env):
+        env = tuple(item for item in env if not item.startswith("HOME="))
+    return env
+
+
 class Execs:
     def __init__(self, manager: Manager, paths: Paths, store: Store) -> None:
         self._manager = manager
@@ -202,7 +218,7 @@ class Execs:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
         try:
-            channel = await self._start(c, argv, o, theirs)
+            channel, _ = await self._start(c, argv, o, theirs)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -233,7 +249,7 @@ class Execs:
             for fd, what, writable in zip(stdio, ("stdin", "stdout", "stderr"), (False, True, True),
                                           strict=True):
                 fdcheck.check(fd, writable, what)
-            channel = await self._start(c, argv, o, list(stdio))
+            channel, _ = await self._start(c, argv, o, list(stdio))
         finally:
             # Init's child holds its own copies now; the same descriptor may come twice.
             for fd in set(stdio):
@@ -248,7 +264,35 @@ class Execs:
         c = self._manager.get(ref)
         argv = options.check_command(command)
         o = parse_exec_options(opts, background=True)
-        channel = await self._start(c, argv, o, [])
+        channel, _ = await self._start(c, argv, o, [])
+        return self._record(c, argv, channel)
+
+    async def start_on_pty(self, ref: str, command: list[str],
+                           opts: Mapping[str, object]) -> tuple[Exec, int]:
+        """Starts command on a new pseudo-terminal of the container; the exec and the pty's master (yours).
+
+        It is a background exec (ExecWait, ExecKill, ListExecs) whose
+        output goes to the terminal: whoever holds the master reads it,
+        writes its input, and sets its size.
+        """
+        c = self._manager.get(ref)
+        argv = options.check_command(command)
+        pty_opts = {k: v for k, v in opts.items() if k not in ("rows", "cols")}
+        unknown = sorted(set(opts) - PTY_KEYS)
+        if unknown:
+            raise InvalidArgument("unknown exec option(s) (ExecWithPty's stdin and output are the "
+                                  f"terminal): {', '.join(unknown)}")
+        rows, cols = _int(opts, "rows", 0, 0, MAX_PTY_SIZE), _int(opts, "cols", 0, 0, MAX_PTY_SIZE)
+        o = parse_exec_options(pty_opts, background=True)
+        channel, master = await self._start(c, argv, o, [], pty=(rows, cols))
+        assert master is not None
+        try:
+            return self._record(c, argv, channel), master
+        except BaseException:
+            os.close(master)
+            raise
+
+    def _record(self, c: Container, argv: tuple[str, ...], channel: _Channel) -> Exec:
         e = Exec(id=channel.exec_id, container_id=c.id, command=argv, created_usec=now_usec())
         with self._store.transaction():
             self._store.insert_exec(e)
@@ -371,13 +415,16 @@ class Execs:
         sock.close()
         return None
 
-    async def _start(self, c: Container, argv: tuple[str, ...], o: ExecOptions, stdio: list[int]) -> _Channel:
+    async def _start(self, c: Container, argv: tuple[str, ...], o: ExecOptions, stdio: list[int],
+                     pty: tuple[int, int] | None = None) -> tuple[_Channel, int | None]:
+        """The channel of a started exec, and with pty (rows, cols) the master of its terminal."""
         if c.state != State.RUNNING:
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
         exec_id = secrets.token_hex(8)
         request = ExecRequest(
-            exec_id=exec_id, command=argv, env=merged_env(c.spec.env, o.env),
-            workdir=o.workdir or c.spec.workdir, user=o.user, timeout_sec=o.timeout_sec, background=not stdio,
+            exec_id=exec_id, command=argv, env=exec_env(c, o), workdir=o.workdir or c.spec.workdir,
+            user=o.user or c.spec.user, timeout_sec=o.timeout_sec, background=not stdio,
+            pty=pty is not None, rows=pty[0] if pty else 0, cols=pty[1] if pty else 0,
         ).encode()
         if len(request) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")
@@ -387,10 +434,11 @@ class Execs:
         channel = await self._connect(c.id, exec_id)
         if channel is None:
             raise InvalidState(f"container {c.name} is not running")
+        fds: list[int] = []
         try:
             channel.send(request, stdio)
             try:
-                answer = await asyncio.wait_for(channel.receive(), START_ANSWER_SEC)
+                answer = await asyncio.wait_for(channel.receive(fds), START_ANSWER_SEC)
             except asyncio.TimeoutError:
                 raise Timeout(f"container {c.name}'s init did not take the exec in {START_ANSWER_SEC} s: "
                               "is the container stopped or frozen?") from None
@@ -401,10 +449,14 @@ class Execs:
                 raise _failure_error(c, str(message.get("reason", "")))
             if kind != Kind.STARTED:
                 raise Internal(f"exec in container {c.name}: unexpected answer {kind.value}")
+            if len(fds) != (1 if pty else 0):
+                raise Internal(f"exec in container {c.name}: {len(fds)} descriptors with its start")
         except BaseException:
             channel.close()
+            for fd in fds:
+                os.close(fd)
             raise
-        return channel
+        return channel, fds[0] if fds else None
 
 
 def _is_stopped(pid: int) -> bool:
@@ -441,12 +493,21 @@ class _Channel:
         # A fresh connection's buffer takes one small message without blocking.
         socket.send_fds(self._sock, [message], fds or [])
 
-    async def receive(self) -> tuple[Kind, dict[str, Any]] | None:
-        """The next message, or None once init closed the connection or is gone."""
+    async def receive(self, fds: list[int] | None = None) -> tuple[Kind, dict[str, Any]] | None:
+        """The next message, or None once init closed the connection or is gone.
+
+        A descriptor that comes with it is added to fds, which the caller then
+        owns; without fds, none is taken.
+        """
         while True:
             await wait_readable(self._sock.fileno())
             try:
-                data = self._sock.recv(execproto.MAX_MESSAGE)
+                if fds is None:
+                    data = self._sock.recv(execproto.MAX_MESSAGE)
+                else:
+                    data, got, _, _ = socket.recv_fds(self._sock, execproto.MAX_MESSAGE, 1,
+                                                      socket.MSG_CMSG_CLOEXEC)
+                    fds.extend(got)
             except BlockingIOError:
                 continue
             except ConnectionResetError:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from quiltd import command, execproto
+from quiltd import command, execproto, ptys
 from quiltd.execproto import ExecRequest, ExecStatus, Kind
 from quiltd.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
 
@@ -234,6 +234,11 @@ class InitLoop:
             raise ValueError(f"bad exec id {request.exec_id!r}")
         if len(fds) != (0 if request.background else 3):
             raise ValueError(f"an exec takes 3 descriptors or none, got {len(fds)}")
+        if request.pty:
+            if not request.background:
+                raise ValueError("a pty exec is a background one")
+            self._start_on_pty(conn, request)
+            return
         relay: dict[int, int] = {}
         if request.background:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -255,17 +260,48 @@ class InitLoop:
             if request.background:
                 for fd in stdio:
                     os.close(fd)
+        self._started(conn, request, process)
         output = None
         if relay:
             output = Output(relay, self._journal, {"QUILT_EXEC_ID": request.exec_id}, on_close=self._forget)
             for fd in relay:
                 os.set_blocking(fd, False)
                 self._watch(fd, lambda fd=fd, o=output: o.read(fd))  # type: ignore[misc]
+            self._by_id[request.exec_id].output = output
+        self._reply(conn, Kind.STARTED)
+
+    def _started(self, conn: socket.socket, request: ExecRequest, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + request.timeout_sec if request.timeout_sec else None
-        e = _Exec(request, process, output, deadline, [conn])
+        e = _Exec(request, process, None, deadline, [conn])
         self._execs[process.pid] = e
         self._by_id[request.exec_id] = e
-        self._reply(conn, Kind.STARTED)
+
+    def _start_on_pty(self, conn: socket.socket, request: ExecRequest) -> None:
+        """Runs the exec on a new pseudo-terminal of the container's devpts; its master goes to the daemon."""
+        try:
+            master, peer = ptys.open_pair(request.rows, request.cols)
+        except OSError as e:
+            self._reply(conn, Kind.FAILED,
+                        reason=f"{execproto.FAILURE_EXEC}: no pseudo-terminal: {e.strerror}")
+            self._drop(conn)
+            return
+        try:
+            try:
+                process = command.spawn(request.command, request.env, request.workdir, request.user,
+                                        (peer, peer, peer), terminal=True)
+            except command.SpawnFailed as failure:
+                self._reply(conn, Kind.FAILED, reason=str(failure))
+                self._drop(conn)
+                return
+            finally:
+                # The command holds the only peer now: its end (and its
+                # children's) is the end of file the client reads.
+                os.close(peer)
+            self._started(conn, request, process)
+            with contextlib.suppress(OSError):
+                socket.send_fds(conn, [execproto.encode(Kind.STARTED)], [master])
+        finally:
+            os.close(master)
 
     def _finish(self, e: _Exec, code: int) -> None:
         del self._by_id[e.request.exec_id]

@@ -35,6 +35,7 @@ KNOWN_OPTIONS = frozenset({
     "volumes",  # checked by volumes
     "disk_max", "user", "userns", "nested_userns",
     "log_rate_burst", "log_rate_interval_sec",
+    "entrypoint",  # checked by imagedefaults, which knows the image's
 })
 PROTOCOLS = ("tcp", "udp")
 

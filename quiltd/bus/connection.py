@@ -12,7 +12,9 @@ dbus-next hands the descriptors a call carries to the method as plain
 numbers and never closes any. Here the connection owns them: a method with
 'h' arguments gets its own duplicates (which it takes over and closes), after
 a check that every index names a descriptor; the received ones are closed
-once the call is dispatched, whether or not anything used them.
+once the call is dispatched, whether or not anything used them. A reply's
+descriptors (the master of ExecWithPty) are the connection's too: closed
+once the reply is sent, or when it cannot be.
 
 dbus-next made reference cycles of every message, so each message's body
 and buffer stayed in memory until a full garbage collection, which comes
@@ -108,16 +110,29 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
         self.queued = 0
         self.batch_bytes = 0
         self.overflowed = False
+        self.owned_fds: set[int] = set()  # a reply's descriptors, closed once sent
 
     def buffer_message(self, msg: Any, future: Any = None) -> None:
+        owned = msg.message_type == MessageType.METHOD_RETURN and bool(msg.unix_fds)
+        if owned and (self.overflowed or not self.negotiate_unix_fd):
+            # Nobody could get them: a peer that does not take descriptors
+            # gets the reply without them (dbus-next marshals it so).
+            _close(msg.unix_fds)
         if self.overflowed:
             aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
             return
-        data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+        if owned and self.negotiate_unix_fd:
+            self.owned_fds.update(msg.unix_fds)
+        try:
+            data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+        except BaseException:
+            self.close_owned(msg.unix_fds)
+            raise
         if self.max_queued is not None and self.queued and self.queued + len(data) > self.max_queued:
             # Dropped on the next turn: a send can come from inside a loop
             # over this bus's interfaces, which finalizing would change.
             self.overflowed = True
+            self.close_owned(msg.unix_fds)
             log.info("dropped direct connection %s: %d bytes of replies and signals unread",
                      self.bus.unique_name, self.queued)
             aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
@@ -161,6 +176,7 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
                     if self.unix_fds and self.negotiate_unix_fd:
                         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
                         self.offset += self.sock.sendmsg([buf[self.offset:]], ancdata)
+                        self.close_owned(self.unix_fds)
                         self.unix_fds = None
                     else:
                         self.offset += self.sock.send(buf[self.offset:])
@@ -176,6 +192,13 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
             for fut in self.futs:
                 aio_bus._future_set_exception(fut, e)
             self.bus._finalize(e)
+
+
+    def close_owned(self, fds: list[int] | None) -> None:
+        for fd in fds or []:
+            if fd in self.owned_fds:
+                self.owned_fds.discard(fd)
+                _close([fd])
 
 
 def _close(fds: list[int]) -> None:
@@ -282,6 +305,13 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._writer: _PatientWriter = _PatientWriter(self)
         self._held_calls: set[int] = set()  # ids of calls a handler holds, with their descriptors
+
+    def _finalize(self, err: Exception | None = None) -> None:
+        try:
+            super()._finalize(err)
+        finally:
+            # Replies never sent: their descriptors go with the connection.
+            self._writer.close_owned(list(self._writer.owned_fds))
 
     def hold_call(self, msg: Message) -> None:
         """A message handler keeps msg to dispatch it later: its descriptors stay open until then."""

@@ -66,6 +66,13 @@ class ExecMethods:
 
     @method()
     @bus_errors
+    async def ExecWithPty(self, ref: "s", command: "as", options: "a{sv}") -> "sh":
+        # The master is the connection's to close once the reply is sent (see connection).
+        e, master = await self._execs.start_on_pty(ref, command, convert.unwrap(options))
+        return [e.id, master]
+
+    @method()
+    @bus_errors
     async def ExecWait(self, exec_id: "s", timeout_usec: "t") -> "si":
         e = await self._execs.wait(exec_id, timeout_usec)
         return [e.state.value, e.exit_code]

@@ -97,7 +97,7 @@ def test_options_override_the_image_config(sandbox: Any, quilt: Any, name: str, 
             await q.import_image(image, inside(sandbox, source))
             try:
                 await q.create(name, image, ["sh", "-c", "echo $GREETING $(pwd) $(id -u)"],
-                               env=["GREETING=bye"], workdir="/", user="root", start=False)
+                               env=["GREETING=bye"], workdir="/", user="root", entrypoint=[], start=False)
                 info = await q.info(name)
                 assert info["Command"] == ["sh", "-c", "echo $GREETING $(pwd) $(id -u)"]
                 assert info["Env"] == ["GREETING=bye", "PATH=/bin:/usr/bin"]
@@ -117,7 +117,7 @@ def test_remove_image_with_force_takes_ended_containers_only(quilt: Any, name: s
     async def scenario() -> None:
         async with quilt() as q:
             await q.import_image(image, inside(sandbox, source))
-            await q.create(name, image, ["sleep", "1000"], start=False)
+            await q.create(name, image, ["sleep 1000"], start=False)  # the Entrypoint's sh -c runs it
             await q.create(f"{name}-2", image, [], start=False)
             await q.start(name)
             try:
@@ -178,3 +178,80 @@ def test_docker_save_of_several_images_imports_the_one_asked_for(sandbox: Any, q
 
     cid = run(scenario())
     assert journal_lines(sandbox, cid) == ["second"]
+
+
+ECHO_CONFIG = {"Entrypoint": ["/bin/echo", "entry"], "Cmd": ["cmd"]}
+
+
+@pytest.mark.parametrize(("command", "options", "argv"), [
+    ([], {}, ["/bin/echo", "entry", "cmd"]),  # Entrypoint + Cmd
+    (["given"], {}, ["/bin/echo", "entry", "given"]),  # the command replaces Cmd, keeps Entrypoint
+    ([], {"entrypoint": ["/bin/echo", "other"]}, ["/bin/echo", "other"]),  # the image's Cmd goes with it
+    (["x"], {"entrypoint": ["/bin/echo", "other"]}, ["/bin/echo", "other", "x"]),
+    (["echo", "alone"], {"entrypoint": []}, ["echo", "alone"]),  # cleared: the command alone
+])
+def test_command_and_entrypoint_as_docker_combines_them(
+        sandbox: Any, quilt: Any, name: str, archive_dir: Path, command: list[str], options: dict[str, Any],
+        argv: list[str]) -> None:
+    source = b.write_dir(b.oci_files([sandbox.host_path(BUSYBOX_TARBALL).read_bytes()], ECHO_CONFIG),
+                         archive_dir / "layout")
+    image = f"oci-entry-{secrets.token_hex(3)}"
+
+    async def scenario() -> str:
+        async with quilt() as q:
+            await q.import_image(image, inside(sandbox, source))
+            try:
+                await q.create(name, image, command, **options)
+                try:
+                    assert await q.wait(name, 30_000_000) == ("exited", 0)
+                    info = await q.info(name)
+                    assert info["Command"] == argv
+                    return str(info["Id"])
+                finally:
+                    await q.remove(name, force=True)
+            finally:
+                await q.remove_image(image)
+
+    cid = run(scenario())
+    assert journal_lines(sandbox, cid)[:1] == [" ".join(argv[1:])]
+
+
+def test_an_entrypoint_of_python3_takes_the_command_as_its_arguments(sandbox: Any, quilt: Any,
+                                                                   name: str, archive_dir: Path) -> None:
+    """The case of the report: ENTRYPOINT ["python3"] run with -c CODE (on the host image's python3)."""
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "host", ["-c", "print(6 * 7)"], entrypoint=["python3"])
+            try:
+                assert await q.wait(name, 30_000_000) == ("exited", 0)
+                assert (await q.info(name))["Command"] == ["python3", "-c", "print(6 * 7)"]
+                assert [line for _, _, line in await q.logs(name)] == ["42"]
+            finally:
+                await q.remove(name, force=True)
+
+    run(scenario())
+
+
+def test_bad_entrypoints_get_named_errors(sandbox: Any, quilt: Any, name: str, archive_dir: Path) -> None:
+    from dbus_next.signature import Variant
+
+    source = b.write_dir(b.oci_files([sandbox.host_path(BUSYBOX_TARBALL).read_bytes()], {}),
+                         archive_dir / "layout")
+    image = f"oci-bare-{secrets.token_hex(3)}"
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.import_image(image, inside(sandbox, source))
+            try:
+                with pytest.raises(errors.InvalidArgument, match="no Entrypoint or Cmd"):
+                    await q.create(name, image, [], entrypoint=[])
+                with pytest.raises(errors.InvalidArgument, match="entrypoint must be a list of strings"):
+                    await q.call("CreateContainer", "ssasa{sv}", name, image, [],
+                                 {"entrypoint": Variant("s", "/bin/sh")})
+                with pytest.raises(errors.InvalidArgument, match=r"program to run .* is empty"):
+                    await q.create(name, image, ["x"], entrypoint=[""])
+                assert name not in [r[1] for r in await q.list_containers()]
+            finally:
+                await q.remove_image(image)
+
+    run(scenario())

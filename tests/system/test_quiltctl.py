@@ -430,3 +430,86 @@ def test_long_import_outlasts_the_clients_timeout_and_busctls(sandbox: Any, busy
         sandbox.run(["busctl", "call", *BUS, "RemoveImage", "s", "big"])
     finally:
         big.unlink()
+
+
+def test_run_the_images_command_with_podman_flags(sandbox: Any, busybox_image: str, name: str) -> None:
+    env_file = "/var/tmp/quilt-env-" + secrets.token_hex(3)
+    sandbox.host_path(env_file).write_text("# comment\nFROM_FILE=yes\nSHARED=file\n")
+    try:
+        # The entrypoint as a program, the command as its arguments; -u, -w, -e over --env-file.
+        result = ctl(sandbox, "run", "--rm", "--entrypoint", "/bin/sh", "-u", "nobody", "-w", "/tmp",
+                     "--env-file", env_file, "-e", "SHARED=flag", "busybox",
+                     "-c", 'echo "$FROM_FILE $SHARED $(id -u) $(pwd)"')
+        assert result.stdout == b"yes flag 65534 /tmp\n"
+        # A JSON entrypoint; -p forwards a port (the container's record shows it).
+        ctl(sandbox, "create", "--name", name, "-p", "18080:80", "-p", "18053:53/udp",
+            "--entrypoint", '["sh", "-c"]', "busybox", "echo hi")
+        info = json.loads(ctl(sandbox, "inspect", name).stdout)[0]
+        assert info["Command"] == ["sh", "-c", "echo hi"]
+        assert info["Publish"] == [[18080, 80, "tcp"], [18053, 53, "udp"]]
+        ctl(sandbox, "rm", name)
+        # No command with an image that has none: a named error, not a usage error.
+        result = ctl(sandbox, "run", "--rm", "busybox", check=False)
+        assert result.returncode == 125 and b"no Entrypoint or Cmd" in result.stderr
+        bad = ctl(sandbox, "run", "-p", "80", "busybox", "true", check=False)
+        assert bad.returncode == 2 and b"HOSTPORT:CONTAINERPORT" in bad.stderr
+        bad = ctl(sandbox, "run", "--env-file", "/var/tmp/no-such-env-file", "busybox", "true", check=False)
+        assert bad.returncode == 2 and b"--env-file /var/tmp/no-such-env-file" in bad.stderr
+        bad = ctl(sandbox, "run", "--entrypoint", "[1]", "busybox", check=False)
+        assert bad.returncode == 2 and b"invalid entrypoint" in bad.stderr
+    finally:
+        sandbox.host_path(env_file).unlink()
+
+
+def test_background_execs_from_the_command_line(sandbox: Any, busybox_image: str, name: str) -> None:
+    _run_detached(sandbox, name, "sleep", "1000")
+    try:
+        quick = ctl(sandbox, "exec", "-d", "-e", "CODE=4", name, "sh", "-c", "exit $CODE").stdout
+        quick = quick.decode().strip()
+        slow = ctl(sandbox, "exec", "-d", "-u", "nobody", name, "sleep", "1000").stdout.decode().strip()
+        assert ctl(sandbox, "exec-wait", quick).stdout == b"4\n"
+        rows = {r["id"]: r for r in json.loads(ctl(sandbox, "execs", "--json", name).stdout)}
+        assert rows[slow]["state"] == "running" and rows[slow]["command"] == ["sleep", "1000"]
+        assert (rows[quick]["state"], rows[quick]["exit_code"]) == ("exited", 4)
+        assert slow in ctl(sandbox, "execs", name).stdout.decode()
+        ctl(sandbox, "exec-kill", "-s", "TERM", slow)
+        assert ctl(sandbox, "exec-wait", slow).stdout == b"143\n"
+        missing = ctl(sandbox, "exec-wait", "0123456789abcdef", check=False)
+        assert missing.returncode == 1 and b"(NoSuchExec)" in missing.stderr
+        for how in (["-d"], ["-t"], []):
+            ghost = ctl(sandbox, "exec", *how, "-u", "ghost", name, "true", check=False)
+            assert ghost.returncode == 125 and b"no user 'ghost'" in ghost.stderr, ghost
+        bad_env = ctl(sandbox, "exec", "-d", "-e", "1X=y", name, "true", check=False)
+        assert bad_env.returncode == 125 and b"(InvalidArgument)" in bad_env.stderr
+        nowhere = ctl(sandbox, "exec", "-w", "/nowhere", name, "true", check=False)
+        assert nowhere.returncode == 127 and b"workdir /nowhere" in nowhere.stderr
+    finally:
+        ctl(sandbox, "rm", "-f", name, check=False)
+
+
+def test_the_documented_podman_habits_run_as_written(sandbox: Any, busybox_image: str) -> None:
+    text = (REPO / "docs/quiltctl.md").read_text()
+    block = text.split("These are run as written by the test suite:\n\n```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    path = f"{REPO / '.venv/bin'}:/usr/sbin:/usr/bin:/sbin:/bin"
+    outputs = []
+    try:
+        for i, line in enumerate(lines):
+            if line.startswith("quiltctl exec agent"):  # the container may still be starting
+                deadline = time.monotonic() + 10
+                while sandbox.run(["env", f"PATH={path}", "sh", "-c", "quiltctl exec agent true"],
+                                  check=False).returncode:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            result = sandbox.run(["env", f"PATH={path}", "sh", "-c", line], check=False)
+            assert result.returncode == 0, (line, result.stderr)
+            outputs.append(result.stdout.decode())
+            if i == 3:
+                exec_id = result.stdout.decode().strip()
+                assert sandbox.run(["env", f"PATH={path}", "quiltctl", "exec-wait", exec_id]).stdout == b"3\n"
+    finally:
+        ctl(sandbox, "rm", "-f", "agent", check=False)
+    assert outputs[1] == "65534\n"  # the container's user
+    assert outputs[2] == "test /tmp 0\n"
+    assert "exited" in outputs[4] and "sh -c exit 3" in outputs[4]
+    assert outputs[5] == "hello\n"

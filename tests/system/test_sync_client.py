@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -45,3 +46,26 @@ def test_wait_started_settles_every_way(sandbox: Any, busybox_image: str, name: 
         quilt.remove(name)
         with pytest.raises(errors.NoSuchContainer):
             quilt.wait_started(name)
+
+
+def test_struct_options_as_tuples_and_the_new_exec_calls(sandbox: Any, busybox_image: str, name: str) -> None:
+    with Quilt(sandbox.bus_address) as quilt:
+        quilt.create(name, "busybox", ("sleep", "3600"), tmpfs=[("/scratch", 1 << 20)],
+                     volumes=((f"{name}-v", "/data", False),), publish=((18181, 80, "tcp"),))
+        try:
+            assert quilt.wait_started(name, 10_000_000) == "running"
+            info = quilt.info(name)
+            assert info["Publish"] == [[18181, 80, "tcp"]]
+            out = quilt.exec(name, ("sh", "-c", "mount | grep -c -e ' /scratch ' -e ' /data '")).stdout
+            assert out == b"2\n"
+            exec_id, master = quilt.exec_with_pty(name, ["sleep", "100"], rows=10, cols=20)
+            try:
+                assert [(e.id, e.state, e.command) for e in quilt.list_execs(name)] == \
+                    [(exec_id, "running", ["sleep", "100"])]
+                quilt.exec_kill(exec_id, 15)
+                assert quilt.exec_wait(exec_id, 10_000_000) == ("exited", 143)
+            finally:
+                os.close(master)
+        finally:
+            quilt.remove(name, force=True)
+            quilt.remove_volume(f"{name}-v")
