@@ -766,6 +766,9 @@ class Manager:
                     raise InvalidArgument(f"{source} names its image already; leave out the option ref")
                 archive_opts["ref"] = source.ref
             return await self.import_image(name, source.reference, archive_opts, caller=caller)
+        if "ref" in pull_options.import_options:
+            raise InvalidArgument("the option ref picks an image of an archive; a docker:// source "
+                                  "names its image itself")
         import_options = self._check_import(name, pull_options.import_options)
         work = pull.pulls_dir(self.paths.state_dir) / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
