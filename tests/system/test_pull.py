@@ -7,6 +7,7 @@ storage. A three-layer image built from busybox is pushed to it by skopeo.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -316,3 +317,25 @@ def test_registries_conf_block_is_the_one_the_registry_fixture_ran() -> None:
     # The fixture runs IMAGES_BLOCKS[0]; it must be the registries.conf of the two registries.
     assert REGISTRIES_CONF in IMAGES_BLOCKS[0] and OPEN in IMAGES_BLOCKS[0] and AUTH in IMAGES_BLOCKS[0]
     assert len(IMAGES_BLOCKS) == 3 and len(CTL_BLOCKS) == 1
+
+
+def test_skopeo_runs_as_nobody_without_capabilities(sandbox: Any, quilt: Any, registry: Registry) -> None:
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            pulling = asyncio.ensure_future(q.pull("stalled", f"docker://{STALLED}/agents/base:1",
+                                                   timeout_sec=5))
+            deadline = time.monotonic() + 4
+            while not seen and time.monotonic() < deadline:
+                found = sandbox.run(["sh", "-c", "for p in $(pgrep -x skopeo); do "
+                                     "stat -L -c '%U %a' /proc/$p/cwd; grep -E '^(Uid|CapEff|CapPrm)' "
+                                     "/proc/$p/status | tr -s '\\t' ' '; done"], check=False)
+                seen.extend(found.stdout.decode().splitlines())
+                await asyncio.sleep(0.1)
+            with pytest.raises(errors.Timeout):
+                await pulling
+
+    run(scenario())
+    assert seen[:4] == ["nobody 700", "Uid: 65534 65534 65534 65534", "CapPrm: 0000000000000000",
+                        "CapEff: 0000000000000000"], seen
