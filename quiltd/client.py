@@ -165,6 +165,18 @@ class QuiltClient:
         (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, options)
         return str(image_id)
 
+    async def pull(self, name: str, source: str, timeout_sec: int | None = None,
+                   max_bytes: int | None = None) -> str:
+        """Imports from a registry (docker://HOST/REPO:TAG or @sha256:DIGEST) or an archive
+        (oci-archive:PATH[:REF], docker-archive:PATH[:REF]); returns the image id."""
+        options: dict[str, Variant] = {}
+        if timeout_sec is not None:
+            options["timeout_sec"] = Variant("u", timeout_sec)
+        if max_bytes is not None:
+            options["max_bytes"] = Variant("t", max_bytes)
+        (image_id,) = await self.call("ImportImage", "ssa{sv}", name, source, options)
+        return str(image_id)
+
     async def import_image_fd(self, name: str, fd: int, max_bytes: int | None = None,
                               ref: str | None = None) -> str:
         """Imports the archive (or OCI layout directory) open as fd; yours to close after."""
@@ -491,6 +503,10 @@ class Quilt:
 
     def import_image(self, name: str, source: str, ref: str | None = None) -> str:
         return self._run(self._client.import_image(name, source, ref=ref))
+
+    def pull(self, name: str, source: str, timeout_sec: int | None = None) -> str:
+        """Imports from a registry or an archive transport; see QuiltClient.pull."""
+        return self._run(self._client.pull(name, source, timeout_sec=timeout_sec))
 
     def import_image_fd(self, name: str, fd: int, ref: str | None = None) -> str:
         """Imports the archive or OCI layout directory you opened as fd (read with your permissions)."""

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 from dbus_next.errors import AuthError
 
-from quiltd import __version__, ctlmonitor, ctloutput, ctlpty, ctlstreams, errors
+from quiltd import __version__, ctlmonitor, ctloutput, ctlpty, ctlstreams, errors, pull
 from quiltd.client import QuiltClient
 
 T = TypeVar("T")
@@ -261,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", metavar="CONTAINER")
     s = verb("wait", "wait for containers to end; prints their exit codes", cmd_wait)
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("pull", "pull an image from a registry (through quiltd) or an archive transport", cmd_pull)
+    s.add_argument("--name", help="the image's name (default: the repository's last part and tag, "
+                                  "as bb:1 for 127.0.0.1:5000/agents/bb:1)")
+    s.add_argument("--timeout", type=int, metavar="SEC",
+                   help=f"give up after SEC seconds (default {pull.DEFAULT_TIMEOUT_SEC})")
+    s.add_argument("source", metavar="IMAGE",
+                   help="HOST/REPO[:TAG|@sha256:DIGEST] or docker://..., oci-archive:PATH[:REF], "
+                        "docker-archive:PATH[:REF]")
     s = verb("info", "show quiltd's version, counts and directories", cmd_info)
     ctloutput.add_format(s)
     ctlmonitor.add_verbs(verb)
@@ -743,6 +751,43 @@ def _image_source(source: str) -> int:
             spool.write(chunk)
         spool.flush()
         return os.dup(spool.fileno())
+
+
+def _pull_source(source: str) -> str:
+    """A bare HOST/REPO:TAG is a docker:// reference, as podman pull takes it."""
+    transport = source.partition(":")[0]
+    if source.startswith("/") or transport in ("docker", "oci-archive", "docker-archive"):
+        return source
+    return f"docker://{source}"
+
+
+def _pull_name(source: str) -> str:
+    """The image name a pull gets unless --name is given: repository's last part and tag."""
+    transport, _, rest = source.partition(":")
+    if transport != "docker":
+        stem = os.path.basename(rest.partition(":")[0]).split(".")[0]
+        name = rest.partition(":")[2] or stem
+        return "".join(c if c.isalnum() or c in "._:-" else "-" for c in name).strip("-._:") or "image"
+    repo, _, digest = rest.removeprefix("//").partition("@")
+    last = repo.rsplit("/", 1)[-1]
+    if digest:
+        return f"{last.split(':')[0]}:{digest.removeprefix('sha256:')[:12]}"
+    return last if ":" in last else f"{last}:latest"
+
+
+async def cmd_pull(q: QuiltClient, args: argparse.Namespace) -> int:
+    source = _pull_source(args.source)
+    name = args.name or _pull_name(source)
+    progress = ctloutput.Progress(name)
+    if progress.shown:
+        await q.watch_signal("ImportProgress",
+                             lambda body: progress.update(body[1], body[2]) if body[0] == name else None)
+    try:
+        image_id = await q.pull(name, source, timeout_sec=args.timeout)
+    finally:
+        progress.finish()
+    print(image_id)
+    return EXIT_OK
 
 
 async def cmd_images_rm(q: QuiltClient, args: argparse.Namespace) -> int:

@@ -55,6 +55,12 @@ class Timeout(QuiltError):
     dbus_name = ERROR_PREFIX + "Timeout"
 
 
+class Unreachable(QuiltError):
+    """A registry could not be reached: refused connection, unknown host, TLS failure."""
+
+    dbus_name = ERROR_PREFIX + "Unreachable"
+
+
 class NoReply(QuiltError):
     """Client side: quiltd did not answer within the call's timeout (as libdbus names it)."""
 

@@ -35,6 +35,7 @@ from quiltd import (
     mounts,
     networks,
     options,
+    pull,
     userns,
     volumes,
 )
@@ -750,7 +751,13 @@ class Manager:
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
                            caller: Credentials) -> Image:
-        """Imports the file or layout directory at source, opened with the caller's credentials."""
+        """Imports the file or layout directory at source, opened with the caller's credentials.
+
+        A `docker://`, `oci-archive:` or `docker-archive:` source is a pull (see pull.py).
+        """
+        pulled = pull.parse_source(source)
+        if pulled is not None:
+            return await self._pull(name, pulled, opts, caller)
         import_options = self._check_import(name, opts)
         if not source.startswith("/"):
             raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
@@ -779,6 +786,36 @@ class Manager:
             os.close(fd)
             raise
         return await self._import(name, fd, _describe_fd(fd), import_options, caller)
+
+    async def _pull(self, name: str, source: pull.PullSource, opts: Mapping[str, object],
+                    caller: Credentials) -> Image:
+        pull_options = pull.parse_options(opts)
+        if source.transport is not pull.Transport.DOCKER:
+            # A local archive: the path import, which opens it with the caller's permissions.
+            archive_opts = dict(pull_options.import_options)
+            if source.ref is not None:
+                if "ref" in archive_opts:
+                    raise InvalidArgument(f"{source} names its image already; leave out the option ref")
+                archive_opts["ref"] = source.ref
+            return await self.import_image(name, source.reference, archive_opts, caller=caller)
+        if "ref" in pull_options.import_options:
+            raise InvalidArgument("the option ref picks an image of an archive; a docker:// source "
+                                  "names its image itself")
+        import_options = self._check_import(name, pull_options.import_options)
+        work = pull.pulls_dir(self.paths.state_dir) / secrets.token_hex(IMPORT_DIR_BYTES)
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._import_progress, name, done, total)
+
+        try:
+            layout = await loop.run_in_executor(None, pull.copy, source, work, pull_options.timeout_sec,
+                                                import_options.limits.max_bytes, progress)
+            fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # The layout is the daemon's own: its files are opened as root, not as the caller.
+            return await self._import(name, fd, str(source), import_options, pull.ROOT)
+        finally:
+            await loop.run_in_executor(None, pull.remove, work)
 
     def _check_import(self, name: str, opts: Mapping[str, object]) -> imageimport.ImportOptions:
         options.check_image_name(name)
@@ -907,6 +944,9 @@ class Manager:
                 self._queue_container_leftovers(container_id)
             for path in partial:
                 log.warning("image directory %s is on no record (an import cut off): removing it", path)
+                self._store.add_cleanup(CleanupKind.TREE, str(path))
+            for path in pull.leftovers(self.paths.state_dir):
+                log.warning("pull directory %s is left from a pull cut off: removing it", path)
                 self._store.add_cleanup(CleanupKind.TREE, str(path))
 
     def _partial_imports(self) -> list[Path]:
