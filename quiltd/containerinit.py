@@ -44,14 +44,7 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         if not request.endswith(b"\n"):
             os._exit(0)
         spec = LaunchSpec.from_json(request)
-        journal = JournalStream(
-            {
-                "SYSLOG_IDENTIFIER": spec.name,
-                "QUILT_CONTAINER_ID": spec.container_id,
-                "QUILT_CONTAINER_NAME": spec.name,
-            },
-            spec.journal_socket,
-        )
+        journal = JournalStream(_journal_fields(spec), spec.journal_socket)
         # The exit file is made only once the command is to run: a file there
         # tells a restarted daemon that this start got that far. Its
         # directory is held open across the root switch.
@@ -71,7 +64,14 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
     try:
         if spec_pipe.read(len(GO)) != GO:
             os._exit(0)  # the daemon gave up on this start (its scope failed)
+        # A warm pool's container learns here what it runs and its name; the
+        # daemon closes the pipe after GO, so a cold start reads nothing.
+        claim = spec_pipe.read()
         spec_pipe.close()
+        if claim:
+            spec = spec.claimed(claim)
+            socket.sethostname(spec.hostname)
+            journal.retitle(_journal_fields(spec))
         # The veth's inner end exists only from GO on: the daemon makes it
         # while this process builds the root.
         netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
@@ -111,6 +111,14 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             with contextlib.suppress(OSError):
                 os.write(error_fd, f"{type(e).__name__}: {e}".encode())
         os._exit(127)
+
+
+def _journal_fields(spec: LaunchSpec) -> dict[str, str]:
+    return {
+        "SYSLOG_IDENTIFIER": spec.name,
+        "QUILT_CONTAINER_ID": spec.container_id,
+        "QUILT_CONTAINER_NAME": spec.name,
+    }
 
 
 def _enter_root(spec: LaunchSpec, userns_fd: int | None) -> None:

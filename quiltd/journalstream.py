@@ -30,6 +30,10 @@ class JournalStream:
     def __init__(self, fields: dict[str, str], path: str = JOURNAL_SOCKET) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.connect(path)
+        self.retitle(fields)
+
+    def retitle(self, fields: dict[str, str]) -> None:
+        """Sets the fields every entry carries from now on (a warm pool's container is named when claimed)."""
         self._common = b"".join(_field(k, v.encode()) for k, v in fields.items())
 
     def send(self, line: bytes, extra: dict[str, str], priority: int) -> None:

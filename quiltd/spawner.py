@@ -157,14 +157,15 @@ def send_spec(launched: Launched, spec: LaunchSpec) -> None:
     os.write(launched.spec_fd, spec.to_json() + b"\n")
 
 
-async def go_and_confirm(launched: Launched) -> str:
-    """Lets the init run the command, once it is in its scope.
+async def go_and_confirm(launched: Launched, claim: bytes = b"") -> str:
+    """Lets the init run the command, once it is in its scope; claim for a warm pool's init.
 
     Returns "" once the command was executed, else the reason the start
     failed (building the root or executing the command).
     """
     with contextlib.suppress(BrokenPipeError):  # init is gone: its error pipe says why
-        os.write(launched.spec_fd, GO)
+        # One write: a claim is far below a pipe's capacity, and init reads it at once.
+        os.write(launched.spec_fd, GO + claim)
     os.close(launched.spec_fd)
     return await read_to_end(launched.error_fd)
 
