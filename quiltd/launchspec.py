@@ -14,6 +14,9 @@ from quiltd.mounts import NO_BINDS, SourcePolicy
 # now and may run the command. A warm pool's init gets a claim after GO (see
 # LaunchSpec.claimed); a cold start's sends nothing more.
 GO = b"GO"
+# Before GO, to a warm pool's init: it is in its scope and its veth is in
+# place, so it does now what needs no claim (the network, its cgroup root).
+IN = b"IN"
 # What a claim of a warm pool's container sets: what the command is and how
 # it is named. Everything the root, the scope and the network are made of was
 # in the LaunchSpec.

@@ -80,9 +80,12 @@ from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import (
     ForkServer,
     Launched,
+    confirm,
     go_and_confirm,
     open_pidfd,
     read_to_end,
+    send_go,
+    send_in,
     send_spec,
     watch_exit,
 )
@@ -365,10 +368,19 @@ class Manager:
             listener.container_added(created)
         for listener in self._listeners:
             listener.container_changed(claimed, created)
-        claim = launchspec.claim(c.name, c.spec.hostname, c.command, c.spec.env, c.spec.workdir, c.spec.user)
+        # Sent before the answer: the init starts the command while the reply goes out.
+        send_go(member.launched, launchspec.claim(c.name, c.spec.hostname, c.command, c.spec.env,
+                                                  c.spec.workdir, c.spec.user))
         self._track_start(claimed.id, self._background(
-            self._locked(claimed.id, lambda: self._go(claimed, member.launched, claim))))
+            self._locked(claimed.id, lambda: self._confirm_claim(claimed, member.launched))))
         return claimed
+
+    async def _confirm_claim(self, c: Container, launched: Launched) -> Container:
+        try:
+            failure = await confirm(launched)
+        except Exception as e:
+            return await self._start_failed(c, launched, e)
+        return await self._started(c, launched, failure)
 
     def _check_name_free(self, name: str) -> None:
         # The id is in the message: a client whose create got no answer (the
@@ -431,9 +443,10 @@ class Manager:
                 if isinstance(result, BaseException):
                     raise result
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
+            failure = await go_and_confirm(launched)
         except Exception as e:
             return await self._start_failed(c, launched, e)
-        return await self._go(c, launched)
+        return await self._started(c, launched, failure)
 
     async def _start_failed(self, c: Container, launched: Launched | None, e: Exception) -> Container:
         if launched is not None:
@@ -446,12 +459,8 @@ class Manager:
         return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
                             finished_usec=finished_usec(c, now_usec(), None))
 
-    async def _go(self, c: Container, launched: Launched, claim: bytes = b"") -> Container:
-        """The last step of a start, in its scope with its veth: the command runs, or the start fails."""
-        try:
-            failure = await go_and_confirm(launched, claim)
-        except Exception as e:
-            return await self._start_failed(c, launched, e)
+    async def _started(self, c: Container, launched: Launched, failure: str) -> Container:
+        """The end of a start, once init has answered GO: the command runs, or the start failed."""
         if failure:
             os.close(launched.pidfd)
             return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
@@ -945,6 +954,7 @@ class Manager:
                     raise result
             with self._store.transaction():
                 self._store.update_container(replace(c, pid=launched.pid, pid_starttime=launched.starttime))
+            send_in(launched)
         except Exception:
             log.exception("making a member of the warm pool of image %s failed", image.name)
             await self._discard_pool_member(cid, launched)

@@ -8,8 +8,9 @@ place. Their rows carry the pool's id, so no listing or count shows them.
 
 This module keeps the ready members and refills pools; the manager makes,
 claims and discards members (it owns the start machinery). The refill makes
-one member at a time and only while no start waits for a turn (turns.py): a
-pool is there to make callers faster, never to hold them back. A claim takes
+one member at a time, only while no start waits for a turn (turns.py), and
+begins a moment after a claim: a pool is there to make callers faster, never
+to hold them back. A claim takes
 a ready member or nothing, at once: it never waits for a refill.
 """
 
@@ -38,6 +39,10 @@ log = logging.getLogger("quiltd")
 POOL_OPTIONS = frozenset({"network", "memory_max", "cpu_quota", "tasks_max", "tmpfs", "disk_max",
                           "userns", "nested_userns"})
 MAX_POOL_SIZE = 256  # per pool: each member holds a scope, namespaces and maybe an address
+# After a claim the refill waits this long (seconds): the claimed container's
+# start, and often its whole short run, then has the CPUs, the network lock
+# and systemd to itself instead of sharing them with the next member's.
+REFILL_DELAY = 0.1
 REFILL_PAUSE = 0.05  # seconds between looks while starts wait for a turn
 FAILURE_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)  # after members that could not be made, in a row
 
@@ -149,8 +154,9 @@ class WarmPools:
             if not ready:
                 return None
             member = ready.popleft()
-            asyncio.get_running_loop().remove_reader(member.launched.pidfd)
-            self._wake.set()
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(member.launched.pidfd)
+            loop.call_later(REFILL_DELAY, self._wake.set)
             return member
         return None
 

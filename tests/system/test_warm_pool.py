@@ -180,6 +180,61 @@ def test_a_create_the_pool_cannot_serve_runs_cold(sandbox: Any, quilt: Any, pool
     run(check())
 
 
+PROBE = "grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|NoNewPrivs|Seccomp):' /proc/self/status; pwd; sleep 1000"
+
+
+def test_a_claimed_command_runs_as_a_cold_one_would(sandbox: Any, quilt: Any, pools: None, name: str) -> None:
+    async def check() -> None:
+        async with quilt() as q:
+            await q.set_warm_pool("busybox", 2, network="none")
+            await eventually(lambda: ready(q, 2, network="none"))
+            held = pool_ids(sandbox)
+            seen = {}
+            # tasks_max differs from the pool's default only so the cold one runs cold.
+            for user in ("", "65534:65534"):
+                for path, opts in (("warm", {}), ("cold", {"tasks_max": 1000})):
+                    cid, _ = await q.create(f"{name}-{path}-{user[:1]}", "busybox", ["sh", "-c", PROBE],
+                                            network="none", user=user, workdir="/tmp", **opts)
+                    assert (cid in held) == (path == "warm")
+                    await q.call("WaitContainerStarted", "st", cid, 10_000_000)
+
+                    async def logged(cid: str = cid) -> bool:
+                        return any(line == "/tmp" for _, _, line in await q.logs(cid))
+
+                    await eventually(logged)
+                    seen[path, user] = {line.split(":")[0]: line for _, _, line in await q.logs(cid)}
+                    await q.remove(cid, force=True)
+                    await eventually(lambda: ready(q, 2, network="none"))
+                    held = pool_ids(sandbox)
+            # The same user, capabilities, no_new_privs, seccomp filter and workdir.
+            assert seen["warm", ""] == seen["cold", ""]
+            assert seen["warm", ""]["Seccomp"] == "Seccomp:\t2"
+            assert seen["warm", ""]["NoNewPrivs"] == "NoNewPrivs:\t1"
+            warm, cold = seen["warm", "65534:65534"], seen["cold", "65534:65534"]
+            assert warm["Uid"].startswith("Uid:\t65534")
+            # Started by a restricted init, as an exec is, a command of another
+            # user also has root's reduced bounding set: never more than cold.
+            bounding = {path: int(entry["CapBnd"].split()[1], 16) for path, entry in (("warm", warm),
+                                                                                        ("cold", cold))}
+            assert bounding["warm"] & ~bounding["cold"] == 0
+            assert {k: v for k, v in warm.items() if k != "CapBnd"} == {k: v for k, v in cold.items()
+                                                                       if k != "CapBnd"}
+            # A command that cannot run fails the claimed start as it fails a cold one.
+            reasons = {}
+            for path, opts in (("warm", {}), ("cold", {"tasks_max": 1000})):
+                cid, _ = await q.create(f"{name}-{path}-bad", "busybox", ["/no/such/program"], network="none",
+                                        **opts)
+                assert (cid in held) == (path == "warm")
+                state, code = await q.wait(cid)
+                reasons[path] = (state, code, (await q.info(cid))["Reason"])
+            assert reasons["warm"] == reasons["cold"]
+            assert reasons["warm"][:2] == ("failed", 127) and "/no/such/program" in reasons["warm"][2]
+            for path in ("warm", "cold"):
+                await q.remove(f"{name}-{path}-bad", force=True)
+
+    run(check())
+
+
 def test_size_zero_leaves_nothing_behind(sandbox: Any, quilt: Any, pools: None) -> None:
     async def check() -> None:
         async with quilt() as q:
