@@ -12,7 +12,7 @@ import pytest
 from quiltd import errors
 from quiltd.client import QuiltClient
 from quiltd.network import veth_name
-from tests.system.conftest import BUS, eventually, run
+from tests.system.conftest import BUS, REPO, eventually, run
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.system
@@ -310,6 +310,34 @@ def test_bad_pools_are_refused(sandbox: Any, quilt: Any, pools: None) -> None:
                 await q.call("RemoveImage", "s", "busybox")
 
     run(check())
+
+
+def doc_commands(section: str) -> list[str]:
+    """The commands of the sh block in a section of docs/api.md, comments left out."""
+    text = (REPO / "docs/api.md").read_text()
+    part = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = part.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_documented_commands_run_as_written(sandbox: Any, quilt: Any, pools: None) -> None:
+    make, listing, create, remove = doc_commands("Warm pools")
+    sandbox.run(["sh", "-c", make])
+    listed = sandbox.run(["sh", "-c", listing]).stdout.decode()
+    assert listed.startswith('a(sa{sv}uu) 1 "busybox" 4 ') and '"network" s "bridge"' in listed
+
+    async def claim() -> None:
+        async with quilt() as q:
+            await eventually(lambda: ready(q, 2))
+            held = pool_ids(sandbox)
+            out = sandbox.run(["sh", "-c", create]).stdout.decode()
+            assert out.split()[1].strip('"') in held
+            await q.remove("agent-1", force=True)
+
+    run(claim())
+    sandbox.run(["sh", "-c", remove])
+    assert pool_ids(sandbox) == set()
+    assert sandbox.run(["sh", "-c", listing]).stdout.decode().strip() == "a(sa{sv}uu) 0"
 
 
 def test_only_root_sets_a_pool(sandbox: Any, member: str, busybox_image: str) -> None:  # noqa: F811
