@@ -235,6 +235,28 @@ def test_a_claimed_command_runs_as_a_cold_one_would(sandbox: Any, quilt: Any, po
     run(check())
 
 
+def test_a_pool_with_userns_claims_into_its_range(sandbox: Any, quilt: Any, pools: None, name: str) -> None:
+    async def check() -> None:
+        async with quilt() as q:
+            await q.set_warm_pool("busybox", 1, userns=True, network="none")
+            await eventually(lambda: ready(q, 1, userns=True))
+            held = pool_ids(sandbox)
+            cid, _ = await q.create(name, "busybox", ["sleep", "1000"], userns=True, network="none")
+            assert cid in held
+            await q.call("WaitContainerStarted", "st", cid, 10_000_000)
+            info = await q.info(cid)
+            assert info["State"] == "running" and info["UserNamespaceBase"] > 0
+            # Named after the claim although init had entered its user namespace's range by then.
+            code, out, _ = await q.exec(cid, ["hostname"])
+            assert (code, out.decode().strip()) == (0, name)
+            status = sandbox.run(["cat", f"/proc/{info['Pid']}/status"]).stdout.decode()
+            uid = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]
+            assert int(uid) == info["UserNamespaceBase"]
+            await q.remove(cid, force=True)
+
+    run(check())
+
+
 def test_size_zero_leaves_nothing_behind(sandbox: Any, quilt: Any, pools: None) -> None:
     async def check() -> None:
         async with quilt() as q:
