@@ -77,7 +77,7 @@ def canonical_options(spec: ContainerSpec) -> str:
     if spec.memory_max is not None:
         opts["memory_max"] = spec.memory_max
     if spec.cpu_quota is not None:
-        opts["cpu_quota"] = spec.cpu_quota
+        opts["cpu_quota"] = float(spec.cpu_quota)
     if spec.disk_max is not None:
         opts["disk_max"] = spec.disk_max
     if spec.tmpfs:
