@@ -173,3 +173,20 @@ def test_members_that_cannot_be_made_are_retried_later(store: Store, monkeypatch
         await settle(pools, 1)
 
     run_with_pools(store, test)
+
+
+def test_every_pool_option_is_listed_with_its_dbus_type() -> None:
+    from quiltd.bus import convert
+
+    spec = ContainerSpec(network="none", memory_max=1 << 26, cpu_quota=0.5, tasks_max=64,
+                         tmpfs=(("/scratch", 1 << 20),), disk_max=1 << 24, userns=True, nested_userns=True)
+    options = pool.canonical_options(pool.profile(spec))
+    image, listed, size, ready = convert.warm_pool(pool.PoolState(WarmPool("x", "busybox", options, 3), 2))
+    assert (image, size, ready) == ("busybox", 3, 2)
+    assert set(listed) == pool.POOL_OPTIONS
+    assert {k: (v.signature, v.value) for k, v in listed.items()} == {
+        "network": ("s", "none"), "memory_max": ("t", 1 << 26), "cpu_quota": ("d", 0.5),
+        "tasks_max": ("t", 64),
+        "tmpfs": ("a(st)", [["/scratch", 1 << 20]]), "disk_max": ("t", 1 << 24), "userns": ("b", True),
+        "nested_userns": ("b", True),
+    }
