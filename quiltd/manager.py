@@ -288,8 +288,6 @@ class Manager:
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
-        if start:
-            self._starts.check_room("starts")
         binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
         volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
@@ -309,7 +307,8 @@ class Manager:
         if start:
             member = self.pools.claim(image.name, pool.profile(spec))
             if member is not None:
-                return self._claimed(c, member)
+                return self._claimed(c, member)  # takes no start turn: served even when they are all taken
+            self._starts.check_room("starts")
         volume_names = [n for n, _, _ in wanted_volumes]
         made = self.volumes.ensure(volume_names)
         # Committed as starting, with its address and its user namespace
