@@ -882,6 +882,12 @@ class Manager:
         return await self._networks.create_network(name, opts)
 
     async def remove_network(self, name: str) -> None:
+        pools = [state.pool for state in self.pools.states()
+                 if json.loads(state.pool.options).get("network") == name]
+        if pools:
+            raise InvalidState(f"network {name} has {len(pools)} warm pool(s), of image(s) "
+                               f"{', '.join(sorted({p.image for p in pools}))}: set their size to 0 first "
+                               "(SetWarmPool)")
         await self._networks.remove_network(name)
 
     def list_networks(self) -> list[Network]:

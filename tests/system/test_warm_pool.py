@@ -330,6 +330,14 @@ def test_bad_pools_are_refused(sandbox: Any, quilt: Any, pools: None) -> None:
             await q.set_warm_pool("busybox", 1)
             with pytest.raises(errors.InvalidState, match="warm pool"):
                 await q.call("RemoveImage", "s", "busybox")
+            await q.call("CreateNetwork", "sa{sv}", "pooled", {})
+            try:
+                await q.set_warm_pool("busybox", 1, network="pooled")
+                with pytest.raises(errors.InvalidState, match="network pooled has 1 warm pool"):
+                    await q.call("RemoveNetwork", "s", "pooled")
+                await q.set_warm_pool("busybox", 0, network="pooled")
+            finally:
+                await q.call("RemoveNetwork", "s", "pooled")
 
     run(check())
 
