@@ -218,6 +218,16 @@ class QuiltClient:
         (rows,) = await self.call("ListNetworks")
         return [tuple(r) for r in rows]
 
+    async def set_warm_pool(self, image: str, size: int, **options: Any) -> None:
+        variants = {k: Variant(OPTION_TYPES[k], v) for k, v in options.items()}
+        await self.call("SetWarmPool", "sua{sv}", image, size, variants)
+
+    async def warm_pools(self) -> list[tuple[str, dict[str, Any], int, int]]:
+        """(image, options, size, ready) per warm pool."""
+        (pools,) = await self.call("ListWarmPools")
+        return [(image, {k: v.value for k, v in opts.items()}, size, ready)
+                for image, opts, size, ready in pools]
+
     async def system_info(self) -> dict[str, Any]:
         (info,) = await self.call("GetSystemInfo")
         return {k: v.value for k, v in info.items()}

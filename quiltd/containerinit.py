@@ -20,7 +20,7 @@ from typing import NoReturn
 from quiltd import command, execproto, linux, mounts, netconfig, security, userns
 from quiltd.initloop import InitLoop
 from quiltd.journalstream import LOG_DROPPED_FILE, JournalStream, LogLimit
-from quiltd.launchspec import GO, LaunchSpec
+from quiltd.launchspec import GO, IN, LaunchSpec
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
@@ -51,16 +51,8 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         run_dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         dropped_fd = os.open(LOG_DROPPED_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
                              dir_fd=run_dir_fd)
-        journal = JournalStream(
-            {
-                "SYSLOG_IDENTIFIER": spec.name,
-                "QUILT_CONTAINER_ID": spec.container_id,
-                "QUILT_CONTAINER_NAME": spec.name,
-            },
-            spec.journal_socket,
-            LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec),
-            dropped_fd,
-        )
+        journal = JournalStream(_journal_fields(spec), spec.journal_socket,
+                                LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec), dropped_fd)
         userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
         listener = _listen_for_execs(run_dir, spec.userns_base)
         _enter_root(spec, userns_fd)
@@ -73,16 +65,33 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             spec_pipe.read()
         os._exit(127)
     try:
-        if spec_pipe.read(len(GO)) != GO:
-            os._exit(0)  # the daemon gave up on this start (its scope failed)
+        word = spec_pipe.read(len(GO))
+        prepared = word == IN
+        if prepared:
+            # A warm pool's member, waiting for its claim: in its scope, with
+            # its veth. What needs no claim is done before the claim is waited for.
+            netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
+            linux.unshare(linux.CLONE_NEWCGROUP)
+            word = spec_pipe.read(len(GO))
+        if word != GO:
+            os._exit(0)  # the daemon gave up on this start (its scope failed, or the pool let go)
+        # A warm pool's container learns here what it runs and its name; the
+        # daemon closes the pipe after GO, so a cold start reads nothing.
+        claim = spec_pipe.read()
         spec_pipe.close()
+        if claim:
+            spec = spec.claimed(claim)
+            socket.sethostname(spec.hostname)
+            journal.retitle(_journal_fields(spec), LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec))
         # The veth's inner end exists only from GO on: the daemon makes it
         # while this process builds the root.
-        netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
+        if not prepared:
+            netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
         exit_fd = os.open(exit_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
                           dir_fd=run_dir_fd)
-        # Only now, inside the scope, so the container's cgroup root is its scope.
-        linux.unshare(linux.CLONE_NEWCGROUP)
+        if not prepared:
+            # Only now, inside the scope, so the container's cgroup root is its scope.
+            linux.unshare(linux.CLONE_NEWCGROUP)
         if userns_fd is not None:
             # The last step that needs host root: every namespace above is
             # the host's to own, and this init becomes the container's root.
@@ -95,18 +104,22 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             os.makedirs(spec.workdir, mode=0o755, exist_ok=True)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        command_pid = os.fork()
-        if command_pid == 0:
-            null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-            command.execute(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w), error_fd,
-                            spec.nested_userns)
+        if claim:
+            command_pid = _spawn_claimed(spec, out_w, err_w, error_fd)
+        else:
+            command_pid = os.fork()
+            if command_pid == 0:
+                null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                command.execute(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w),
+                                error_fd, spec.nested_userns)
         os.close(out_w)
         os.close(err_w)
         os.close(error_fd)  # the daemon sees end of file once the command's exec succeeded
         error_fd = -1  # its number may be reused below
-        # Init needs no more privilege than its execs get, and they inherit
-        # this: none of them has to be restricted on its own.
-        command.restrict(spec.nested_userns)
+        if not claim:
+            # Init needs no more privilege than its execs get, and they
+            # inherit this: none of them has to be restricted on its own.
+            command.restrict(spec.nested_userns)
         code = InitLoop(command_pid, {out_r: 1, err_r: 2}, journal, listener, run_dir_fd).run()
         os.write(exit_fd, f"{code}\n".encode())
         os._exit(code)
@@ -115,6 +128,38 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             with contextlib.suppress(OSError):
                 os.write(error_fd, f"{type(e).__name__}: {e}".encode())
         os._exit(127)
+
+
+def _spawn_claimed(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> int:
+    """Starts a warm pool's command as init starts an exec: restricted first, then spawned.
+
+    The claim is what a caller waits for, and forking init's Python image
+    (what the cold path does, so the child can restrict itself) costs
+    several times the rest. Restricted before the spawn, init hands the
+    command the same capabilities, no_new_privs and seccomp filter, and
+    spawn gives it the same session, user, workdir and stdio without a fork
+    of its own image (vfork).
+    """
+    command.restrict(spec.nested_userns)
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        process = command.spawn(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w))
+    except command.SpawnFailed as e:
+        with contextlib.suppress(OSError):
+            os.write(error_fd, str(e).encode())
+        os._exit(127)
+    finally:
+        os.close(null)
+    process.returncode = 0  # reaped by init's loop, never by Popen
+    return process.pid
+
+
+def _journal_fields(spec: LaunchSpec) -> dict[str, str]:
+    return {
+        "SYSLOG_IDENTIFIER": spec.name,
+        "QUILT_CONTAINER_ID": spec.container_id,
+        "QUILT_CONTAINER_NAME": spec.name,
+    }
 
 
 def _enter_root(spec: LaunchSpec, userns_fd: int | None) -> None:

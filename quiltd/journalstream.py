@@ -55,13 +55,20 @@ class JournalStream:
                  dropped_fd: int = -1) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.connect(path)
-        self._common = b"".join(_field(k, v.encode()) for k, v in fields.items())
+        self.retitle(fields)
         self._limit = limit
         self._dropped_fd = dropped_fd
         self._window_start = time.monotonic()
         self._in_window = 0
         self._pending = 0  # dropped and not told yet
         self._dropped = 0  # in all
+
+    def retitle(self, fields: dict[str, str], limit: LogLimit | None = None) -> None:
+        """Sets the fields every entry carries from now on, and the limit if given (a warm pool's
+        container is named, and learns its limit, when claimed)."""
+        self._common = b"".join(_field(k, v.encode()) for k, v in fields.items())
+        if limit is not None:
+            self._limit = limit
 
     def send(self, line: bytes, extra: dict[str, str], priority: int) -> None:
         if self._limit.burst:

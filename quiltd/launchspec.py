@@ -6,13 +6,29 @@ It crosses a process boundary as JSON, so it holds plain values only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from quiltd.mounts import NO_BINDS, SourcePolicy
 
 # On an init's spec pipe, after its LaunchSpec line: the init is in its scope
-# now and may run the command.
+# now and may run the command. A warm pool's init gets a claim after GO (see
+# LaunchSpec.claimed); a cold start's sends nothing more.
 GO = b"GO"
+# Before GO, to a warm pool's init: it is in its scope and its veth is in
+# place, so it does now what needs no claim (the network, its cgroup root).
+IN = b"IN"
+# What a claim of a warm pool's container sets: what the command is and how
+# it is named. Everything the root, the scope and the network are made of was
+# in the LaunchSpec.
+CLAIMED = ("name", "hostname", "command", "env", "workdir", "user")
+
+
+def claim(name: str, hostname: str, command: tuple[str, ...], env: tuple[str, ...], workdir: str,
+          user: str, log_rate_burst: int, log_rate_interval_sec: int) -> bytes:
+    """The CLAIMED fields, for the init of a warm pool's container, sent after GO."""
+    return json.dumps({"name": name, "hostname": hostname, "command": command, "env": env,
+                       "workdir": workdir, "user": user, "log_rate_burst": log_rate_burst,
+                       "log_rate_interval_sec": log_rate_interval_sec}).encode()
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,15 @@ class LaunchSpec:
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
+
+    def claimed(self, data: bytes) -> LaunchSpec:
+        """This spec with the claim fields read from claim_json's output."""
+        raw = json.loads(data)
+        return replace(self, name=str(raw["name"]), hostname=str(raw["hostname"]),
+                       command=tuple(str(a) for a in raw["command"]), env=tuple(str(e) for e in raw["env"]),
+                       workdir=str(raw["workdir"]), user=str(raw["user"]),
+                       log_rate_burst=int(raw["log_rate_burst"]),
+                       log_rate_interval_sec=int(raw["log_rate_interval_sec"]))
 
     @classmethod
     def from_json(cls, data: bytes) -> LaunchSpec:

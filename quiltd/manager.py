@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import platform
@@ -31,10 +32,12 @@ from quiltd import (
     imagedefaults,
     imageimport,
     images,
+    launchspec,
     mountopts,
     mounts,
     networks,
     options,
+    pool,
     pull,
     userns,
     volumes,
@@ -64,9 +67,11 @@ from quiltd.model import (
     CleanupTask,
     Container,
     ContainerListing,
+    ContainerSpec,
     Image,
     Network,
     State,
+    WarmPool,
     scope_unit,
 )
 from quiltd.network import Netlink
@@ -77,9 +82,12 @@ from quiltd.scopes import ScopeLimits, Systemd, Usage
 from quiltd.spawner import (
     ForkServer,
     Launched,
+    confirm,
     go_and_confirm,
     open_pidfd,
     read_to_end,
+    send_go,
+    send_in,
     send_spec,
     watch_exit,
 )
@@ -132,6 +140,8 @@ class SystemInfo:
     starts_waiting: int
     start_turns: int
     max_waiting_starts: int
+    warm_pool_size: int = 0  # containers the warm pools are to hold, all pools together
+    warm_pool_ready: int = 0  # ready in them now
 
 
 def _describe_fd(fd: int) -> str:
@@ -218,6 +228,8 @@ class Manager:
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
         self.commits = CommitQueue()  # state changes with no caller to fail to: retried until they commit
         self._starts = FairTurns(START_TURNS, MAX_WAITING_STARTS)
+        self.pools = pool.WarmPools(store, self._make_pool_member, self._discard_pool_member,
+                                    lambda: self._starts.waiting > 0)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -230,7 +242,7 @@ class Manager:
 
     def get(self, ref: str) -> Container:
         c = self._store.find_container(ref)
-        if c is None:
+        if c is None or c.pool:  # a warm pool's member is no one's container until claimed
             raise NoSuchContainer(f"no container {ref!r}")
         return c
 
@@ -257,8 +269,8 @@ class Manager:
         return [item for item in listings if item.id in matching]
 
     def containers(self) -> list[Container]:
-        """Every container on record, whole."""
-        return self._store.list_containers()
+        """Every container on record, whole (not the warm pools' unclaimed members)."""
+        return [c for c in self._store.list_containers() if not c.pool]
 
     async def info(self, ref: str) -> ContainerInfo:
         c = self.get(ref)
@@ -284,6 +296,7 @@ class Manager:
             return None  # the scope went away between the two reads
 
     def system_info(self) -> SystemInfo:
+        pools = self.pools.states()
         return SystemInfo(
             version=__version__,
             containers_by_state=self.counts(),
@@ -293,6 +306,7 @@ class Manager:
             kernel=platform.release(),
             starts_running=self._starts.running, starts_waiting=self._starts.waiting,
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
+            warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
         )
 
     def counts(self) -> dict[str, int]:
@@ -311,8 +325,6 @@ class Manager:
         if command:
             options.check_command(command)
         spec, start = options.parse_create_options(opts, name)
-        if start:
-            self._starts.check_room("starts")
         binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
         wanted_volumes = volumes.parse(opts.get("volumes", []))
         volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
@@ -329,6 +341,11 @@ class Manager:
             command=argv, spec=spec, created_usec=now_usec(),
         )
         self._networks.check_published(c)
+        if start:
+            member = self.pools.claim(image.name, pool.profile(spec))
+            if member is not None:
+                return self._claimed(c, member)  # takes no start turn: served even when they are all taken
+            self._starts.check_room("starts")
         volume_names = [n for n, _, _ in wanted_volumes]
         made = self.volumes.ensure(volume_names)
         # Committed as starting, with its address and its user namespace
@@ -360,6 +377,47 @@ class Manager:
             self._start_in_background(starting, resume=False)
             return starting
         return c
+
+    def _claimed(self, c: Container, member: pool.Ready) -> Container:
+        """c made from a warm pool's member: its row becomes c's, and the init is sent c's command.
+
+        From here on it is what a cold create makes: the same row, the same
+        events (added as created, then starting), the same start settled in
+        the background; only what the start had to make is made already.
+        """
+        row = self._store.find_container(member.container_id)
+        assert row is not None and row.pool  # rows of ready members go only with the member
+        claimed = replace(c, id=row.id, userns_base=row.userns_base, state=State.STARTING, pid=row.pid,
+                          pid_starttime=row.pid_starttime)
+        try:
+            with self._store.transaction():
+                self._store.claim_container(claimed)
+        except sqlite3.IntegrityError as e:
+            self.pools.give_back(row.pool, member)
+            self._check_name_free(c.name)
+            raise NameTaken(f"a container named {c.name!r} exists already") from e
+        except BaseException:
+            self.pools.give_back(row.pool, member)
+            raise
+        created = replace(claimed, state=State.CREATED, pid=0, pid_starttime=0)
+        for listener in self._listeners:
+            listener.container_added(created)
+        for listener in self._listeners:
+            listener.container_changed(claimed, created)
+        # Sent before the answer: the init starts the command while the reply goes out.
+        send_go(member.launched, launchspec.claim(c.name, c.spec.hostname, c.command, c.spec.env,
+                                                  c.spec.workdir, c.spec.user, c.spec.log_rate_burst,
+                                                  c.spec.log_rate_interval_sec))
+        self._track_start(claimed.id, self._background(
+            self._locked(claimed.id, lambda: self._confirm_claim(claimed, member.launched))))
+        return claimed
+
+    async def _confirm_claim(self, c: Container, launched: Launched) -> Container:
+        try:
+            failure = await confirm(launched)
+        except Exception as e:
+            return await self._start_failed(c, launched, e)
+        return await self._started(c, launched, failure)
 
     def _check_name_free(self, name: str) -> None:
         # The id is in the message: a client whose create got no answer (the
@@ -425,16 +483,23 @@ class Manager:
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
             failure = await go_and_confirm(launched)
         except Exception as e:
-            self._scope_since.pop(c.id, None)
-            if launched is not None:
-                launched.close()  # init reads end of file instead of a spec and exits
-                with contextlib.suppress(Internal):
-                    await self._systemd.stop(c.unit)
-                with contextlib.suppress(Internal):
-                    await self._networks.detach(c)
-            log.exception("starting container %s failed", c.name)
-            return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
-                                finished_usec=finished_usec(c, now_usec(), None))
+            return await self._start_failed(c, launched, e)
+        return await self._started(c, launched, failure)
+
+    async def _start_failed(self, c: Container, launched: Launched | None, e: Exception) -> Container:
+        self._scope_since.pop(c.id, None)
+        if launched is not None:
+            launched.close()  # init reads end of file instead of a spec and exits
+            with contextlib.suppress(Internal):
+                await self._systemd.stop(c.unit)
+            with contextlib.suppress(Internal):
+                await self._networks.detach(c)
+        log.exception("starting container %s failed", c.name, exc_info=e)
+        return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
+                            finished_usec=finished_usec(c, now_usec(), None))
+
+    async def _started(self, c: Container, launched: Launched, failure: str) -> Container:
+        """The end of a start, once init has answered GO: the command runs, or the start failed."""
         if failure:
             self._scope_since.pop(c.id, None)
             os.close(launched.pidfd)
@@ -684,9 +749,11 @@ class Manager:
 
     def _start_in_background(self, c: Container, resume: bool) -> None:
         work = self._resume_start(c) if resume else self._run_start(c.id)
-        task = self._background(self._locked(c.id, lambda: work))
-        self._pending_starts[c.id] = task
-        task.add_done_callback(lambda _: self._pending_starts.pop(c.id, None))
+        self._track_start(c.id, self._background(self._locked(c.id, lambda: work)))
+
+    def _track_start(self, container_id: str, task: asyncio.Task[None]) -> None:
+        self._pending_starts[container_id] = task
+        task.add_done_callback(lambda _: self._pending_starts.pop(container_id, None))
 
     async def _start_settled(self, container_id: str) -> None:
         """Returns once a start begun in the background has ended, one way or the other."""
@@ -865,6 +932,10 @@ class Manager:
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
+        pools = self.pools.uses_image(name)
+        if pools:
+            raise InvalidState(f"image {name!r} has {len(pools)} warm pool(s): set their size to 0 first "
+                               "(SetWarmPool)")
         users = self._store.containers_using_image(name)
         if users and force:
             # Running containers have the image as their lower layer: never
@@ -892,16 +963,120 @@ class Manager:
         return await self._networks.create_network(name, opts)
 
     async def remove_network(self, name: str) -> None:
+        pools = [state.pool for state in self.pools.states()
+                 if json.loads(state.pool.options).get("network") == name]
+        if pools:
+            raise InvalidState(f"network {name} has {len(pools)} warm pool(s), of image(s) "
+                               f"{', '.join(sorted({p.image for p in pools}))}: set their size to 0 first "
+                               "(SetWarmPool)")
         await self._networks.remove_network(name)
 
     def list_networks(self) -> list[Network]:
         return self._networks.all()
+
+    # Warm pools
+
+    async def set_warm_pool(self, image_name: str, size: int, opts: Mapping[str, object], *,
+                            caller: Credentials) -> WarmPool:
+        """Keeps size containers ready for creates of image_name with these options; 0 removes the pool."""
+        if not caller.is_root:
+            # Each member holds a scope, namespaces, memory and maybe an
+            # address for as long as the pool exists, whoever claims it.
+            raise AccessDenied(f"{caller} may not set a warm pool: only root may")
+        if not 0 <= size <= pool.MAX_POOL_SIZE:
+            raise InvalidArgument(f"a warm pool's size must be 0 to {pool.MAX_POOL_SIZE}, got {size}")
+        options.check_image_name(image_name)
+        pool.check_options(opts)
+        image = self._find_image(image_name)
+        profile = self._profile_of(image, opts)
+        wanted = WarmPool("", image.name, pool.canonical_options(profile), size)
+        wanted = replace(wanted, id=pool.pool_id(wanted.image, wanted.options))
+        await self.pools.set(wanted, profile)
+        return wanted
+
+    def warm_pools(self) -> list[pool.PoolState]:
+        return self.pools.states()
+
+    def _profile_of(self, image: Image, opts: Mapping[str, object]) -> ContainerSpec:
+        spec, _ = options.parse_create_options(opts, "pool")
+        _, tmpfs = mountopts.parse(opts, self._source_policy(0, host_image=False))
+        if spec.network != networks.NONE:
+            self._networks.find(spec.network)
+        self._check_host_image(image, 0)
+        return pool.profile(replace(spec, tmpfs=tmpfs))
+
+    def _pool_profile(self, wanted: WarmPool) -> ContainerSpec:
+        return self._profile_of(self._find_image(wanted.image), json.loads(wanted.options))
+
+    async def _make_pool_member(self, wanted: WarmPool, profile: ContainerSpec) -> pool.Ready | None:
+        """A container of the pool started up to GO: root built, in its scope, veth in place."""
+        image = self._find_image(wanted.image)
+        cid = secrets.token_hex(8)
+        # The name holds a '.', which no caller's name may: it never clashes.
+        c = Container(id=cid, name=f"pool.{cid}", image=image.name, image_id=image.id, command=(),
+                      spec=replace(profile, hostname="pool"), state=State.STARTING, created_usec=now_usec(),
+                      pool=wanted.id)
+        with self._store.transaction():
+            if c.spec.userns:
+                c = replace(c, userns_base=self._free_userns_base())
+            self._store.insert_container(c)
+            self._networks.take_lease(c)
+        launched: Launched | None = None
+        try:
+            spec = self._launch_spec(c, image)
+            launched = await self._forkserver.launch()
+            send_spec(launched, spec)
+            results = await asyncio.gather(
+                self._systemd.start_scope(
+                    c.unit, launched.pid,
+                    ScopeLimits(c.spec.memory_max, c.spec.cpu_quota, c.spec.tasks_max, None),
+                    f"Quilt container {c.name}",
+                ),
+                self._networks.attach(c, launched.pid),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            with self._store.transaction():
+                self._store.update_container(replace(c, pid=launched.pid, pid_starttime=launched.starttime))
+            send_in(launched)
+        except Exception:
+            log.exception("making a member of the warm pool of image %s failed", image.name)
+            await self._discard_pool_member(cid, launched)
+            return None
+        return pool.Ready(cid, launched)
+
+    async def _discard_pool_member(self, container_id: str, launched: Launched | None) -> None:
+        """Ends an unclaimed member and removes all it made: scope, veth, row, lease and files."""
+        if launched is not None:
+            launched.close()  # init reads end of file instead of GO and leaves
+        c = self._store.find_container(container_id)
+        if c is None or not c.pool:
+            return
+        with contextlib.suppress(Internal):
+            await self._systemd.stop(c.unit)
+        with contextlib.suppress(Internal):
+            await self._networks.detach(c)
+        with self._store.transaction():
+            self._store.delete_container(c.id)
+            leftovers = self._queue_container_leftovers(c.id)
+        await self.cleaner.now(leftovers)
 
     # Recovery
 
     async def recover(self) -> dict[RecoveryOutcome, list[str]]:
         """Makes the store agree with the processes and scopes that exist now."""
         found: dict[RecoveryOutcome, list[str]] = {o: [] for o in RecoveryOutcome}
+        # A warm pool's ready members did not outlive the daemon: each init
+        # read end of file on its spec pipe and left. Their rows go, and what
+        # they made goes to the cleaner; the pools are filled again below.
+        members = self._store.pool_members()
+        if members:
+            with self._store.transaction():
+                for member in members:
+                    self._store.delete_container(member.id)
+                    self._queue_container_leftovers(member.id)
         for c in self._store.list_containers():
             if not c.state.is_active:
                 continue
@@ -928,6 +1103,7 @@ class Manager:
             log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
         self.cleaner.start()
+        self.pools.start(self._pool_profile)
         return found
 
     def _queue_orphans(self, scopes: list[tuple[str, str]]) -> None:

@@ -91,10 +91,23 @@ class Container:
     # CLOCK_BOOTTIME when the command started: how long it ran is measured on
     # this clock, which no one sets back (see manager.finished_usec).
     started_boot_usec: int = 0
+    # The warm pool (WarmPool.id) of a container made ready ahead and not yet
+    # claimed; "" for every container a caller created (see pool.py).
+    pool: str = ""
 
     @property
     def unit(self) -> str:
         return scope_unit(self.id)
+
+
+@dataclass(frozen=True)
+class WarmPool:
+    """How many containers to keep ready for an image and a set of setup options."""
+
+    id: str
+    image: str
+    options: str  # canonical JSON of the options, the pool's identity with the image
+    size: int
 
 
 @dataclass(frozen=True)

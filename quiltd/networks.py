@@ -368,7 +368,8 @@ class Networks:
     def _entries(self, network: str) -> dict[str, tuple[str, str, str]]:
         entries = self._host_entries.get(network)
         if entries is None:
-            containers = {c.id: c for c in self._store.list_containers() if c.state.is_active}
+            # A warm pool's unclaimed member is in no hosts file: it is named when claimed.
+            containers = {c.id: c for c in self._store.list_containers() if c.state.is_active and not c.pool}
             entries = self._host_entries[network] = {
                 lease.container_id: (lease.address, containers[lease.container_id].name,
                                      containers[lease.container_id].spec.hostname)

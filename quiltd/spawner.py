@@ -19,7 +19,7 @@ from typing import Any
 
 from quiltd.copyspec import CopySpec
 from quiltd.errors import Internal
-from quiltd.launchspec import GO, LaunchSpec
+from quiltd.launchspec import GO, IN, LaunchSpec
 from quiltd.linux import process_starttime
 
 
@@ -163,9 +163,26 @@ async def go_and_confirm(launched: Launched) -> str:
     Returns "" once the command was executed, else the reason the start
     failed (building the root or executing the command).
     """
+    send_go(launched)
+    return await confirm(launched)
+
+
+def send_in(launched: Launched) -> None:
+    """Tells a warm pool's init that it is in its scope with its veth (see launchspec.IN)."""
+    with contextlib.suppress(BrokenPipeError):  # init is gone: the pool sees its pidfd
+        os.write(launched.spec_fd, IN)
+
+
+def send_go(launched: Launched, claim: bytes = b"") -> None:
+    """GO, and a warm pool's init's claim with it; closes the spec pipe."""
     with contextlib.suppress(BrokenPipeError):  # init is gone: its error pipe says why
-        os.write(launched.spec_fd, GO)
+        # One write: a claim is far below a pipe's capacity, and init reads it at once.
+        os.write(launched.spec_fd, GO + claim)
     os.close(launched.spec_fd)
+
+
+async def confirm(launched: Launched) -> str:
+    """"" once the init executed the command after GO, else the reason the start failed."""
     return await read_to_end(launched.error_fd)
 
 

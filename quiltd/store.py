@@ -31,6 +31,7 @@ from quiltd.model import (
     Network,
     State,
     Volume,
+    WarmPool,
 )
 
 # Each entry moves the schema one version up; PRAGMA user_version says how
@@ -150,11 +151,26 @@ MIGRATIONS = (
     -- its start plus how long it ran on that clock (see manager.finished_usec).
     ALTER TABLE containers ADD COLUMN started_boot_usec INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    -- Warm pools: how many containers to keep ready per image and options.
+    CREATE TABLE warm_pools (
+        id TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        options TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        UNIQUE (image, options)
+    );
+    -- The pool of a container made ready ahead and not yet claimed, '' for
+    -- every container a caller made: listings and counts show only those.
+    ALTER TABLE containers ADD COLUMN pool TEXT NOT NULL DEFAULT '';
+    CREATE INDEX containers_pool ON containers(pool) WHERE pool != '';
+    """,
 )
 
 _CONTAINER_COLUMNS = (
     "id", "name", "image", "image_id", "command", "spec", "state", "reason", "pid", "pid_starttime",
     "exit_code", "created_usec", "started_usec", "finished_usec", "userns_base", "started_boot_usec",
+    "pool",
 )
 
 
@@ -283,18 +299,45 @@ class Store:
         """The listing columns only, filtered in SQL: no spec is decoded, so a thousand rows stay cheap."""
         wanted = [(column, value) for column, value in (("state", state), ("name", name), ("image", image))
                   if value is not None]
-        where = " WHERE " + " AND ".join(f"{column} = ?" for column, _ in wanted) if wanted else ""
+        where = " WHERE " + " AND ".join(["pool = ''", *(f"{column} = ?" for column, _ in wanted)])
         rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
                                 "ORDER BY seq", [value for _, value in wanted])
         return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT state, COUNT(*) FROM containers GROUP BY state").fetchall()
+        rows = self._db.execute("SELECT state, COUNT(*) FROM containers WHERE pool = '' "
+                                "GROUP BY state").fetchall()
         return {state: n for state, n in rows}
 
     def containers_using_image(self, image: str) -> list[str]:
-        rows = self._db.execute("SELECT name FROM containers WHERE image = ?", (image,)).fetchall()
+        rows = self._db.execute("SELECT name FROM containers WHERE image = ? AND pool = ''",
+                                (image,)).fetchall()
         return [r[0] for r in rows]
+
+    def pool_members(self) -> list[Container]:
+        """The containers made ready for a warm pool and not claimed."""
+        rows = self._db.execute("SELECT * FROM containers WHERE pool != '' ORDER BY seq").fetchall()
+        return [_container_from_row(r) for r in rows]
+
+    def claim_container(self, c: Container) -> None:
+        """Writes c over its pool member's row: from now on it is listed, last in the order of creation."""
+        self.update_container(c)
+        self._db.execute("UPDATE containers SET seq = (SELECT MAX(seq) + 1 FROM containers) WHERE id = ?",
+                         (c.id,))
+
+    # Warm pools
+
+    def set_warm_pool(self, pool: WarmPool) -> None:
+        self._db.execute("INSERT INTO warm_pools (id, image, options, size) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET size = excluded.size",
+                         (pool.id, pool.image, pool.options, pool.size))
+
+    def delete_warm_pool(self, pool_id: str) -> None:
+        self._db.execute("DELETE FROM warm_pools WHERE id = ?", (pool_id,))
+
+    def list_warm_pools(self) -> list[WarmPool]:
+        rows = self._db.execute("SELECT id, image, options, size FROM warm_pools ORDER BY image, options")
+        return [WarmPool(r[0], r[1], r[2], r[3]) for r in rows]
 
     # Execs (background ones; a container's go with it)
 

@@ -718,6 +718,8 @@ class Inventory:
     images: frozenset[str]
     networks: frozenset[str]
     volumes: frozenset[str]
+    # Warm pools by image and options, as ListWarmPools gives them.
+    pools: frozenset[tuple[str, str]] = frozenset()
 
 
 async def inventory(bus: Any) -> Inventory:
@@ -725,8 +727,14 @@ async def inventory(bus: Any) -> Inventory:
     images = (await manager_call(bus, "ListImages"))[0]
     networks = (await manager_call(bus, "ListNetworks"))[0]
     volumes = (await manager_call(bus, "ListVolumes"))[0]
+    pools = (await manager_call(bus, "ListWarmPools"))[0]
     return Inventory(frozenset(c[0] for c in containers), frozenset(i[0] for i in images),
-                     frozenset(n[0] for n in networks), frozenset(v[0] for v in volumes))
+                     frozenset(n[0] for n in networks), frozenset(v[0] for v in volumes),
+                     frozenset((p[0], _pool_key(p[1])) for p in pools))
+
+
+def _pool_key(options: dict[str, Any]) -> str:
+    return repr(sorted((k, v.signature, v.value) for k, v in options.items()))
 
 
 async def clean_up(address: str, before: Inventory) -> None:
@@ -734,6 +742,10 @@ async def clean_up(address: str, before: Inventory) -> None:
     bus = await connect(address)
     try:
         now = await inventory(bus)
+        # Pools first: their containers would serve the creates of whatever runs next.
+        for image, options, _, _ in (await manager_call(bus, "ListWarmPools"))[0]:
+            if (image, _pool_key(options)) not in before.pools:
+                await manager_call(bus, "SetWarmPool", "sua{sv}", image, 0, options)
         for cid in sorted(now.containers - before.containers):
             await manager_call(bus, "RemoveContainer", "sb", cid, True)
         for image in sorted(now.images - before.images):

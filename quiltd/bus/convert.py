@@ -1,5 +1,6 @@
 """Core records to D-Bus values and back."""
 
+import json
 from typing import Any
 
 from dbus_next.signature import Variant
@@ -7,6 +8,7 @@ from dbus_next.signature import Variant
 from quiltd.bus.names import container_path
 from quiltd.manager import ContainerInfo, SystemInfo
 from quiltd.model import ContainerListing
+from quiltd.pool import PoolState
 
 
 def unwrap(options: dict[str, Variant]) -> dict[str, Any]:
@@ -84,4 +86,17 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "StartsWaiting": Variant("u", info.starts_waiting),
         "StartTurns": Variant("u", info.start_turns),
         "MaxWaitingStarts": Variant("u", info.max_waiting_starts),
+        "WarmPoolSize": Variant("u", info.warm_pool_size),
+        "WarmPoolReady": Variant("u", info.warm_pool_ready),
     }
+
+
+# The D-Bus type of each option a warm pool may hold (pool.POOL_OPTIONS).
+_POOL_OPTION_TYPES = {"network": "s", "memory_max": "t", "cpu_quota": "d", "tasks_max": "t",
+                      "tmpfs": "a(st)", "disk_max": "t", "userns": "b", "nested_userns": "b"}
+
+
+def warm_pool(state: PoolState) -> list[Any]:
+    opts = json.loads(state.pool.options)
+    return [state.pool.image, {k: Variant(_POOL_OPTION_TYPES[k], v) for k, v in opts.items()},
+            state.pool.size, state.ready]

@@ -144,6 +144,16 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def SetWarmPool(self, image: "s", size: "u", options: "a{sv}") -> None:
+        await self._m.set_warm_pool(image, size, convert.unwrap(options), caller=caller())
+
+    @method()
+    @bus_errors
+    async def ListWarmPools(self) -> "a(sa{sv}uu)":
+        return [convert.warm_pool(state) for state in self._m.warm_pools()]
+
+    @method()
+    @bus_errors
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 

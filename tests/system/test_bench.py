@@ -77,6 +77,32 @@ def test_quick_bench_reports_every_metric(
     assert f"{result['quilt']['create']['p50_ms']:.2f}" in table
 
 
+def test_warm_bench_compares_the_pool_with_the_cold_path_and_the_peer(
+    sandbox_name: Callable[[str], str], sandbox_module: ModuleType
+) -> None:
+    name = sandbox_name("warm")
+    r = subprocess.run(
+        [str(REPO / "tools/bench"), "--warm", "--quick", "--json", "--runs", "3", "--pool-size", "2",
+         "--sandbox-name", name],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    for path in ("warm", "cold"):
+        for metric in ("running", "running_daemon", "run_true", "run_true_exited", "run_true_remove"):
+            v = result["quilt"][path][metric]
+            assert v["n"] == 3 and 0 < v["p50_ms"] <= v["p99_ms"], (path, metric, v)
+    assert result["peer"]["n"] == 3 and result["peer"]["p50_ms"] > 0
+    # Every warm create was served from the pool, and no cold one.
+    assert result["served_from_pool"] == {"warm": result["creates"], "cold": 0}
+    assert result["environment"]["loadavg_before"]
+    assert name not in sandbox_module.Sandbox.names()
+    table = _bench_module().render_warm(result)
+    for line in ("create -> running (client: signal)", "whole run of `true`", "of which RemoveContainer",
+                 "systemd-run --scope + unshare + chroot", f"warm {result['creates']} of "):
+        assert line in table, (line, table)
+
+
 LOAD_CALLS = {
     "closed": ("CreateContainer", "create -> running", "Exec", "GetContainerInfo", "RemoveContainer"),
     "open": ("Exec", "Exec (from sending)"),
