@@ -48,6 +48,14 @@ HOST_ONLY = {
     "tools/build-deb": "builds the package on the host: tests/system/test_package.py",
     "sudo apt install ./out/quiltd_": "installs the package built above: tests/system/test_package.py",
     "sudo usermod -aG quilt ": "names a user of the reader's host: tests/system/test_members.py",
+    # Pulls need a registry, which tests/system/test_pull.py runs and these blocks with it.
+    "cat > /etc/containers/registries.conf.d/": "the registry's configuration: tests/system/test_pull.py",
+    "printf '%s\\n' \"$REGISTRY_PASSWORD\" | skopeo login ": "a registry login: tests/system/test_pull.py",
+    "busctl call org.quilt.Quilt1 /org/quilt/Quilt1 org.quilt.Quilt1.Manager ImportImage 'ssa{sv}' "
+    "agent-base docker://": "a pull: tests/system/test_pull.py",
+    "quiltctl pull ": "a pull: tests/system/test_pull.py",
+    "quiltctl run --rm base:1 ": "runs the pulled image: tests/system/test_pull.py",
+    "quiltctl run --rm agent-base ": "runs the pulled image: tests/system/test_pull.py",
 }
 
 
@@ -75,6 +83,13 @@ def blocks(path: Path) -> Iterator[Block]:
                 current += line.rstrip()[:-1] + " "
                 continue
             current += line
+            heredoc = re.search(r"<<-?'?(\w+)'?\s*$", line)
+            if heredoc:  # the document's lines are part of the command, up to its terminator
+                while lines[i].strip() != heredoc.group(1):
+                    current += "\n" + lines[i]
+                    i += 1
+                current += "\n" + lines[i]
+                i += 1
             if current.strip() and not current.strip().startswith("#"):
                 commands.append(current.strip())
             current = ""
