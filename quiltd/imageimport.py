@@ -28,6 +28,7 @@ class Imported:
     size_bytes: int
     config: ImageConfig
     kind: str  # "rootfs", "oci" or "docker"
+    skipped_devices: int = 0  # device node members not created (docs/images.md)
 
 
 # A reference as docker and OCI layouts write them: no spaces or control characters.
@@ -99,7 +100,7 @@ def _run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: 
         kind = "docker" if image_source.docker else "oci"
         got = ociimage.import_image(image_source, dest, limits, throttled, ref)
         throttled.flush()
-        return Imported(got.image_id, got.size_bytes, got.config, kind)
+        return Imported(got.image_id, got.size_bytes, got.config, kind, got.skipped_devices)
     if ref is not None:
         raise InvalidArgument(f"{label} is a rootfs tarball, which holds one image and no names; "
                               "the option ref is for OCI layouts and docker save archives")
@@ -113,4 +114,5 @@ def _run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: 
 
     extracted = images.extract_rootfs_fd(fd, label, dest, limits, counted)
     throttled.flush()
-    return Imported(extracted.image_id, extracted.size_bytes, ImageConfig(), "rootfs")
+    return Imported(extracted.image_id, extracted.size_bytes, ImageConfig(), "rootfs",
+                    extracted.skipped_devices)

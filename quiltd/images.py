@@ -98,6 +98,7 @@ class ExtractedImage:
     image_id: str  # sha256 (64 lowercase hex digits) of the archive bytes as stored
     size_bytes: int  # sum of regular file sizes written
     entries: int  # archive members processed, including directories and links
+    skipped_devices: int = 0  # character and block device members, not created (see _Extractor)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits,
         image_id=digest.hexdigest(),
         size_bytes=extractor.size_bytes,
         entries=extractor.entries,
+        skipped_devices=extractor.skipped_devices,
     )
 
 
@@ -441,8 +443,13 @@ class _Extractor:
     """Writes members below root_fd, one at a time, as tarfile yields them.
 
     With `layers`, the members are image layers applied in order: whiteouts
-    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote, and
-    absolute symlinks are allowed (see docs/images.md).
+    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote.
+
+    Absolute symlinks are stored as they are: they resolve in the container's
+    root at run time, and nothing here resolves through any link. Device
+    nodes are skipped and counted, never created: a container gets its /dev
+    from the runtime, and a node in an image would let its holder open a
+    host device through the image directory (see docs/images.md).
     """
 
     def __init__(self, root_fd: int, limits: ImageLimits, layers: bool = False) -> None:
@@ -463,6 +470,7 @@ class _Extractor:
         self._cached: tuple[tuple[str, ...], int] | None = None
         self.size_bytes = 0
         self.entries = 0
+        self.skipped_devices = 0
 
     def close(self) -> None:
         self._drop_cache()
@@ -553,7 +561,12 @@ class _Extractor:
         if not parts:
             raise InvalidImage(f"{name!r}: only a directory may stand for the image root")
         if member.ischr() or member.isblk():
-            raise InvalidImage(f"{name!r}: device nodes are not allowed in images")
+            # Whatever an earlier member or lower layer put at this path is
+            # replaced by the node, as tar and overlayfs would; the node
+            # itself is just not made.
+            self._clear(self._parent_fd(parts, name), parts, keep_dir=False)
+            self.skipped_devices += 1
+            return
         if member.isreg():
             self._add_file(tf, member, parts, meta)
         elif member.issym():
@@ -646,11 +659,9 @@ class _Extractor:
             raise InvalidImage(f"{name!r}: symlink with an empty target")
         if len(target.encode("utf-8", "surrogateescape")) > _PATH_MAX:
             raise InvalidImage(f"{name!r}: symlink target too long")
-        if target.startswith("/") and not self._layers:
-            raise InvalidImage(f"{name!r}: symlink to absolute path {target!r}")
         # Lexical resolution is what a host-side reader would do, and the
         # only one possible: the link may point at things not extracted yet.
-        # An absolute target (allowed in layers) starts at the image root.
+        # An absolute target starts at the image root.
         depth = 0 if target.startswith("/") else len(parts) - 1
         for part in target.split("/"):
             if part in ("", "."):
@@ -867,6 +878,11 @@ class LayeredImage:
         """Applies the directories' metadata; returns (content bytes, entries)."""
         self._extractor.finish()
         return self._extractor.size_bytes, self._extractor.entries
+
+    @property
+    def skipped_devices(self) -> int:
+        """Device node members of all layers so far, skipped (not created)."""
+        return self._extractor.skipped_devices
 
     def __enter__(self) -> LayeredImage:
         return self

@@ -139,6 +139,15 @@ def _describe_fd(fd: int) -> str:
         return "the image descriptor"
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What ImportImage made, and what of the source it left out."""
+
+    image: Image
+    kind: str  # "rootfs", "oci" or "docker": the format the source was read as
+    skipped_devices: int  # device node members not created (docs/images.md)
+
+
 # An import extracts into images/<16 hex digits>; recovery removes one no image names.
 IMPORT_DIR_BYTES = 8
 IMPORT_DIR = re.compile(f"[0-9a-f]{{{2 * IMPORT_DIR_BYTES}}}")
@@ -706,7 +715,7 @@ class Manager:
         return image
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
-                           caller: Credentials) -> Image:
+                           caller: Credentials) -> ImportResult:
         """Imports the file or layout directory at source, opened with the caller's credentials."""
         import_options = self._check_import(name, opts)
         if not source.startswith("/"):
@@ -727,7 +736,7 @@ class Manager:
         return await self._import(name, fd, source, import_options, caller)
 
     async def import_image_fd(self, name: str, fd: int, opts: Mapping[str, object], *,
-                              caller: Credentials) -> Image:
+                              caller: Credentials) -> ImportResult:
         """Imports the file or layout directory the caller opened; takes fd over."""
         try:
             import_options = self._check_import(name, opts)
@@ -747,7 +756,7 @@ class Manager:
         return import_options
 
     async def _import(self, name: str, fd: int, label: str, import_options: imageimport.ImportOptions,
-                      caller: Credentials) -> Image:
+                      caller: Credentials) -> ImportResult:
         """Imports from fd (taken over); the files of a layout directory are opened as caller."""
         dest = self.paths.images / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
@@ -765,7 +774,13 @@ class Manager:
         except sqlite3.IntegrityError as e:
             images.remove_tree(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
-        return image
+        # The skipped nodes are worth a line: an image that needs one at run
+        # time (a tool opening /dev/something unusual) fails there, not here.
+        log.info("imported image %s (%s, %s), %d bytes; %d device node(s) in it skipped",
+                 name, imported.kind, image.id, image.size_bytes, imported.skipped_devices,
+                 extra={"QUILT_IMAGE": name, "QUILT_IMAGE_ID": image.id,
+                        "QUILT_SKIPPED_DEVICES": str(imported.skipped_devices)})
+        return ImportResult(image, imported.kind, imported.skipped_devices)
 
     def _import_progress(self, name: str, done: int, total: int) -> None:
         for listener in self._progress_listeners:

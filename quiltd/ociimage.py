@@ -62,6 +62,7 @@ class ImportedImage:
     size_bytes: int
     config: ImageConfig
     layers: int
+    skipped_devices: int = 0  # device node members of its layers, not created
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,9 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
                     raise InvalidImage(f"{what}: the uncompressed layer does not match its diff_id "
                                        f"sha256:{layer.diff_id} in the image config")
             size_bytes, _ = image.finish()
-        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs))
+            skipped = image.skipped_devices
+        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs),
+                             skipped)
     finally:
         source.close()
 

@@ -5,7 +5,7 @@ from typing import Any
 from dbus_next.signature import Variant
 
 from quiltd.bus.names import container_path
-from quiltd.manager import ContainerInfo, SystemInfo
+from quiltd.manager import ContainerInfo, ImportResult, SystemInfo
 from quiltd.model import ContainerListing
 
 
@@ -66,6 +66,17 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "MemoryCurrent": Variant("t", usage.memory_current if usage else 0),
         "CPUUsageNSec": Variant("t", usage.cpu_usage_nsec if usage else 0),
         "TasksCurrent": Variant("t", usage.tasks_current if usage else 0),
+    }
+
+
+def import_result(result: ImportResult) -> dict[str, Variant]:
+    image = result.image
+    return {
+        "Name": Variant("s", image.name),
+        "Id": Variant("s", image.id),
+        "SizeBytes": Variant("t", image.size_bytes),
+        "Format": Variant("s", result.kind),
+        "SkippedDevices": Variant("u", result.skipped_devices),
     }
 
 

@@ -85,7 +85,6 @@ def test_a_plain_rootfs_tarball_is_not_taken_for_an_image_archive(tmp_path: Path
         ([b.file("../escape", b"x")], "contains '..'"),
         ([b.symlink("link", "../../../etc")], "escapes the image root"),
         ([b.hardlink("shadow", "/etc/shadow")], "absolute hard link target"),
-        ([b.device("dev/null")], "device nodes"),
         ([b.symlink("d", "/etc"), b.file("d/passwd", b"x")], "refusing to write through it"),
     ],
 )
@@ -98,6 +97,23 @@ def test_hostile_layer_is_refused_by_path_and_leaves_nothing(
         import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert "layer 2" in caught.value.message
     assert not os.path.lexists(tmp_path / "image")
+
+
+@pytest.mark.parametrize("layout", ["oci-dir", "oci-tar", "docker"])
+def test_device_nodes_of_a_base_layer_are_skipped_and_counted(tmp_path: Path, layout: str) -> None:
+    # Base layers made from a debootstrap or mmdebstrap root carry /dev.
+    base = b.tar_bytes([b.directory("dev"), b.device("dev/null"), b.device("dev/zero"),
+                        b.directory("etc"), b.file("etc/hostname", b"h")])
+    layers = [base, b.tar_bytes([b.device("dev/tty"), b.file("etc/motd", b"m")])]
+    if layout == "docker":
+        source = b.write_tar(b.docker_files(layers, {}), tmp_path / "image.tar")
+    elif layout == "oci-tar":
+        source = b.write_tar(b.oci_files(layers, {}), tmp_path / "image.tar")
+    else:
+        source = b.write_dir(b.oci_files(layers, {}), tmp_path / "layout")
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert got.skipped_devices == 3
+    assert tree(tmp_path / "image") == ["dev", "etc", "etc/hostname", "etc/motd"]
 
 
 def test_layer_not_matching_its_digest_is_refused(tmp_path: Path) -> None:
