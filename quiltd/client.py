@@ -416,6 +416,10 @@ class Quilt:
         """import_image answering Name, Id, SizeBytes, Format and SkippedDevices (device nodes left out)."""
         return self._run(self._client.import_image_ex(name, source, ref=ref))
 
+    def import_image_fd_ex(self, name: str, fd: int, ref: str | None = None) -> dict[str, Any]:
+        """import_image_fd answering as import_image_ex."""
+        return self._run(self._client.import_image_fd_ex(name, fd, ref=ref))
+
     def images(self) -> list[ImageSummary]:
         return [ImageSummary(*row) for row in self._run(self._client.images())]
 

@@ -57,13 +57,12 @@ def _private(argv: list[str]) -> None:
                    check=True, capture_output=True)
 
 
-def mmdebstrap_tar(*packages: str) -> Path:
-    """mmdebstrap's default tarball (with /dev and its nodes) of bookworm and packages."""
-    argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--include=" + ",".join(packages),
-            SUITE, "OUT", MIRROR]
+def mmdebstrap_tar(argv: list[str], output: str) -> Path:
+    """Runs mmdebstrap's command line argv, its argument `output` (a .tar) standing for the result."""
+    assert argv[0] == "mmdebstrap" and argv.count(output) == 1 and output.endswith(".tar")
     with _cached("mmdebstrap", [*argv, _version("mmdebstrap")], ".tar") as (path, out):
         if out is not None:
-            _private([str(out) if a == "OUT" else a for a in argv])
+            _private([str(out) if a == output else a for a in argv])
     return path
 
 
