@@ -56,6 +56,7 @@ from quiltd.errors import (
 )
 from quiltd.execproto import split_failure
 from quiltd.launchspec import LaunchSpec
+from quiltd.layerstore import LayerStore
 from quiltd.model import (
     NO_EXIT_CODE,
     CleanupKind,
@@ -193,6 +194,7 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
+        self.layers_store = LayerStore(paths.images / "layers")
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
@@ -764,16 +766,35 @@ class Manager:
         def progress(done: int, total: int) -> None:  # in the worker thread
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
-        imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest, import_options.limits,
-                                              progress, import_options.ref, callerfiles.opener(caller))
-        image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
-                      created_usec=now_usec(), config=imported.config)
+        store = self.layers_store
+        # overlayfs splits its lowerdir option at ':' and ','; a state dir
+        # holding either keeps every image in one directory, as before.
+        committed: list[str] = []
+        stacked = None if any(c in str(store.root) for c in ":,") else \
+            imageimport.Layers(store, self._store.layer_sizes(), committed)
+        try:
+            imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest,
+                                                  import_options.limits, progress, import_options.ref,
+                                                  callerfiles.opener(caller), stacked)
+        except BaseException:
+            # Its pins are released: what it stored and no image recorded goes.
+            self._retire_unrecorded(committed)
+            raise
+        diff_ids = tuple(layer.diff_id for layer in imported.layers)
+        path = ":".join(str(store.path(d)) for d in reversed(diff_ids)) if diff_ids else str(dest)
+        image = Image(name=name, id=imported.image_id, path=path, size_bytes=imported.size_bytes,
+                      created_usec=now_usec(), config=imported.config, layers=diff_ids)
         try:
             with self._store.transaction():
-                self._store.insert_image(image)
+                self._store.insert_image(image, tuple((x.diff_id, x.size_bytes) for x in imported.layers))
         except sqlite3.IntegrityError as e:
-            images.remove_tree(dest)
+            if diff_ids:
+                store.unpin(imported.pinned)
+                self._retire_unrecorded([x.diff_id for x in imported.layers if x.new])
+            else:
+                images.remove_tree(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
+        store.unpin(imported.pinned)
         # The skipped nodes are worth a line: an image that needs one at run
         # time (a tool opening /dev/something unusual) fails there, not here.
         log.info("imported image %s (%s, %s), %d bytes; %d device node(s) in it skipped",
@@ -815,8 +836,32 @@ class Manager:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():
             self._store.delete_image(name)
-            leftover = self._store.add_cleanup(CleanupKind.TREE, image.path)
-        await self.cleaner.now([leftover])
+            if image.layers:
+                leftovers = self._retire_unused_layers()
+            else:
+                leftovers = [self._store.add_cleanup(CleanupKind.TREE, image.path)]
+        await self.cleaner.now(leftovers)
+
+    def _retire_unused_layers(self) -> list[int]:
+        """Hands layers no image stacks any more to the cleaner; in the caller's transaction.
+
+        A layer an import has just found and pinned stays: that image will use it.
+        """
+        tasks = []
+        for diff_id in self._store.unused_layers():
+            gone = self.layers_store.retire(diff_id)
+            if gone is not None:
+                self._store.delete_layer(diff_id)
+                tasks.append(self._store.add_cleanup(CleanupKind.TREE, str(gone)))
+        return tasks
+
+    def _retire_unrecorded(self, diff_ids: list[str]) -> None:
+        """Removes layers an import stored but could not record, unless on record meanwhile."""
+        recorded = self._store.layer_sizes()
+        with self._store.transaction():
+            for diff_id in diff_ids:
+                if diff_id not in recorded and (gone := self.layers_store.retire(diff_id)) is not None:
+                    self._store.add_cleanup(CleanupKind.TREE, str(gone))
 
     # Networks
 
@@ -874,6 +919,13 @@ class Manager:
                 orphans.update(p.name for p in parent.iterdir())
         partial = self._partial_imports()
         with self._store.transaction():
+            # A daemon stopped between removing an image and retiring its
+            # layers, or an import cut off after storing a layer and before
+            # recording its image, leaves layers no image stacks.
+            self._retire_unused_layers()
+            for path in self.layers_store.leftovers(set(self._store.layer_sizes())):
+                log.warning("layer directory %s is on no record (an import cut off): removing it", path)
+                self._store.add_cleanup(CleanupKind.TREE, str(path))
             for container_id in sorted(orphans - known):
                 log.warning("container %s is on no record: cleaning up its leftovers", container_id)
                 self._queue_container_leftovers(container_id)
