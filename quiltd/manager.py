@@ -778,7 +778,7 @@ class Manager:
                                                   callerfiles.opener(caller), stacked)
         except BaseException:
             # Its pins are released: what it stored and no image recorded goes.
-            self._retire_unrecorded(committed)
+            await self._retire_unrecorded(committed)
             raise
         diff_ids = tuple(layer.diff_id for layer in imported.layers)
         path = ":".join(str(store.path(d)) for d in reversed(diff_ids)) if diff_ids else str(dest)
@@ -790,7 +790,7 @@ class Manager:
         except sqlite3.IntegrityError as e:
             if diff_ids:
                 store.unpin(imported.pinned)
-                self._retire_unrecorded([x.diff_id for x in imported.layers if x.new])
+                await self._retire_unrecorded([x.diff_id for x in imported.layers if x.new])
             else:
                 images.remove_tree(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
@@ -855,13 +855,17 @@ class Manager:
                 tasks.append(self._store.add_cleanup(CleanupKind.TREE, str(gone)))
         return tasks
 
-    def _retire_unrecorded(self, diff_ids: list[str]) -> None:
+    async def _retire_unrecorded(self, diff_ids: list[str]) -> None:
         """Removes layers an import stored but could not record, unless on record meanwhile."""
+        if not diff_ids:
+            return
         recorded = self._store.layer_sizes()
+        tasks = []
         with self._store.transaction():
             for diff_id in diff_ids:
                 if diff_id not in recorded and (gone := self.layers_store.retire(diff_id)) is not None:
-                    self._store.add_cleanup(CleanupKind.TREE, str(gone))
+                    tasks.append(self._store.add_cleanup(CleanupKind.TREE, str(gone)))
+        await self.cleaner.now(tasks)
 
     # Networks
 
@@ -918,6 +922,9 @@ class Manager:
             if parent.is_dir():
                 orphans.update(p.name for p in parent.iterdir())
         partial = self._partial_imports()
+        # Made here, not by the first import: the images dir then looks the
+        # same before and after an import that failed.
+        self.layers_store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._store.transaction():
             # A daemon stopped between removing an image and retiring its
             # layers, or an import cut off after storing a layer and before
