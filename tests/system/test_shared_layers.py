@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from quiltd import errors
 from tests import distroimages
 from tests import imagebuilders as b
-from tests.system.conftest import eventually, run
+from tests.system.conftest import BUS, eventually, run
 
 pytestmark = pytest.mark.system
 
@@ -170,6 +171,51 @@ def test_a_layer_refused_after_another_was_stored_leaves_no_layer(sandbox: Any, 
     finally:
         sandbox.host_path(source).unlink()
     assert _layer_dirs(sandbox) == before
+
+
+BUILD_BIG = """set -e
+cd "$1"
+mkdir -p root/d && head -c 400M /dev/zero > root/d/zero
+tar -C root -cf layer.tar d && rm -rf root
+diff=$(sha256sum layer.tar | cut -d' ' -f1)
+gzip -1 layer.tar
+printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$diff" \
+    > config.json
+printf '[{"Config":"config.json","RepoTags":["big:latest"],"Layers":["layer.tar.gz"]}]' > manifest.json
+tar -cf image.tar config.json manifest.json layer.tar.gz
+"""
+
+
+def test_an_import_cut_off_by_kill_leaves_no_half_layer(sandbox: Any, quilt: Any) -> None:
+    # A docker archive of one big layer of zeros: small, and slow to write out.
+    work = f"/var/tmp/quilt-big-{secrets.token_hex(3)}"
+    sandbox.run(["mkdir", work])
+    sandbox.run(["sh", "-c", BUILD_BIG, "build", work], timeout=120)
+    before = _layer_dirs(sandbox)
+    image = f"big-{secrets.token_hex(3)}"
+    importer = subprocess.Popen(sandbox.argv(["busctl", "--timeout=120", "call", *BUS, "ImportImage",
+                                              "ssa{sv}", image, f"{work}/image.tar", "0"]),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        async def extracting() -> bool:
+            return any(n.startswith(".part-") for n in _layer_dirs(sandbox))
+
+        run(eventually(extracting, timeout=30))
+        sandbox.run(["systemctl", "kill", "-s", "KILL", "quiltd"])
+        importer.wait(timeout=30)
+        assert importer.returncode != 0  # cut off, not finished
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.wait()
+        sandbox.run(["rm", "-rf", work], check=False)
+
+    async def cleaned() -> bool:
+        async with quilt() as q:  # bus activation brings quiltd back
+            assert image not in [row[0] for row in await q.images()]
+            return _layer_dirs(sandbox) == before and not (await q.call("GetCleanupStatus"))[0]
+
+    run(eventually(cleaned, timeout=30))
 
 
 def test_a_half_layer_left_by_a_crash_is_removed_at_start(sandbox: Any, quilt: Any) -> None:
