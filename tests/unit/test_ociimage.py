@@ -409,3 +409,18 @@ def test_a_failed_layered_import_names_what_it_stored_and_leaves_no_scratch(tmp_
         import_layered(b.write_tar(files, tmp_path / "image.tar"), store, None, committed)
     assert [p.name for p in store.root.iterdir()] == committed
     assert store.retire(committed[0]) is not None  # nothing stays pinned
+
+
+@pytest.mark.parametrize("compression", ["tar", "gzip"])
+def test_a_truncated_layer_leaves_no_layer(tmp_path: Path, compression: str) -> None:
+    layer = b.tar_bytes([b.file("f", bytes(64 << 10))])
+    if compression == "gzip":
+        layer = gzip.compress(layer)
+    files = b.docker_files([layer], {})
+    path = next(p for p in files if p.endswith("/layer.tar"))
+    files[path] = files[path][: len(files[path]) // 2]
+    store = LayerStore(tmp_path / "layers")
+    committed: list[str] = []
+    with pytest.raises(InvalidImage, match=r"layer 1 .*(truncated|corrupt|unexpected end of data)"):
+        import_layered(b.write_tar(files, tmp_path / "image.tar"), store, None, committed)
+    assert committed == [] and list(store.root.iterdir()) == []
