@@ -14,6 +14,7 @@ from quiltd import errors
 from tests import distroimages
 from tests import imagebuilders as b
 from tests.system.conftest import BUS, eventually, run
+from tests.system.test_copy import copy_out, members
 
 pytestmark = pytest.mark.system
 
@@ -138,6 +139,10 @@ def test_whiteouts_and_links_of_stacked_layers(sandbox: Any, quilt: Any, name: s
                     assert out.decode() == "opt:\nnew\nx\n\nopt/x:\nnew\nbno-a\n", err
                     assert code != 0 and b"gone" in err  # whited out
                     assert (await q.exec(name, ["/bin/busybox", "stat", "-c", "%u", "/etc/b"]))[1] == b"0\n"
+                    await q.stop(name, 5)
+                    # A stopped container's copy mounts the stacked layers itself.
+                    got = members(await copy_out(q, name, "/opt"))
+                    assert sorted(got) == ["opt", "opt/new", "opt/x", "opt/x/new"]
                 finally:
                     await q.remove(name, force=True)
             finally:
