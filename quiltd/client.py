@@ -186,6 +186,19 @@ class QuiltClient:
         (image_id,) = await self.call("ImportImageFd", "sha{sv}", name, 0, options, unix_fds=[fd])
         return str(image_id)
 
+    async def import_image_ex(self, name: str, source: str, max_bytes: int | None = None,
+                              ref: str | None = None) -> dict[str, Any]:
+        """ImportImage answering Name, Id, SizeBytes, Format and SkippedDevices."""
+        (result,) = await self.call("ImportImageEx", "ssa{sv}", name, source, _import_options(max_bytes, ref))
+        return {k: v.value for k, v in result.items()}
+
+    async def import_image_fd_ex(self, name: str, fd: int, max_bytes: int | None = None,
+                                 ref: str | None = None) -> dict[str, Any]:
+        """import_image_fd answering as import_image_ex; fd is yours to close after."""
+        (result,) = await self.call("ImportImageFdEx", "sha{sv}", name, 0, _import_options(max_bytes, ref),
+                                    unix_fds=[fd])
+        return {k: v.value for k, v in result.items()}
+
     async def images(self) -> list[tuple[str, str, int, int]]:
         (rows,) = await self.call("ListImages")
         return [tuple(r) for r in rows]
@@ -359,6 +372,13 @@ def variant(signature: str, value: Any) -> Variant:
     return Variant(signature, _plain(value))
 
 
+def _import_options(max_bytes: int | None, ref: str | None) -> dict[str, Variant]:
+    options = {} if max_bytes is None else {"max_bytes": Variant("t", max_bytes)}
+    if ref is not None:
+        options["ref"] = Variant("s", ref)
+    return options
+
+
 def _log_options(options: dict[str, Any]) -> dict[str, Variant]:
     return {k: variant(LOG_OPTION_TYPES[k], v) for k, v in options.items()}
 
@@ -521,6 +541,14 @@ class Quilt:
     def import_image_fd(self, name: str, fd: int, ref: str | None = None) -> str:
         """Imports the archive or OCI layout directory you opened as fd (read with your permissions)."""
         return self._run(self._client.import_image_fd(name, fd, ref=ref))
+
+    def import_image_ex(self, name: str, source: str, ref: str | None = None) -> dict[str, Any]:
+        """import_image answering Name, Id, SizeBytes, Format and SkippedDevices (device nodes left out)."""
+        return self._run(self._client.import_image_ex(name, source, ref=ref))
+
+    def import_image_fd_ex(self, name: str, fd: int, ref: str | None = None) -> dict[str, Any]:
+        """import_image_fd answering as import_image_ex."""
+        return self._run(self._client.import_image_fd_ex(name, fd, ref=ref))
 
     def images(self) -> list[ImageSummary]:
         return [ImageSummary(*row) for row in self._run(self._client.images())]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quiltd import images, ociimage
 from quiltd.errors import InvalidArgument
+from quiltd.layerstore import MAX_STACKED, LayerStore
 from quiltd.model import ImageConfig
 
 PROGRESS_INTERVAL = 0.1  # seconds between ImportProgress signals of one import
@@ -28,6 +29,11 @@ class Imported:
     size_bytes: int
     config: ImageConfig
     kind: str  # "rootfs", "oci" or "docker"
+    skipped_devices: int = 0  # device node members not created (docs/images.md)
+    # Set when the layers went to the layer store instead of dest (which then
+    # is not made): base first. Their pins are the caller's to release.
+    layers: tuple[ociimage.StoredLayer, ...] = ()
+    pinned: tuple[str, ...] = ()
 
 
 # A reference as docker and OCI layouts write them: no spaces or control characters.
@@ -76,30 +82,53 @@ class _Throttle:
             self._send(*self._latest)
 
 
+@dataclass(frozen=True)
+class Layers:
+    """Where OCI and docker layers are kept once each, and the sizes of those on record."""
+
+    store: LayerStore
+    known_sizes: Mapping[str, int]
+    committed: list[str]  # filled with the layers the import stored, for cleaning up after a failure
+
+
 def run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
-        ref: str | None = None, opener: ociimage.Opener = ociimage.plain_opener) -> Imported:
+        ref: str | None = None, opener: ociimage.Opener = ociimage.plain_opener,
+        layers: Layers | None = None) -> Imported:
     """Imports the open file or directory fd into the new directory dest; closes fd.
 
     On any error dest is gone again. The source is read from its descriptor
     only, never looked up again by name; files inside a layout directory are
     opened with `opener`. `ref` picks an image of an OCI layout or docker
-    archive holding several. label names the source in messages.
+    archive holding several. label names the source in messages. With
+    `layers`, an OCI or docker image of at most layerstore.MAX_STACKED
+    layers goes to the layer store instead, and dest is not made.
     """
     try:
-        return _run(fd, label, dest, limits, progress, ref, opener)
+        return _run(fd, label, dest, limits, progress, ref, opener, layers)
     finally:
         os.close(fd)
 
 
 def _run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: ProgressCallback,
-         ref: str | None, opener: ociimage.Opener) -> Imported:
+         ref: str | None, opener: ociimage.Opener, layers: Layers | None) -> Imported:
     throttled = _Throttle(progress)
     image_source = ociimage.open_image_source(os.dup(fd), label, opener)
     if image_source is not None:
         kind = "docker" if image_source.docker else "oci"
+        try:
+            stack = layers is not None and ociimage.layer_count(image_source, ref) <= MAX_STACKED
+        except BaseException:
+            image_source.close()
+            raise
+        if layers is not None and stack:
+            stored = ociimage.import_layers(image_source, layers.store, limits, throttled, ref,
+                                            layers.known_sizes, layers.committed)
+            throttled.flush()
+            return Imported(stored.image_id, sum(s.size_bytes for s in stored.layers), stored.config, kind,
+                            stored.skipped_devices, stored.layers, stored.pinned)
         got = ociimage.import_image(image_source, dest, limits, throttled, ref)
         throttled.flush()
-        return Imported(got.image_id, got.size_bytes, got.config, kind)
+        return Imported(got.image_id, got.size_bytes, got.config, kind, got.skipped_devices)
     if ref is not None:
         raise InvalidArgument(f"{label} is a rootfs tarball, which holds one image and no names; "
                               "the option ref is for OCI layouts and docker save archives")
@@ -113,4 +142,5 @@ def _run(fd: int, label: str, dest: Path, limits: images.ImageLimits, progress: 
 
     extracted = images.extract_rootfs_fd(fd, label, dest, limits, counted)
     throttled.flush()
-    return Imported(extracted.image_id, extracted.size_bytes, ImageConfig(), "rootfs")
+    return Imported(extracted.image_id, extracted.size_bytes, ImageConfig(), "rootfs",
+                    extracted.skipped_devices)

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,9 @@ _META_TYPES = frozenset(
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+# What marks a directory of an overlay lower layer opaque; trusted.* needs
+# CAP_SYS_ADMIN to write, so a container cannot forge one in its upper layer.
+OVERLAY_OPAQUE = "trusted.overlay.opaque"
 
 # Left free on the image directory's filesystem after an import: it usually
 # holds the state database and the containers' writable layers too, and an
@@ -98,6 +101,7 @@ class ExtractedImage:
     image_id: str  # sha256 (64 lowercase hex digits) of the archive bytes as stored
     size_bytes: int  # sum of regular file sizes written
     entries: int  # archive members processed, including directories and links
+    skipped_devices: int = 0  # character and block device members, not created (see _Extractor)
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,7 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits,
         image_id=digest.hexdigest(),
         size_bytes=extractor.size_bytes,
         entries=extractor.entries,
+        skipped_devices=extractor.skipped_devices,
     )
 
 
@@ -441,14 +446,25 @@ class _Extractor:
     """Writes members below root_fd, one at a time, as tarfile yields them.
 
     With `layers`, the members are image layers applied in order: whiteouts
-    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote, and
-    absolute symlinks are allowed (see docs/images.md).
+    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote.
+
+    Absolute symlinks are stored as they are: they resolve in the container's
+    root at run time, and nothing here resolves through any link. Device
+    nodes are skipped and counted, never created: a container gets its /dev
+    from the runtime, and a node in an image would let its holder open a
+    host device through the image directory (see docs/images.md).
     """
 
-    def __init__(self, root_fd: int, limits: ImageLimits, layers: bool = False) -> None:
+    def __init__(self, root_fd: int, limits: ImageLimits, layers: bool = False,
+                 lowers: Sequence[int] | None = None) -> None:
         self._root = root_fd
         self._limits = limits
         self._layers = layers
+        # With lowers (root fds of the layers below, top first), this is one
+        # layer extracted on its own in overlayfs's format: whiteouts become
+        # overlayfs whiteouts instead of removing anything, and the layers
+        # are stacked at mount time (see OverlayLayer).
+        self._lowers = lowers
         # Paths (and their parents) the current layer wrote: an opaque
         # whiteout hides only what lower layers left in its directory.
         self._written: set[tuple[str, ...]] = set()
@@ -463,6 +479,7 @@ class _Extractor:
         self._cached: tuple[tuple[str, ...], int] | None = None
         self.size_bytes = 0
         self.entries = 0
+        self.skipped_devices = 0
 
     def close(self) -> None:
         self._drop_cache()
@@ -479,6 +496,9 @@ class _Extractor:
             )
         parts = _member_parts(name, name, "path")
         try:
+            if self._lowers is not None and parts and parts[-1].startswith(_WHITEOUT):
+                self._overlay_whiteout(parts, name)
+                return
             if self._layers and parts and parts[-1].startswith(_WHITEOUT):
                 self._whiteout(parts, name)
                 return
@@ -513,6 +533,33 @@ class _Extractor:
         finally:
             if parent != self._root:
                 os.close(parent)
+
+    def _overlay_whiteout(self, parts: tuple[str, ...], name: str) -> None:
+        """A whiteout as overlayfs reads it: a 0/0 character device, or an opaque directory's xattr."""
+        base, dir_parts = parts[-1], parts[:-1]
+        if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
+            return  # aufs bookkeeping, nothing to apply
+        if base == _OPAQUE:
+            self._drop_cache()
+            fd = self._walk(dir_parts, name, create=True)
+            try:
+                os.setxattr(fd, OVERLAY_OPAQUE, b"y")
+            finally:
+                if fd != self._root:
+                    os.close(fd)
+            return
+        hidden = base[len(_WHITEOUT):]
+        if hidden in ("", ".", ".."):
+            raise InvalidImage(f"{name!r}: whiteout of no name")
+        target = (*dir_parts, hidden)
+        parent = self._parent_fd(target, name)
+        try:
+            os.stat(hidden, dir_fd=parent, follow_symlinks=False)
+            return  # this layer wrote the name itself: its own entry is what it means
+        except FileNotFoundError:
+            pass
+        # Not a device anyone can open: overlayfs shows it as "no such file".
+        os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
 
     def _hide_lower(self, dir_fd: int, dir_parts: tuple[str, ...]) -> None:
         """Removes from a directory what lower layers put there; keeps what this layer wrote."""
@@ -553,7 +600,12 @@ class _Extractor:
         if not parts:
             raise InvalidImage(f"{name!r}: only a directory may stand for the image root")
         if member.ischr() or member.isblk():
-            raise InvalidImage(f"{name!r}: device nodes are not allowed in images")
+            # Whatever an earlier member or lower layer put at this path is
+            # replaced by the node, as tar and overlayfs would; the node
+            # itself is just not made.
+            self._clear(self._parent_fd(parts, name), parts, keep_dir=False)
+            self.skipped_devices += 1
+            return
         if member.isreg():
             self._add_file(tf, member, parts, meta)
         elif member.issym():
@@ -646,11 +698,9 @@ class _Extractor:
             raise InvalidImage(f"{name!r}: symlink with an empty target")
         if len(target.encode("utf-8", "surrogateescape")) > _PATH_MAX:
             raise InvalidImage(f"{name!r}: symlink target too long")
-        if target.startswith("/") and not self._layers:
-            raise InvalidImage(f"{name!r}: symlink to absolute path {target!r}")
         # Lexical resolution is what a host-side reader would do, and the
         # only one possible: the link may point at things not extracted yet.
-        # An absolute target (allowed in layers) starts at the image root.
+        # An absolute target starts at the image root.
         depth = 0 if target.startswith("/") else len(parts) - 1
         for part in target.split("/"):
             if part in ("", "."):
@@ -683,11 +733,15 @@ class _Extractor:
         try:
             target_parent = self._walk(target_parts[:-1], name, create=False)
         except FileNotFoundError:
+            if self._copy_from_lower(target_parts, parts, name):
+                return
             raise missing from None
         try:
             try:
                 st = os.stat(target_parts[-1], dir_fd=target_parent, follow_symlinks=False)
             except FileNotFoundError:
+                if self._copy_from_lower(target_parts, parts, name):
+                    return
                 raise missing from None
             if not stat.S_ISREG(st.st_mode):
                 raise missing
@@ -705,6 +759,57 @@ class _Extractor:
         finally:
             if target_parent != self._root:
                 os.close(target_parent)
+
+    def _copy_from_lower(self, target_parts: tuple[str, ...], parts: tuple[str, ...], name: str) -> bool:
+        """A hard link to a file of a lower layer, in a layer of its own: a copy of that file.
+
+        A link cannot cross layer directories, and the lower layer may be
+        shared with other images, so its inode is never touched. The
+        lower layers are searched top first, each without following a link.
+        """
+        for lower in self._lowers or ():
+            try:
+                parent = _walk_beneath(lower, target_parts[:-1])
+            except (FileNotFoundError, NotADirectoryError, InvalidImage):
+                continue
+            try:
+                try:
+                    st = os.stat(target_parts[-1], dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    return False  # a whiteout, a link or a directory: no file to link to
+                src = os.open(target_parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            finally:
+                if parent != lower:
+                    os.close(parent)
+            try:
+                st = os.fstat(src)
+                if not stat.S_ISREG(st.st_mode):
+                    return False  # replaced since the stat
+                self._check_free_space(name, st.st_size)
+                if self.size_bytes + st.st_size > self._limits.max_bytes:
+                    raise LimitExceeded(f"{name!r}: image content exceeds the limit of "
+                                        f"{self._limits.max_bytes} bytes (option max_bytes)")
+                dest_parent = self._parent_fd(parts, name)
+                self._clear(dest_parent, parts, keep_dir=False)
+                fd = os.open(parts[-1], _FILE_CREATE, 0o600, dir_fd=dest_parent)
+                try:
+                    while chunk := os.read(src, _CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                    self.size_bytes += st.st_size
+                    if self._chown:
+                        os.fchown(fd, st.st_uid, st.st_gid)
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                    os.utime(fd, ns=(st.st_mtime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(src)
+            return True
+        return False
 
     def _add_fifo(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
         self._add_node(parts, name, meta, lambda base, parent: os.mkfifo(base, 0o600, dir_fd=parent),
@@ -868,6 +973,11 @@ class LayeredImage:
         self._extractor.finish()
         return self._extractor.size_bytes, self._extractor.entries
 
+    @property
+    def skipped_devices(self) -> int:
+        """Device node members of all layers so far, skipped (not created)."""
+        return self._extractor.skipped_devices
+
     def __enter__(self) -> LayeredImage:
         return self
 
@@ -877,6 +987,98 @@ class LayeredImage:
         os.close(self._root)
         if exc is not None:
             _remove_tree(None, str(self._dest))
+
+
+class OverlayLayer:
+    """One image layer extracted into its own new directory, in overlayfs's format.
+
+    Layers kept this way are shared by every image built on them and
+    stacked as the overlay's lower directories when a container starts.
+    `lowers` are the directories of the layers below, top first: only read,
+    for hard links to their files. On any error `dest` is removed before the
+    error leaves: use it as a context manager.
+    """
+
+    def __init__(self, dest: Path, limits: ImageLimits, lowers: Sequence[Path] = ()) -> None:
+        self._dest = dest
+        self._limits = limits
+        self._lower_fds: list[int] = []
+        os.mkdir(dest, 0o700)
+        try:
+            self._root = os.open(dest, _DIR_OPEN)
+            try:
+                for lower in lowers:
+                    self._lower_fds.append(os.open(lower, _DIR_OPEN))
+            except BaseException:
+                self._close_fds()
+                raise
+        except BaseException:
+            os.rmdir(dest)
+            raise
+        self._extractor = _Extractor(self._root, limits, lowers=self._lower_fds)
+
+    def apply(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
+        """Extracts the layer (tar, gzip, xz or zstd by magic), reading raw to its end.
+
+        Returns the sha256 (hex) of the layer's uncompressed tar stream.
+        """
+        tar_digest = hashlib.sha256()
+        try:
+            _apply(raw, magic, self._extractor, _stream_cap(self._limits), tar_digest)
+        except InvalidImage as exc:
+            raise InvalidImage(f"{what}: {exc.message}") from exc
+        except LimitExceeded as exc:
+            raise LimitExceeded(f"{what}: {exc.message}") from exc
+        except _ARCHIVE_ERRORS as exc:
+            raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
+        return tar_digest.hexdigest()
+
+    def finish(self) -> tuple[int, int]:
+        """Applies the directories' metadata; returns (content bytes, entries)."""
+        self._extractor.finish()
+        return self._extractor.size_bytes, self._extractor.entries
+
+    @property
+    def skipped_devices(self) -> int:
+        return self._extractor.skipped_devices
+
+    def _close_fds(self) -> None:
+        for fd in self._lower_fds:
+            os.close(fd)
+        self._lower_fds.clear()
+        if hasattr(self, "_root"):
+            os.close(self._root)
+
+    def __enter__(self) -> OverlayLayer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._extractor.close()
+        self._close_fds()
+        if exc is not None:
+            _remove_tree(None, str(self._dest))
+
+
+def _walk_beneath(root: int, dir_parts: tuple[str, ...]) -> int:
+    """Opens root/dir_parts one component at a time, never following a link; root itself for ()."""
+    fd = root
+    try:
+        for part in dir_parts:
+            try:
+                next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotADirectoryError(exc.errno, part) from None
+                raise
+            if fd != root:
+                os.close(fd)
+            fd = next_fd
+    except BaseException:
+        if fd != root:
+            os.close(fd)
+        raise
+    return fd
 
 
 def _member_parts(path: str, member: str, what: str) -> tuple[str, ...]:

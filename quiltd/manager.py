@@ -61,6 +61,7 @@ from quiltd.errors import (
 from quiltd.execproto import split_failure
 from quiltd.journalstream import LOG_DROPPED_FILE
 from quiltd.launchspec import LaunchSpec
+from quiltd.layerstore import LayerStore
 from quiltd.model import (
     NO_EXIT_CODE,
     CleanupKind,
@@ -152,6 +153,15 @@ def _describe_fd(fd: int) -> str:
         return "the image descriptor"
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What ImportImage made, and what of the source it left out."""
+
+    image: Image
+    kind: str  # "rootfs", "oci" or "docker": the format the source was read as
+    skipped_devices: int  # device node members not created (docs/images.md)
+
+
 # An import extracts into images/<16 hex digits>; recovery removes one no image names.
 IMPORT_DIR_BYTES = 8
 IMPORT_DIR = re.compile(f"[0-9a-f]{{{2 * IMPORT_DIR_BYTES}}}")
@@ -223,6 +233,7 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
+        self.layers_store = LayerStore(paths.images / "layers")
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
@@ -817,7 +828,7 @@ class Manager:
         return image
 
     async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
-                           caller: Credentials) -> Image:
+                           caller: Credentials) -> ImportResult:
         """Imports the file or layout directory at source, opened with the caller's credentials.
 
         A `docker://`, `oci-archive:` or `docker-archive:` source is a pull (see pull.py).
@@ -844,7 +855,7 @@ class Manager:
         return await self._import(name, fd, source, import_options, caller)
 
     async def import_image_fd(self, name: str, fd: int, opts: Mapping[str, object], *,
-                              caller: Credentials) -> Image:
+                              caller: Credentials) -> ImportResult:
         """Imports the file or layout directory the caller opened; takes fd over."""
         try:
             import_options = self._check_import(name, opts)
@@ -855,7 +866,7 @@ class Manager:
         return await self._import(name, fd, _describe_fd(fd), import_options, caller)
 
     async def _pull(self, name: str, source: pull.PullSource, opts: Mapping[str, object],
-                    caller: Credentials) -> Image:
+                    caller: Credentials) -> ImportResult:
         pull_options = pull.parse_options(opts)
         if source.transport is not pull.Transport.DOCKER:
             # A local archive: the path import, which opens it with the caller's permissions.
@@ -894,7 +905,7 @@ class Manager:
         return import_options
 
     async def _import(self, name: str, fd: int, label: str, import_options: imageimport.ImportOptions,
-                      caller: Credentials) -> Image:
+                      caller: Credentials) -> ImportResult:
         """Imports from fd (taken over); the files of a layout directory are opened as caller."""
         dest = self.paths.images / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
@@ -902,17 +913,42 @@ class Manager:
         def progress(done: int, total: int) -> None:  # in the worker thread
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
-        imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest, import_options.limits,
-                                              progress, import_options.ref, callerfiles.opener(caller))
-        image = Image(name=name, id=imported.image_id, path=str(dest), size_bytes=imported.size_bytes,
-                      created_usec=now_usec(), config=imported.config)
+        store = self.layers_store
+        # overlayfs splits its lowerdir option at ':' and ','; a state dir
+        # holding either keeps every image in one directory, as before.
+        committed: list[str] = []
+        stacked = None if any(c in str(store.root) for c in ":,") else \
+            imageimport.Layers(store, self._store.layer_sizes(), committed)
+        try:
+            imported = await loop.run_in_executor(None, imageimport.run, fd, label, dest,
+                                                  import_options.limits, progress, import_options.ref,
+                                                  callerfiles.opener(caller), stacked)
+        except BaseException:
+            # Its pins are released: what it stored and no image recorded goes.
+            await self._retire_unrecorded(committed)
+            raise
+        diff_ids = tuple(layer.diff_id for layer in imported.layers)
+        path = ":".join(str(store.path(d)) for d in reversed(diff_ids)) if diff_ids else str(dest)
+        image = Image(name=name, id=imported.image_id, path=path, size_bytes=imported.size_bytes,
+                      created_usec=now_usec(), config=imported.config, layers=diff_ids)
         try:
             with self._store.transaction():
-                self._store.insert_image(image)
+                self._store.insert_image(image, tuple((x.diff_id, x.size_bytes) for x in imported.layers))
         except sqlite3.IntegrityError as e:
-            images.remove_tree(dest)
+            if diff_ids:
+                store.unpin(imported.pinned)
+                await self._retire_unrecorded([x.diff_id for x in imported.layers if x.new])
+            else:
+                images.remove_tree(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
-        return image
+        store.unpin(imported.pinned)
+        # The skipped nodes are worth a line: an image that needs one at run
+        # time (a tool opening /dev/something unusual) fails there, not here.
+        log.info("imported image %s (%s, %s), %d bytes; %d device node(s) in it skipped",
+                 name, imported.kind, image.id, image.size_bytes, imported.skipped_devices,
+                 extra={"QUILT_IMAGE": name, "QUILT_IMAGE_ID": image.id,
+                        "QUILT_SKIPPED_DEVICES": str(imported.skipped_devices)})
+        return ImportResult(image, imported.kind, imported.skipped_devices)
 
     def _import_progress(self, name: str, done: int, total: int) -> None:
         for listener in self._progress_listeners:
@@ -951,8 +987,36 @@ class Manager:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
         with self._store.transaction():
             self._store.delete_image(name)
-            leftover = self._store.add_cleanup(CleanupKind.TREE, image.path)
-        await self.cleaner.now([leftover])
+            if image.layers:
+                leftovers = self._retire_unused_layers()
+            else:
+                leftovers = [self._store.add_cleanup(CleanupKind.TREE, image.path)]
+        await self.cleaner.now(leftovers)
+
+    def _retire_unused_layers(self) -> list[int]:
+        """Hands layers no image stacks any more to the cleaner; in the caller's transaction.
+
+        A layer an import has just found and pinned stays: that image will use it.
+        """
+        tasks = []
+        for diff_id in self._store.unused_layers():
+            gone = self.layers_store.retire(diff_id)
+            if gone is not None:
+                self._store.delete_layer(diff_id)
+                tasks.append(self._store.add_cleanup(CleanupKind.TREE, str(gone)))
+        return tasks
+
+    async def _retire_unrecorded(self, diff_ids: list[str]) -> None:
+        """Removes layers an import stored but could not record, unless on record meanwhile."""
+        if not diff_ids:
+            return
+        recorded = self._store.layer_sizes()
+        tasks = []
+        with self._store.transaction():
+            for diff_id in diff_ids:
+                if diff_id not in recorded and (gone := self.layers_store.retire(diff_id)) is not None:
+                    tasks.append(self._store.add_cleanup(CleanupKind.TREE, str(gone)))
+        await self.cleaner.now(tasks)
 
     # Networks
 
@@ -1114,7 +1178,17 @@ class Manager:
             if parent.is_dir():
                 orphans.update(p.name for p in parent.iterdir())
         partial = self._partial_imports()
+        # Made here, not by the first import: the images dir then looks the
+        # same before and after an import that failed.
+        self.layers_store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._store.transaction():
+            # A daemon stopped between removing an image and retiring its
+            # layers, or an import cut off after storing a layer and before
+            # recording its image, leaves layers no image stacks.
+            self._retire_unused_layers()
+            for path in self.layers_store.leftovers(set(self._store.layer_sizes())):
+                log.warning("layer directory %s is on no record (an import cut off): removing it", path)
+                self._store.add_cleanup(CleanupKind.TREE, str(path))
             for container_id in sorted(orphans - known):
                 log.warning("container %s is on no record: cleaning up its leftovers", container_id)
                 self._queue_container_leftovers(container_id)

@@ -144,10 +144,11 @@ class ImageConfig:
 class Image:
     name: str
     id: str  # sha256 of the imported archive, or of the image's config for OCI and docker images
-    path: str  # the extracted root, used as the overlay's lower layer
+    path: str  # the overlay's lower dirs: the extracted root, or its stored layers top first, ':'-joined
     size_bytes: int
     created_usec: int
     config: ImageConfig = ImageConfig()
+    layers: tuple[str, ...] = ()  # diff_ids of its stored layers, base first; () for one directory
 
 
 @dataclass(frozen=True)

@@ -247,22 +247,30 @@ def mount_overlay(rootfs: str, lowerdir: str, upperdir: str, workdir: str, flags
         linux.mount("overlay", rootfs, "overlay", flags,
                     f"lowerdir={lowerdir},upperdir={upperdir},workdir={workdir}")
         return
+    # An image of stored layers has several lower dirs, top first, each
+    # idmapped on its own: a layer is shared, so it cannot be chowned.
+    lowers = lowerdir.split(":")
     # The root directory's owner comes from the upper layer: make it the
-    # image root's, as the container sees it.
-    image_root = os.stat(lowerdir)
+    # image root's (its top layer's), as the container sees it.
+    image_root = os.stat(lowers[0])
     os.chown(upperdir, userns_base + image_root.st_uid, userns_base + image_root.st_gid)
-    staging = os.path.join(os.path.dirname(rootfs), "lower")
-    os.makedirs(staging, mode=0o700, exist_ok=True)
-    fd = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    parent = os.path.dirname(rootfs)
+    stagings = [os.path.join(parent, "lower" if i == 0 else f"lower.{i}") for i in range(len(lowers))]
+    mounted: list[str] = []
     try:
-        idmapped_bind(lowerdir, fd, userns_fd, read_only=True)
-    finally:
-        os.close(fd)
-    try:
+        for lower, staging in zip(lowers, stagings, strict=True):
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+            fd = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                idmapped_bind(lower, fd, userns_fd, read_only=True)
+            finally:
+                os.close(fd)
+            mounted.append(staging)
         linux.mount("overlay", rootfs, "overlay", flags,
-                    f"lowerdir={staging},upperdir={upperdir},workdir={workdir}")
+                    f"lowerdir={':'.join(stagings)},upperdir={upperdir},workdir={workdir}")
     finally:
-        linux.umount2(staging, linux.MNT_DETACH)
+        for staging in mounted:
+            linux.umount2(staging, linux.MNT_DETACH)
 
 
 def mount_in_root(root: str, target: str, fstype: str, flags: int, data: str) -> None:

@@ -21,14 +21,15 @@ import platform
 import re
 import stat
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quiltd import mounts
 from quiltd.errors import AccessDenied, InvalidArgument, InvalidImage
-from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage
+from quiltd.images import CheckedTarInfo, ImageLimits, LayeredImage, OverlayLayer
+from quiltd.layerstore import LayerStore
 from quiltd.model import ImageConfig
 from quiltd.options import ENV_RE, USER_RE
 
@@ -62,6 +63,7 @@ class ImportedImage:
     size_bytes: int
     config: ImageConfig
     layers: int
+    skipped_devices: int = 0  # device node members of its layers, not created
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,107 @@ def _looks_like_v7_tar(fd: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class StoredLayer:
+    diff_id: str  # hex sha256 of the uncompressed layer tar: its name in the layer store
+    size_bytes: int  # its file content
+    new: bool  # extracted by this import, not found in the store
+
+
+@dataclass(frozen=True)
+class LayeredImport:
+    image_id: str  # sha256 of the config blob
+    config: ImageConfig
+    layers: tuple[StoredLayer, ...]  # base first
+    skipped_devices: int  # in the layers this import extracted
+    pinned: tuple[str, ...]  # diff_ids pinned in the store: unpin once the image is on record (or not)
+
+
+def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
+                  on_progress: Callable[[int, int], None] | None = None,
+                  ref: str | None = None, known_sizes: Mapping[str, int] | None = None,
+                  committed: list[str] | None = None) -> LayeredImport:
+    """Stores the layers of `source` in `store`, each once: a layer stored already is not read at all.
+
+    Layers are named by their diff_id (the config's rootfs.diff_ids), and a
+    new one is checked against it and against its blob digest before it
+    gets that name. Closes `source`. `known_sizes` gives the content size of
+    layers on record. Each layer this import stores is added to `committed`
+    as it is: on an error nothing stays pinned, and the caller removes those
+    that no image has recorded meanwhile.
+    """
+    pinned: list[str] = []
+    try:
+        config_blob, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
+        config_bytes = _read_json_bytes(source, config_blob[0], "image config")
+        if config_blob[1] and hashlib.sha256(config_bytes).hexdigest() != config_blob[1]:
+            raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
+        config_json = _json(config_bytes, "image config")
+        config = _image_config(config_json)
+        layers = _with_diff_ids(layers, config_json)
+        present = []
+        for layer in layers:
+            pinned.append(layer.diff_id)
+            present.append(store.pin(layer.diff_id) and layer.diff_id in (known_sizes or {}))
+        todo = [(n, layer) for n, (layer, here) in enumerate(zip(layers, present, strict=True)) if not here]
+        blobs = {n: source.blob(layer.path, "layer") for n, layer in todo}
+        total = sum(b.size for b in blobs.values())
+        done = 0
+
+        def counted(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(done, total)
+
+        if on_progress is not None:
+            on_progress(0, total)
+        stored: list[StoredLayer] = []
+        skipped = 0
+        remaining = limits.max_bytes
+        for number, (layer, here) in enumerate(zip(layers, present, strict=True), start=1):
+            if here:
+                size = (known_sizes or {})[layer.diff_id]
+                stored.append(StoredLayer(layer.diff_id, size, new=False))
+                remaining -= size
+                continue
+            blob = blobs[number - 1]
+            what = f"layer {number} ({layer.path})"
+            # The layers below, top first: a hard link to one of their files becomes a copy.
+            lowers = [store.path(d.diff_id) for d in reversed(stored)]
+            scratch = store.scratch()
+            layer_limits = replace(limits, max_bytes=max(remaining, 0))
+            with OverlayLayer(scratch, layer_limits, lowers) as extracted:
+                reader = _BlobReader(blob, counted)
+                magic = os.pread(blob.fd, 6, blob.offset)[: min(6, blob.size)]
+                tar_digest = extracted.apply(reader, magic, what)
+                if layer.digest and reader.digest.hexdigest() != layer.digest:
+                    raise InvalidImage(f"{what}: content does not match its digest sha256:{layer.digest}")
+                if tar_digest != layer.diff_id:
+                    raise InvalidImage(f"{what}: the uncompressed layer does not match its diff_id "
+                                       f"sha256:{layer.diff_id} in the image config")
+                size, _ = extracted.finish()
+                skipped += extracted.skipped_devices
+            store.commit(scratch, layer.diff_id)
+            if committed is not None:
+                committed.append(layer.diff_id)
+            stored.append(StoredLayer(layer.diff_id, size, new=True))
+            remaining -= size
+        return LayeredImport(hashlib.sha256(config_bytes).hexdigest(), config, tuple(stored), skipped,
+                             tuple(pinned))
+    except BaseException:
+        store.unpin(pinned)
+        raise
+    finally:
+        source.close()
+
+
+def layer_count(source: _Source, ref: str | None = None) -> int:
+    """How many layers the image of `source` has; source stays open."""
+    _, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
+    return len(layers)
+
+
 def import_image(source: _Source, dest: Path, limits: ImageLimits,
                  on_progress: Callable[[int, int], None] | None = None,
                  ref: str | None = None) -> ImportedImage:
@@ -303,7 +406,9 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
                     raise InvalidImage(f"{what}: the uncompressed layer does not match its diff_id "
                                        f"sha256:{layer.diff_id} in the image config")
             size_bytes, _ = image.finish()
-        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs))
+            skipped = image.skipped_devices
+        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs),
+                             skipped)
     finally:
         source.close()
 
@@ -451,14 +556,14 @@ def _docker_layer(path: str) -> _Layer:
 
 
 def _with_diff_ids(layers: list[_Layer], config_json: Any) -> list[_Layer]:
-    """The layers of a docker archive with the config's diff_ids: the digests of the uncompressed tars."""
+    """The layers with the config's diff_ids: the digests of the uncompressed tars."""
     rootfs = config_json.get("rootfs") if isinstance(config_json, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list):
         raise InvalidImage("image config: no rootfs.diff_ids to check the layers against")
     if len(diff_ids) != len(layers):
         raise InvalidImage(f"image config: {len(diff_ids)} rootfs.diff_ids for the {len(layers)} layers "
-                           "of manifest.json")
+                           "of the manifest")
     checked = []
     for layer, diff_id in zip(layers, diff_ids, strict=True):
         hex_digest = _digest_hex(diff_id) if isinstance(diff_id, str) else ""

@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,22 @@ MIGRATIONS = (
     -- every container a caller made: listings and counts show only those.
     ALTER TABLE containers ADD COLUMN pool TEXT NOT NULL DEFAULT '';
     CREATE INDEX containers_pool ON containers(pool) WHERE pool != '';
+    """,
+    """
+    -- Layers kept once by diff_id (images/layers/<diff_id>) and which image
+    -- stacks which, base first (position 0). An image with no rows here is
+    -- one directory, its path, as every image imported before was.
+    CREATE TABLE layers (
+        diff_id TEXT PRIMARY KEY,
+        size_bytes INTEGER NOT NULL
+    );
+    CREATE TABLE image_layers (
+        image TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        diff_id TEXT NOT NULL REFERENCES layers(diff_id),
+        PRIMARY KEY (image, position)
+    );
+    CREATE INDEX image_layers_diff_id ON image_layers(diff_id);
     """,
 )
 
@@ -364,22 +380,48 @@ class Store:
 
     # Images
 
-    def insert_image(self, image: Image) -> None:
+    def insert_image(self, image: Image, layers: tuple[tuple[str, int], ...] = ()) -> None:
+        """Records image; layers, (diff_id, size) base first, are those it stacks (image.layers)."""
         self._db.execute(
             "INSERT INTO images (name, id, path, size_bytes, created_usec, config) VALUES (?, ?, ?, ?, ?, ?)",
             (image.name, image.id, image.path, image.size_bytes, image.created_usec,
              json.dumps(asdict(image.config))),
         )
 
+        for position, (diff_id, size) in enumerate(layers):
+            self._db.execute("INSERT OR IGNORE INTO layers (diff_id, size_bytes) VALUES (?, ?)",
+                             (diff_id, size))
+            self._db.execute("INSERT INTO image_layers (image, position, diff_id) VALUES (?, ?, ?)",
+                             (image.name, position, diff_id))
+
     def find_image(self, name: str) -> Image | None:
         row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
-        return _image_from_row(row) if row else None
+        return self._with_layers(_image_from_row(row)) if row else None
 
     def list_images(self) -> list[Image]:
-        return [_image_from_row(r) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+        return [self._with_layers(_image_from_row(r))
+                for r in self._db.execute("SELECT * FROM images ORDER BY name").fetchall()]
+
+    def _with_layers(self, image: Image) -> Image:
+        rows = self._db.execute("SELECT diff_id FROM image_layers WHERE image = ? ORDER BY position",
+                                (image.name,)).fetchall()
+        return replace(image, layers=tuple(r[0] for r in rows)) if rows else image
 
     def delete_image(self, name: str) -> None:
         self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+    def layer_sizes(self) -> dict[str, int]:
+        """Every layer on record: diff_id -> bytes of file content."""
+        return dict(self._db.execute("SELECT diff_id, size_bytes FROM layers").fetchall())
+
+    def unused_layers(self) -> list[str]:
+        """Layers on record that no image stacks any more."""
+        rows = self._db.execute("SELECT diff_id FROM layers WHERE diff_id NOT IN "
+                                "(SELECT diff_id FROM image_layers) ORDER BY diff_id").fetchall()
+        return [r[0] for r in rows]
+
+    def delete_layer(self, diff_id: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
 
     # Networks and leases
 

@@ -6,7 +6,7 @@ from typing import Any
 from dbus_next.signature import Variant
 
 from quiltd.bus.names import container_path
-from quiltd.manager import ContainerInfo, SystemInfo
+from quiltd.manager import ContainerInfo, ImportResult, SystemInfo
 from quiltd.model import ContainerListing
 from quiltd.pool import PoolState
 
@@ -71,6 +71,17 @@ def container_info(info: ContainerInfo) -> dict[str, Variant]:
         "LogRateBurst": Variant("t", c.spec.log_rate_burst),
         "LogRateIntervalSec": Variant("t", c.spec.log_rate_interval_sec),
         "LogLinesDropped": Variant("t", info.log_lines_dropped),
+    }
+
+
+def import_result(result: ImportResult) -> dict[str, Variant]:
+    image = result.image
+    return {
+        "Name": Variant("s", image.name),
+        "Id": Variant("s", image.id),
+        "SizeBytes": Variant("t", image.size_bytes),
+        "Format": Variant("s", result.kind),
+        "SkippedDevices": Variant("u", result.skipped_devices),
     }
 
 

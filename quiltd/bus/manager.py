@@ -5,6 +5,7 @@
 import os
 
 from dbus_next.service import ServiceInterface, method, signal
+from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.copies import CopyMethods
@@ -16,7 +17,7 @@ from quiltd.bus.names import MANAGER_INTERFACE, container_path
 from quiltd.copies import Copies
 from quiltd.execs import Execs
 from quiltd.logs import Logs
-from quiltd.manager import Manager
+from quiltd.manager import ImportResult, Manager
 
 
 class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
@@ -82,19 +83,32 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def ImportImage(self, name: "s", source: "s", options: "a{sv}") -> "s":
-        image = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
-        return image.id
+        result = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        return result.image.id
+
+    @method()
+    @bus_errors
+    async def ImportImageEx(self, name: "s", source: "s", options: "a{sv}") -> "a{sv}":
+        result = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        return convert.import_result(result)
 
     @method()
     @bus_errors
     async def ImportImageFd(self, name: "s", fd: "h", options: "a{sv}") -> "s":
+        return (await self._import_fd(name, fd, options)).image.id
+
+    @method()
+    @bus_errors
+    async def ImportImageFdEx(self, name: "s", fd: "h", options: "a{sv}") -> "a{sv}":
+        return convert.import_result(await self._import_fd(name, fd, options))
+
+    async def _import_fd(self, name: str, fd: int, options: dict[str, Variant]) -> ImportResult:
         try:
             who, opts = caller(), convert.unwrap(options)
         except BaseException:
             os.close(fd)  # the core takes it over only once called
             raise
-        image = await self._m.import_image_fd(name, fd, opts, caller=who)
-        return image.id
+        return await self._m.import_image_fd(name, fd, opts, caller=who)
 
     @method()
     @bus_errors

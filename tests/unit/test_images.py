@@ -282,8 +282,8 @@ def test_deep_tree_extracts_and_removes(tmp_path: Path) -> None:
 
 
 def test_deep_tree_is_cleaned_up_after_a_refusal(tmp_path: Path) -> None:
-    source = archive(tmp_path, [reg("d/" * 1500 + "f", b"x"), node("dev/null", tarfile.CHRTYPE)])
-    assert "dev/null" in refuse(source, tmp_path / "rootfs")
+    source = archive(tmp_path, [reg("d/" * 1500 + "f", b"x"), reg("../evil", b"x")])
+    assert "../evil" in refuse(source, tmp_path / "rootfs")
 
 
 def test_remove_tree_does_not_follow_symlinks(tmp_path: Path, outside: Path) -> None:
@@ -345,15 +345,14 @@ ATTACKS: dict[str, tuple[list[Member], str]] = {
     # Long enough that tarfile stores it in a pax header, not the ustar name.
     "dotdot-pax": ([reg("../" + "p" * 150, b"x")], "../" + "p" * 150),
     "absolute": ([reg("/etc/evil", b"x")], "/etc/evil"),
-    "absolute-symlink": ([sym("lib", "/etc")], "lib"),
     "escaping-symlink": ([dir_("a"), sym("a/up", "../../etc")], "a/up"),
     "escaping-symlink-dotdot": ([sym("up", "..")], "up"),
     "hardlink-absolute": ([hard("shadow", "/etc/shadow")], "shadow"),
     "hardlink-dotdot": ([hard("passwd-link", "../../etc/passwd")], "passwd-link"),
     "hardlink-not-extracted": ([hard("ghost-link", "bin/ghost")], "ghost-link"),
     "hardlink-to-symlink": ([sym("s", "f"), hard("s-link", "s")], "s-link"),
-    "char-device": ([node("dev/null", tarfile.CHRTYPE)], "dev/null"),
-    "block-device": ([node("dev/sda", tarfile.BLKTYPE)], "dev/sda"),
+    # An absolute link is stored, but nothing is ever written through it.
+    "write-through-absolute-symlink": ([sym("lib", "/etc"), reg("lib/passwd", b"x")], "lib/passwd"),
     # Each link alone stays inside, but writing through them would not.
     "write-through-symlink-chain": (
         [dir_("c"), sym("c/b", ".."), sym("d", "c/b/.."), reg("d/x", b"x")],
@@ -389,12 +388,12 @@ def test_symlink_then_write_through_it_is_refused(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_refusal_mid_stream_stops_promptly_and_leaves_nothing(tmp_path: Path, kind: str) -> None:
-    # The decompressor still has 24 MiB to go when the device node is
-    # refused; zstd in particular must be stopped, not waited for.
-    members = [reg("first", b"x"), node("dev/null", tarfile.CHRTYPE), reg("big", bytes(24 << 20))]
+    # The decompressor still has 24 MiB to go when the escape is refused;
+    # zstd in particular must be stopped, not waited for.
+    members = [reg("first", b"x"), reg("../evil", b"x"), reg("big", bytes(24 << 20))]
     source = archive(tmp_path, members, kind)
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert "dev/null" in refuse(source, tmp_path / "rootfs")
+    assert "../evil" in refuse(source, tmp_path / "rootfs")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -590,3 +589,56 @@ def test_busybox_image_builds_and_extracts(tmp_path: Path) -> None:
         [str(dest / "bin/busybox"), "echo", "ok"], capture_output=True, text=True, check=True
     )
     assert out.stdout == "ok\n"
+
+
+# -- distribution roots: absolute links and device nodes -------------------------
+
+
+def test_absolute_symlinks_are_stored_as_they_are(tmp_path: Path, outside: Path) -> None:
+    # As in every Debian root: /etc/alternatives and usrmerge's /bin.
+    source = archive(tmp_path, [
+        dir_("usr/bin"), reg("usr/bin/mawk", b"mawk"), sym("bin", "usr/bin"),
+        dir_("etc/alternatives"), sym("etc/alternatives/awk", "/usr/bin/mawk"),
+        sym("escape", str(outside)),
+    ])
+    dest = tmp_path / "rootfs"
+    result = extract_rootfs_tarball(source, dest)
+    assert os.readlink(dest / "etc/alternatives/awk") == "/usr/bin/mawk"
+    # Stored, not resolved: on the host it points wherever it points, and
+    # nothing here ever followed it.
+    assert os.readlink(dest / "escape") == str(outside)
+    assert list(outside.iterdir()) == []
+    assert result.skipped_devices == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_device_nodes_are_skipped_and_counted(tmp_path: Path, kind: str) -> None:
+    # What mmdebstrap writes by default at the top of its tarball.
+    source = archive(tmp_path, [
+        dir_("dev"), node("dev/console", tarfile.CHRTYPE), node("dev/null", tarfile.CHRTYPE),
+        sym("dev/fd", "/proc/self/fd"), node("dev/sda", tarfile.BLKTYPE), reg("etc/hostname", b"h\n"),
+    ], kind)
+    dest = tmp_path / "rootfs"
+    result = extract_rootfs_tarball(source, dest)
+    assert result.skipped_devices == 3
+    assert sorted(os.listdir(dest / "dev")) == ["fd"]
+    assert (dest / "etc/hostname").read_bytes() == b"h\n"
+    assert result.entries == 6
+
+
+def test_a_skipped_device_node_still_replaces_what_was_at_its_path(tmp_path: Path) -> None:
+    # tar replaces an earlier member by a later one of the same name; a node
+    # left out must not leave the older file showing through.
+    source = archive(tmp_path, [reg("dev/null", b"a file first"), node("dev/null", tarfile.CHRTYPE)])
+    dest = tmp_path / "rootfs"
+    assert extract_rootfs_tarball(source, dest).skipped_devices == 1
+    assert not os.path.lexists(dest / "dev/null")
+
+
+def test_a_device_node_below_a_symlink_is_refused_not_skipped(tmp_path: Path, outside: Path) -> None:
+    # Skipping still removes what is at the path, so the path is checked
+    # like any other member's: never through a link.
+    (outside / "keep").write_text("x")
+    source = archive(tmp_path, [sym("d", str(outside)), node("d/keep", tarfile.CHRTYPE)])
+    assert "d/keep" in refuse(source, tmp_path / "rootfs")
+    assert (outside / "keep").read_text() == "x"

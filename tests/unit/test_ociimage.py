@@ -7,13 +7,16 @@ import hashlib
 import json
 import os
 import re
+import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from quiltd import imageimport
+from quiltd import imageimport, ociimage
 from quiltd.errors import InvalidArgument, InvalidImage, LimitExceeded
 from quiltd.images import ImageLimits
+from quiltd.layerstore import LayerStore
 from quiltd.model import ImageConfig
 from tests import imagebuilders as b
 
@@ -85,7 +88,6 @@ def test_a_plain_rootfs_tarball_is_not_taken_for_an_image_archive(tmp_path: Path
         ([b.file("../escape", b"x")], "contains '..'"),
         ([b.symlink("link", "../../../etc")], "escapes the image root"),
         ([b.hardlink("shadow", "/etc/shadow")], "absolute hard link target"),
-        ([b.device("dev/null")], "device nodes"),
         ([b.symlink("d", "/etc"), b.file("d/passwd", b"x")], "refusing to write through it"),
     ],
 )
@@ -98,6 +100,23 @@ def test_hostile_layer_is_refused_by_path_and_leaves_nothing(
         import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
     assert "layer 2" in caught.value.message
     assert not os.path.lexists(tmp_path / "image")
+
+
+@pytest.mark.parametrize("layout", ["oci-dir", "oci-tar", "docker"])
+def test_device_nodes_of_a_base_layer_are_skipped_and_counted(tmp_path: Path, layout: str) -> None:
+    # Base layers made from a debootstrap or mmdebstrap root carry /dev.
+    base = b.tar_bytes([b.directory("dev"), b.device("dev/null"), b.device("dev/zero"),
+                        b.directory("etc"), b.file("etc/hostname", b"h")])
+    layers = [base, b.tar_bytes([b.device("dev/tty"), b.file("etc/motd", b"m")])]
+    if layout == "docker":
+        source = b.write_tar(b.docker_files(layers, {}), tmp_path / "image.tar")
+    elif layout == "oci-tar":
+        source = b.write_tar(b.oci_files(layers, {}), tmp_path / "image.tar")
+    else:
+        source = b.write_dir(b.oci_files(layers, {}), tmp_path / "layout")
+    got = import_path(source, tmp_path / "image", ImageLimits(), lambda *_: None)
+    assert got.skipped_devices == 3
+    assert tree(tmp_path / "image") == ["dev", "etc", "etc/hostname", "etc/motd"]
 
 
 def test_layer_not_matching_its_digest_is_refused(tmp_path: Path) -> None:
@@ -329,3 +348,79 @@ def test_ref_option_is_checked(ref: object) -> None:
     with pytest.raises(InvalidArgument, match="option ref"):
         imageimport.parse_options({"ref": ref})
     assert imageimport.parse_options({"ref": "busybox:latest"}).ref == "busybox:latest"
+
+
+# -- layers kept once, in overlayfs's format -------------------------------------
+
+
+def import_layered(source: Path, store: LayerStore, known: dict[str, int] | None = None,
+                   committed: list[str] | None = None) -> ociimage.LayeredImport:
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    image_source = ociimage.open_image_source(fd, str(source), ociimage.plain_opener)
+    assert image_source is not None
+    return ociimage.import_layers(image_source, store, ImageLimits(), None, None, known, committed)
+
+
+def test_layers_are_stored_apart_with_overlayfs_whiteouts(tmp_path: Path) -> None:
+    layers = two_layers()
+    source = b.write_tar(b.oci_files(layers, CONFIG), tmp_path / "image.tar")
+    store = LayerStore(tmp_path / "layers")
+    got = import_layered(source, store)
+    assert [layer.new for layer in got.layers] == [True, True]
+    lower, upper = (store.path(layer.diff_id) for layer in got.layers)
+    assert got.layers[0].diff_id == hashlib.sha256(layers[0]).hexdigest()
+    assert tree(lower) == ["bin", "etc", "etc/a", "etc/b", "gone", "gone/f", "opt", "opt/keep", "opt/x",
+                           "opt/x/old"]
+    for hidden in ("etc/a", "gone"):
+        st = os.lstat(upper / hidden)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, hidden
+    if os.geteuid() == 0:
+        assert os.getxattr(upper / "opt", "trusted.overlay.opaque") == b"y"
+    assert (upper / "opt/x/new").read_bytes() == b"n"
+    # A hard link to a file of the layer below is a copy: that inode is shared.
+    assert (upper / "etc/b2").read_bytes() == b"b"
+    assert os.stat(upper / "etc/b2").st_ino != os.stat(lower / "etc/b").st_ino
+    assert got.pinned == tuple(layer.diff_id for layer in got.layers)
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(got.pinned)
+
+
+def test_a_stored_layer_is_not_read_again(tmp_path: Path) -> None:
+    base = b.tar_bytes([b.directory("etc"), b.file("etc/os-release", b"debian")])
+    store = LayerStore(tmp_path / "layers")
+    first = import_layered(b.write_tar(b.docker_files([base, b.tar_bytes([b.file("a", b"a")])], {}),
+                                       tmp_path / "a.tar"), store)
+    known = {layer.diff_id: layer.size_bytes for layer in first.layers}
+    files = b.docker_files([base, b.tar_bytes([b.file("b", b"b")])], {})
+    # The shared layer's bytes in the second archive are garbage: never read.
+    files[next(p for p in files if files[p] == base)] = b"x" * len(base)
+    second = import_layered(b.write_tar(files, tmp_path / "b.tar"), store, known)
+    assert [layer.new for layer in second.layers] == [False, True]
+    assert second.layers[0] == replace(first.layers[0], new=False)
+    assert len(list(store.root.iterdir())) == 3
+
+
+def test_a_failed_layered_import_names_what_it_stored_and_leaves_no_scratch(tmp_path: Path) -> None:
+    files = b.oci_files([b.tar_bytes([b.file("f", b"one")]), b.tar_bytes([b.file("g", b"two")])], {})
+    blob = next(p for p, data in files.items() if data.startswith(b"g"))
+    files[blob] = b.tar_bytes([b.file("g", b"TWO")])
+    store = LayerStore(tmp_path / "layers")
+    committed: list[str] = []
+    with pytest.raises(InvalidImage, match="layer 2"):
+        import_layered(b.write_tar(files, tmp_path / "image.tar"), store, None, committed)
+    assert [p.name for p in store.root.iterdir()] == committed
+    assert store.retire(committed[0]) is not None  # nothing stays pinned
+
+
+@pytest.mark.parametrize("compression", ["tar", "gzip"])
+def test_a_truncated_layer_leaves_no_layer(tmp_path: Path, compression: str) -> None:
+    layer = b.tar_bytes([b.file("f", bytes(64 << 10))])
+    if compression == "gzip":
+        layer = gzip.compress(layer)
+    files = b.docker_files([layer], {})
+    path = next(p for p in files if p.endswith("/layer.tar"))
+    files[path] = files[path][: len(files[path]) // 2]
+    store = LayerStore(tmp_path / "layers")
+    committed: list[str] = []
+    with pytest.raises(InvalidImage, match=r"layer 1 .*(truncated|corrupt|unexpected end of data)"):
+        import_layered(b.write_tar(files, tmp_path / "image.tar"), store, None, committed)
+    assert committed == [] and list(store.root.iterdir()) == []
