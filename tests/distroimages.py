@@ -79,8 +79,9 @@ def debootstrap_tars() -> dict[str, Path]:
 
     "tar": `tar -C root -cf OUT .` (names start with ./, /dev as debootstrap
     made it, with its nodes). "flat": top-level names without ./ and an
-    empty /dev, as `podman export` (and `docker export`) write a container's
-    root. "cloud-xz": a `.tar.xz` as the cloud rootfs downloads are, ./ names.
+    empty /dev, as `docker export` writes a container's root (podman_export_tar
+    is podman's own, which keeps the nodes). "cloud-xz": a `.tar.xz` as the
+    cloud rootfs downloads are, ./ names.
     """
     recipe = ["debootstrap", "--variant=minbase", SUITE, MIRROR, _version("debootstrap"), "tar-v1"]
     shapes = {"tar": ".tar", "flat": ".tar", "cloud-xz": ".tar.xz"}
@@ -105,3 +106,26 @@ def debootstrap_tars() -> dict[str, Path]:
                     os.rename(tmp, path)
             stamp.write_text("built\n")
     return paths
+
+
+def podman_export_tar() -> Path:
+    """What `podman export` writes for a container of the debootstrap root (created, never run).
+
+    podman keeps its store in a scratch directory and runs in a network
+    namespace of its own, so nothing of it reaches this host's podman or
+    network.
+    """
+    base = debootstrap_tars()["tar"]
+    recipe = ["podman-export", base.name, _version("podman")]
+    with _cached("podman-export", recipe, ".tar") as (path, out):
+        if out is not None:
+            store = out.parent
+            podman = (f"podman --root {store}/root --runroot {store}/run --storage-driver vfs "
+                      "--cgroup-manager cgroupfs --events-backend file")
+            script = (f"{podman} import {base} localhost/quilt-test-base >/dev/null && "
+                      f"id=$({podman} create --network none localhost/quilt-test-base /bin/true) && "
+                      f"{podman} export -o {out} $id")
+            subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--",
+                            "sh", "-c", script], check=True, capture_output=True)
+    return path
+
