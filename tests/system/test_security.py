@@ -207,8 +207,8 @@ def test_quiltd_service_is_hardened(sandbox: Any) -> None:
     text = report.stdout.decode()
     (overall,) = [line for line in text.splitlines() if "Overall exposure level" in line]
     assert float(overall.split(":")[1].split()[0]) <= 7.1, overall
-    shown = sandbox.run(["systemctl", "show", "quiltd", "-p", "NoNewPrivileges", "-p", "RestrictRealtime",
-                         "-p", "ProtectClock", "-p", "CapabilityBoundingSet", "-p", "MainPID"]).stdout.decode()
+    properties = ("NoNewPrivileges", "RestrictRealtime", "ProtectClock", "CapabilityBoundingSet", "MainPID")
+    shown = sandbox.run(["systemctl", "show", "quiltd", *(f"-p{p}" for p in properties)]).stdout.decode()
     assert "NoNewPrivileges=yes" in shown and "ProtectClock=yes" in shown, shown
     # No setting may give quiltd a mount namespace of its own: it must see
     # the host's mounts as they are, also those made after it started.
