@@ -957,16 +957,7 @@ class LayeredImage:
         Returns the sha256 (hex) of the layer's uncompressed tar stream.
         """
         self._extractor.begin_layer()
-        tar_digest = hashlib.sha256()
-        try:
-            _apply(raw, magic, self._extractor, _stream_cap(self._limits), tar_digest)
-        except InvalidImage as exc:
-            raise InvalidImage(f"{what}: {exc.message}") from exc
-        except LimitExceeded as exc:
-            raise LimitExceeded(f"{what}: {exc.message}") from exc
-        except _ARCHIVE_ERRORS as exc:
-            raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
-        return tar_digest.hexdigest()
+        return _apply_layer(raw, magic, self._extractor, self._limits, what)
 
     def finish(self) -> tuple[int, int]:
         """Applies the directories' metadata; returns (content bytes, entries)."""
@@ -987,6 +978,24 @@ class LayeredImage:
         os.close(self._root)
         if exc is not None:
             _remove_tree(None, str(self._dest))
+
+
+def _apply_layer(raw: io.RawIOBase, magic: bytes, extractor: _Extractor, limits: ImageLimits,
+                 what: str) -> str:
+    """Extracts one layer with extractor; the sha256 (hex) of its uncompressed tar stream.
+
+    Errors name the layer (what).
+    """
+    tar_digest = hashlib.sha256()
+    try:
+        _apply(raw, magic, extractor, _stream_cap(limits), tar_digest)
+    except InvalidImage as exc:
+        raise InvalidImage(f"{what}: {exc.message}") from exc
+    except LimitExceeded as exc:
+        raise LimitExceeded(f"{what}: {exc.message}") from exc
+    except _ARCHIVE_ERRORS as exc:
+        raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
+    return tar_digest.hexdigest()
 
 
 class OverlayLayer:
@@ -1022,16 +1031,7 @@ class OverlayLayer:
 
         Returns the sha256 (hex) of the layer's uncompressed tar stream.
         """
-        tar_digest = hashlib.sha256()
-        try:
-            _apply(raw, magic, self._extractor, _stream_cap(self._limits), tar_digest)
-        except InvalidImage as exc:
-            raise InvalidImage(f"{what}: {exc.message}") from exc
-        except LimitExceeded as exc:
-            raise LimitExceeded(f"{what}: {exc.message}") from exc
-        except _ARCHIVE_ERRORS as exc:
-            raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
-        return tar_digest.hexdigest()
+        return _apply_layer(raw, magic, self._extractor, self._limits, what)
 
     def finish(self) -> tuple[int, int]:
         """Applies the directories' metadata; returns (content bytes, entries)."""
