@@ -295,13 +295,9 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
     """
     pinned: list[str] = []
     try:
-        config_blob, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
-        config_bytes = _read_json_bytes(source, config_blob[0], "image config")
-        if config_blob[1] and hashlib.sha256(config_bytes).hexdigest() != config_blob[1]:
-            raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
-        config_json = _json(config_bytes, "image config")
-        config = _image_config(config_json)
-        layers = _with_diff_ids(layers, config_json)
+        read = _read_manifest_and_config(source, ref)
+        layers, config = read.layers, read.config
+        layers = _with_diff_ids(layers, read.config_json)
         present = []
         for layer in layers:
             pinned.append(layer.diff_id)
@@ -350,7 +346,7 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
                 committed.append(layer.diff_id)
             stored.append(StoredLayer(layer.diff_id, size, new=True))
             remaining -= size
-        return LayeredImport(hashlib.sha256(config_bytes).hexdigest(), config, tuple(stored), skipped,
+        return LayeredImport(read.image_id, config, tuple(stored), skipped,
                              tuple(pinned))
     except BaseException:
         store.unpin(pinned)
@@ -374,14 +370,10 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
     archive of one image is imported without it.
     """
     try:
-        config_blob, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
-        config_bytes = _read_json_bytes(source, config_blob[0], "image config")
-        if config_blob[1] and hashlib.sha256(config_bytes).hexdigest() != config_blob[1]:
-            raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
-        config_json = _json(config_bytes, "image config")
-        config = _image_config(config_json)
+        read = _read_manifest_and_config(source, ref)
+        layers, config = read.layers, read.config
         if source.docker:
-            layers = _with_diff_ids(layers, config_json)
+            layers = _with_diff_ids(layers, read.config_json)
         blobs = [(layer, source.blob(layer.path, "layer")) for layer in layers]
         total = sum(b.size for _, b in blobs)
         done = 0
@@ -407,7 +399,7 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
                                        f"sha256:{layer.diff_id} in the image config")
             size_bytes, _ = image.finish()
             skipped = image.skipped_devices
-        return ImportedImage(hashlib.sha256(config_bytes).hexdigest(), size_bytes, config, len(blobs),
+        return ImportedImage(read.image_id, size_bytes, config, len(blobs),
                              skipped)
     finally:
         source.close()
@@ -553,6 +545,26 @@ def _docker_layer(path: str) -> _Layer:
     """A layer named <id>/layer.tar has no digest of its bytes; one named blobs/sha256/<hex> has."""
     match = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", path)
     return _Layer(path, match.group(1) if match else "")
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What the manifest and config of an image say."""
+
+    layers: list[_Layer]  # as the manifest lists them, base first
+    config_json: Any
+    config: ImageConfig
+    image_id: str  # the sha256 (hex) of the config blob, as docker and podman name an image
+
+
+def _read_manifest_and_config(source: _Source, ref: str | None) -> _Read:
+    config_blob, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
+    config_bytes = _read_json_bytes(source, config_blob[0], "image config")
+    image_id = hashlib.sha256(config_bytes).hexdigest()
+    if config_blob[1] and image_id != config_blob[1]:
+        raise InvalidImage(f"image config {config_blob[0]}: content does not match its digest")
+    config_json = _json(config_bytes, "image config")
+    return _Read(layers, config_json, _image_config(config_json), image_id)
 
 
 def _with_diff_ids(layers: list[_Layer], config_json: Any) -> list[_Layer]:
