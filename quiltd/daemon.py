@@ -17,22 +17,24 @@ from dbus_next.errors import DBusError
 from systemd import daemon as sd_daemon
 from systemd import journal
 
-from quiltd import __version__, config, hostreset
-from quiltd.bus.connection import MessageBus
+from quiltd import __version__
 from quiltd.bus.gate import BusGate
-from quiltd.bus.names import BUS_NAME
 from quiltd.bus.peer import PeerServer, listeners_from_fds
 from quiltd.bus.service import BusService
-from quiltd.copies import Copies
-from quiltd.execs import Execs
-from quiltd.logs import Logs
-from quiltd.manager import Manager, RecoveryOutcome
-from quiltd.network import Netlink
-from quiltd.notify import Notifier
+from quiltd.core import config
+from quiltd.core.copies import Copies
+from quiltd.core.execs import Execs
+from quiltd.core.logs import Logs
+from quiltd.core.manager import Manager, RecoveryOutcome
+from quiltd.dbusnext.connection import MessageBus
+from quiltd.host.notify import Notifier
+from quiltd.host.scopes import Systemd
+from quiltd.names import BUS_NAME
+from quiltd.net import hostreset
+from quiltd.net.network import Netlink
 from quiltd.paths import Paths
-from quiltd.scopes import Systemd
-from quiltd.spawner import ForkServer
-from quiltd.store import Store
+from quiltd.runtime.spawner import ForkServer
+from quiltd.store.database import Store
 
 log = logging.getLogger("quiltd")
 

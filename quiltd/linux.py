@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import platform
+import struct
+import termios
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -162,3 +165,13 @@ def close_fds_except(keep: set[int]) -> None:
             # One of them is the listing's own descriptor, already gone.
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    """Sets a terminal's size; on the master, the command sees it (and gets SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def get_size(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return rows, cols

@@ -46,7 +46,7 @@ from dbus_next.signature import SignatureTree, SignatureType, Variant
 
 # quiltd's own MessageBus: dbus-next's drops the connection when the socket is full (EAGAIN),
 # which calls in flight together with megabyte strings do.
-from quiltd.bus.connection import MessageBus
+from quiltd.dbusnext.connection import MessageBus
 
 REPO = Path(__file__).resolve().parent.parent
 INTERFACE_XML = REPO / "dbus" / "org.quilt.Quilt1.xml"

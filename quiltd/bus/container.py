@@ -10,12 +10,11 @@ from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import exec_reply
 from quiltd.bus.gate import caller
-from quiltd.bus.interfaces import SharedMembersInterface
-from quiltd.bus.names import CONTAINER_INTERFACE
-from quiltd.execs import Execs
-from quiltd.manager import Manager
-from quiltd.model import Container
-from quiltd.scopes import Usage
+from quiltd.core.execs import Execs
+from quiltd.core.manager import Manager
+from quiltd.dbusnext.interfaces import SharedMembersInterface
+from quiltd.model import Container, Usage
+from quiltd.names import CONTAINER_INTERFACE
 
 READ = PropertyAccess.READ
 

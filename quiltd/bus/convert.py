@@ -5,10 +5,10 @@ from typing import Any
 
 from dbus_next.signature import Variant
 
-from quiltd.bus.names import container_path
-from quiltd.manager import ContainerInfo, ImportResult, SystemInfo
+from quiltd.core.manager import ContainerInfo, ImportResult, SystemInfo
+from quiltd.core.pool import PoolState
 from quiltd.model import ContainerListing
-from quiltd.pool import PoolState
+from quiltd.names import container_path
 
 
 def unwrap(options: dict[str, Variant]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dbus_next.signature import Variant
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.gate import caller
-from quiltd.copies import Copies
+from quiltd.core.copies import Copies
 
 
 class CopyMethods:

@@ -10,8 +10,8 @@ from dbus_next.signature import Variant
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.gate import caller
+from quiltd.core.execs import ExecResult, Execs
 from quiltd.errors import OutputTruncated
-from quiltd.execs import ExecResult, Execs
 
 
 def exec_reply(result: ExecResult) -> list[Any]:

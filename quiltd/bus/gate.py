@@ -28,7 +28,7 @@ from dbus_next.message import Message
 
 from quiltd import access
 from quiltd.access import Credentials
-from quiltd.bus.connection import MessageBus
+from quiltd.dbusnext.connection import MessageBus
 from quiltd.errors import AccessDenied
 
 log = logging.getLogger("quiltd")

@@ -6,7 +6,7 @@ from dbus_next.service import method
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
-from quiltd.logs import Logs
+from quiltd.core.logs import Logs
 
 
 def text(data: bytes) -> str:

@@ -13,11 +13,11 @@ from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import ExecMethods
 from quiltd.bus.gate import caller
 from quiltd.bus.logs import LogMethods
-from quiltd.bus.names import MANAGER_INTERFACE, container_path
-from quiltd.copies import Copies
-from quiltd.execs import Execs
-from quiltd.logs import Logs
-from quiltd.manager import ImportResult, Manager
+from quiltd.core.copies import Copies
+from quiltd.core.execs import Execs
+from quiltd.core.logs import Logs
+from quiltd.core.manager import ImportResult, Manager
+from quiltd.names import MANAGER_INTERFACE, container_path
 
 
 class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):

@@ -40,8 +40,8 @@ from dbus_next.service import ServiceInterface
 
 from quiltd import access
 from quiltd.access import Credentials
-from quiltd.bus.connection import MessageBus
 from quiltd.bus.gate import PeerGate, groups_of
+from quiltd.dbusnext.connection import MessageBus
 
 log = logging.getLogger("quiltd")
 

@@ -13,12 +13,12 @@ from dbus_next.message import Message
 
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
-from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_PATH, container_path
-from quiltd.copies import Copies
-from quiltd.execs import Execs
-from quiltd.logs import Logs
-from quiltd.manager import Manager
+from quiltd.core.copies import Copies
+from quiltd.core.execs import Execs
+from quiltd.core.logs import Logs
+from quiltd.core.manager import Manager
 from quiltd.model import Container, Exec
+from quiltd.names import CONTAINER_INTERFACE, MANAGER_PATH, container_path
 
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 

@@ -18,7 +18,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
-from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, container_path
+from quiltd.names import CONTAINER_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, container_path
 from tests.system.conftest import run
 
 pytestmark = pytest.mark.system

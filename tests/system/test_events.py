@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from quiltd.bus.names import CONTAINER_PATH_PREFIX
+from quiltd.names import CONTAINER_PATH_PREFIX
 from tests.system.conftest import eventually, run
 
 pytestmark = pytest.mark.system

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from quiltd import errors, ptys
+from quiltd import errors, linux
 from tests.system.conftest import eventually, run
 from tests.system.test_daemon_faults import fd_count, main_pid
 from tests.system.test_quiltctl import QUILTCTL, ctl
@@ -58,7 +58,7 @@ def test_a_shell_on_a_pty_of_the_container(quilt: Any, name: str) -> None:
                 out = read_until(master, b"is-a-2tty")
                 assert b"/dev/pts/0" in out and b"24 80" in out and b"65534" in out, out
                 # Resized from our side: the command sees it.
-                ptys.set_size(master, 30, 100)
+                linux.set_size(master, 30, 100)
                 os.write(master, b"stty size | tr ' ' x\n")
                 assert b"30x100" in read_until(master, b"30x100")
                 # Ctrl-C reaches its foreground job through the terminal's line discipline.

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from quiltd.security import DENIED_SYSCALLS
+from quiltd.runtime.security import DENIED_SYSCALLS
 from tests.system.conftest import BUS
 from tests.system.test_security import journal_lines, run_to_end
 

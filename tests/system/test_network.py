@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from quiltd import errors
-from quiltd.network import container_mac
+from quiltd.net.network import container_mac
 from tests.system.conftest import eventually, records, run
 
 pytestmark = pytest.mark.system

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from quiltd import errors
-from quiltd.pull import host_arch
+from quiltd.images.pull import host_arch
 from tests import imagebuilders as b
 from tests.system.conftest import BUS, BUSYBOX_TARBALL, REPO, run
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401  (the fixture)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from quiltd.security import DEFAULT_CAPABILITY_MASK
+from quiltd.runtime.security import DEFAULT_CAPABILITY_MASK
 from tests.system.conftest import eventually, run
 
 pytestmark = pytest.mark.system

@@ -11,7 +11,7 @@ import pytest
 
 from quiltd import errors
 from quiltd.client import QuiltClient
-from quiltd.network import veth_name
+from quiltd.names import veth_name
 from tests.system.conftest import BUS, REPO, eventually, run
 from tests.system.test_access import AS_MEMBER, member  # noqa: F401 (a fixture)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quiltd.cgroupusage import CgroupUsage
+from quiltd.host.cgroupusage import CgroupUsage
 from quiltd.model import Usage
 
 UNIT = "quilt-0123456789abcdef.scope"

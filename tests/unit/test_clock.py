@@ -12,11 +12,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-from quiltd import cleanup
-from quiltd.cleanup import Cleaner
-from quiltd.manager import finished_usec
+from quiltd.core import cleanup
+from quiltd.core.cleanup import Cleaner
+from quiltd.core.manager import finished_usec
 from quiltd.model import CleanupKind, Container, ContainerSpec
-from quiltd.store import MIGRATIONS, Store
+from quiltd.store.database import MIGRATIONS, Store
 
 DAY_USEC = 86_400 * 1_000_000
 T0 = 1_800_000_000 * 1_000_000

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import config
-from quiltd.config import Config, ConfigError
+from quiltd.core import config
+from quiltd.core.config import Config, ConfigError
 
 
 def test_no_file_grants_members_nothing(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import ctl
+from quiltd.cli import ctl
 
 COMPLETION = Path(__file__).resolve().parents[2] / "packaging/bash-completion/quiltctl"
 DOC = Path(__file__).resolve().parents[2] / "docs/quiltctl.md"
@@ -23,7 +23,7 @@ def verbs() -> list[str]:
 
 @pytest.mark.parametrize("verb", [*verbs(), "images ls", "images import", "images rm"])
 def test_every_verb_has_help(verb: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "quiltd.ctl", *verb.split(), "--help"],
+    result = subprocess.run([sys.executable, "-m", "quiltd.cli.ctl", *verb.split(), "--help"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: quiltctl {verb}")

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from quiltd import ctlmonitor, ctloutput, errors
+from quiltd import errors
+from quiltd.cli import ctlmonitor, ctloutput
+from quiltd.cli.ctlmonitor import Event, Sample
 from quiltd.client import CALL_TIMEOUT, QuiltClient
-from quiltd.ctlmonitor import Event, Sample
 
 WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
 

@@ -14,14 +14,14 @@ from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from quiltd.bus.connection import handed_over, refuse_fds_in_variants
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.peer import MAX_AUTHENTICATING_PER_UID, PeerServer
+from quiltd.core.retries import CommitQueue
+from quiltd.dbusnext.connection import handed_over, refuse_fds_in_variants
 from quiltd.errors import Busy, InvalidArgument, NoSpace
+from quiltd.host.notify import Notifier, notify_address
 from quiltd.model import Volume
-from quiltd.notify import Notifier, notify_address
-from quiltd.retries import CommitQueue
-from quiltd.store import Store, unavailable
+from quiltd.store.database import Store, unavailable
 
 
 def test_notify_addresses() -> None:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from systemd import journal
 
-from quiltd import journalreader
+from quiltd.core.logs import Logs
 from quiltd.errors import LimitExceeded
-from quiltd.journalreader import Follower, JournalError, JournalWatch, Query
-from quiltd.logs import Logs
+from quiltd.host import journalreader
+from quiltd.host.journalreader import Follower, JournalError, JournalWatch, Query
 from quiltd.model import State
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import hostreset
+from quiltd.net import hostreset
 
 
 def test_the_value_found_first_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

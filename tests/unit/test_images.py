@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 
 from quiltd.errors import InvalidImage, LimitExceeded
-from quiltd.images import DISK_RESERVE, ExtractedImage, ImageLimits, extract_rootfs_tarball, remove_tree
+from quiltd.images.extract import (
+    DISK_RESERVE,
+    ExtractedImage,
+    ImageLimits,
+    extract_rootfs_tarball,
+    remove_tree,
+)
 from tests.imagebuilders import sparse_tar
 
 REPO = Path(__file__).resolve().parents[2]

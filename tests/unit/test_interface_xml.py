@@ -17,10 +17,10 @@ from dbus_next.introspection import Interface, Node
 from dbus_next.service import ServiceInterface
 
 from quiltd.bus.container import ContainerInterface
-from quiltd.bus.introspection import Introspector
 from quiltd.bus.manager import ManagerInterface
-from quiltd.bus.names import CONTAINER_INTERFACE, MANAGER_INTERFACE
+from quiltd.dbusnext.introspection import Introspector
 from quiltd.model import Container, ContainerSpec, State
+from quiltd.names import CONTAINER_INTERFACE, MANAGER_INTERFACE
 
 XML_PATH = Path(__file__).resolve().parents[2] / "dbus" / "org.quilt.Quilt1.xml"
 DOC = "org.freedesktop.DBus.DocString"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quiltd.journalstream import COUNT_WIDTH, DROPPED_FIELD, JournalStream, LogLimit
+from quiltd.runtime.journalstream import COUNT_WIDTH, DROPPED_FIELD, JournalStream, LogLimit
 
 
 @pytest.fixture

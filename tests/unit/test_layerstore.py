@@ -5,9 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from quiltd.layerstore import LayerStore
+from quiltd.images.layerstore import LayerStore
 from quiltd.model import Image
-from quiltd.store import MIGRATIONS, Store
+from quiltd.store.database import MIGRATIONS, Store
 
 BASE, TOP_A, TOP_B = ("1" * 64, "a" * 64, "b" * 64)
 

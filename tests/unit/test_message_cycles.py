@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from dbus_next.message import Message
 
-import quiltd.bus.connection  # noqa: F401  (what makes marshalling acyclic)
+import quiltd.dbusnext.connection  # noqa: F401  (what makes marshalling acyclic)
 
 
 @pytest.fixture

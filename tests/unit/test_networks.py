@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import firewall
 from quiltd.errors import AddressesExhausted, InvalidArgument, NoSuchNetwork
 from quiltd.model import Container, ContainerSpec, Lease, Network
-from quiltd.network import Netlink, container_mac
-from quiltd.networks import (
+from quiltd.net import firewall
+from quiltd.net.network import Netlink, container_mac
+from quiltd.net.networks import (
     Networks,
     check_subnet,
     pick_address,
@@ -20,7 +20,7 @@ from quiltd.networks import (
     write_in_place,
 )
 from quiltd.paths import Paths
-from quiltd.store import Store
+from quiltd.store.database import Store
 
 SMALL = Network(name="small", bridge="qbsmall", subnet="10.9.0.0/29", gateway="10.9.0.1")
 

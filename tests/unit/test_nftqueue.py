@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from quiltd.errors import Internal
-from quiltd.nftqueue import NftQueue
+from quiltd.net.nftqueue import NftQueue
 
 
 class FakeNft:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import imageimport, ociimage
 from quiltd.errors import InvalidArgument, InvalidImage, LimitExceeded
-from quiltd.images import ImageLimits
-from quiltd.layerstore import LayerStore
+from quiltd.images import imageimport, ociimage
+from quiltd.images.extract import ImageLimits
+from quiltd.images.layerstore import LayerStore
 from quiltd.model import ImageConfig
 from tests import imagebuilders as b
 

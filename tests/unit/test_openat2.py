@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from quiltd import mounts
+from quiltd.runtime import mounts
 
 
 def test_a_raced_lookup_is_repeated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import pool
+from quiltd.core import pool
 from quiltd.errors import InvalidArgument
 from quiltd.model import ContainerSpec, WarmPool
-from quiltd.spawner import Launched
-from quiltd.store import Store
+from quiltd.runtime.spawner import Launched
+from quiltd.store.database import Store
 
 PROFILE = pool.profile(ContainerSpec(network="bridge"))
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import ctl, errors, pull
-from quiltd.pull import PullSource, Transport
+from quiltd import errors
+from quiltd.cli import ctl
+from quiltd.images import pull
+from quiltd.images.pull import PullSource, Transport
 
 DIGEST = "sha256:" + "ab" * 32
 

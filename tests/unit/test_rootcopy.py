@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import rootcopy
-from quiltd.copyspec import Failure
-from quiltd.rootcopy import CopyError, Progress
+from quiltd.runtime import rootcopy
+from quiltd.runtime.copyspec import Failure
+from quiltd.runtime.rootcopy import CopyError, Progress
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership is kept only as root")
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from quiltd import callerfiles, fdcheck, mounts
 from quiltd.access import Credentials
+from quiltd.core import fdcheck
 from quiltd.errors import InvalidArgument
-from quiltd.mounts import SourcePolicy, SourceRefused, StateSource
+from quiltd.host import callerfiles
+from quiltd.runtime import mounts
+from quiltd.runtime.mounts import SourcePolicy, SourceRefused, StateSource
 
 NOBODY = Credentials(65534, frozenset({65534}))
 ROOT = Credentials(0, frozenset({0}))

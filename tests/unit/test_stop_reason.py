@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from quiltd.manager import START_SLACK_USEC, ttl_expired
+from quiltd.core.manager import START_SLACK_USEC, ttl_expired
 from quiltd.model import Container, ContainerSpec, State
 
 SEC = 1_000_000

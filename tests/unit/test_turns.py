@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from quiltd.core.turns import FairTurns
 from quiltd.errors import Busy
-from quiltd.turns import FairTurns
 
 
 def test_a_flooding_caller_does_not_starve_another() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quiltd import userns
+from quiltd.runtime import userns
 
 
 def test_the_lowest_free_range_is_chosen() -> None:

@@ -1,0 +1,1 @@
+"""quiltctl, the command line client."""

@@ -1,0 +1,399 @@
+"""A dbus-next MessageBus that survives a full socket, a peer that does not read, and stray descriptors.
+
+dbus-next 0.2.3 (the release Debian and PyPI carry) treats EAGAIN from
+send() as a fatal error and drops the connection, so a burst of replies and
+signals larger than the socket buffer (fifty containers created at once)
+disconnected the daemon. This writer waits for the socket to drain instead,
+and sends what is queued in one write rather than one write per message.
+Waiting has a bound where one is set (max_queued, on direct connections): a
+peer that lets more pile up is dropped.
+
+dbus-next hands the descriptors a call carries to the method as plain
+numbers and never closes any. Here the connection owns them: a method with
+'h' arguments gets its own duplicates (which it takes over and closes), after
+a check that every index names a descriptor; the received ones are closed
+once the call is dispatched, whether or not anything used them. A reply's
+descriptors (the master of ExecWithPty) are the connection's too: closed
+once the reply is sent, or when it cannot be.
+
+dbus-next made reference cycles of every message, so each message's body
+and buffer stayed in memory until a full garbage collection, which comes
+rarely (a few large Exec outputs held hundreds of MiB): its Marshaller and
+Unmarshaller keep a dict of their own bound methods, and every method call
+got a class of its own (SendReply) whose methods hold the call. Here both
+drop that dict once their message is done, and one class answers every
+call, so a message is freed as soon as its last user lets go.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import copy
+import io
+import logging
+import os
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from dbus_next import message as dbus_message
+from dbus_next._private.marshaller import Marshaller
+from dbus_next._private.util import _replace_fds
+from dbus_next.aio import message_bus as aio_bus
+from dbus_next.constants import ErrorType, MessageFlag, MessageType
+from dbus_next.errors import DBusError
+from dbus_next.message import Message
+from dbus_next.signature import Variant
+
+from quiltd.dbusnext.introspection import INTROSPECTOR
+from quiltd.errors import InvalidArgument
+
+log = logging.getLogger("quiltd")
+
+MESSAGES_PER_TURN = 64  # read from one connection before the event loop turns again
+
+_BATCH_BYTES = 256 << 10
+
+
+class _AcyclicMarshaller(Marshaller):  # type: ignore[misc]
+    def marshall(self) -> bytearray:
+        try:
+            buffer: bytearray = super().marshall()
+            return buffer
+        finally:
+            self.writers = {}  # the cycle: see the module's docstring
+
+
+# Message._marshall makes its Marshallers by this module-level name.
+dbus_message.Marshaller = _AcyclicMarshaller  # type: ignore[attr-defined]
+
+
+class _SendReply:
+    """How a method handler answers one call (what dbus-next made a new class for, per call)."""
+
+    def __init__(self, bus: Any, call: Message) -> None:
+        self._bus = bus
+        self._call = call
+
+    def __enter__(self) -> _SendReply:
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if not self._call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self._bus.send(reply)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._answer_error(exc_type, exc)
+
+    def send_error(self, exc: BaseException) -> None:
+        self._answer_error(type(exc), exc)
+
+    def _answer_error(self, exc_type: Any, exc: Any) -> None:
+        if exc_type is None:
+            return
+        if issubclass(exc_type, DBusError):
+            self(exc._as_message(self._call))
+        elif issubclass(exc_type, Exception):
+            self(Message.new_error(self._call, ErrorType.SERVICE_ERROR.value,
+                                   f"The service interface raised an error: {exc}."))
+
+
+class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
+    def __init__(self, bus: Any) -> None:
+        super().__init__(bus)
+        self.pending: deque[tuple[bytes, list[int], Any]] = deque()
+        self.futs: list[Any] = []  # one per message in buf
+        self.max_queued: int | None = None  # bytes waiting for the peer; None: no bound
+        self.queued = 0
+        self.batch_bytes = 0
+        self.overflowed = False
+        self.owned_fds: set[int] = set()  # a reply's descriptors, closed once sent
+
+    def buffer_message(self, msg: Any, future: Any = None) -> None:
+        owned = msg.message_type == MessageType.METHOD_RETURN and bool(msg.unix_fds)
+        if owned and (self.overflowed or not self.negotiate_unix_fd):
+            # Nobody could get them: a peer that does not take descriptors
+            # gets the reply without them (dbus-next marshals it so).
+            _close(msg.unix_fds)
+        if self.overflowed:
+            aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
+            return
+        if owned and self.negotiate_unix_fd:
+            self.owned_fds.update(msg.unix_fds)
+        try:
+            data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+        except BaseException:
+            self.close_owned(msg.unix_fds)
+            raise
+        if self.max_queued is not None and self.queued and self.queued + len(data) > self.max_queued:
+            # Dropped on the next turn: a send can come from inside a loop
+            # over this bus's interfaces, which finalizing would change.
+            self.overflowed = True
+            self.close_owned(msg.unix_fds)
+            log.info("dropped direct connection %s: %d bytes of replies and signals unread",
+                     self.bus.unique_name, self.queued)
+            aio_bus._future_set_exception(future, ConnectionError("dropped: replies were not read"))
+            self.loop.call_soon(self.bus._finalize, ConnectionError("the peer does not read its replies"))
+            return
+        self.queued += len(data)
+        self.messages.put_nowait((data, copy.copy(msg.unix_fds), future))
+
+    def _next_batch(self) -> memoryview | None:
+        """Takes the queued messages into one buffer: one send for all of them, not one each.
+
+        A method's reply and the signals it caused are queued in the same
+        turn of the loop; one write wakes the bus daemon once. A message
+        with descriptors goes alone, so they stay attached to it.
+        """
+        while self.messages.qsize() > 0:
+            self.pending.append(self.messages.get_nowait())
+        if not self.pending:
+            return None
+        data, unix_fds, fut = self.pending.popleft()
+        self.unix_fds, self.futs, parts = unix_fds, [fut], [data]
+        size = len(data)
+        while not unix_fds and self.pending and not self.pending[0][1] and size < _BATCH_BYTES:
+            data, _, fut = self.pending.popleft()
+            parts.append(data)
+            self.futs.append(fut)
+            size += len(data)
+        self.batch_bytes = size
+        self.buf = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+        self.offset = 0
+        return self.buf
+
+    def write_callback(self) -> None:
+        try:
+            while True:
+                buf = self.buf if self.buf is not None else self._next_batch()
+                if buf is None:
+                    self.loop.remove_writer(self.fd)
+                    return
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
+                        self.offset += self.sock.sendmsg([buf[self.offset:]], ancdata)
+                        self.close_owned(self.unix_fds)
+                        self.unix_fds = None
+                    else:
+                        self.offset += self.sock.send(buf[self.offset:])
+                except BlockingIOError:
+                    return  # the loop calls again once the socket is writable
+                if self.offset < len(buf):
+                    return
+                self.buf = None
+                self.queued -= self.batch_bytes
+                for fut in self.futs:
+                    aio_bus._future_set_result(fut, None)
+        except Exception as e:
+            for fut in self.futs:
+                aio_bus._future_set_exception(fut, e)
+            self.bus._finalize(e)
+
+
+    def close_owned(self, fds: list[int] | None) -> None:
+        for fd in fds or []:
+            if fd in self.owned_fds:
+                self.owned_fds.discard(fd)
+                _close([fd])
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _carries_fd(value: Any) -> bool:
+    """Whether a variant anywhere in value holds a descriptor ('h')."""
+    if isinstance(value, Variant):
+        return "h" in value.signature or _carries_fd(value.value)
+    if isinstance(value, list | tuple):
+        return any(_carries_fd(v) for v in value)
+    if isinstance(value, dict):
+        return any(_carries_fd(k) or _carries_fd(v) for k, v in value.items())
+    return False
+
+
+def refuse_fds_in_variants(msg: Message) -> None:
+    """A descriptor may only be a method's own 'h' argument, never inside a variant (options).
+
+    dbus-next puts a variant's descriptor into the options as a bare number:
+    the received one (closed after dispatch, so the number may name another
+    file by the time it is used), or the copy made for the call, which no
+    one would close.
+    """
+    if _carries_fd(msg.body):
+        raise InvalidArgument("a descriptor (h) may only be passed as a method's own argument, "
+                              "not inside a variant or the options")
+
+
+def handed_over(msg: Message) -> list[int]:
+    """The call's descriptor list for a method: a duplicate for each one an 'h' argument names.
+
+    Raises InvalidArgument for an index with no descriptor behind it (none
+    sent, or unix fds not negotiated) or one that is not open.
+    """
+    received = msg.unix_fds
+    named: set[int] = set()
+
+    def note(index: Any) -> Any:
+        if not isinstance(index, int) or not 0 <= index < len(received):
+            raise InvalidArgument(
+                f"a descriptor argument names index {index}, but the call carries {len(received)} "
+                "descriptor(s): send the descriptor with the call (over a connection that "
+                "negotiated unix fd passing)")
+        named.add(index)
+        return index
+
+    _replace_fds(copy.deepcopy(msg.body), msg.signature_tree.types, note)
+    out = [-1] * len(received)
+    try:
+        for index in sorted(named):
+            try:
+                out[index] = os.dup(received[index])
+            except OSError as e:
+                raise InvalidArgument(f"descriptor {index} of the call cannot be used: "
+                                      f"{e.strerror}") from None
+    except BaseException:
+        _close(out)
+        raise
+    return out
+
+
+PEER_INTERFACE = "org.freedesktop.DBus.Peer"
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def machine_id() -> str | None:
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+    return None
+
+
+def _answer_peer(msg: Message, send_reply: Any) -> None:
+    """org.freedesktop.DBus.Peer on every path, on the bus and on a direct connection.
+
+    dbus-next asks the bus driver for the machine id, which a direct
+    connection does not have, so GetMachineId was never answered there.
+    """
+    if msg.member == "Ping" and not msg.signature:
+        send_reply(Message.new_method_return(msg))
+    elif msg.member == "GetMachineId" and not msg.signature:
+        value = machine_id()
+        if value is None:
+            send_reply(Message.new_error(msg, "org.freedesktop.DBus.Error.FileNotFound",
+                                         "this host has no machine id"))
+        else:
+            send_reply(Message.new_method_return(msg, "s", [value]))
+    else:
+        send_reply(Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                     f"{PEER_INTERFACE} has no method {msg.member} with signature "
+                                     f"{msg.signature!r}"))
+
+
+class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writer: _PatientWriter = _PatientWriter(self)
+        self._held_calls: set[int] = set()  # ids of calls a handler holds, with their descriptors
+
+    def _finalize(self, err: Exception | None = None) -> None:
+        try:
+            super()._finalize(err)
+        finally:
+            # Replies never sent: their descriptors go with the connection.
+            self._writer.close_owned(list(self._writer.owned_fds))
+
+    def hold_call(self, msg: Message) -> None:
+        """A message handler keeps msg to dispatch it later: its descriptors stay open until then."""
+        self._held_calls.add(id(msg))
+
+    def resume_call(self, msg: Message) -> None:
+        """Dispatches a held call; its descriptors are closed after."""
+        self._held_calls.discard(id(msg))
+        self._on_message(msg)
+
+    def drop_call(self, msg: Message) -> None:
+        """A held call answered without dispatch: its descriptors go."""
+        self._held_calls.discard(id(msg))
+        _close(msg.unix_fds)
+
+    def _send_reply(self, msg: Message) -> _SendReply:
+        return _SendReply(self, msg)
+
+    def _process_message(self, msg: Message) -> None:
+        received = list(msg.unix_fds) if msg.message_type == MessageType.METHOD_CALL else []
+        try:
+            super()._process_message(msg)
+        finally:
+            if received and id(msg) not in self._held_calls:
+                _close(received)
+
+    def _message_reader(self) -> None:
+        # dbus-next reads until the socket is empty, so one client's stream of
+        # pipelined calls held the event loop (and the watchdog's pings) for
+        # as long as it kept sending. A turn now takes at most
+        # MESSAGES_PER_TURN; the socket stays readable for the next one.
+        # Bounded only where no buffered reader could hold the rest unseen.
+        bounded = self._unmarshaller.sock is not None or not isinstance(self._stream, io.BufferedIOBase)
+        try:
+            for _ in range(MESSAGES_PER_TURN if bounded else sys.maxsize):
+                if self._writer.overflowed:
+                    return  # being dropped: nothing more is read
+                if not self._unmarshaller.unmarshall():
+                    return
+                self._on_message(self._unmarshaller.message)
+                self._unmarshaller.readers = {}  # the cycle: see the module's docstring
+                self._unmarshaller = self._create_unmarshaller()
+        except Exception as e:
+            self._finalize(e)
+
+    def _introspect_export_path(self, path: str) -> Any:
+        node = super()._introspect_export_path(path)
+        node.interfaces = [INTROSPECTOR.interface(i) for i in node.interfaces]
+        return node
+
+    # InterfacesAdded and InterfacesRemoved are sent by the object manager
+    # (bus/service.py): dbus-next sent them from the object's own path, where
+    # no ObjectManager client listens, and InterfacesAdded only once every
+    # property was read, after signals sent meanwhile.
+    def _emit_interface_added(self, path: str, interface: Any) -> None:
+        pass
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        pass
+
+    def _find_message_handler(self, msg: Message) -> Any:
+        if msg.interface == PEER_INTERFACE:
+            return _answer_peer
+        return super()._find_message_handler(msg)
+
+    def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Any], None]:
+        inner: Callable[[Message, Any], None] = super()._make_method_handler(interface, method)
+        if "h" not in method.in_signature and "v" not in method.in_signature:
+            return inner
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            try:
+                refuse_fds_in_variants(msg)
+                fds = handed_over(msg) if "h" in method.in_signature else None
+            except InvalidArgument as e:
+                raise DBusError(e.dbus_name, e.message) from None
+            if fds is None:
+                inner(msg, send_reply)
+                return
+            # Only this dispatch sees the duplicates; the received list is closed by _process_message.
+            call = copy.copy(msg)
+            call.unix_fds = fds
+            inner(call, send_reply)
+
+        return handler

@@ -1,0 +1,1 @@
+"""Images: safe extraction of archives, OCI and docker layouts, layers kept once, registry pulls."""

@@ -1,0 +1,179 @@
+"""The fork server: a small single-threaded process that forks containers.
+
+The daemon runs threads (image imports, the journal) and forking a threaded
+process can deadlock in the child on a lock another thread held. So the
+daemon starts this process once, by exec, before it needs it, and asks it
+over a socket pair for each container. Here nothing but this loop runs, so
+fork is safe, and the children start from a small, clean image.
+
+Each container begins as a child that enters new namespaces (a new network
+namespace alone costs milliseconds) and forks the container's init, PID 1
+inside, then exits. Those inits are made ahead of time: a few wait, idle, in
+a pool, so a start does not pay for them. The server answers a request with
+a waiting init's pid, its start time and three descriptors: a pidfd of the
+init, the write end of the pipe that carries the init its LaunchSpec, and
+the read end of its error pipe (end of file with no data there means the
+command was executed).
+
+The other kind of request, a CopySpec, forks a copy into or out of a
+container (see copyhelper) and answers with its pid, start time and a pidfd.
+Commands run in a running container (execs) do not come here: the
+container's own init forks them (see initloop).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+from quiltd import linux
+from quiltd.runtime import containerinit, copyhelper, security
+from quiltd.runtime.copyspec import REQUEST_PREFIX as COPY_REQUEST
+from quiltd.runtime.copyspec import CopySpec
+
+CONTAINER_NAMESPACES = (
+    linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
+)
+POOL_SIZE = 4
+MAX_REQUEST = 256 << 10  # a CopySpec
+MAX_REQUEST_FDS = 8
+
+
+@dataclass(frozen=True)
+class WaitingInit:
+    pid: int
+    starttime: int
+    pidfd: int
+    spec_w: int
+    error_r: int
+
+    def reply(self) -> tuple[dict[str, object], list[int]]:
+        return {"ok": True, "pid": self.pid, "starttime": self.starttime}, [
+            self.pidfd, self.spec_w, self.error_r
+        ]
+
+
+def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
+    # Inits whose intermediate parent exits are re-parented here and reaped
+    # by the kernel; their exit status is kept by init itself.
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Built once here, where the host's libseccomp is reachable; every
+    # container's command loads it just before exec.
+    security.prepare()
+    # Freezing the heap keeps the collector from touching (and copying)
+    # every object page in each forked container init.
+    gc.freeze()
+    pool: deque[WaitingInit] = deque()
+    while True:
+        # Requests first; the pool is refilled only while none is waiting.
+        idle = len(pool) >= pool_size
+        readable, _, _ = select.select([sock], [], [], None if idle else 0)
+        if not readable:
+            try:
+                pool.append(_fork_init())
+            except OSError:
+                select.select([sock], [], [], 1.0)  # out of resources: do not spin
+            continue
+        request, received, _, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_REQUEST_FDS)
+        if not request:
+            return  # the daemon is gone
+        try:
+            if request == b"launch":
+                reply, fds = (pool.popleft() if pool else _fork_init()).reply()
+            elif request.startswith(COPY_REQUEST):
+                reply, fds = _fork_copy(CopySpec.from_request(request), received)
+            else:
+                raise ValueError("unknown request")
+        except Exception as e:
+            reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        finally:
+            for fd in received:
+                os.close(fd)
+        socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+        for fd in fds:
+            os.close(fd)
+
+
+def _fork_init() -> WaitingInit:
+    spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
+    error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _middle(spec_r, error_w, report_w)
+    for fd in (spec_r, error_w, report_w):
+        os.close(fd)
+    with os.fdopen(report_r, "rb") as report:
+        answer = report.read()
+    if not answer.isdigit():
+        os.close(spec_w)
+        os.close(error_r)
+        raise OSError(answer.decode(errors="replace") or "namespace setup failed")
+    init_pid = int(answer)
+    return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
+
+
+def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:
+    """Forks a copy; fds are its go pipe, the caller's descriptor and the result pipe."""
+    if len(fds) != 3:
+        raise ValueError(f"a copy needs 3 descriptors, got {len(fds)}")
+    pid = os.fork()
+    if pid == 0:
+        _child_keeping(fds)
+        copyhelper.run(spec, fds[0], fds[1], fds[2])
+    return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
+
+
+def _child_keeping(fds: list[int]) -> None:
+    """In a fresh child: nothing of the server's but fds, and /dev/null for stdio."""
+    try:
+        gc.disable()
+        linux.close_fds_except(set(fds))
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1, 2):
+            if std not in fds:
+                os.dup2(null, std)
+        if null > 2:
+            os.close(null)
+    except BaseException:
+        os._exit(127)
+
+
+def _middle(spec_r: int, error_w: int, report_w: int) -> None:
+    """The short-lived child: new namespaces, then fork init and leave."""
+    try:
+        linux.unshare(CONTAINER_NAMESPACES)
+        init_pid = os.fork()
+        if init_pid == 0:
+            gc.disable()
+            # Init keeps only its two pipes: nothing of the daemon's follows
+            # it into the container.
+            linux.close_fds_except({spec_r, error_w})
+            null = os.open("/dev/null", os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)
+            os.close(null)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            containerinit.run(spec_r, error_w)
+        os.write(report_w, str(init_pid).encode())
+        os._exit(0)
+    except BaseException as e:
+        os.write(report_w, f"{type(e).__name__}: {e}".encode())
+        os._exit(1)
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    serve(socket.socket(fileno=fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Quilt's state in SQLite: the only package with SQL."""
