@@ -8,7 +8,7 @@ from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
-from quiltd.bus.execs import exec_reply
+from quiltd.bus.execs import READ_FOREGROUND, exec_reply
 from quiltd.bus.gate import caller
 from quiltd.core.execs import Execs
 from quiltd.core.manager import Manager
@@ -171,4 +171,5 @@ class ContainerInterface(SharedMembersInterface):
     @method()
     @bus_errors
     async def Exec(self, command: "as", options: "a{sv}") -> "iayay":
-        return exec_reply(await self._execs.run(self._id, command, convert.unwrap(options), caller=caller()))
+        o = convert.request(READ_FOREGROUND, options)
+        return exec_reply(await self._execs.run(self._id, command, o, caller=caller()))
