@@ -3,7 +3,7 @@
 """org.quilt.Quilt1.Container: one object per container, its properties and verbs."""
 
 from dbus_next.constants import PropertyAccess
-from dbus_next.service import ServiceInterface, dbus_property, method
+from dbus_next.service import dbus_property, method
 from dbus_next.signature import Variant
 
 from quiltd.bus import convert
@@ -12,7 +12,7 @@ from quiltd.bus.execs import READ_FOREGROUND, exec_reply
 from quiltd.bus.gate import caller
 from quiltd.core.execs import Execs
 from quiltd.core.manager import Manager
-from quiltd.dbusnext.interfaces import SharedMembersInterface
+from quiltd.dbusnext.interfaces import SharedMembersInterface, properties
 from quiltd.model import Container, Usage
 from quiltd.names import CONTAINER_INTERFACE
 
@@ -51,7 +51,7 @@ class ContainerInterface(SharedMembersInterface):
         0, which is what a Get answers then.
         """
         values: dict[str, Variant] = {}
-        for prop in ServiceInterface._get_properties(self):
+        for prop in properties(self):
             if prop.name in LIVE:
                 if not self._record.state.is_active:
                     values[prop.name] = Variant(prop.signature, 0)
