@@ -326,7 +326,7 @@ def log_options(options: Options) -> LogOptions:
     since = integer(options, "since_usec", 0, MAX_LOG_USEC, 0, "µs")
     tail = integer(options, "tail", 0, MAX_LOG_USEC, 0, "lines")
     stream = options.get("stream", Stream.BOTH.value)
-    if stream not in {s.value for s in Stream}:
+    if not isinstance(stream, str) or stream not in {s.value for s in Stream}:
         raise InvalidArgument(f"option stream must be stdout, stderr or both, got {stream!r}")
     exec_id = string(options, "exec_id", "")
     return LogOptions(since, tail, Stream(stream), exec_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,22 @@ def test_every_call_refuses_an_unknown_option_naming_it_and_the_known_ones(call:
 @pytest.mark.parametrize("call", sorted(READERS))
 def test_every_call_takes_no_options(call: str) -> None:
     READERS[call]({})
+
+
+HOSTILE = [None, True, 0, -1, 1 << 70, 1.5, float("nan"), "", "\0", "x" * 5000, b"\xff", [], [1], ["a", "b"],
+           [["a"]], [[1, 2, 3]], [["/a", "/b", True, 4]], {}, {"a": 1}, {"a": ["b"]}, {1: "a"}]
+
+
+@pytest.mark.parametrize("call", sorted(READERS))
+def test_every_option_of_every_call_refuses_hostile_values_by_name(call: str) -> None:
+    """Whatever a client puts in a variant is a request or InvalidArgument: never a TypeError (Internal)."""
+    with pytest.raises(InvalidArgument) as refused:
+        READERS[call]({"zz": 1})
+    known = str(refused.value).split("the known ones are ", 1)[1].split(", ")
+    for key in known:
+        for value in HOSTILE:
+            with contextlib.suppress(InvalidArgument):
+                READERS[call]({key: value})
 
 
 def test_the_messages_of_each_call_keep_their_words() -> None:
