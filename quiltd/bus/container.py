@@ -3,16 +3,16 @@
 """org.quilt.Quilt1.Container: one object per container, its properties and verbs."""
 
 from dbus_next.constants import PropertyAccess
-from dbus_next.service import ServiceInterface, dbus_property, method
+from dbus_next.service import dbus_property, method
 from dbus_next.signature import Variant
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
-from quiltd.bus.execs import exec_reply
+from quiltd.bus.execs import READ_FOREGROUND, exec_reply
 from quiltd.bus.gate import caller
 from quiltd.core.execs import Execs
 from quiltd.core.manager import Manager
-from quiltd.dbusnext.interfaces import SharedMembersInterface
+from quiltd.dbusnext.interfaces import SharedMembersInterface, properties
 from quiltd.model import Container, Usage
 from quiltd.names import CONTAINER_INTERFACE
 
@@ -51,7 +51,7 @@ class ContainerInterface(SharedMembersInterface):
         0, which is what a Get answers then.
         """
         values: dict[str, Variant] = {}
-        for prop in ServiceInterface._get_properties(self):
+        for prop in properties(self):
             if prop.name in LIVE:
                 if not self._record.state.is_active:
                     values[prop.name] = Variant(prop.signature, 0)
@@ -171,4 +171,5 @@ class ContainerInterface(SharedMembersInterface):
     @method()
     @bus_errors
     async def Exec(self, command: "as", options: "a{sv}") -> "iayay":
-        return exec_reply(await self._execs.run(self._id, command, convert.unwrap(options), caller=caller()))
+        o = convert.request(READ_FOREGROUND, options)
+        return exec_reply(await self._execs.run(self._id, command, o, caller=caller()))

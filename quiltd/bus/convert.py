@@ -1,7 +1,10 @@
 """Core records to D-Bus values and back."""
 
+import contextlib
 import json
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from dbus_next.signature import Variant
 
@@ -10,10 +13,28 @@ from quiltd.core.pool import PoolState
 from quiltd.model import ContainerListing
 from quiltd.names import container_path
 
+T = TypeVar("T")
+
 
 def unwrap(options: dict[str, Variant]) -> dict[str, Any]:
-    """a{sv} to plain values; the core checks their types."""
+    """a{sv} to plain values; quiltd.core.parse checks their types."""
     return {key: _plain(value) for key, value in options.items()}
+
+
+def request(read: Callable[[dict[str, Any]], T], options: dict[str, Variant], fds: Sequence[int] = ()) -> T:
+    """options read into their request by the core's parser.
+
+    A call that carries descriptors hands them to the core, which closes
+    them whatever happens; options refused before that would leave them
+    open, so they are closed here then.
+    """
+    try:
+        return read(unwrap(options))
+    except BaseException:
+        for fd in set(fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,7 @@
 # mypy: disable-error-code="name-defined,valid-type,empty-body"
 """The exec part of org.quilt.Quilt1.Manager: foreground and background commands in containers."""
 
+from functools import partial
 from typing import Any
 
 from dbus_next.service import method, signal
@@ -10,8 +11,16 @@ from dbus_next.signature import Variant
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
 from quiltd.bus.gate import caller
+from quiltd.core import parse
 from quiltd.core.execs import ExecResult, Execs
+from quiltd.core.parse import ExecKind
 from quiltd.errors import OutputTruncated
+
+# Each exec call's options, read as that call takes them.
+READ_FOREGROUND = partial(parse.exec_options, kind=ExecKind.FOREGROUND)
+READ_WITH_FDS = partial(parse.exec_options, kind=ExecKind.WITH_FDS)
+READ_BACKGROUND = partial(parse.exec_options, kind=ExecKind.BACKGROUND)
+READ_PTY = partial(parse.exec_options, kind=ExecKind.PTY)
 
 
 def exec_reply(result: ExecResult) -> list[Any]:
@@ -45,30 +54,35 @@ class ExecMethods:
     @method()
     @bus_errors
     async def Exec(self, ref: "s", command: "as", options: "a{sv}") -> "iayay":
-        return exec_reply(await self._execs.run(ref, command, convert.unwrap(options), caller=caller()))
+        o = convert.request(READ_FOREGROUND, options)
+        return exec_reply(await self._execs.run(ref, command, o, caller=caller()))
 
     @method()
     @bus_errors
     async def ExecEx(self, ref: "s", command: "as", options: "a{sv}") -> "iayaya{sv}":
-        result = await self._execs.run(ref, command, convert.unwrap(options), caller=caller())
+        o = convert.request(READ_FOREGROUND, options)
+        result = await self._execs.run(ref, command, o, caller=caller())
         return [result.exit_code, result.stdout, result.stderr, exec_info(result)]
 
     @method()
     @bus_errors
     async def ExecWithFds(self, ref: "s", command: "as", options: "a{sv}", stdin: "h", stdout: "h",
                           stderr: "h") -> "i":
-        return await self._execs.run_with_fds(ref, command, convert.unwrap(options), (stdin, stdout, stderr))
+        o = convert.request(READ_WITH_FDS, options, fds=(stdin, stdout, stderr))
+        return await self._execs.run_with_fds(ref, command, o, (stdin, stdout, stderr))
 
     @method()
     @bus_errors
     async def ExecStart(self, ref: "s", command: "as", options: "a{sv}") -> "s":
-        return (await self._execs.start(ref, command, convert.unwrap(options))).id
+        o = convert.request(READ_BACKGROUND, options)
+        return (await self._execs.start(ref, command, o)).id
 
     @method()
     @bus_errors
     async def ExecWithPty(self, ref: "s", command: "as", options: "a{sv}") -> "sh":
         # The master is the connection's to close once the reply is sent (see connection).
-        e, master = await self._execs.start_on_pty(ref, command, convert.unwrap(options))
+        o = convert.request(READ_PTY, options)
+        e, master = await self._execs.start_on_pty(ref, command, o)
         return [e.id, master]
 
     @method()

@@ -6,6 +6,7 @@ from dbus_next.service import method
 
 from quiltd.bus import convert
 from quiltd.bus.errors import bus_errors
+from quiltd.core import parse
 from quiltd.core.logs import Logs
 
 
@@ -23,15 +24,15 @@ class LogMethods:
     @bus_errors
     async def GetLogs(self, ref: "s", options: "a{sv}") -> "a(tss)":
         return [[line.usec, line.stream, text(line.data)]
-                for line in await self._logs.get(ref, convert.unwrap(options))]
+                for line in await self._logs.get(ref, convert.request(parse.log_options, options))]
 
     @method()
     @bus_errors
     async def GetLogsRaw(self, ref: "s", options: "a{sv}") -> "a(tsay)":
-        lines = await self._logs.get(ref, convert.unwrap(options))
+        lines = await self._logs.get(ref, convert.request(parse.log_options, options))
         return [[line.usec, line.stream, line.data] for line in lines]
 
     @method()
     @bus_errors
     async def FollowLogs(self, ref: "s", options: "a{sv}", fd: "h") -> None:
-        await self._logs.follow(ref, convert.unwrap(options), fd)
+        await self._logs.follow(ref, convert.request(parse.log_options, options, fds=(fd,)), fd)

@@ -13,6 +13,7 @@ from quiltd.bus.errors import bus_errors
 from quiltd.bus.execs import ExecMethods
 from quiltd.bus.gate import caller
 from quiltd.bus.logs import LogMethods
+from quiltd.core import parse
 from quiltd.core.copies import Copies
 from quiltd.core.execs import Execs
 from quiltd.core.logs import Logs
@@ -31,7 +32,8 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def CreateContainer(self, name: "s", image: "s", command: "as", options: "a{sv}") -> "so":
-        c = await self._m.create(name, image, command, convert.unwrap(options), caller=caller())
+        c = await self._m.create(name, image, command, convert.request(parse.create_options, options),
+                                 caller=caller())
         return [c.id, container_path(c.id)]
 
     @method()
@@ -78,18 +80,21 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def ListContainers(self, filter: "a{sv}") -> "a(sssso)":
-        return [convert.container_row(c) for c in self._m.list_containers(convert.unwrap(filter))]
+        wanted = convert.request(parse.container_filter, filter)
+        return [convert.container_row(c) for c in self._m.list_containers(wanted)]
 
     @method()
     @bus_errors
     async def ImportImage(self, name: "s", source: "s", options: "a{sv}") -> "s":
-        result = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        result = await self._m.import_image(name, source, convert.request(parse.import_options, options),
+                                            caller=caller())
         return result.image.id
 
     @method()
     @bus_errors
     async def ImportImageEx(self, name: "s", source: "s", options: "a{sv}") -> "a{sv}":
-        result = await self._m.import_image(name, source, convert.unwrap(options), caller=caller())
+        result = await self._m.import_image(name, source, convert.request(parse.import_options, options),
+                                            caller=caller())
         return convert.import_result(result)
 
     @method()
@@ -104,7 +109,7 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     async def _import_fd(self, name: str, fd: int, options: dict[str, Variant]) -> ImportResult:
         try:
-            who, opts = caller(), convert.unwrap(options)
+            who, opts = caller(), convert.request(parse.import_options, options)
         except BaseException:
             os.close(fd)  # the core takes it over only once called
             raise
@@ -123,7 +128,7 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def CreateNetwork(self, name: "s", options: "a{sv}") -> "s":
-        network = await self._m.create_network(name, convert.unwrap(options))
+        network = await self._m.create_network(name, convert.request(parse.network_options, options))
         return network.subnet
 
     @method()
@@ -139,7 +144,7 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def RemoveImageEx(self, name: "s", options: "a{sv}") -> None:
-        await self._m.remove_image(name, convert.unwrap(options))
+        await self._m.remove_image(name, convert.request(parse.remove_image_options, options))
 
     @method()
     @bus_errors
@@ -159,7 +164,8 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @method()
     @bus_errors
     async def SetWarmPool(self, image: "s", size: "u", options: "a{sv}") -> None:
-        await self._m.set_warm_pool(image, size, convert.unwrap(options), caller=caller())
+        wanted = convert.request(parse.pool_options, options)
+        await self._m.set_warm_pool(image, size, wanted, caller=caller())
 
     @method()
     @bus_errors

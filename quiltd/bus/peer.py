@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 import time
@@ -32,9 +31,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.constants import MessageType
-from dbus_next.errors import InvalidMessageError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
@@ -42,6 +39,7 @@ from quiltd import access
 from quiltd.access import Credentials
 from quiltd.bus.gate import PeerGate, groups_of
 from quiltd.dbusnext.connection import MessageBus
+from quiltd.dbusnext.peerbus import PeerBus
 
 log = logging.getLogger("quiltd")
 
@@ -176,65 +174,6 @@ def _claims(data: str, uid: int) -> bool:
         return False
 
 
-class _BoundedUnmarshaller(Unmarshaller):  # type: ignore[misc]
-    """Refuses a message over MAX_MESSAGE_BYTES before reading (or allocating) its body."""
-
-    def read(self, n: int, prefetch: bool = False) -> int:
-        if self.offset + n > MAX_MESSAGE_BYTES:
-            raise InvalidMessageError(f"a message over {MAX_MESSAGE_BYTES} bytes")
-        offset: int = super().read(n, prefetch)
-        return offset
-
-
-class PeerBus(MessageBus):  # type: ignore[misc]
-    """One accepted connection, serving the objects exported on `exports`."""
-
-    def __init__(self, sock: socket.socket, unix_fds: bool, exports: MessageBus, name: str) -> None:
-        self._peer_sock = sock
-        # The address is never used: _setup_socket below adopts the accepted socket.
-        super().__init__(bus_address="unix:path=/", negotiate_unix_fd=unix_fds)
-        self._path_exports = exports._path_exports  # the same dict: new containers appear here too
-        self._peer_name = name
-        self._signal_sources: list[ServiceInterface] = []
-        self._writer.max_queued = MAX_QUEUED_BYTES
-
-    def _create_unmarshaller(self) -> Unmarshaller:
-        return _BoundedUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
-
-    def _setup_socket(self) -> None:
-        self._sock = self._peer_sock
-        # Unbuffered: a buffered reader could hold messages the loop is never told about.
-        self._stream = self._sock.makefile("rwb", buffering=0)  # type: ignore[assignment]
-        self._fd = self._sock.fileno()
-
-    def begin(self, signal_sources: Sequence[ServiceInterface]) -> None:
-        # The writer sends only once the connection has a name, as after Hello on a bus.
-        self.unique_name = self._peer_name  # type: ignore[assignment]
-        for iface in signal_sources:
-            ServiceInterface._add_bus(iface, self)
-        self._signal_sources = list(signal_sources)
-        self._loop.add_reader(self._fd, self._message_reader)
-
-    def _finalize(self, err: Any = None) -> None:
-        if self._disconnected:
-            return
-        # The exports belong to the bus connection; this one only borrowed them.
-        self._path_exports = {}
-        for iface in self._signal_sources:
-            with contextlib.suppress(KeyError):
-                ServiceInterface._remove_bus(iface, self)
-        super()._finalize(err)
-        # Descriptors of a message cut off half-way: no call will take them.
-        for fd in self._unmarshaller.unix_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._unmarshaller.unix_fds = []
-        # The stream first: while it is open, closing the socket would not
-        # close the descriptor, and the peer would never see the end.
-        self._stream.close()
-        self._sock.close()
-
-
 def _driver(msg: Message, name: str) -> Message | bool:
     """Answers what a client expects from a bus driver; there is none on a direct connection."""
     if msg.message_type != MessageType.METHOD_CALL or msg.destination != DRIVER:
@@ -355,7 +294,7 @@ class PeerServer:
             authenticating = False
             self._count += 1
             name = f":1.{self._count}"
-            bus = PeerBus(conn, unix_fds, self._exports, name)
+            bus = PeerBus(conn, unix_fds, self._exports, name, MAX_MESSAGE_BYTES, MAX_QUEUED_BYTES)
             bus.add_message_handler(lambda msg: _driver(msg, name))
             bus.add_message_handler(PeerGate(creds).on_message)
             self._peers.add(bus)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 
 from quiltd.access import Credentials
 from quiltd.core import fdcheck
 from quiltd.core.manager import Manager
+from quiltd.core.requests import CopyOptions
 from quiltd.core.turns import FairTurns
 from quiltd.errors import (
     CopyFailed,
@@ -33,7 +33,6 @@ from quiltd.runtime.spawner import ForkServer
 log = logging.getLogger("quiltd")
 
 DEFAULT_MAX_BYTES = 1 << 30
-MAX_BYTES_LIMIT = 1 << 40
 IDLE_TIMEOUT_SEC = 30
 # Each copy is a process of its own: at most this many run at once, the
 # rest wait their caller's turn (see turns), and past MAX_WAITING_COPIES a
@@ -41,22 +40,7 @@ IDLE_TIMEOUT_SEC = 30
 COPY_TURNS = 32
 MAX_WAITING_COPIES = 1024
 MAX_PATH = 4096
-COPY_KEYS = frozenset({"max_bytes"})
 STOPPED = (State.CREATED, State.EXITED, State.FAILED)
-
-
-def parse_copy_options(opts: Mapping[str, object], default_max_bytes: int) -> int:
-    """max_bytes, the one option of CopyInEx and CopyOutEx."""
-    unknown = sorted(set(opts) - COPY_KEYS)
-    if unknown:
-        raise InvalidArgument(f"unknown copy option(s): {', '.join(unknown)}")
-    if "max_bytes" not in opts:
-        return default_max_bytes
-    value = opts["max_bytes"]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BYTES_LIMIT:
-        raise InvalidArgument(f"option max_bytes must be an integer from 1 to {MAX_BYTES_LIMIT}, "
-                              f"got {value!r}")
-    return value
 
 
 def check_path(path: object) -> str:
@@ -71,22 +55,21 @@ class Copies:
         self._forkserver = forkserver
         self._turns = FairTurns(COPY_TURNS, MAX_WAITING_COPIES)
 
-    async def copy_in(self, ref: str, path: str, fd: int, opts: Mapping[str, object], *,
+    async def copy_in(self, ref: str, path: str, fd: int, request: CopyOptions, *,
                       caller: Credentials) -> CopyResult:
         """Extracts the tar stream read from fd at path (an existing directory); takes fd over."""
-        return await self._checked_copy(ref, Direction.IN, path, fd, opts, DEFAULT_MAX_BYTES, caller)
+        max_bytes = DEFAULT_MAX_BYTES if request.max_bytes is None else request.max_bytes
+        return await self._checked_copy(ref, Direction.IN, path, fd, max_bytes, caller)
 
-    async def copy_out(self, ref: str, path: str, fd: int, opts: Mapping[str, object], *,
+    async def copy_out(self, ref: str, path: str, fd: int, request: CopyOptions, *,
                        caller: Credentials) -> CopyResult:
         """Writes path as a tar stream to fd; takes fd over. No cap unless max_bytes is given."""
-        return await self._checked_copy(ref, Direction.OUT, path, fd, opts, 0, caller)
+        return await self._checked_copy(ref, Direction.OUT, path, fd, request.max_bytes or 0, caller)
 
     async def _checked_copy(self, ref: str, direction: Direction, path: str, fd: int,
-                            opts: Mapping[str, object], default_max_bytes: int,
-                            caller: Credentials) -> CopyResult:
+                            max_bytes: int, caller: Credentials) -> CopyResult:
         try:
             c = self._manager.get(ref)
-            max_bytes = parse_copy_options(opts, default_max_bytes)
             check_path(path)
             fdcheck.check(fd, writable=direction == Direction.OUT, what="the tar stream")
             self._turns.check_room("copies")

@@ -20,15 +20,14 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from quiltd import grammar
 from quiltd.access import Credentials
 from quiltd.core import fdcheck, options
 from quiltd.core.manager import Manager
+from quiltd.core.requests import ExecOptions
 from quiltd.errors import (
     ExecFailed,
     Internal,
@@ -47,10 +46,6 @@ from quiltd.store.database import Store
 
 log = logging.getLogger("quiltd")
 
-DEFAULT_MAX_OUTPUT = 1 << 20
-# Both streams travel in one D-Bus reply; the system bus refuses messages
-# over 32 MiB (dbus-daemon's default max_message_size).
-MAX_OUTPUT_LIMIT = 8 << 20
 # The output quiltd may hold for foreground Execs running at once: each
 # reserves 2 x max_output (both streams) while it runs, per caller's uid and
 # in all. With the default max_output that is 64 execs at once per caller;
@@ -59,29 +54,13 @@ MAX_OUTPUT_LIMIT = 8 << 20
 # CAPTURE_BUDGET. ExecWithFds and ExecStart hold no output: not counted.
 CAPTURE_BUDGET_PER_UID = 128 << 20
 CAPTURE_BUDGET = 192 << 20
-MAX_STDIN = 8 << 20
 MAX_SPEC = 128 << 10  # command and environment; one message on the exec channel
 CONNECT_TRIES = 200
 CONNECT_RETRY_SEC = 0.005
 # Init answers a request at once unless something holds it: it was sent
 # SIGSTOP, or its cgroup is frozen. An Exec must not wait on that for ever.
 START_ANSWER_SEC = 30
-MAX_TIMEOUT = 1 << 31
 KILLED_EXIT = 128 + signal.SIGKILL
-SYNC_KEYS = frozenset({"env", "workdir", "user", "timeout_sec", "stdin", "max_output"})
-BACKGROUND_KEYS = frozenset({"env", "workdir", "user", "timeout_sec"})
-PTY_KEYS = BACKGROUND_KEYS | {"rows", "cols"}
-MAX_PTY_SIZE = 0xFFFF  # a winsize field
-
-
-@dataclass(frozen=True)
-class ExecOptions:
-    env: tuple[str, ...] = ()  # NAME=value entries over the container's environment
-    workdir: str = ""  # "" is the container's workdir
-    user: str = ""  # "" is the container's user (its user option, else the image's User, else root)
-    timeout_sec: int = 0
-    stdin: bytes = b""
-    max_output: int = DEFAULT_MAX_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -108,51 +87,6 @@ class ExecListener(Protocol):
 
 def now_usec() -> int:
     return time.time_ns() // 1000
-
-
-def parse_exec_options(opts: Mapping[str, object], background: bool,
-                       hint: str = " (ExecStart output goes to the journal, stdin is empty)") -> ExecOptions:
-    known = BACKGROUND_KEYS if background else SYNC_KEYS
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        where = hint if background else ""
-        raise InvalidArgument(f"unknown exec option(s){where}: {', '.join(unknown)}")
-    env = opts.get("env", [])
-    if not isinstance(env, list) or not all(isinstance(v, str) for v in env):
-        raise InvalidArgument("option env must be a list of strings (as)")
-    for item in env:
-        if not grammar.ENV_RE.match(item) or "\0" in item:
-            raise InvalidArgument(f"invalid env entry {item!r}: use NAME=value")
-    workdir = opts.get("workdir", "")
-    if not isinstance(workdir, str) or (workdir and not workdir.startswith("/")) or "\0" in workdir:
-        raise InvalidArgument(f"option workdir must be an absolute path, got {workdir!r}")
-    user = opts.get("user", "")
-    if isinstance(user, int) and not isinstance(user, bool):
-        if not 0 <= user < 1 << 32:
-            raise InvalidArgument(f"option user: uid out of range: {user}")
-        user = str(user)
-    if not isinstance(user, str) or "\0" in user or "\n" in user or user.count(":") > 1:
-        raise InvalidArgument(f"option user must be a name or uid, optionally with ':group', got {user!r}")
-    timeout = _int(opts, "timeout_sec", 0, 0, MAX_TIMEOUT)
-    max_output = _int(opts, "max_output", DEFAULT_MAX_OUTPUT, 0, MAX_OUTPUT_LIMIT)
-    stdin = opts.get("stdin", b"")
-    # An 'ay' inside a variant may arrive as a list of ints; any other list (an 'as', an 'at'
-    # with values past 255) is the wrong type, not bytes() failing.
-    if isinstance(stdin, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
-                                       for b in stdin):
-        stdin = bytes(stdin)
-    if not isinstance(stdin, bytes):
-        raise InvalidArgument("option stdin must be bytes (ay)")
-    if len(stdin) > MAX_STDIN:
-        raise InvalidArgument(f"option stdin is over {MAX_STDIN} bytes")
-    return ExecOptions(tuple(env), workdir, user, timeout, stdin, max_output)
-
-
-def _int(opts: Mapping[str, object], key: str, default: int, low: int, high: int) -> int:
-    value = opts.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument(f"option {key} must be an integer from {low} to {high}, got {value!r}")
-    return value
 
 
 def merged_env(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -191,11 +125,11 @@ class Execs:
 
     # Foreground
 
-    async def run(self, ref: str, command: list[str], opts: Mapping[str, object], *,
+    async def run(self, ref: str, command: list[str], o: ExecOptions, *,
                   caller: Credentials) -> ExecResult:
         """Runs command in the container and returns its exit code and output."""
         # Reserved before the first await, so execs asked for together cannot pass the caps together.
-        need = 2 * parse_exec_options(opts, background=False).max_output
+        need = 2 * o.max_output
         mine, total = self._captured.get(caller.uid, 0), sum(self._captured.values())
         if mine + need > CAPTURE_BUDGET_PER_UID or total + need > CAPTURE_BUDGET:
             raise LimitExceeded(
@@ -205,16 +139,15 @@ class Execs:
                 "ExecStart, which hold no output")
         self._captured[caller.uid] = mine + need
         try:
-            return await self._run_captured(ref, command, opts)
+            return await self._run_captured(ref, command, o)
         finally:
             self._captured[caller.uid] -= need
             if not self._captured[caller.uid]:
                 del self._captured[caller.uid]
 
-    async def _run_captured(self, ref: str, command: list[str], opts: Mapping[str, object]) -> ExecResult:
+    async def _run_captured(self, ref: str, command: list[str], o: ExecOptions) -> ExecResult:
         c = self._manager.get(ref)
         argv = options.check_command(command)
-        o = parse_exec_options(opts, background=False)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -240,14 +173,12 @@ class Execs:
         return ExecResult(status.exit_code, bytes(out.data), bytes(err.data), out.total, err.total,
                           status.timed_out)
 
-    async def run_with_fds(self, ref: str, command: list[str], opts: Mapping[str, object],
+    async def run_with_fds(self, ref: str, command: list[str], o: ExecOptions,
                            stdio: tuple[int, int, int]) -> int:
         """Runs command on the caller's stdin, stdout and stderr; returns its exit code. Takes fds over."""
         try:
             c = self._manager.get(ref)
             argv = options.check_command(command)
-            o = parse_exec_options(opts, background=True, hint=" (ExecWithFds takes stdin as a descriptor, "
-                                   "and its output goes to the caller's descriptors)")
             for fd, what, writable in zip(stdio, ("stdin", "stdout", "stderr"), (False, True, True),
                                           strict=True):
                 fdcheck.check(fd, writable, what)
@@ -261,16 +192,14 @@ class Execs:
 
     # Background
 
-    async def start(self, ref: str, command: list[str], opts: Mapping[str, object]) -> Exec:
+    async def start(self, ref: str, command: list[str], o: ExecOptions) -> Exec:
         """Starts command in the container; returns once it runs, its output going to the journal."""
         c = self._manager.get(ref)
         argv = options.check_command(command)
-        o = parse_exec_options(opts, background=True)
         channel, _ = await self._start(c, argv, o, [])
         return self._record(c, argv, channel)
 
-    async def start_on_pty(self, ref: str, command: list[str],
-                           opts: Mapping[str, object]) -> tuple[Exec, int]:
+    async def start_on_pty(self, ref: str, command: list[str], o: ExecOptions) -> tuple[Exec, int]:
         """Starts command on a new pseudo-terminal of the container; the exec and the pty's master (yours).
 
         It is a background exec (ExecWait, ExecKill, ListExecs) whose
@@ -279,14 +208,7 @@ class Execs:
         """
         c = self._manager.get(ref)
         argv = options.check_command(command)
-        pty_opts = {k: v for k, v in opts.items() if k not in ("rows", "cols")}
-        unknown = sorted(set(opts) - PTY_KEYS)
-        if unknown:
-            raise InvalidArgument("unknown exec option(s) (ExecWithPty's stdin and output are the "
-                                  f"terminal): {', '.join(unknown)}")
-        rows, cols = _int(opts, "rows", 0, 0, MAX_PTY_SIZE), _int(opts, "cols", 0, 0, MAX_PTY_SIZE)
-        o = parse_exec_options(pty_opts, background=True)
-        channel, master = await self._start(c, argv, o, [], pty=(rows, cols))
+        channel, master = await self._start(c, argv, o, [], pty=(o.rows, o.cols))
         assert master is not None
         try:
             return self._record(c, argv, channel), master

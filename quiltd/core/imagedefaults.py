@@ -16,41 +16,34 @@ name, the client's entries over the image's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
 from quiltd.core import options
+from quiltd.core.requests import CreateOptions
 from quiltd.errors import InvalidArgument
 from quiltd.model import ContainerSpec, ImageConfig
 
 
-def command_line(config: ImageConfig, command: list[str], opts: Mapping[str, object]) -> list[str]:
+def command_line(config: ImageConfig, command: list[str], request: CreateOptions) -> list[str]:
     """The argv a container runs: Entrypoint and Cmd, the image's unless the client gave its own."""
-    if "entrypoint" not in opts:
+    if request.entrypoint is None:
         return [*config.entrypoint, *(command or config.cmd)]
-    entrypoint = opts["entrypoint"]
-    if not isinstance(entrypoint, list | tuple) or not all(isinstance(a, str) for a in entrypoint):
-        raise InvalidArgument("option entrypoint must be a list of strings (as)")
-    if any("\0" in a for a in entrypoint):
-        raise InvalidArgument("option entrypoint must not contain NUL characters")
-    if entrypoint:
-        return [*entrypoint, *command]
+    if request.entrypoint:
+        return [*request.entrypoint, *command]
     return list(command or config.cmd)
 
 
-def apply(config: ImageConfig, command: list[str], opts: Mapping[str, object], spec: ContainerSpec
+def apply(config: ImageConfig, command: list[str], request: CreateOptions, spec: ContainerSpec
           ) -> tuple[tuple[str, ...], ContainerSpec]:
     """The container's argv and spec once the image's defaults fill what the client left out."""
-    argv = command_line(config, command, opts)
+    argv = command_line(config, command, request)
     if not argv:
         raise InvalidArgument("the command is empty and the image gives no Entrypoint or Cmd: "
                               "give at least the program to run")
     if not argv[0]:
         raise InvalidArgument("the program to run (the first word of Entrypoint and command) is empty")
-    given = opts.get("env", [])
-    assert isinstance(given, list)  # checked by options.parse_create_options
     merged: dict[str, str] = {}
-    for item in (*config.env, *given):
+    for item in (*config.env, *request.env):
         merged[item.split("=", 1)[0]] = item
     env = list(merged.values())
     if "PATH" not in merged:
@@ -58,6 +51,6 @@ def apply(config: ImageConfig, command: list[str], opts: Mapping[str, object], s
     return options.check_command(argv), replace(
         spec,
         env=tuple(env),
-        workdir=spec.workdir if "workdir" in opts else (config.workdir or spec.workdir),
-        user=spec.user if "user" in opts else config.user,
+        workdir=spec.workdir if "workdir" in request.given else (config.workdir or spec.workdir),
+        user=spec.user if "user" in request.given else config.user,
     )

@@ -11,14 +11,13 @@ import asyncio
 import errno
 import os
 import threading
-from collections.abc import Mapping
 
 from quiltd.core import fdcheck
 from quiltd.core.execs import Execs
 from quiltd.core.manager import Manager
+from quiltd.core.requests import LogOptions, Stream
 from quiltd.errors import (
     Internal,
-    InvalidArgument,
     InvalidState,
     LimitExceeded,
     NoSuchContainer,
@@ -29,7 +28,6 @@ from quiltd.host import journalreader
 from quiltd.host.journalreader import Follower, JournalWatch, Line, Query
 from quiltd.model import Container, Exec
 
-KEYS = frozenset({"since_usec", "tail", "stream", "exec_id"})
 MAX_LINES = 100_000
 MAX_FOLLOWERS = 128  # each is a thread
 
@@ -45,37 +43,23 @@ class Logs:
         manager.add_listener(self)
         execs.add_listener(self)
 
-    def _query(self, ref: str, opts: Mapping[str, object]) -> tuple[Container, Query]:
+    def _query(self, ref: str, o: LogOptions) -> tuple[Container, Query]:
         c = self._manager.get(ref)
-        unknown = sorted(set(opts) - KEYS)
-        if unknown:
-            raise InvalidArgument(f"unknown log option(s): {', '.join(unknown)}")
-        since = opts.get("since_usec", 0)
-        tail = opts.get("tail", 0)
-        for key, value in (("since_usec", since), ("tail", tail)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
-                raise InvalidArgument(f"option {key} must be a non-negative integer, got {value!r}")
-        stream = opts.get("stream", "both")
-        if stream not in ("stdout", "stderr", "both"):
-            raise InvalidArgument(f"option stream must be stdout, stderr or both, got {stream!r}")
-        exec_id = opts.get("exec_id", "")
-        if not isinstance(exec_id, str):
-            raise InvalidArgument("option exec_id must be a string (s)")
-        if exec_id not in ("", "*"):
-            e = self._execs.get(exec_id)
+        if o.exec_id not in ("", "*"):
+            e = self._execs.get(o.exec_id)
             if e.container_id != c.id:
-                raise NoSuchExec(f"no exec {exec_id!r} in container {c.name}")
-        assert isinstance(since, int) and isinstance(tail, int)
-        return c, Query(c.id, since, tail, "" if stream == "both" else str(stream), exec_id)
+                raise NoSuchExec(f"no exec {o.exec_id!r} in container {c.name}")
+        stream = "" if o.stream is Stream.BOTH else o.stream.value
+        return c, Query(c.id, o.since_usec, o.tail, stream, o.exec_id)
 
-    async def get(self, ref: str, opts: Mapping[str, object]) -> list[Line]:
-        _, q = self._query(ref, opts)
+    async def get(self, ref: str, o: LogOptions) -> list[Line]:
+        _, q = self._query(ref, o)
         lines, more = await asyncio.get_running_loop().run_in_executor(None, journalreader.read, q, MAX_LINES)
         if more:
             raise OutputTruncated(f"more than {MAX_LINES} lines match; narrow with since_usec or tail")
         return lines
 
-    async def follow(self, ref: str, opts: Mapping[str, object], fd: int) -> None:
+    async def follow(self, ref: str, o: LogOptions, fd: int) -> None:
         """Starts writing lines to fd; takes fd over (closes it) whatever happens.
 
         Everything a follow needs is set up before this returns, so a follow
@@ -83,7 +67,7 @@ class Logs:
         """
         reserved = False
         try:
-            c, q = self._query(ref, opts)
+            c, q = self._query(ref, o)
             fdcheck.check(fd, writable=True, what="the log lines")
             with self._lock:
                 # A slot is taken before the first await, so follows asked

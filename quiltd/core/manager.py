@@ -19,16 +19,23 @@ import secrets
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from quiltd import __version__, grammar
 from quiltd.access import Credentials
-from quiltd.core import fdcheck, imagedefaults, options, pool, volumes
+from quiltd.core import fdcheck, imagedefaults, options, parse, pool, volumes
 from quiltd.core.cleanup import Cleaner
 from quiltd.core.config import Config
+from quiltd.core.requests import (
+    ContainerFilter,
+    CreateOptions,
+    ImportOptions,
+    NetworkOptions,
+    RemoveImageOptions,
+)
 from quiltd.core.retries import CommitQueue
 from quiltd.core.turns import FairTurns
 from quiltd.errors import (
@@ -245,21 +252,9 @@ class Manager:
             raise NoSuchContainer(f"no container {ref!r}")
         return c
 
-    def list_containers(self, filters: Mapping[str, object]) -> list[ContainerListing]:
-        wanted = {k: v for k, v in filters.items()}
-        unknown = set(wanted) - {"state", "name", "image", "labels"}
-        if unknown:
-            raise InvalidArgument(f"unknown filter(s): {', '.join(sorted(unknown))}")
-        labels = wanted.get("labels", {})
-        # Values of any other type (an a{sv} sent as labels) are refused here: a list or map
-        # among them cannot be compared with the labels on record.
-        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            raise InvalidArgument("filter labels must be a map of strings (a{ss})")
-        for key in ("state", "name", "image"):
-            if not isinstance(wanted.get(key, ""), str):
-                raise InvalidArgument(f"filter {key} must be a string (s)")
-        listings = self._store.list_container_listings(
-            *(str(wanted[key]) if key in wanted else None for key in ("state", "name", "image")))
+    def list_containers(self, wanted: ContainerFilter) -> list[ContainerListing]:
+        listings = self._store.list_container_listings(wanted.state, wanted.name, wanted.image)
+        labels = dict(wanted.labels)
         if not labels:
             return listings
         # Labels are in the spec: only then is it read, for the rows left.
@@ -316,24 +311,21 @@ class Manager:
     # Life cycle
 
     async def create(
-        self, name: str, image_name: str, command: list[str], opts: Mapping[str, object], *,
+        self, name: str, image_name: str, command: list[str], request: CreateOptions, *,
         caller: Credentials,
     ) -> Container:
         options.check_name(name)
         options.check_image_name(image_name)
         if command:
             options.check_command(command)
-        spec, start = options.parse_create_options(opts, name)
-        binds, tmpfs = mountopts.parse(opts, self._source_policy(caller.uid, host_image=False))
-        wanted_volumes = volumes.parse(opts.get("volumes", []))
-        volumes.check_targets([t for _, t, _ in binds], [t for t, _ in tmpfs],
-                              [t for _, t, _ in wanted_volumes])
-        spec = replace(spec, mounts=binds, tmpfs=tmpfs, volumes=wanted_volumes, creator_uid=caller.uid)
+        start = request.start
+        spec = replace(request.spec, hostname=request.spec.hostname or name, creator_uid=caller.uid)
+        mountopts.check_sources(spec.mounts, self._source_policy(caller.uid, host_image=False))
         image = self._find_image(image_name)
         self._check_host_image(image, caller.uid)
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
-        argv, spec = imagedefaults.apply(image.config, command, opts, spec)
+        argv, spec = imagedefaults.apply(image.config, command, request, spec)
         self._check_name_free(name)
         c = Container(
             id=secrets.token_hex(8), name=name, image=image.name, image_id=image.id,
@@ -345,7 +337,7 @@ class Manager:
             if member is not None:
                 return self._claimed(c, member)  # takes no start turn: served even when they are all taken
             self._starts.check_room("starts")
-        volume_names = [n for n, _, _ in wanted_volumes]
+        volume_names = [n for n, _, _ in spec.volumes]
         made = self.volumes.ensure(volume_names)
         # Committed as starting, with its address and its user namespace
         # range, before the reply: a daemon killed right after answering
@@ -815,7 +807,7 @@ class Manager:
             raise NoSuchImage(f"no image {name!r}")
         return image
 
-    async def import_image(self, name: str, source: str, opts: Mapping[str, object], *,
+    async def import_image(self, name: str, source: str, request: ImportOptions, *,
                            caller: Credentials) -> ImportResult:
         """Imports the file or layout directory at source, opened with the caller's credentials.
 
@@ -823,8 +815,10 @@ class Manager:
         """
         pulled = pull.parse_source(source)
         if pulled is not None:
-            return await self._pull(name, pulled, opts, caller)
-        import_options = self._check_import(name, opts)
+            return await self._pull(name, pulled, request, caller)
+        if request.timeout_sec is not None:
+            raise InvalidArgument("the option timeout_sec is a pull's: only a docker:// source takes it")
+        import_options = self._check_import(name, request)
         if not source.startswith("/"):
             raise InvalidArgument(f"the image source must be an absolute path, got {source!r}")
         loop = asyncio.get_running_loop()
@@ -842,32 +836,34 @@ class Manager:
             raise InvalidImage(f"{source}: cannot open: {e.strerror}") from None
         return await self._import(name, fd, source, import_options, caller)
 
-    async def import_image_fd(self, name: str, fd: int, opts: Mapping[str, object], *,
+    async def import_image_fd(self, name: str, fd: int, request: ImportOptions, *,
                               caller: Credentials) -> ImportResult:
         """Imports the file or layout directory the caller opened; takes fd over."""
         try:
-            import_options = self._check_import(name, opts)
+            if request.timeout_sec is not None:
+                raise InvalidArgument("the option timeout_sec is a pull's: only a docker:// source takes it")
+            import_options = self._check_import(name, request)
             fdcheck.check_source(fd, "the image")
         except BaseException:
             os.close(fd)
             raise
         return await self._import(name, fd, _describe_fd(fd), import_options, caller)
 
-    async def _pull(self, name: str, source: pull.PullSource, opts: Mapping[str, object],
+    async def _pull(self, name: str, source: pull.PullSource, request: ImportOptions,
                     caller: Credentials) -> ImportResult:
-        pull_options = pull.parse_options(opts)
+        timeout_sec = pull.DEFAULT_TIMEOUT_SEC if request.timeout_sec is None else request.timeout_sec
         if source.transport is not pull.Transport.DOCKER:
             # A local archive: the path import, which opens it with the caller's permissions.
-            archive_opts = dict(pull_options.import_options)
             if source.ref is not None:
-                if "ref" in archive_opts:
+                if request.ref is not None:
                     raise InvalidArgument(f"{source} names its image already; leave out the option ref")
-                archive_opts["ref"] = source.ref
-            return await self.import_image(name, source.reference, archive_opts, caller=caller)
-        if "ref" in pull_options.import_options:
+                request = replace(request, ref=source.ref)
+            return await self.import_image(name, source.reference, replace(request, timeout_sec=None),
+                                           caller=caller)
+        if request.ref is not None:
             raise InvalidArgument("the option ref picks an image of an archive; a docker:// source "
                                   "names its image itself")
-        import_options = self._check_import(name, pull_options.import_options)
+        import_options = self._check_import(name, request)
         work = pull.pulls_dir(self.paths.state_dir) / secrets.token_hex(IMPORT_DIR_BYTES)
         loop = asyncio.get_running_loop()
 
@@ -875,7 +871,7 @@ class Manager:
             loop.call_soon_threadsafe(self._import_progress, name, done, total)
 
         try:
-            layout = await loop.run_in_executor(None, pull.copy, source, work, pull_options.timeout_sec,
+            layout = await loop.run_in_executor(None, pull.copy, source, work, timeout_sec,
                                                 import_options.limits.max_bytes, progress)
             fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             # The layout is the daemon's own: its files are opened as root, not as the caller.
@@ -883,9 +879,10 @@ class Manager:
         finally:
             await loop.run_in_executor(None, pull.remove, work)
 
-    def _check_import(self, name: str, opts: Mapping[str, object]) -> imageimport.ImportOptions:
+    def _check_import(self, name: str, request: ImportOptions) -> imageimport.ImportOptions:
         options.check_image_name(name)
-        import_options = imageimport.parse_options(opts)
+        limits = extract.ImageLimits(max_bytes=request.max_bytes)
+        import_options = imageimport.ImportOptions(limits, request.ref)
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image name {name!r} is reserved for the built-in host image")
         if self._store.find_image(name) is not None:
@@ -945,14 +942,9 @@ class Manager:
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]
 
-    async def remove_image(self, name: str, opts: Mapping[str, object] | None = None) -> None:
+    async def remove_image(self, name: str, request: RemoveImageOptions | None = None) -> None:
         """Removes an image; with force, first the ended containers that use it."""
-        unknown = sorted(set(opts or {}) - {"force"})
-        if unknown:
-            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
-        force = (opts or {}).get("force", False)
-        if not isinstance(force, bool):
-            raise InvalidArgument(f"option force must be a boolean (b), got {type(force).__name__}")
+        force = request is not None and request.force
         if name == hostimage.NAME:
             raise InvalidArgument(f"the image {name!r} is built in and cannot be removed")
         image = self._find_image(name)
@@ -1008,11 +1000,11 @@ class Manager:
 
     # Networks
 
-    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
+    async def create_network(self, name: str, request: NetworkOptions) -> Network:
         if not grammar.NAME_RE.match(name):
             raise InvalidArgument(f"invalid network name {name!r}: use 1-63 letters, digits or '-', "
                                   "not starting with '-'")
-        return await self._networks.create_network(name, opts)
+        return await self._networks.create_network(name, request.subnet, request.egress, request.rules)
 
     async def remove_network(self, name: str) -> None:
         pools = [state.pool for state in self.pools.states()
@@ -1028,7 +1020,7 @@ class Manager:
 
     # Warm pools
 
-    async def set_warm_pool(self, image_name: str, size: int, opts: Mapping[str, object], *,
+    async def set_warm_pool(self, image_name: str, size: int, request: CreateOptions, *,
                             caller: Credentials) -> WarmPool:
         """Keeps size containers ready for creates of image_name with these options; 0 removes the pool."""
         if not caller.is_root:
@@ -1038,9 +1030,8 @@ class Manager:
         if not 0 <= size <= pool.MAX_POOL_SIZE:
             raise InvalidArgument(f"a warm pool's size must be 0 to {pool.MAX_POOL_SIZE}, got {size}")
         options.check_image_name(image_name)
-        pool.check_options(opts)
         image = self._find_image(image_name)
-        profile = self._profile_of(image, opts)
+        profile = self._profile_of(image, request)
         wanted = WarmPool("", image.name, pool.canonical_options(profile), size)
         wanted = replace(wanted, id=pool.pool_id(wanted.image, wanted.options))
         await self.pools.set(wanted, profile)
@@ -1049,16 +1040,17 @@ class Manager:
     def warm_pools(self) -> list[pool.PoolState]:
         return self.pools.states()
 
-    def _profile_of(self, image: Image, opts: Mapping[str, object]) -> ContainerSpec:
-        spec, _ = options.parse_create_options(opts, "pool")
-        _, tmpfs = mountopts.parse(opts, self._source_policy(0, host_image=False))
+    def _profile_of(self, image: Image, request: CreateOptions) -> ContainerSpec:
+        spec = request.spec
         if spec.network != networks.NONE:
             self._networks.find(spec.network)
         self._check_host_image(image, 0)
-        return pool.profile(replace(spec, tmpfs=tmpfs))
+        return pool.profile(spec)
 
     def _pool_profile(self, wanted: WarmPool) -> ContainerSpec:
-        return self._profile_of(self._find_image(wanted.image), json.loads(wanted.options))
+        # The pool's options as canonical_options stored them, read as SetWarmPool reads a client's.
+        stored = parse.pool_options(json.loads(wanted.options))
+        return self._profile_of(self._find_image(wanted.image), stored)
 
     async def _make_pool_member(self, wanted: WarmPool, profile: ContainerSpec) -> pool.Ready | None:
         """A container of the pool started up to GO: root built, in its scope, veth in place."""

@@ -22,10 +22,9 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from quiltd.errors import InvalidArgument
 from quiltd.model import DEFAULT_LOG_RATE_BURST, DEFAULT_LOG_RATE_INTERVAL_SEC, ContainerSpec, WarmPool
 from quiltd.runtime.spawner import Launched
 from quiltd.store.database import Store
@@ -49,14 +48,6 @@ FAILURE_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)  # after members that could not be 
 
 def pool_id(image: str, options: str) -> str:
     return hashlib.sha256(f"{image}\0{options}".encode()).hexdigest()[:16]
-
-
-def check_options(opts: Mapping[str, object]) -> None:
-    """InvalidArgument for an option no pool can hold; the values are checked as a create's are."""
-    unknown = sorted(set(opts) - POOL_OPTIONS)
-    if unknown:
-        raise InvalidArgument(f"option(s) {', '.join(unknown)} cannot be pooled: a warm pool takes only "
-                              f"{', '.join(sorted(POOL_OPTIONS))}; the rest are each create's own")
 
 
 def profile(spec: ContainerSpec) -> ContainerSpec:

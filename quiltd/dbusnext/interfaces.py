@@ -34,3 +34,14 @@ class SharedMembersInterface(ServiceInterface):  # type: ignore[misc]
         for attr, value in zip(_SHARED, members, strict=True):
             setattr(self, attr, value)
         setattr(self, _PER_OBJECT, set())
+
+
+def properties(iface: ServiceInterface) -> list[Any]:
+    """The interface's D-Bus properties (each with name, signature and prop_getter).
+
+    Private: dbus-next lists them only in ServiceInterface._get_properties;
+    its public side answers Get and GetAll on the bus, which InterfacesAdded
+    cannot wait for.
+    """
+    found: list[Any] = ServiceInterface._get_properties(iface)
+    return found

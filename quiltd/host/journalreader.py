@@ -48,14 +48,45 @@ def _reader(q: Query) -> journal.Reader:
     return r
 
 
-# The entry under the reader is read a field at a time, through the
-# reader's own calls (sd_journal_get_data and friends): get_next() would
-# build a dict of every field of every entry, with conversions, which made
-# reading a thousand lines four times slower.
+# python-systemd's private names, each used here only. The entry under the
+# reader is read a field at a time, through the reader's own calls
+# (sd_journal_next, sd_journal_get_data and friends): the public
+# get_next(), get_previous() and get() build a dict of every field of every
+# entry, with conversions, which made reading a thousand lines four times
+# slower. tests/unit/test_private_names.py fails when a release drops one.
+
+
+def _next(r: journal.Reader) -> bool:
+    """Moves to the next entry; public next() would also read the whole entry into a dict."""
+    return bool(r._next())
+
+
+def _previous(r: journal.Reader) -> bool:
+    """Moves to the previous entry; public get_previous() would also read the whole entry."""
+    return bool(r._previous())
+
+
+def _get(r: journal.Reader, name: str) -> bytes:
+    """One field's raw bytes; the public API has only the converted dict of every field."""
+    value: bytes = r._get(name)
+    return value
+
+
+def _realtime(r: journal.Reader) -> int:
+    """The entry's wall-clock µs as an int; public get_realtime() converts it to a datetime."""
+    usec: int = r._get_realtime()
+    return usec
+
+
+def _cursor(r: journal.Reader) -> str:
+    """The entry's cursor; the public API has it only in the dict of every field (__CURSOR)."""
+    cursor: str = r._get_cursor()
+    return cursor
+
 
 def _field(r: journal.Reader, name: str) -> bytes | None:
     try:
-        value: bytes = r._get(name)
+        value = _get(r, name)
     except KeyError:
         return None
     return value
@@ -68,7 +99,7 @@ def _line(r: journal.Reader, q: Query) -> Line | None:
     if q.exec_id == "" and _field(r, "QUILT_EXEC_ID") is not None:
         return None
     stream = _field(r, "QUILT_STREAM") or b""
-    return Line(r._get_realtime(), stream.decode(errors="replace"), _field(r, "MESSAGE") or b"")
+    return Line(_realtime(r), stream.decode(errors="replace"), _field(r, "MESSAGE") or b"")
 
 
 def read(q: Query, limit: int) -> tuple[list[Line], bool]:
@@ -90,7 +121,7 @@ def read(q: Query, limit: int) -> tuple[list[Line], bool]:
 
 
 def _forward(r: journal.Reader, q: Query) -> Iterator[Line]:
-    while r._next():
+    while _next(r):
         line = _line(r, q)
         if line is not None and line.usec >= q.since_usec:
             yield line
@@ -107,10 +138,10 @@ def _read_tail_and_cursor(r: journal.Reader, q: Query, limit: int) -> tuple[list
     lines: list[Line] = []
     cursor = ""
     while len(lines) < q.tail:
-        if not r._previous():
+        if not _previous(r):
             break
         if not cursor:
-            cursor = r._get_cursor()
+            cursor = _cursor(r)
         line = _line(r, q)
         if line is None:
             continue
@@ -253,7 +284,7 @@ class Follower(threading.Thread):
                     # From the last entry already seen, so nothing that came
                     # meanwhile is missed.
                     r.seek_cursor(cursor)
-                    r._next()
+                    _next(r)
                 else:
                     r.seek_head()
             elif self.query.since_usec:
@@ -280,14 +311,14 @@ class Follower(threading.Thread):
     def _forward(self, r: journal.Reader) -> Iterator[Line]:
         moved = False
         try:
-            while r._next():
+            while _next(r):
                 moved = True
                 line = _line(r, self.query)
                 if line is not None and line.usec >= self.query.since_usec:
                     yield line
         finally:
             if moved:
-                self._cursor = r._get_cursor()
+                self._cursor = _cursor(r)
 
     def _reopen(self, old: journal.Reader) -> journal.Reader:
         """A new reader where the old one was: journal files were added or removed."""
@@ -296,7 +327,7 @@ class Follower(threading.Thread):
         self._reader = r
         if self._cursor:
             r.seek_cursor(self._cursor)
-            r._next()  # the entry of the cursor was read already
+            _next(r)  # the entry of the cursor was read already
         elif self.query.since_usec:
             r.seek_realtime(self.query.since_usec)
         return r

@@ -7,7 +7,6 @@ seconds, from the worker thread; the caller hands it to its event loop.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,28 +35,10 @@ class Imported:
     pinned: tuple[str, ...] = ()
 
 
-# A reference as docker and OCI layouts write them: no spaces or control characters.
-_REF_RE = re.compile(r"[\x21-\x7e]{1,255}")
-
-
 @dataclass(frozen=True)
 class ImportOptions:
     limits: extract.ImageLimits
     ref: str | None = None  # which image of an archive holding several
-
-
-def parse_options(opts: Mapping[str, object]) -> ImportOptions:
-    unknown = sorted(set(opts) - {"max_bytes", "ref"})
-    if unknown:
-        raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
-    max_bytes = opts.get("max_bytes", extract.ImageLimits.max_bytes)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 < max_bytes <= 1 << 44:
-        raise InvalidArgument(f"option max_bytes must be an integer from 1 to 2^44, got {max_bytes!r}")
-    ref = opts.get("ref")
-    if ref is not None and not (isinstance(ref, str) and _REF_RE.fullmatch(ref)):
-        raise InvalidArgument("option ref must be an image reference such as 'busybox:latest' "
-                              f"(1-255 printable ASCII characters, no spaces), got {ref!r}")
-    return ImportOptions(extract.ImageLimits(max_bytes=max_bytes), ref)
 
 
 class _Throttle:

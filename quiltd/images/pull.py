@@ -26,7 +26,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,12 +94,6 @@ class PullSource:
         return f"{self.transport.value}:{self.reference}" + (f":{self.ref}" if self.ref else "")
 
 
-@dataclass(frozen=True)
-class PullOptions:
-    timeout_sec: int
-    import_options: dict[str, object]  # the rest, for the import of the pulled layout
-
-
 def parse_source(source: str) -> PullSource | None:
     """The pull a source names, or None for a plain path (the path import's business)."""
     if source.startswith("/"):
@@ -137,16 +131,6 @@ def parse_source(source: str) -> PullSource | None:
                               "absolute path")
     raise InvalidArgument(f"unknown image source {source!r}: give an absolute path, docker://HOST/REPO:TAG, "
                           "oci-archive:PATH[:REF] or docker-archive:PATH[:REF]")
-
-
-def parse_options(opts: Mapping[str, object]) -> PullOptions:
-    """timeout_sec is a pull's own; the rest is left for the import of what was pulled."""
-    rest = dict(opts)
-    timeout = rest.pop("timeout_sec", DEFAULT_TIMEOUT_SEC)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT_SEC:
-        raise InvalidArgument(f"option timeout_sec must be an integer from 1 to {MAX_TIMEOUT_SEC}, "
-                              f"got {timeout!r}")
-    return PullOptions(timeout, rest)
 
 
 def pulls_dir(state_dir: Path) -> Path:

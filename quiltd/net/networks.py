@@ -20,7 +20,6 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +105,8 @@ def write_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def check_subnet(value: object, others: list[Network]) -> ipaddress.IPv4Network:
+def parse_subnet(value: object) -> ipaddress.IPv4Network:
+    """The subnet option: CIDR, no host bits, large enough for a gateway and a few containers."""
     if not isinstance(value, str):
         raise InvalidArgument("option subnet must be a string (s) in CIDR form, e.g. 10.90.0.0/16")
     try:
@@ -115,9 +115,13 @@ def check_subnet(value: object, others: list[Network]) -> ipaddress.IPv4Network:
         raise InvalidArgument(f"invalid subnet {value!r}: {e}") from e
     if subnet.prefixlen > MAX_PREFIX:
         raise InvalidArgument(f"subnet {value} is too small: use a prefix of /{MAX_PREFIX} or shorter")
+    return subnet
+
+
+def check_free(subnet: ipaddress.IPv4Network, others: list[Network]) -> ipaddress.IPv4Network:
     for other in others:
         if subnet.overlaps(ipaddress.IPv4Network(other.subnet)):
-            raise InvalidArgument(f"subnet {value} overlaps network {other.name} ({other.subnet})")
+            raise InvalidArgument(f"subnet {subnet} overlaps network {other.name} ({other.subnet})")
     return subnet
 
 
@@ -192,24 +196,22 @@ class Networks:
     def all(self) -> list[Network]:
         return self._store.list_networks()
 
-    async def create_network(self, name: str, opts: Mapping[str, object]) -> Network:
-        unknown = sorted(set(opts) - {"subnet", "egress"})
-        if unknown:
-            raise InvalidArgument(f"unknown option(s): {', '.join(unknown)}")
+    async def create_network(self, name: str, wanted: ipaddress.IPv4Network | None, egress: str,
+                             rules: tuple[firewall.EgressRule, ...]) -> Network:
+        """A network on wanted (None: the first free /16) whose containers may send out as egress says."""
         if name == NONE:
             raise InvalidArgument("'none' is not a network name: it means no network")
         if self._store.find_network(name) is not None:
             raise NameTaken(f"a network named {name!r} exists already")
         others = self._store.list_networks()
-        if "subnet" in opts:
-            subnet = check_subnet(opts["subnet"], others)
+        if wanted is not None:
+            subnet = check_free(wanted, others)
         else:
             taken = [ipaddress.IPv4Network(o.subnet) for o in others]
             free = [s for s in AUTO_SUBNETS if not any(s.overlaps(t) for t in taken)]
             if not free:
                 raise AddressesExhausted("no free /16 left in 10.89.0.0-10.254.255.255: give a subnet")
             subnet = free[0]
-        egress, rules = firewall.parse_egress(opts.get("egress", firewall.EGRESS_NONE))
         stored = egress if egress != "list" else ",".join(
             f"{r.cidr}:{r.port}" if r.port else r.cidr for r in rules
         )

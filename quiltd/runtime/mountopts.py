@@ -1,5 +1,8 @@
 """Checks on the CreateContainer options that add mounts: `mounts` and `tmpfs`.
 
+quiltd.core.parse reads the options with these; the core checks the
+sources of binds against the caller's policy when it creates.
+
 Every refusal is an InvalidArgument that names the offending entry, and it
 happens before anything is recorded or made.
 """
@@ -7,7 +10,6 @@ happens before anything is recorded or made.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from quiltd.errors import AccessDenied, InvalidArgument
 from quiltd.runtime import mounts
@@ -35,23 +37,14 @@ def check_target(target: object, what: str) -> str:
     return target
 
 
-def parse_mounts(value: object, policy: mounts.SourcePolicy) -> tuple[tuple[str, str, bool], ...]:
-    """`mounts` a(ssb): (host source, target, read_only), each source allowed by policy.
+def check_sources(binds: tuple[tuple[str, str, bool], ...], policy: mounts.SourcePolicy) -> None:
+    """Each bind's host source (its shape checked already) exists and is one policy allows.
 
     The source is opened and checked here, for a clear answer now; init
     opens and checks it again at each start, and binds what it opened.
     """
-    if not isinstance(value, list):
-        raise InvalidArgument("option mounts must be a list of (source, target, read_only) (a(ssb))")
-    result = []
-    for entry in value:
-        if not (isinstance(entry, list | tuple) and len(entry) == 3 and isinstance(entry[0], str)
-                and isinstance(entry[2], bool)):
-            raise InvalidArgument(f"mounts: entry {entry!r} is not (source, target, read_only)")
-        source, target, read_only = entry
+    for source, target, _ in binds:
         what = f"mount {source} -> {target}"
-        if not source.startswith("/") or "\0" in source:
-            raise InvalidArgument(f"{what}: the source must be an absolute path")
         try:
             os.close(mounts.open_source(source, policy))
         except mounts.StateSource as e:
@@ -63,13 +56,11 @@ def parse_mounts(value: object, policy: mounts.SourcePolicy) -> tuple[tuple[str,
                 from None
         except OSError as e:
             raise InvalidArgument(f"{what}: cannot open the source {source!r}: {e.strerror}") from None
-        result.append((source, check_target(target, what), read_only))
-    return tuple(result)
 
 
 def parse_tmpfs(value: object) -> tuple[tuple[str, int], ...]:
     """`tmpfs` a(st): (target, size in bytes)."""
-    if not isinstance(value, list):
+    if not isinstance(value, list | tuple):
         raise InvalidArgument("option tmpfs must be a list of (target, size_bytes) (a(st))")
     result = []
     for entry in value:
@@ -83,16 +74,3 @@ def parse_tmpfs(value: object) -> tuple[tuple[str, int], ...]:
                                   f"got {size}")
         result.append((check_target(target, what), size))
     return tuple(result)
-
-
-def parse(options: Mapping[str, object], policy: mounts.SourcePolicy
-          ) -> tuple[tuple[tuple[str, str, bool], ...], tuple[tuple[str, int], ...]]:
-    binds = parse_mounts(options.get("mounts", []), policy)
-    tmpfs = parse_tmpfs(options.get("tmpfs", []))
-    targets = [t for _, t, _ in binds] + [t for t, _ in tmpfs]
-    seen: set[str] = set()
-    for target in targets:
-        if target in seen:
-            raise InvalidArgument(f"conflicting options: {target!r} is the target of more than one mount")
-        seen.add(target)
-    return binds, tmpfs

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 from typing import Any
 
 import pytest
@@ -196,5 +198,51 @@ def test_a_labels_filter_that_is_not_strings_is_invalid(quilt: Any, labels: Vari
         async with quilt() as q:
             with pytest.raises(errors.InvalidArgument, match="labels"):
                 await q.call("ListContainers", "a{sv}", {"labels": labels})
+
+    run(scenario())
+
+
+BOGUS = {"bogus": Variant("b", True)}
+
+
+@pytest.mark.parametrize(("member", "signature", "args", "fds"), [
+    ("CreateContainer", "ssasa{sv}", ["ok-name", "busybox", ["true"], BOGUS], 0),
+    ("ListContainers", "a{sv}", [BOGUS], 0),
+    ("ExecStart", "sasa{sv}", ["no-such", ["true"], BOGUS], 0),
+    ("ExecEx", "sasa{sv}", ["no-such", ["true"], BOGUS], 0),
+    ("GetLogs", "sa{sv}", ["no-such", BOGUS], 0),
+    ("ImportImage", "ssa{sv}", ["img", "/nowhere.tar", BOGUS], 0),
+    ("RemoveImageEx", "sa{sv}", ["busybox", BOGUS], 0),
+    ("CreateNetwork", "sa{sv}", ["net", BOGUS], 0),
+    ("SetWarmPool", "sua{sv}", ["busybox", 1, BOGUS], 0),
+    ("ExecWithFds", "sasa{sv}hhh", ["no-such", ["true"], BOGUS, 0, 1, 2], 3),
+    ("FollowLogs", "sa{sv}h", ["no-such", BOGUS, 0], 1),
+    ("CopyInEx", "ssha{sv}", ["no-such", "/", 0, BOGUS], 1),
+    ("CopyOutEx", "ssha{sv}", ["no-such", "/", 0, BOGUS], 1),
+    ("ImportImageFdEx", "sha{sv}", ["img", 0, BOGUS], 1),
+])
+def test_an_unknown_option_is_named_first_and_the_calls_descriptors_are_let_go(
+        quilt: Any, member: str, signature: str, args: list[Any], fds: int) -> None:
+    """Options are read before anything else: the refusal names the option and the known ones,
+    even for a ref that names nothing, and quiltd keeps no copy of a descriptor the call brought."""
+    async def scenario() -> None:
+        async with quilt() as q:
+            before = await records(q)
+            pipes = [os.pipe() for _ in range(fds)]
+            try:
+                with pytest.raises(errors.InvalidArgument,
+                                   match=r"unknown .*\(s\).*: bogus; the known ones are \w"):
+                    await q.call(member, signature, *args, unix_fds=[w for _, w in pipes])
+                for r, w in pipes:
+                    os.close(w)
+                    # quiltd's copy of the write end is closed too, or this read would wait.
+                    assert select.select([r], [], [], 10)[0] == [r], member
+                    assert os.read(r, 1) == b""
+            finally:
+                for r, w in pipes:
+                    os.close(r)
+                    with contextlib.suppress(OSError):
+                        os.close(w)
+            assert await records(q) == before
 
     run(scenario())

@@ -12,6 +12,7 @@ import pytest
 from systemd import journal
 
 from quiltd.core.logs import Logs
+from quiltd.core.requests import LogOptions
 from quiltd.errors import LimitExceeded
 from quiltd.host import journalreader
 from quiltd.host.journalreader import Follower, JournalError, JournalWatch, Query
@@ -53,7 +54,7 @@ def test_a_follow_that_cannot_watch_the_journal_is_refused(monkeypatch: pytest.M
     r, w = os.pipe()
     try:
         with pytest.raises(LimitExceeded, match="cannot follow the journal: Too many open files"):
-            asyncio.run(logs.follow("c", {}, w))
+            asyncio.run(logs.follow("c", LogOptions(), w))
         assert _closed(w)  # the call took it over, and closed it
     finally:
         os.close(r)
@@ -97,7 +98,7 @@ def test_a_follow_of_a_container_that_ends_while_it_is_set_up_ends_too() -> None
     core: Any = _Ending()
     logs = Logs(core, core)
     r, w = os.pipe()
-    asyncio.run(logs.follow("c", {}, w))
+    asyncio.run(logs.follow("c", LogOptions(), w))
     ready, _, _ = select.select([r], [], [], 10)
     assert ready and os.read(r, 100) == b"", "the follow went on after its container had ended"
     os.close(r)

@@ -13,7 +13,8 @@ from quiltd.net import firewall
 from quiltd.net.network import Netlink, container_mac
 from quiltd.net.networks import (
     Networks,
-    check_subnet,
+    check_free,
+    parse_subnet,
     pick_address,
     render_hosts,
     render_resolv_conf,
@@ -155,12 +156,12 @@ def test_container_mac_follows_the_address() -> None:
 
 def test_subnet_checks() -> None:
     others = [Network("a", "qba", "10.89.0.0/16", "10.89.0.1")]
-    assert str(check_subnet("10.90.0.0/24", others)) == "10.90.0.0/24"
+    assert str(check_free(parse_subnet("10.90.0.0/24"), others)) == "10.90.0.0/24"
     for bad, why in (("10.89.1.0/24", "overlaps network a"), ("10.90.0.1/24", "host bits"),
                      ("10.90.0.0/30", "too small"), ("nonsense", "invalid subnet"),
                      ("300.0.0.0/8", "invalid")):
         with pytest.raises(InvalidArgument, match=why):
-            check_subnet(bad, others)
+            check_free(parse_subnet(bad), others)
 
 
 def test_ports_are_pinned_to_their_mac_and_address() -> None:

@@ -343,16 +343,6 @@ def test_ref_is_refused_for_a_rootfs_tarball(tmp_path: Path) -> None:
     assert not os.path.lexists(tmp_path / "image")
 
 
-@pytest.mark.parametrize("ref", ["", "two words", "x" * 256, 3])
-def test_ref_option_is_checked(ref: object) -> None:
-    with pytest.raises(InvalidArgument, match="option ref"):
-        imageimport.parse_options({"ref": ref})
-    assert imageimport.parse_options({"ref": "busybox:latest"}).ref == "busybox:latest"
-
-
-# -- layers kept once, in overlayfs's format -------------------------------------
-
-
 def import_layered(source: Path, store: LayerStore, known: dict[str, int] | None = None,
                    committed: list[str] | None = None) -> ociimage.LayeredImport:
     fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from quiltd.core import pool
-from quiltd.errors import InvalidArgument
 from quiltd.model import ContainerSpec, WarmPool
 from quiltd.runtime.spawner import Launched
 from quiltd.store.database import Store
@@ -95,12 +94,6 @@ def test_same_setup_spelled_differently_is_one_pool() -> None:
     for setup in ({"memory_max": 1 << 26}, {"tmpfs": (("/t", 1 << 20),)}, {"mounts": (("/a", "/b", True),)},
                   {"ttl_sec": 5}, {"network": "none"}, {"publish": ((80, 80, "tcp"),)}):
         assert pool.profile(replace(implicit, **setup)) != pool.profile(implicit), setup  # type: ignore[arg-type]
-
-
-def test_options_no_pool_can_hold_are_named() -> None:
-    with pytest.raises(InvalidArgument, match="env, mounts cannot be pooled"):
-        pool.check_options({"mounts": [], "env": [], "network": "none"})
-    pool.check_options({"network": "none", "memory_max": 1 << 26, "userns": True})
 
 
 def test_a_pool_is_filled_kept_on_record_and_claimed_without_waiting(store: Store) -> None:

@@ -53,15 +53,6 @@ def test_a_relative_path_is_left_to_the_path_import() -> None:
     assert pull.parse_source("image.tar") is None
 
 
-def test_timeout_is_the_pulls_own_option_and_the_rest_is_passed_on() -> None:
-    got = pull.parse_options({"timeout_sec": 5, "max_bytes": 10})
-    assert (got.timeout_sec, got.import_options) == (5, {"max_bytes": 10})
-    assert pull.parse_options({}).timeout_sec == pull.DEFAULT_TIMEOUT_SEC
-    for bad in (0, -1, True, "5", pull.MAX_TIMEOUT_SEC + 1):
-        with pytest.raises(errors.InvalidArgument, match="timeout_sec"):
-            pull.parse_options({"timeout_sec": bad})
-
-
 def fatal(msg: str) -> str:
     return f'Getting image source signatures\ntime="2026-01-01T00:00:00Z" level=fatal msg="{msg}"\n'
 
