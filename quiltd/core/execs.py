@@ -504,7 +504,7 @@ class _Channel:
         while True:
             await wait_readable(self._sock.fileno())
             try:
-                frame, got = wire.receive(self._sock, 1, socket.MSG_CMSG_CLOEXEC)
+                frame, got = wire.receive(self._sock, 1, socket.MSG_CMSG_CLOEXEC, wire.MAX_ANSWER)
             except BlockingIOError:
                 continue
             except ConnectionResetError:

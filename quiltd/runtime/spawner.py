@@ -116,7 +116,7 @@ class ForkServer:
             wire.send(self._sock, request.kind, request.body, fds)
             await wait_readable(self._sock.fileno())
             try:
-                reply, received = wire.receive(self._sock, answer_fds)
+                reply, received = wire.receive(self._sock, answer_fds, limit=wire.MAX_ANSWER)
             except wire.WireError as e:
                 raise Internal(f"{failed}: a bad answer from the fork server: {e}") from None
             if reply is None:

@@ -61,6 +61,9 @@ HEADER = struct.Struct("!HI")
 # the daemon refuses requests that would come near this.
 MAX_BODY = 512 << 10
 MAX_FRAME = HEADER.size + MAX_BODY
+# What an answer to the daemon can be at most (a failure's frame is the
+# largest); the daemon reads answers into a buffer of this size.
+MAX_ANSWER = 64 << 10
 MAX_MESSAGE_CHARS = 4096  # of a failure's message: its frame is one write, far below a pipe's capacity
 
 
@@ -203,13 +206,14 @@ def send(sock: socket.socket, kind: Kind, body: Mapping[str, Any] | None = None,
     socket.send_fds(sock, [encode(kind, body)], list(fds))
 
 
-def receive(sock: socket.socket, max_fds: int, flags: int = 0) -> tuple[Frame | None, list[int]]:
+def receive(sock: socket.socket, max_fds: int, flags: int = 0,
+            limit: int = MAX_FRAME) -> tuple[Frame | None, list[int]]:
     """One datagram's frame (None at end of file) and the descriptors that came with it (the caller's).
 
-    An oversize datagram is cut by the kernel; that is a WireError here,
-    after its descriptors are closed.
+    A datagram over limit bytes is cut by the kernel; that is a WireError
+    here, after its descriptors are closed.
     """
-    data, fds, msg_flags, _ = socket.recv_fds(sock, MAX_FRAME, max_fds, flags)
+    data, fds, msg_flags, _ = socket.recv_fds(sock, limit, max_fds, flags)
     if not data and not fds:
         return None, []
     try:

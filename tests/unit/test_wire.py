@@ -190,9 +190,12 @@ def test_a_failure_code_this_daemon_does_not_know_is_still_reported_as_internal(
         Failure.from_frame(Frame(Kind.FAILED, {"code": "io"}))
 
 
-def test_a_long_failure_message_is_cut_so_its_frame_stays_small() -> None:
-    data = Failure(Code.INTERNAL, "x" * 100_000).encode()
-    assert len(data) < 2 * wire.MAX_MESSAGE_CHARS
+def test_a_long_failure_message_is_cut_so_its_frame_fits_what_the_daemon_reads() -> None:
+    # Control characters take JSON's longest escape, six bytes each.
+    for text in ("x" * 100_000, "\x01" * 100_000):
+        data = Failure(Code.INTERNAL, text).encode()
+        assert len(data) <= wire.MAX_ANSWER
+        assert Failure.from_frame(wire.decode(data)).message == text[:wire.MAX_MESSAGE_CHARS]
 
 
 def test_the_records_of_each_channel_round_trip_through_frames() -> None:
