@@ -2,7 +2,7 @@
 
 Core code on the event loop. The copy itself runs in a process the fork
 server forks (see copyhelper); the daemon hands it the caller's descriptor
-and waits for its one-line answer on a pipe, so a long copy never blocks
+and waits for its answer (one frame of the wire protocol) on a pipe, so a long copy never blocks
 the loop.
 """
 
@@ -16,19 +16,12 @@ from quiltd.core import fdcheck
 from quiltd.core.manager import Manager
 from quiltd.core.requests import CopyOptions
 from quiltd.core.turns import FairTurns
-from quiltd.errors import (
-    CopyFailed,
-    Internal,
-    InvalidArgument,
-    InvalidState,
-    LimitExceeded,
-    NoSuchPath,
-    QuiltError,
-    Timeout,
-)
+from quiltd.errors import Internal, InvalidArgument, InvalidState
 from quiltd.model import Container, State
-from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction, Failure
+from quiltd.runtime import wire
+from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction
 from quiltd.runtime.spawner import ForkServer
+from quiltd.runtime.wire import Code, Failure, Kind
 
 log = logging.getLogger("quiltd")
 
@@ -126,20 +119,12 @@ class Copies:
         if not answer:
             # Only a SIGKILL ends the copy before it answers: the scope was killed.
             raise InvalidState(f"container {c.name} was stopped during the copy")
-        result = CopyResult.from_json(answer)
-        if not result.ok:
-            raise _error(c, spec, result)
-        return result
-
-
-def _error(c: Container, spec: CopySpec, result: CopyResult) -> QuiltError:
-    where = f"copy {'into' if spec.direction == Direction.IN else 'out of'} container {c.name}"
-    failure = Failure(result.failure) if result.failure in {f.value for f in Failure} else Failure.INTERNAL
-    message = f"{where}: {result.error}"
-    if failure == Failure.INTERNAL:
-        log.error("%s failed: %s", where, result.error)
-        return Internal(message)
-    return {
-        Failure.INVALID: InvalidArgument, Failure.NO_PATH: NoSuchPath, Failure.LIMIT: LimitExceeded,
-        Failure.TIMEOUT: Timeout, Failure.GONE: InvalidState, Failure.IO: CopyFailed,
-    }[failure](message)
+        where = f"copy {'into' if spec.direction == Direction.IN else 'out of'} container {c.name}"
+        if answer.kind == Kind.FAILED:
+            failure = Failure.from_frame(answer)
+            if failure.code == Code.INTERNAL:
+                log.error("%s failed: %s", where, failure.message)
+            raise wire.error(failure, where)
+        if answer.kind != Kind.COPIED:
+            raise Internal(f"{where}: the copy answered {answer.kind.name}")
+        return CopyResult.from_body(answer.body)

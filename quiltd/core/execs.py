@@ -22,14 +22,13 @@ import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from quiltd.access import Credentials
 from quiltd.core import fdcheck, options
 from quiltd.core.manager import Manager
 from quiltd.core.requests import ExecOptions
 from quiltd.errors import (
-    ExecFailed,
     Internal,
     InvalidArgument,
     InvalidState,
@@ -39,9 +38,10 @@ from quiltd.errors import (
 )
 from quiltd.model import Container, Exec, ExecState, State
 from quiltd.paths import Paths
-from quiltd.runtime import execproto
-from quiltd.runtime.execproto import FAILURE_EXEC, FAILURE_GONE, FAILURE_USER, ExecRequest, ExecStatus, Kind
+from quiltd.runtime import execproto, wire
+from quiltd.runtime.execproto import ExecRequest, ExecStatus
 from quiltd.runtime.spawner import wait_readable
+from quiltd.runtime.wire import Failure, Frame, Kind
 from quiltd.store.database import Store
 
 log = logging.getLogger("quiltd")
@@ -255,7 +255,7 @@ class Execs:
         if channel is None:
             return  # the container's init is gone, and the exec with it: its end is on the way
         with channel:
-            channel.send(execproto.encode(Kind.KILL, exec_id=exec_id, signal=signum))
+            channel.send(wire.encode(Kind.KILL, {"exec_id": exec_id, "signal": signum}))
             await channel.receive()  # ok, or unknown: it is ending right now
 
     def _follow(self, e: Exec, channel: _Channel) -> None:
@@ -301,7 +301,7 @@ class Execs:
                 continue
             channel = await self._connect(e.container_id, e.id)
             if channel is not None:
-                channel.send(execproto.encode(Kind.WAIT, exec_id=e.id))
+                channel.send(wire.encode(Kind.WAIT, {"exec_id": e.id}))
                 self._follow(e, channel)
                 adopted += 1
             else:
@@ -349,7 +349,7 @@ class Execs:
             exec_id=exec_id, command=argv, env=exec_env(c, o), workdir=o.workdir or c.spec.workdir,
             user=o.user or c.spec.user, timeout_sec=o.timeout_sec, background=not stdio,
             pty=pty is not None, rows=pty[0] if pty else 0, cols=pty[1] if pty else 0,
-        ).encode()
+        ).frame().encode()
         if len(request) > MAX_SPEC:
             raise InvalidArgument(f"the command and environment are over {MAX_SPEC} bytes")
         if _is_stopped(c.pid):
@@ -368,11 +368,10 @@ class Execs:
                               "is the container stopped or frozen?") from None
             if answer is None:
                 raise InvalidState(f"container {c.name} is not running")
-            kind, message = answer
-            if kind == Kind.FAILED:
-                raise _failure_error(c, str(message.get("reason", "")))
-            if kind != Kind.STARTED:
-                raise Internal(f"exec in container {c.name}: unexpected answer {kind.value}")
+            if answer.kind == Kind.FAILED:
+                raise wire.error(Failure.from_frame(answer), f"exec in container {c.name}")
+            if answer.kind != Kind.STARTED:
+                raise Internal(f"exec in container {c.name}: unexpected answer {answer.kind.name}")
             if len(fds) != (1 if pty else 0):
                 raise Internal(f"exec in container {c.name}: {len(fds)} descriptors with its start")
         except BaseException:
@@ -413,56 +412,43 @@ class _Channel:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def send(self, message: bytes, fds: list[int] | None = None) -> None:
+    def send(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """One encoded frame (see wire), encoded once by the caller, which also checked its size."""
         # A fresh connection's buffer takes one small message without blocking.
-        socket.send_fds(self._sock, [message], fds or [])
+        socket.send_fds(self._sock, [frame], fds or [])
 
-    async def receive(self, fds: list[int] | None = None) -> tuple[Kind, dict[str, Any]] | None:
-        """The next message, or None once init closed the connection or is gone.
+    async def receive(self, fds: list[int] | None = None) -> Frame | None:
+        """The next frame, or None once init closed the connection or is gone.
 
         A descriptor that comes with it is added to fds, which the caller then
-        owns; without fds, none is taken.
+        owns; without fds, any is closed.
         """
         while True:
             await wait_readable(self._sock.fileno())
             try:
-                if fds is None:
-                    data = self._sock.recv(execproto.MAX_MESSAGE)
-                else:
-                    data, got, _, _ = socket.recv_fds(self._sock, execproto.MAX_MESSAGE, 1,
-                                                      socket.MSG_CMSG_CLOEXEC)
-                    fds.extend(got)
+                frame, got = wire.receive(self._sock, 1, socket.MSG_CMSG_CLOEXEC, wire.MAX_ANSWER)
             except BlockingIOError:
                 continue
             except ConnectionResetError:
                 return None
-            if not data:
-                return None
-            try:
-                return execproto.decode(data)
-            except ValueError as e:
+            except wire.WireError as e:
                 raise Internal(f"exec {self.exec_id}: bad answer from the container's init: {e}") from None
+            if fds is None:
+                for fd in got:
+                    os.close(fd)
+            else:
+                fds.extend(got)
+            return frame
 
     async def exit_status(self) -> ExecStatus | None:
         """How the exec ended, once init says; None if init closed the connection without saying."""
         answer = await self.receive()
-        if answer is None or answer[0] != Kind.EXITED:
+        if answer is None or answer.kind != Kind.EXITED:
             return None
-        return ExecStatus.from_message(answer[1])
+        return ExecStatus.from_message(answer.body)
 
     def close(self) -> None:
         self._sock.close()
-
-
-def _failure_error(c: Container, failure: str) -> Exception:
-    kind, reason = execproto.split_failure(failure)
-    if kind == FAILURE_USER:
-        return InvalidArgument(reason)
-    if kind == FAILURE_EXEC:
-        return ExecFailed(f"could not execute in container {c.name}: {reason}")
-    if kind == FAILURE_GONE:
-        return InvalidState(f"container {c.name} is not running: {reason}")
-    return Internal(f"exec in container {c.name} failed: {failure}")
 
 
 class _Capture:

@@ -73,7 +73,6 @@ from quiltd.net.network import Netlink
 from quiltd.net.networks import Networks
 from quiltd.paths import Paths
 from quiltd.runtime import launchspec, mountopts, mounts, userns
-from quiltd.runtime.execproto import split_failure
 from quiltd.runtime.journalstream import LOG_DROPPED_FILE
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.spawner import (
@@ -81,13 +80,15 @@ from quiltd.runtime.spawner import (
     Launched,
     confirm,
     go_and_confirm,
+    let_go,
     open_pidfd,
-    read_to_end,
+    read_answer,
     send_go,
     send_in,
     send_spec,
     watch_exit,
 )
+from quiltd.runtime.wire import Failure, Frame
 from quiltd.store.database import Store
 
 log = logging.getLogger("quiltd")
@@ -489,12 +490,12 @@ class Manager:
         return self._settle(c, state=State.FAILED, reason=str(e), pid=0, pid_starttime=0,
                             finished_usec=finished_usec(c, now_usec(), None))
 
-    async def _started(self, c: Container, launched: Launched, failure: str) -> Container:
+    async def _started(self, c: Container, launched: Launched, failure: Failure | None) -> Container:
         """The end of a start, once init has answered GO: the command runs, or the start failed."""
         if failure:
             self._scope_since.pop(c.id, None)
             os.close(launched.pidfd)
-            return self._settle(c, state=State.FAILED, reason=split_failure(failure)[1], pid=0,
+            return self._settle(c, state=State.FAILED, reason=failure.message, pid=0,
                                 pid_starttime=0, exit_code=127,
                                 finished_usec=finished_usec(c, now_usec(), None))
         c = self._settle(c, state=State.RUNNING, started_usec=max(now_usec(), c.created_usec),
@@ -590,25 +591,30 @@ class Manager:
         """Held by start, stop and remove; work on a stopped container's layers holds it too."""
         return self._lock(container_id)
 
-    async def go_in_scope(self, c: Container, unit: str, pid: int, go_fd: int, answer_fd: int) -> str:
+    async def go_in_scope(self, c: Container, unit: str, pid: int, go_fd: int,
+                          answer_fd: int) -> Frame | None:
         """Lets a child of the fork server go and returns its answer; takes go_fd and answer_fd over.
 
         The child is moved into unit first (c's scope; "" leaves it where it
         is), so its cgroup and limits are the container's before it does
-        anything. End of file without the go byte stops it.
+        anything. End of file without GO stops it. None: it ended without
+        an answer.
         """
         try:
             if unit:
                 await self._systemd.attach(unit, pid)
-            os.write(go_fd, b"1")
         except BaseException as e:
+            os.close(go_fd)
             os.close(answer_fd)
             if isinstance(e, Internal) and self.get(c.id).state != State.RUNNING:
                 raise InvalidState(f"container {c.name} is not running") from e
             raise
-        finally:
-            os.close(go_fd)
-        return await read_to_end(answer_fd)
+        try:
+            let_go(go_fd)
+        except BaseException:
+            os.close(answer_fd)
+            raise
+        return await read_answer(answer_fd)
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd

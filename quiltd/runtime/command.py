@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from quiltd import linux
 from quiltd.runtime import accounts, ptys, security
-from quiltd.runtime.execproto import FAILURE_EXEC, FAILURE_USER
+from quiltd.runtime.wire import Code, Failure
 
 # Init passes on to the command every signal it can catch, except those the
 # kernel raises for init's own faults and SIGCHLD, which is init's to handle.
@@ -39,11 +39,19 @@ RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 
 class _Failure(Exception):
-    """A reason for the daemon, starting with one of the FAILURE_ words."""
+    """A reason for the daemon, as the wire's failure record."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.failure = Failure(code, message)
 
 
 class SpawnFailed(Exception):
-    """Why an exec could not be started, starting with one of the FAILURE_ words."""
+    """Why an exec could not be started, as the wire's failure record."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
@@ -66,7 +74,7 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
         try:
             os.chdir(workdir)
         except OSError as e:
-            raise _Failure(f"{FAILURE_EXEC}: workdir {workdir}: {e.strerror}") from None
+            raise _Failure(Code.EXEC, f"workdir {workdir}: {e.strerror}") from None
         for std, fd in enumerate(stdio):
             os.dup2(fd, std)
         os.closerange(3, error_fd)
@@ -75,11 +83,11 @@ def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
         try:
             os.execvpe(argv[0], list(argv), environ)
         except OSError as e:
-            raise _Failure(f"{FAILURE_EXEC}: {argv[0]}: {e.strerror}") from None
+            raise _Failure(Code.EXEC, f"{argv[0]}: {e.strerror}") from None
     except BaseException as e:
-        reason = str(e) if isinstance(e, _Failure) else f"{type(e).__name__}: {e}"
+        failure = e.failure if isinstance(e, _Failure) else Failure.of(e)
         with contextlib.suppress(OSError):
-            os.write(error_fd, reason.encode())
+            os.write(error_fd, failure.encode())  # one write, far below a pipe's atomic size
         os._exit(127)
 
 
@@ -108,7 +116,7 @@ def _account(user: str) -> accounts.Account:
     try:
         return accounts.resolve(user)
     except accounts.UnknownUser as e:
-        raise _Failure(f"{FAILURE_USER}: {e}") from None
+        raise _Failure(Code.USER, str(e)) from None
 
 
 def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
@@ -143,11 +151,11 @@ def spawn(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
                                 env=environ, start_new_session=True, close_fds=True, restore_signals=True,
                                 **ids)
     except _Failure as e:
-        raise SpawnFailed(str(e)) from None
+        raise SpawnFailed(e.failure) from None
     except OSError as e:
         if e.filename == workdir:
-            raise SpawnFailed(f"{FAILURE_EXEC}: workdir {workdir}: {e.strerror}") from None
-        raise SpawnFailed(f"{FAILURE_EXEC}: {argv[0]}: {e.strerror}") from None
+            raise SpawnFailed(Failure(Code.EXEC, f"workdir {workdir}: {e.strerror}")) from None
+        raise SpawnFailed(Failure(Code.EXEC, f"{argv[0]}: {e.strerror}")) from None
 
 
 def restrict(nested_userns: bool) -> None:

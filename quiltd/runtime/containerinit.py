@@ -22,7 +22,8 @@ from quiltd.net import netconfig
 from quiltd.runtime import command, execproto, mounts, security, userns
 from quiltd.runtime.initloop import InitLoop
 from quiltd.runtime.journalstream import LOG_DROPPED_FILE, JournalStream, LogLimit
-from quiltd.runtime.launchspec import GO, IN, LaunchSpec
+from quiltd.runtime.launchspec import LaunchSpec
+from quiltd.runtime.wire import Failure, Kind, WireError, read_frame
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
@@ -30,22 +31,23 @@ TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
 
 def run(spec_fd: int, error_fd: int) -> NoReturn:
     """Entry point in the forked child; never returns."""
-    # Two messages come on the spec pipe: the LaunchSpec as one line, sent
-    # as soon as the daemon has picked this init, and GO, sent once the
-    # daemon has put it into the container's scope. The root is built in
-    # between, while systemd makes the scope; only the command has to wait
-    # for it. End of file instead of either means: not needed, leave.
-    spec_pipe = os.fdopen(spec_fd, "rb")
+    # Frames come on the spec pipe (see wire): SPEC, sent as soon as the
+    # daemon has picked this init, and GO, sent once the daemon has put it
+    # into the container's scope. The root is built in between, while
+    # systemd makes the scope; only the command has to wait for it. End of
+    # file instead of either means: not needed, leave.
     try:
         # Not dumpable: nothing in the container may open this process's
         # memory or its executable (a host binary) through /proc/1.
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
         # This process waits in the fork server's pool until the daemon sends
         # the LaunchSpec.
-        request = spec_pipe.readline()
-        if not request.endswith(b"\n"):
+        frame = read_frame(spec_fd)
+        if frame is None:
             os._exit(0)
-        spec = LaunchSpec.from_json(request)
+        if frame.kind != Kind.SPEC:
+            raise WireError(f"{frame.kind.name} where a SPEC was expected")
+        spec = LaunchSpec.from_body(frame.body)
         # The exit file is made only once the command is to run: a file there
         # tells a restarted daemon that this start got that far. Its
         # directory is held open across the root switch.
@@ -60,27 +62,28 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         _enter_root(spec, userns_fd)
     except BaseException as e:  # a failed start, told to the daemon once it is ready to hear it
         with contextlib.suppress(OSError):
-            os.write(error_fd, f"{type(e).__name__}: {e}".encode())
+            os.write(error_fd, Failure.of(e).encode())
         # Held until GO or end of file, so the daemon's scope finds this
         # process and its start fails with the reason above.
         with contextlib.suppress(BaseException):
-            spec_pipe.read()
+            while os.read(spec_fd, 4096):
+                pass
         os._exit(127)
     try:
-        word = spec_pipe.read(len(GO))
-        prepared = word == IN
+        frame = read_frame(spec_fd)
+        prepared = frame is not None and frame.kind == Kind.IN
         if prepared:
             # A warm pool's member, waiting for its claim: in its scope, with
             # its veth. What needs no claim is done before the claim is waited for.
             netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
             linux.unshare(linux.CLONE_NEWCGROUP)
-            word = spec_pipe.read(len(GO))
-        if word != GO:
+            frame = read_frame(spec_fd)
+        if frame is None or frame.kind != Kind.GO:
             os._exit(0)  # the daemon gave up on this start (its scope failed, or the pool let go)
-        # A warm pool's container learns here what it runs and its name; the
-        # daemon closes the pipe after GO, so a cold start reads nothing.
-        claim = spec_pipe.read()
-        spec_pipe.close()
+        os.close(spec_fd)
+        # A warm pool's container learns here what it runs and its name, in
+        # GO's body; a cold start's GO has none.
+        claim = frame.body
         if claim:
             spec = spec.claimed(claim)
             socket.sethostname(spec.hostname)
@@ -128,7 +131,7 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
     except BaseException as e:  # a failed start, told to the daemon
         if error_fd >= 0:
             with contextlib.suppress(OSError):
-                os.write(error_fd, f"{type(e).__name__}: {e}".encode())
+                os.write(error_fd, Failure.of(e).encode())
         os._exit(127)
 
 
@@ -148,7 +151,7 @@ def _spawn_claimed(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> i
         process = command.spawn(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w))
     except command.SpawnFailed as e:
         with contextlib.suppress(OSError):
-            os.write(error_fd, str(e).encode())
+            os.write(error_fd, e.failure.encode())
         os._exit(127)
     finally:
         os.close(null)

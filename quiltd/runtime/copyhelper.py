@@ -33,8 +33,9 @@ from typing import Any, NoReturn
 
 from quiltd import linux
 from quiltd.runtime import mounts, rootcopy, userns
-from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction, Failure
+from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction
 from quiltd.runtime.rootcopy import CopyError, Progress
+from quiltd.runtime.wire import Code, Failure, Frame, Kind, read_frame
 
 
 def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
@@ -44,7 +45,8 @@ def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
         linux.prctl(linux.PR_SET_DUMPABLE, 0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        if os.read(go_fd, 1) != b"1":
+        go = read_frame(go_fd)
+        if go is None or go.kind != Kind.GO:
             os._exit(0)  # the daemon gave up on this copy
         os.close(go_fd)
         os.umask(0)  # modes come from the tar stream or the files, exactly
@@ -60,21 +62,19 @@ def run(spec: CopySpec, go_fd: int, data_fd: int, result_fd: int) -> NoReturn:
         else:
             rootcopy.archive(root_fd, spec.path, data_fd, progress, spec.max_bytes)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        result = CopyResult(True, size=progress.bytes, entries=progress.entries)
+        result = Frame(Kind.COPIED, CopyResult(progress.bytes, progress.entries).body())
     except CopyError as e:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        result = CopyResult(False, e.failure.value, str(e), progress.bytes, progress.entries)
+        result = Frame(Kind.FAILED, Failure(e.failure, str(e)).body())
     except RecursionError:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        result = CopyResult(False, Failure.IO.value, "the tree is nested too deep to copy",
-                            progress.bytes, progress.entries)
+        result = Frame(Kind.FAILED, Failure(Code.IO, "the tree is nested too deep to copy").body())
     except BaseException as e:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        result = CopyResult(False, Failure.INTERNAL.value, f"{type(e).__name__}: {e}", progress.bytes,
-                            progress.entries)
+        result = Frame(Kind.FAILED, Failure.of(e).body())
     try:
         os.close(data_fd)  # the caller sees the end of the stream before the reply
-        os.write(result_fd, result.to_json().encode())
+        os.write(result_fd, result.encode())
     except OSError:
         pass
     os._exit(0)
@@ -86,14 +86,14 @@ def _open_root(spec: CopySpec) -> tuple[int, int | None, int | None]:
         try:
             pidfd = os.pidfd_open(spec.init_pid)
         except ProcessLookupError:
-            raise CopyError(Failure.GONE, f"container {spec.name} is not running") from None
+            raise CopyError(Code.GONE, f"container {spec.name} is not running") from None
         root_fd = os.open(f"/proc/{spec.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         userns_fd = userns.foreign(spec.init_pid)
         # Checked after opening, while the pidfd pins the process: the root
         # cannot be that of a process that took over a reused pid.
         if select.select([pidfd], [], [], 0)[0] or \
                 linux.process_starttime(spec.init_pid) != spec.init_starttime:
-            raise CopyError(Failure.GONE, f"container {spec.name} is not running")
+            raise CopyError(Code.GONE, f"container {spec.name} is not running")
         return root_fd, pidfd, userns_fd
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -110,7 +110,7 @@ def _open_root(spec: CopySpec) -> tuple[int, int | None, int | None]:
             mounts.mount_in_root(spec.rootfs, target, "tmpfs",
                                  linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY, "size=4k")
     except OSError as e:
-        raise CopyError(Failure.IO, f"cannot mount the container's volumes: {e}") from None
+        raise CopyError(Code.IO, f"cannot mount the container's volumes: {e}") from None
     return os.open(spec.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), None, userns_fd
 
 
@@ -134,8 +134,8 @@ class _Watch:
         # Raised from the handler: it interrupts a read or write that blocks.
         if self.init_pidfd is not None and select.select([self.init_pidfd], [], [], 0)[0]:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            raise CopyError(Failure.GONE, f"container {self.spec.name} stopped during the copy")
+            raise CopyError(Code.GONE, f"container {self.spec.name} stopped during the copy")
         if time.monotonic() - self.last > self.spec.idle_timeout_sec:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            raise CopyError(Failure.TIMEOUT, f"no data moved for {self.spec.idle_timeout_sec} s; "
+            raise CopyError(Code.TIMEOUT, f"no data moved for {self.spec.idle_timeout_sec} s; "
                             "the copy was abandoned")

@@ -1,17 +1,22 @@
 """What the fork server needs to know to copy files into or out of one container, and the answer.
 
-Both cross a process boundary as JSON, so they hold plain values only.
+Both cross a process boundary as frame bodies (see wire: COPY and COPIED;
+a failed copy answers with the wire's FAILED), so they hold plain values only.
 """
 
 from __future__ import annotations
 
 import enum
-import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from quiltd.runtime.mounts import NO_BINDS, SourcePolicy
+from quiltd.runtime.wire import Code
 
-REQUEST_PREFIX = b"copy "  # how the fork server tells a copy from an exec request
+# Why a copy failed: the wire's one set of failure codes (INVALID, NO_PATH,
+# LIMIT, TIMEOUT, GONE, IO, INTERNAL are a copy's).
+Failure = Code
 
 
 class Direction(str, enum.Enum):
@@ -41,12 +46,12 @@ class CopySpec:
     idle_timeout_sec: int  # no byte moved for this long ends the copy
     bind_policy: SourcePolicy = NO_BINDS  # for binds, as a start would check them
 
-    def to_request(self) -> bytes:
-        return REQUEST_PREFIX + json.dumps(asdict(self)).encode()
+    def body(self) -> dict[str, object]:
+        return asdict(self)
 
     @classmethod
-    def from_request(cls, data: bytes) -> CopySpec:
-        raw = json.loads(data[len(REQUEST_PREFIX):])
+    def from_body(cls, body: Mapping[str, Any]) -> CopySpec:
+        raw = dict(body)
         raw["direction"] = Direction(raw["direction"])
         for key in ("binds", "volume_binds"):
             raw[key] = tuple((str(s), str(t), bool(ro)) for s, t, ro in raw[key])
@@ -55,31 +60,16 @@ class CopySpec:
         return cls(**raw)
 
 
-class Failure(str, enum.Enum):
-    """Why a copy failed, so the daemon can name the error."""
-
-    INVALID = "invalid"  # not a tar, a bad member name, a device node, a path that is no directory
-    NO_PATH = "no-path"  # the path does not exist in the container
-    LIMIT = "limit"  # over max_bytes, read or written
-    TIMEOUT = "timeout"  # nothing moved for idle_timeout_sec
-    GONE = "gone"  # the container's init ended
-    IO = "io"  # reading or writing in the container failed (read-only, full, permissions)
-    INTERNAL = "internal"
-
-
 @dataclass(frozen=True)
 class CopyResult:
-    ok: bool
-    failure: str = ""  # a Failure value when not ok
-    error: str = ""
+    """What a copy that succeeded moved."""
+
     size: int = 0  # bytes of the tar stream, read or written
     entries: int = 0  # tar members extracted or written
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def body(self) -> dict[str, int]:
+        return asdict(self)
 
     @classmethod
-    def from_json(cls, data: str) -> CopyResult:
-        raw = json.loads(data)
-        return cls(bool(raw["ok"]), str(raw["failure"]), str(raw["error"]), int(raw["size"]),
-                   int(raw["entries"]))
+    def from_body(cls, body: Mapping[str, Any]) -> CopyResult:
+        return cls(int(body["size"]), int(body["entries"]))

@@ -3,12 +3,13 @@
 Init listens on a SOCK_SEQPACKET unix socket in the container's run dir,
 bound before it switched roots, so no process inside the container can reach
 it (the directory is root's alone, and init is not dumpable). One
-connection carries one request, each message one JSON object with a "kind":
+connection carries one request, each message one frame of the wire
+protocol (see wire):
 
     daemon -> init          init -> daemon
-    exec (+3 fds or none)   started (+ the pty's master with pty) | failed, then exited
-    wait                    exited | unknown
-    kill                    ok | unknown
+    EXEC (+3 fds or none)   STARTED (+ the pty's master with pty) | FAILED, then EXITED
+    WAIT                    EXITED | UNKNOWN
+    KILL                    OK | UNKNOWN
 
 A foreground exec passes the command's stdin, stdout and stderr with the
 request; a background one passes none, and init relays its output to the
@@ -22,33 +23,17 @@ the end is known to a daemon that was down at the time.
 
 from __future__ import annotations
 
-import enum
 import json
 import socket
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from quiltd.runtime.wire import Frame, Kind
+
 CONTROL_SOCKET = "control"  # in the container's run dir
 EXECS_DIR = "execs"  # in the container's run dir: <exec id>/status of background execs
-MAX_MESSAGE = 256 << 10  # a request's command and environment; the daemon refuses larger ones
 MAX_FDS = 3
-
-# Failures start with one of these words, so the daemon can tell the
-# caller's mistake from a broken container.
-FAILURE_USER = "user"  # the user option names no user of the container
-FAILURE_EXEC = "exec"  # the program or workdir could not be used
-FAILURE_GONE = "gone"  # the container's init is not there any more
-
-
-class Kind(str, enum.Enum):
-    EXEC = "exec"
-    WAIT = "wait"
-    KILL = "kill"
-    STARTED = "started"
-    FAILED = "failed"
-    EXITED = "exited"
-    UNKNOWN = "unknown"
-    OK = "ok"
 
 
 @dataclass(frozen=True)
@@ -64,11 +49,11 @@ class ExecRequest:
     rows: int = 0  # the pty's first size; 0: the kernel's default
     cols: int = 0
 
-    def encode(self) -> bytes:
-        return encode(Kind.EXEC, **asdict(self))
+    def frame(self) -> Frame:
+        return Frame(Kind.EXEC, asdict(self))
 
     @classmethod
-    def decode(cls, message: dict[str, Any]) -> ExecRequest:
+    def decode(cls, message: Mapping[str, Any]) -> ExecRequest:
         return cls(str(message["exec_id"]), tuple(map(str, message["command"])),
                    tuple(map(str, message["env"])), str(message["workdir"]), str(message["user"]),
                    int(message["timeout_sec"]), bool(message["background"]), bool(message.get("pty", False)),
@@ -82,36 +67,20 @@ class ExecStatus:
     exit_code: int  # the command's code, 128+N for signal N, 124 after the timeout
     timed_out: bool
 
+    def body(self) -> dict[str, object]:
+        return asdict(self)
+
     def to_json(self) -> bytes:
+        """For the status file of a background exec (recovery), not the channel."""
         return json.dumps(asdict(self)).encode()
 
     @classmethod
-    def from_message(cls, message: dict[str, Any]) -> ExecStatus:
+    def from_message(cls, message: Mapping[str, Any]) -> ExecStatus:
         return cls(int(message["exit_code"]), bool(message["timed_out"]))
 
     @classmethod
     def from_json(cls, data: bytes) -> ExecStatus:
         return cls.from_message(json.loads(data))
-
-
-def encode(kind: Kind, **fields: object) -> bytes:
-    return json.dumps({"kind": kind.value, **fields}).encode()
-
-
-def decode(data: bytes) -> tuple[Kind, dict[str, Any]]:
-    """A message's kind and fields; ValueError if it is not one."""
-    message = json.loads(data)
-    if not isinstance(message, dict):
-        raise ValueError("not a message")
-    return Kind(message.get("kind")), message
-
-
-def split_failure(text: str) -> tuple[str, str]:
-    """(FAILURE_ word or "", reason) of what a failed start reported."""
-    kind, sep, reason = text.partition(": ")
-    if sep and kind in (FAILURE_USER, FAILURE_EXEC, FAILURE_GONE):
-        return kind, reason
-    return "", text
 
 
 def control_socket() -> socket.socket:

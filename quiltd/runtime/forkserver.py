@@ -9,14 +9,16 @@ fork is safe, and the children start from a small, clean image.
 Each container begins as a child that enters new namespaces (a new network
 namespace alone costs milliseconds) and forks the container's init, PID 1
 inside, then exits. Those inits are made ahead of time: a few wait, idle, in
-a pool, so a start does not pay for them. The server answers a request with
-a waiting init's pid, its start time and three descriptors: a pidfd of the
-init, the write end of the pipe that carries the init its LaunchSpec, and
-the read end of its error pipe (end of file with no data there means the
-command was executed).
+a pool, so a start does not pay for them. The server answers LAUNCH with
+LAUNCHED: a waiting init's pid, its start time and three descriptors: a
+pidfd of the init, the write end of the pipe that carries the init its
+LaunchSpec, and the read end of its error pipe (end of file with no data
+there means the command was executed).
 
-The other kind of request, a CopySpec, forks a copy into or out of a
-container (see copyhelper) and answers with its pid, start time and a pidfd.
+The other request, COPY with a CopySpec, forks a copy into or out of a
+container (see copyhelper) and answers FORKED: its pid, start time and a
+pidfd. Any request that fails is answered FAILED. All of it is framed as
+wire says.
 Commands run in a running container (execs) do not come here: the
 container's own init forks them (see initloop).
 """
@@ -24,7 +26,6 @@ container's own init forks them (see initloop).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import select
 import signal
@@ -34,15 +35,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from quiltd import linux
-from quiltd.runtime import containerinit, copyhelper, security
-from quiltd.runtime.copyspec import REQUEST_PREFIX as COPY_REQUEST
+from quiltd.runtime import containerinit, copyhelper, security, wire
 from quiltd.runtime.copyspec import CopySpec
+from quiltd.runtime.wire import Failure, Frame, Kind
 
 CONTAINER_NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
 )
 POOL_SIZE = 4
-MAX_REQUEST = 256 << 10  # a CopySpec
 MAX_REQUEST_FDS = 8
 
 
@@ -54,8 +54,8 @@ class WaitingInit:
     spec_w: int
     error_r: int
 
-    def reply(self) -> tuple[dict[str, object], list[int]]:
-        return {"ok": True, "pid": self.pid, "starttime": self.starttime}, [
+    def reply(self) -> tuple[Frame, list[int]]:
+        return Frame(Kind.LAUNCHED, {"pid": self.pid, "starttime": self.starttime}), [
             self.pidfd, self.spec_w, self.error_r
         ]
 
@@ -82,22 +82,23 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             except OSError:
                 select.select([sock], [], [], 1.0)  # out of resources: do not spin
             continue
-        request, received, _, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_REQUEST_FDS)
-        if not request:
-            return  # the daemon is gone
+        received: list[int] = []
         try:
-            if request == b"launch":
+            request, received = wire.receive(sock, MAX_REQUEST_FDS)
+            if request is None:
+                return  # the daemon is gone
+            if request.kind == Kind.LAUNCH:
                 reply, fds = (pool.popleft() if pool else _fork_init()).reply()
-            elif request.startswith(COPY_REQUEST):
-                reply, fds = _fork_copy(CopySpec.from_request(request), received)
+            elif request.kind == Kind.COPY:
+                reply, fds = _fork_copy(CopySpec.from_body(request.body), received)
             else:
-                raise ValueError("unknown request")
+                raise wire.WireError(f"unexpected request {request.kind.name}")
         except Exception as e:
-            reply, fds = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+            reply, fds = Frame(Kind.FAILED, Failure.of(e).body()), []
         finally:
             for fd in received:
                 os.close(fd)
-        socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+        wire.send(sock, reply.kind, reply.body, fds)
         for fd in fds:
             os.close(fd)
 
@@ -111,17 +112,23 @@ def _fork_init() -> WaitingInit:
         _middle(spec_r, error_w, report_w)
     for fd in (spec_r, error_w, report_w):
         os.close(fd)
-    with os.fdopen(report_r, "rb") as report:
-        answer = report.read()
-    if not answer.isdigit():
+    try:
+        answer = wire.read_frame(report_r)
+    except wire.WireError:
+        answer = None  # the middle child died mid-write: no pid to hand out
+    finally:
+        os.close(report_r)
+    if answer is None or answer.kind != Kind.PID:
         os.close(spec_w)
         os.close(error_r)
-        raise OSError(answer.decode(errors="replace") or "namespace setup failed")
-    init_pid = int(answer)
+        # OSError: the pool's refill treats it as the host running short, and retries.
+        failed = answer is not None and answer.kind == Kind.FAILED
+        raise OSError(Failure.from_frame(answer).message if failed and answer else "namespace setup failed")
+    init_pid = int(answer.body["pid"])
     return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
 
 
-def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[dict[str, object], list[int]]:
+def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[Frame, list[int]]:
     """Forks a copy; fds are its go pipe, the caller's descriptor and the result pipe."""
     if len(fds) != 3:
         raise ValueError(f"a copy needs 3 descriptors, got {len(fds)}")
@@ -129,7 +136,7 @@ def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[dict[str, object], list[
     if pid == 0:
         _child_keeping(fds)
         copyhelper.run(spec, fds[0], fds[1], fds[2])
-    return {"ok": True, "pid": pid, "starttime": linux.process_starttime(pid)}, [os.pidfd_open(pid)]
+    return Frame(Kind.FORKED, {"pid": pid, "starttime": linux.process_starttime(pid)}), [os.pidfd_open(pid)]
 
 
 def _child_keeping(fds: list[int]) -> None:
@@ -163,10 +170,10 @@ def _middle(spec_r: int, error_w: int, report_w: int) -> None:
             os.close(null)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             containerinit.run(spec_r, error_w)
-        os.write(report_w, str(init_pid).encode())
+        wire.write_frame(report_w, Kind.PID, {"pid": init_pid})
         os._exit(0)
     except BaseException as e:
-        os.write(report_w, f"{type(e).__name__}: {e}".encode())
+        os.write(report_w, Failure.of(e).encode())
         os._exit(1)
 
 

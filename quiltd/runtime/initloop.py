@@ -28,12 +28,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from quiltd.runtime import command, execproto, ptys
-from quiltd.runtime.execproto import ExecRequest, ExecStatus, Kind
+from quiltd.runtime import command, execproto, ptys, wire
+from quiltd.runtime.execproto import ExecRequest, ExecStatus
 from quiltd.runtime.journalstream import PRIORITY_ERR, PRIORITY_INFO, JournalStream
+from quiltd.runtime.wire import Code, Failure, Kind
 
 TIMEOUT_EXIT = 124  # what timeout(1) reports for a command it had to end
 MAX_LINE = 32 * 1024  # longer lines are split; a datagram must stay well under the socket's limit
@@ -203,28 +204,27 @@ class InitLoop:
         self._watch(conn.fileno(), lambda: self._on_message(conn))
 
     def _on_message(self, conn: socket.socket) -> None:
+        fds: list[int] = []
         try:
-            data, fds, _, _ = socket.recv_fds(conn, execproto.MAX_MESSAGE, execproto.MAX_FDS)
-        except BlockingIOError:
-            return
-        except OSError:
-            data, fds = b"", []
-        try:
-            if not data:
+            try:
+                frame, fds = wire.receive(conn, execproto.MAX_FDS)
+            except BlockingIOError:
+                return
+            except OSError:
+                frame = None
+            if frame is None:
                 self._drop(conn)  # the daemon is done with it, or gone
                 return
-            kind, message = execproto.decode(data)
-            if kind == Kind.EXEC:
-                self._start(conn, ExecRequest.decode(message), fds)
-            elif kind == Kind.WAIT:
-                self._wait(conn, str(message["exec_id"]))
-            elif kind == Kind.KILL:
-                self._kill(conn, str(message["exec_id"]), int(message["signal"]))
+            if frame.kind == Kind.EXEC:
+                self._start(conn, ExecRequest.decode(frame.body), fds)
+            elif frame.kind == Kind.WAIT:
+                self._wait(conn, str(frame.body["exec_id"]))
+            elif frame.kind == Kind.KILL:
+                self._kill(conn, str(frame.body["exec_id"]), int(frame.body["signal"]))
             else:
-                raise ValueError(f"unexpected message {kind.value}")
+                raise wire.WireError(f"unexpected message {frame.kind.name}")
         except Exception as e:  # a bad request must never end init, and with it the container
-            self._reply(conn, Kind.FAILED, reason=f"{type(e).__name__}: {e}")
-            self._drop(conn)
+            self._fail(conn, Failure.of(e))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -250,11 +250,10 @@ class InitLoop:
             stdio = (fds[0], fds[1], fds[2])
         try:
             process = command.spawn(request.command, request.env, request.workdir, request.user, stdio)
-        except command.SpawnFailed as failure:
+        except command.SpawnFailed as e:
             for fd in relay:
                 os.close(fd)
-            self._reply(conn, Kind.FAILED, reason=str(failure))
-            self._drop(conn)
+            self._fail(conn, e.failure)
             return
         finally:
             if request.background:
@@ -281,17 +280,14 @@ class InitLoop:
         try:
             master, peer = ptys.open_pair(request.rows, request.cols)
         except OSError as e:
-            self._reply(conn, Kind.FAILED,
-                        reason=f"{execproto.FAILURE_EXEC}: no pseudo-terminal: {e.strerror}")
-            self._drop(conn)
+            self._fail(conn, Failure(Code.EXEC, f"no pseudo-terminal: {e.strerror}"))
             return
         try:
             try:
                 process = command.spawn(request.command, request.env, request.workdir, request.user,
                                         (peer, peer, peer), terminal=True)
-            except command.SpawnFailed as failure:
-                self._reply(conn, Kind.FAILED, reason=str(failure))
-                self._drop(conn)
+            except command.SpawnFailed as e:
+                self._fail(conn, e.failure)
                 return
             finally:
                 # The command holds the only peer now: its end (and its
@@ -299,7 +295,7 @@ class InitLoop:
                 os.close(peer)
             self._started(conn, request, process)
             with contextlib.suppress(OSError):
-                socket.send_fds(conn, [execproto.encode(Kind.STARTED)], [master])
+                wire.send(conn, Kind.STARTED, fds=[master])
         finally:
             os.close(master)
 
@@ -315,7 +311,7 @@ class InitLoop:
             with contextlib.suppress(OSError):  # the daemon then counts it as killed
                 self._write_status(e.request.exec_id, status)
         for conn in e.listeners:
-            self._reply(conn, Kind.EXITED, **asdict(status))
+            self._reply(conn, Kind.EXITED, status.body())
             self._drop(conn)
 
     def _wait(self, conn: socket.socket, exec_id: str) -> None:
@@ -344,11 +340,15 @@ class InitLoop:
             os.close(fd)
         os.rename(f"{name}.tmp", name, src_dir_fd=self._run_dir_fd, dst_dir_fd=self._run_dir_fd)
 
-    def _reply(self, conn: socket.socket, kind: Kind, **fields: object) -> None:
+    def _reply(self, conn: socket.socket, kind: Kind, body: Mapping[str, object] | None = None) -> None:
         # A few hundred bytes into a socket the daemon reads from its loop;
         # a daemon that is gone or stuck must not stall the container.
         with contextlib.suppress(OSError):
-            conn.send(execproto.encode(kind, **fields))
+            wire.send(conn, kind, body)
+
+    def _fail(self, conn: socket.socket, failure: Failure) -> None:
+        self._reply(conn, Kind.FAILED, failure.body())
+        self._drop(conn)
 
     def _drop(self, conn: socket.socket) -> None:
         if conn.fileno() >= 0:

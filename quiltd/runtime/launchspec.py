@@ -1,22 +1,22 @@
 """What the fork server needs to know to bring up one container.
 
-It crosses a process boundary as JSON, so it holds plain values only.
+It crosses a process boundary as the body of a SPEC frame (see wire), so it
+holds plain values only.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from quiltd.runtime.mounts import NO_BINDS, SourcePolicy
 
-# On an init's spec pipe, after its LaunchSpec line: the init is in its scope
-# now and may run the command. A warm pool's init gets a claim after GO (see
-# LaunchSpec.claimed); a cold start's sends nothing more.
-GO = b"GO"
-# Before GO, to a warm pool's init: it is in its scope and its veth is in
+# On an init's spec pipe, after the SPEC frame: GO says the init is in its
+# scope now and may run the command; a warm pool's init gets its claim in
+# GO's body (see LaunchSpec.claimed), a cold start's GO has none. Before GO,
+# IN tells a warm pool's init that it is in its scope and its veth is in
 # place, so it does now what needs no claim (the network, its cgroup root).
-IN = b"IN"
 # What a claim of a warm pool's container sets: what the command is and how
 # it is named. Everything the root, the scope and the network are made of was
 # in the LaunchSpec.
@@ -24,11 +24,10 @@ CLAIMED = ("name", "hostname", "command", "env", "workdir", "user")
 
 
 def claim(name: str, hostname: str, command: tuple[str, ...], env: tuple[str, ...], workdir: str,
-          user: str, log_rate_burst: int, log_rate_interval_sec: int) -> bytes:
-    """The CLAIMED fields, for the init of a warm pool's container, sent after GO."""
-    return json.dumps({"name": name, "hostname": hostname, "command": command, "env": env,
-                       "workdir": workdir, "user": user, "log_rate_burst": log_rate_burst,
-                       "log_rate_interval_sec": log_rate_interval_sec}).encode()
+          user: str, log_rate_burst: int, log_rate_interval_sec: int) -> dict[str, object]:
+    """The CLAIMED fields, for the init of a warm pool's container: the body of its GO."""
+    return {"name": name, "hostname": hostname, "command": command, "env": env, "workdir": workdir,
+            "user": user, "log_rate_burst": log_rate_burst, "log_rate_interval_sec": log_rate_interval_sec}
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,11 @@ class LaunchSpec:
     log_rate_burst: int = 0  # lines per interval the container may log; 0 = no limit of Quilt's own
     log_rate_interval_sec: int = 30
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+    def body(self) -> dict[str, object]:
+        return asdict(self)
 
-    def claimed(self, data: bytes) -> LaunchSpec:
-        """This spec with the claim fields read from claim_json's output."""
-        raw = json.loads(data)
+    def claimed(self, raw: Mapping[str, Any]) -> LaunchSpec:
+        """This spec with the claim fields of a GO's body (see claim)."""
         return replace(self, name=str(raw["name"]), hostname=str(raw["hostname"]),
                        command=tuple(str(a) for a in raw["command"]), env=tuple(str(e) for e in raw["env"]),
                        workdir=str(raw["workdir"]), user=str(raw["user"]),
@@ -83,8 +81,8 @@ class LaunchSpec:
                        log_rate_interval_sec=int(raw["log_rate_interval_sec"]))
 
     @classmethod
-    def from_json(cls, data: bytes) -> LaunchSpec:
-        raw = json.loads(data)
+    def from_body(cls, body: Mapping[str, Any]) -> LaunchSpec:
+        raw = dict(body)
         raw["command"] = tuple(raw["command"])
         raw["env"] = tuple(raw["env"])
         for key in ("binds", "volume_binds"):

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from quiltd.errors import Internal
 from quiltd.linux import process_starttime
+from quiltd.runtime import wire
 from quiltd.runtime.copyspec import CopySpec
-from quiltd.runtime.launchspec import GO, IN, LaunchSpec
+from quiltd.runtime.launchspec import LaunchSpec
+from quiltd.runtime.wire import Code, Failure, Frame, Kind
 
 
 @dataclass(frozen=True)
@@ -92,39 +93,44 @@ class ForkServer:
         return launched
 
     async def _launch_now(self) -> Launched:
-        reply, fds = await self._request(b"launch", [], 3)
-        if not reply["ok"]:
-            raise Internal(f"could not create the container's namespaces: {reply['error']}")
+        body, fds = await self._request(Frame(Kind.LAUNCH), [], Kind.LAUNCHED, 3,
+                                        "could not create the container's namespaces")
         pidfd, spec_fd, error_fd = fds
-        return Launched(reply["pid"], reply["starttime"], pidfd, spec_fd, error_fd)
+        return Launched(int(body["pid"]), int(body["starttime"]), pidfd, spec_fd, error_fd)
 
     async def copy(self, spec: CopySpec, fds: list[int]) -> Forked:
         """Forks a copy into or out of a container, handing it fds (go, the caller's, result)."""
-        reply, received = await self._request(spec.to_request(), fds, 1)
-        if not reply["ok"]:
-            raise Internal(f"could not fork the copy: {reply['error']}")
-        return Forked(reply["pid"], reply["starttime"], received[0])
+        body, received = await self._request(Frame(Kind.COPY, spec.body()), fds, Kind.FORKED, 1,
+                                             "could not fork the copy")
+        return Forked(int(body["pid"]), int(body["starttime"]), received[0])
 
-    async def _request(
-        self, request: bytes, fds: list[int], reply_fds: int
-    ) -> tuple[dict[str, Any], list[int]]:
+    async def _request(self, request: Frame, fds: list[int], answer: Kind, answer_fds: int,
+                       failed: str) -> tuple[Mapping[str, Any], list[int]]:
+        """The body and descriptors of the answer of kind answer; Internal, saying failed, if another."""
         # One request at a time: replies carry no id, they come back in order.
         async with self._lock:
             if self._sock is None or (self._process is not None and self._process.poll() is not None):
                 self.stop()
                 self.start()
             assert self._sock is not None
-            socket.send_fds(self._sock, [request], fds)
+            wire.send(self._sock, request.kind, request.body, fds)
             await wait_readable(self._sock.fileno())
-            data, received, _, _ = socket.recv_fds(self._sock, 65536, reply_fds)
-            if not data:
-                for fd in received:
-                    os.close(fd)
+            try:
+                reply, received = wire.receive(self._sock, answer_fds, limit=wire.MAX_ANSWER)
+            except wire.WireError as e:
+                raise Internal(f"{failed}: a bad answer from the fork server: {e}") from None
+            if reply is None:
                 self._sock.close()
                 self._sock = None
                 raise Internal("the fork server exited")
-        reply: dict[str, Any] = json.loads(data)
-        return reply, received
+        if reply.kind != answer or len(received) != answer_fds:
+            for fd in received:
+                os.close(fd)
+            if reply.kind == Kind.FAILED:
+                raise Internal(f"{failed}: {Failure.from_frame(reply)}")
+            raise Internal(f"{failed}: the fork server answered {reply.kind.name} "
+                           f"with {len(received)} descriptors")
+        return reply.body, received
 
 
 def _quiet(task: asyncio.Task[Launched]) -> None:
@@ -152,41 +158,67 @@ async def wait_readable(fd: int) -> None:
 
 def send_spec(launched: Launched, spec: LaunchSpec) -> None:
     """Gives the init its LaunchSpec: it builds the container's root, then waits for go_and_confirm."""
-    # One line (JSON escapes newlines), far below a pipe's capacity: this
-    # write does not block.
-    os.write(launched.spec_fd, spec.to_json() + b"\n")
+    # One frame far below a pipe's capacity: this write does not block.
+    wire.write_frame(launched.spec_fd, Kind.SPEC, spec.body())
 
 
-async def go_and_confirm(launched: Launched) -> str:
+async def go_and_confirm(launched: Launched) -> Failure | None:
     """Lets the init run the command, once it is in its scope.
 
-    Returns "" once the command was executed, else the reason the start
-    failed (building the root or executing the command).
+    Returns None once the command was executed, else why the start failed
+    (building the root or executing the command).
     """
     send_go(launched)
     return await confirm(launched)
 
 
 def send_in(launched: Launched) -> None:
-    """Tells a warm pool's init that it is in its scope with its veth (see launchspec.IN)."""
+    """Tells a warm pool's init that it is in its scope with its veth (see launchspec)."""
     with contextlib.suppress(BrokenPipeError):  # init is gone: the pool sees its pidfd
-        os.write(launched.spec_fd, IN)
+        wire.write_frame(launched.spec_fd, Kind.IN)
 
 
-def send_go(launched: Launched, claim: bytes = b"") -> None:
-    """GO, and a warm pool's init's claim with it; closes the spec pipe."""
+def send_go(launched: Launched, claim: Mapping[str, object] | None = None) -> None:
+    """GO, with a warm pool's init's claim as its body; closes the spec pipe."""
     with contextlib.suppress(BrokenPipeError):  # init is gone: its error pipe says why
         # One write: a claim is far below a pipe's capacity, and init reads it at once.
-        os.write(launched.spec_fd, GO + claim)
+        wire.write_frame(launched.spec_fd, Kind.GO, claim)
     os.close(launched.spec_fd)
 
 
-async def confirm(launched: Launched) -> str:
-    """"" once the init executed the command after GO, else the reason the start failed."""
-    return await read_to_end(launched.error_fd)
+async def confirm(launched: Launched) -> Failure | None:
+    """None once the init executed the command after GO, else why the start failed."""
+    answer = await read_answer(launched.error_fd)
+    if answer is None:
+        return None
+    if answer.kind != Kind.FAILED:
+        return Failure(Code.INTERNAL, f"the container's init answered {answer.kind.name}")
+    return Failure.from_frame(answer)
 
 
-async def read_to_end(fd: int) -> str:
+def let_go(fd: int) -> None:
+    """Lets a fork server's child that waits for GO on fd (a copy) go; closes fd."""
+    try:
+        wire.write_frame(fd, Kind.GO)
+    finally:
+        os.close(fd)
+
+
+async def read_answer(fd: int) -> Frame | None:
+    """The one frame a child writes on its answer pipe, or None if it closed it without one; closes fd.
+
+    A frame that is not one is an answer too: a FAILED one that says so.
+    """
+    data = await read_to_end(fd)
+    if not data:
+        return None
+    try:
+        return wire.decode(data)
+    except wire.WireError as e:
+        return Frame(Kind.FAILED, Failure(Code.INTERNAL, f"a bad answer: {e}").body())
+
+
+async def read_to_end(fd: int) -> bytes:
     """Everything written to a pipe until its last writer closes it; closes fd."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
@@ -209,7 +241,7 @@ async def read_to_end(fd: int) -> str:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-    return data.decode(errors="replace")
+    return bytes(data)
 
 
 def watch_exit(pidfd: int, on_exit: Callable[[], None]) -> None:
