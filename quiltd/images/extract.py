@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 from quiltd.errors import InvalidImage, LimitExceeded
+from quiltd.fs.remove import remove_path, remove_tree
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -150,13 +151,13 @@ def extract_rootfs_fd(
         with open(src_fd, "rb", buffering=0, closefd=False) as raw:
             return _extract(raw, dest, limits, on_read)
     except InvalidImage:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise
     except _ARCHIVE_ERRORS as exc:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise InvalidImage(f"{label}: corrupt or unreadable archive: {_describe(exc)}") from exc
     except BaseException:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise
 
 
@@ -582,7 +583,7 @@ class _Extractor:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
-            _remove_tree(parent, base)
+            remove_tree(parent, base)
         else:
             os.unlink(base, dir_fd=parent)
 
@@ -851,7 +852,7 @@ class _Extractor:
             # itself (often the cached fd) stays valid.
             if self._cached is not None and self._cached[0][: len(parts)] == parts:
                 self._drop_cache()
-            _remove_tree(parent, base)
+            remove_tree(parent, base)
             self._dirs.pop(parts, None)
         else:
             os.unlink(base, dir_fd=parent)
@@ -977,7 +978,7 @@ class LayeredImage:
         self._extractor.close()
         os.close(self._root)
         if exc is not None:
-            _remove_tree(None, str(self._dest))
+            remove_path(self._dest)
 
 
 def _apply_layer(raw: io.RawIOBase, magic: bytes, extractor: _Extractor, limits: ImageLimits,
@@ -1057,7 +1058,7 @@ class OverlayLayer:
         self._extractor.close()
         self._close_fds()
         if exc is not None:
-            _remove_tree(None, str(self._dest))
+            remove_path(self._dest)
 
 
 def _walk_beneath(root: int, dir_parts: tuple[str, ...]) -> int:
@@ -1091,69 +1092,3 @@ def _member_parts(path: str, member: str, what: str) -> tuple[str, ...]:
     if ".." in parts:
         raise InvalidImage(f"{member!r}: {what} {path!r} contains '..'")
     return tuple(p for p in parts if p not in ("", "."))
-
-
-def _remove_tree(parent_fd: int | None, name: str) -> None:
-    """Remove a directory tree without following symlinks, however deep.
-
-    shutil.rmtree recurses (RecursionError) and holds an fd per level
-    (EMFILE) on the Pythons we support; a hostile archive can be thousands
-    of levels deep. Instead, grandchildren are renamed up into the top
-    directory, so the tree flattens while at most two fds are open.
-    """
-    top = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
-    try:
-        _make_writable(top)
-        counter = 0
-        while True:
-            with os.scandir(top) as it:
-                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-            if not entries:
-                break
-            for entry, is_dir in entries:
-                if not is_dir:
-                    os.unlink(entry, dir_fd=top)
-                    continue
-                child = os.open(entry, _DIR_OPEN, dir_fd=top)
-                try:
-                    _make_writable(child)
-                    with os.scandir(child) as it:
-                        grand = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-                    for g, g_is_dir in grand:
-                        if not g_is_dir:
-                            os.unlink(g, dir_fd=child)
-                            continue
-                        while True:
-                            counter += 1
-                            try:
-                                # Renaming over an existing empty directory
-                                # is fine: it was going to be removed anyway.
-                                os.rename(g, f".rm-{counter}", src_dir_fd=child, dst_dir_fd=top)
-                                break
-                            except OSError as exc:
-                                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                                    raise
-                finally:
-                    os.close(child)
-                os.rmdir(entry, dir_fd=top)
-    finally:
-        os.close(top)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
-def _make_writable(fd: int) -> None:
-    # Root ignores modes; an unprivileged caller needs write and search
-    # permission on directories it owns to empty them.
-    if os.geteuid() != 0:
-        with contextlib.suppress(PermissionError):
-            os.fchmod(fd, 0o700)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove an extracted image (or any tree) without following symlinks.
-
-    For callers deleting images: an image may be too deep for shutil.rmtree,
-    which recurses once per level. A missing path is not an error.
-    """
-    if os.path.lexists(path):
-        _remove_tree(None, str(path))

@@ -23,11 +23,9 @@ directory on a proc or sysfs mount.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import secrets
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable
@@ -37,17 +35,13 @@ from dataclasses import dataclass
 # classes have been in tarfile since Python 3.2, outside its documented API.
 from tarfile import EOFHeaderError, InvalidHeaderError, TruncatedHeaderError  # type: ignore[attr-defined]
 
+from quiltd.fs.remove import remove_tree
+from quiltd.fs.resolve import KERNEL_FILESYSTEMS, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, fs_type, openat2
 from quiltd.runtime.copyspec import Failure
-from quiltd.runtime.mounts import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
 RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
-# Filesystems whose files are the kernel's, not the container's: never archived.
-_PROC_SUPER_MAGIC = 0x9FA0
-_SYSFS_MAGIC = 0x62656572
-_SKIPPED_FILESYSTEMS = {_PROC_SUPER_MAGIC, _SYSFS_MAGIC}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CopyError(Exception):
@@ -221,7 +215,7 @@ class _Dirs:
         except OSError as e:
             raise _io_error(f"directory {'/'.join(parts)}", e) from None
         self.key = key
-        if _fs_type(self.fd) in _SKIPPED_FILESYSTEMS:
+        if fs_type(self.fd) in KERNEL_FILESYSTEMS:
             # The kernel's files: a privileged writer must not reach them from a tar stream.
             raise CopyError(Failure.INVALID, f"{'/'.join(self.dest + parts)} is on proc or sysfs, "
                             "which are not written")
@@ -401,7 +395,7 @@ def _replace(parent: int, name: str, keep_dir: bool) -> bool:
     if stat.S_ISDIR(st.st_mode):
         if keep_dir:
             return True
-        shutil.rmtree(name, dir_fd=parent)  # the descriptor-based walk, which follows no symlink
+        remove_tree(parent, name)
     else:
         os.unlink(name, dir_fd=parent)
     return False
@@ -560,7 +554,7 @@ def archive(root_fd: int, path: str, out_fd: int, progress: Progress, max_bytes:
             except FileNotFoundError:
                 raise CopyError(Failure.NO_PATH,
                                 f"no such file or directory in the container: {path}") from None
-            if _fs_type(parent) in _SKIPPED_FILESYSTEMS:
+            if fs_type(parent) in KERNEL_FILESYSTEMS:
                 raise CopyError(Failure.INVALID, f"{path} is on proc or sysfs, which are not copied")
             _emit(parent, parts[-1], parts[-1], out, {})
         finally:
@@ -600,7 +594,7 @@ def _emit(parent: int, name: str, arcname: str, out: _Output, links: dict[tuple[
                 return  # swapped meanwhile: not what was listed, so not copied
             raise _io_error(arcname, e) from None
         try:
-            if _fs_type(fd) in _SKIPPED_FILESYSTEMS:
+            if fs_type(fd) in KERNEL_FILESYSTEMS:
                 return
             _emit_dir(fd, arcname, out, links)
         finally:
@@ -651,14 +645,3 @@ def _emit_dir(fd: int, arcname: str, out: _Output, links: dict[tuple[int, int], 
     prefix = "" if arcname == "." else arcname + "/"
     for child in names:
         _emit(fd, child, prefix + child, out, links)
-
-
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-
-
-def _fs_type(fd: int) -> int:
-    buf = _StatFs()
-    if _libc.fstatfs(ctypes.c_int(fd), ctypes.byref(buf)) != 0:
-        return 0
-    return int(buf.f_type)
