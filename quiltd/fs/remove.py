@@ -69,8 +69,11 @@ def remove_path(path: Path) -> None:
         os.close(parent)
 
 
-def remove_entry(parent: int, name: str) -> None:
-    """Removes name in the directory parent: a tree, or whatever else it is; missing is no error."""
+def remove_entry(parent: int, name: str, tick: Callable[[], None] | None = None) -> None:
+    """Removes name in the directory parent: a tree, or whatever else it is; missing is no error.
+
+    tick, if given, is called as the removal moves on (a copy's idle watch).
+    """
     while True:
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -78,7 +81,7 @@ def remove_entry(parent: int, name: str) -> None:
             return
         if stat.S_ISDIR(st.st_mode):
             try:
-                remove_tree(parent, name)
+                remove_tree(parent, name, tick)
                 return
             except NotADirectoryError:
                 continue  # swapped for something else since the stat: look again
@@ -91,7 +94,7 @@ def remove_entry(parent: int, name: str) -> None:
             return
 
 
-def remove_tree(parent: int, name: str) -> None:
+def remove_tree(parent: int, name: str, tick: Callable[[], None] | None = None) -> None:
     """Removes the directory name in parent and all below it.
 
     Raises NotADirectoryError if name is not a directory (a link is never
@@ -105,7 +108,7 @@ def remove_tree(parent: int, name: str) -> None:
         raise
     try:
         for attempt in range(_ATTEMPTS):
-            _empty(top)
+            _empty(top, tick)
             try:
                 _with_permission(parent, None, functools.partial(os.rmdir, name, dir_fd=parent))
                 return
@@ -118,7 +121,7 @@ def remove_tree(parent: int, name: str) -> None:
         os.close(top)
 
 
-def _empty(top: int) -> None:
+def _empty(top: int, tick: Callable[[], None] | None) -> None:
     """Empties the directory top, flattening what lies below it; at most two more descriptors.
 
     Each pass lists the top and takes every entry one level down. Passes
@@ -132,6 +135,8 @@ def _empty(top: int) -> None:
         entries = _list(top)
         if not entries:
             return
+        if tick is not None:
+            tick()
         stuck: OSError | None = None
         moved = False
         for entry in entries:

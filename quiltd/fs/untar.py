@@ -179,17 +179,20 @@ class Extractor:
     components below the root (IN_ROOT only; a tree being built is its own
     root). lowers: with Whiteouts.OVERLAY, root descriptors of the layers
     below, top first, only read (a hard link to one of their files becomes
-    a copy). Call finish() once every member is in, close() always.
+    a copy). tick: called while a tree in a member's way is removed, which
+    reads nothing from the stream. Call finish() once every member is in,
+    close() always.
     """
 
     def __init__(self, root_fd: int, policy: TarPolicy, base: Sequence[str] = (),
-                 lowers: Sequence[int] = ()) -> None:
+                 lowers: Sequence[int] = (), tick: Callable[[], None] | None = None) -> None:
         if base and policy.lookup is not Lookup.IN_ROOT:
             raise ValueError("a destination below the root needs in-root lookups")
         self._root = root_fd
         self._policy = policy
         self._base = tuple(base)
         self._lowers = tuple(lowers)
+        self._tick = tick  # called as a long removal moves on (a copy's idle watch)
         # Paths (and their parents) the current layer wrote: an opaque
         # whiteout hides only what lower layers left in its directory.
         self._written: set[tuple[str, ...]] = set()
@@ -276,7 +279,7 @@ class Extractor:
             if base == OPAQUE:
                 self._hide_lower(parent, dir_parts)
             elif (*dir_parts, hidden) not in self._written:
-                remove_entry(parent, hidden)
+                remove_entry(parent, hidden, self._tick)
         finally:
             self._release(parent)
 
@@ -317,7 +320,7 @@ class Extractor:
         for entry, is_dir in entries:
             child = (*dir_parts, entry)
             if child not in self._written:
-                remove_entry(dir_fd, entry)
+                remove_entry(dir_fd, entry, self._tick)
             elif is_dir:
                 fd = os.open(entry, DIR_OPEN, dir_fd=dir_fd)
                 try:
@@ -525,7 +528,7 @@ class Extractor:
             if self._cached is not None and self._cached[0][:len(parts)] == parts:
                 self._drop_cache()
             self._dirs.pop(parts, None)
-        remove_entry(parent, base)
+        remove_entry(parent, base, self._tick)
         return False
 
     def _parent_fd(self, parts: tuple[str, ...], name: str) -> int:

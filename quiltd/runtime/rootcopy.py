@@ -272,7 +272,7 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
                            tarinfo=_StrictTarInfo)
     except tarfile.ReadError as e:
         raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
-    engine = Extractor(root_fd, policy, base=dest_parts)
+    engine = Extractor(root_fd, policy, base=dest_parts, tick=progress.tick)
     done = False
     try:
         for member in tar:

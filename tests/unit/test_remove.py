@@ -209,3 +209,22 @@ def test_a_tree_changed_while_it_is_removed(tmp_path: Path, outside: Path) -> No
     assert (outside / "precious").read_text() == "keep"
     remove_path(tree)  # whatever the attack made after the first removal ended
     assert not os.path.lexists(tree)
+
+
+def test_a_long_removal_reports_that_it_moves_on(tmp_path: Path) -> None:
+    """A copy's idle watch ends a copy that moves nothing for 30 s: a deep removal must not look idle."""
+    tree = tmp_path / "tree"
+    _chain(tree, 200)
+    ticks = 0
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_entry(parent, "tree", tick)
+    finally:
+        os.close(parent)
+    assert not os.path.lexists(tree)
+    assert ticks >= 200  # once a level at least
