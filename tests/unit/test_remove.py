@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import os
 import resource
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import quiltd
 from quiltd.fs.remove import remove_entry, remove_path, remove_tree
 
 IS_ROOT = os.geteuid() == 0
@@ -228,3 +230,15 @@ def test_a_long_removal_reports_that_it_moves_on(tmp_path: Path) -> None:
         os.close(parent)
     assert not os.path.lexists(tree)
     assert ticks >= 200  # once a level at least
+
+
+def test_the_daemon_removes_trees_only_this_way() -> None:
+    """shutil.rmtree recurses and follows the tree's own shape: no module of quiltd may use it."""
+    found = []
+    for path in Path(quiltd.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            attribute = isinstance(node, ast.Attribute) and node.attr == "rmtree"
+            imported = isinstance(node, ast.ImportFrom) and any(a.name == "rmtree" for a in node.names)
+            if attribute or imported:
+                found.append(f"{path.name}:{getattr(node, 'lineno', 0)}")
+    assert found == []
