@@ -130,8 +130,14 @@ def check_member(member: tarfile.TarInfo, policy: TarPolicy) -> tuple[str, ...]:
     regular file) checks every header first, so a refused archive writes
     nothing.
     """
+    parts = member_parts(member.name, member.name, "path", policy)
+    _check_rest(member, parts, policy)
+    return parts
+
+
+def _check_rest(member: tarfile.TarInfo, parts: tuple[str, ...], policy: TarPolicy) -> None:
+    """check_member's rules past the path, which the caller has split already."""
     name = member.name
-    parts = member_parts(name, name, "path", policy)
     if not member.isdir() and not parts:
         raise Refused(f"{name!r}: only a directory may stand for the destination itself")
     if member.ischr() or member.isblk():
@@ -147,7 +153,6 @@ def check_member(member: tarfile.TarInfo, policy: TarPolicy) -> tuple[str, ...]:
         _check_symlink(name, member.linkname, parts, policy)
     elif member.islnk() and not member_parts(member.linkname, name, "hard link target", policy):
         raise Refused(f"{name!r}: hard link to the destination itself")
-    return parts
 
 
 def _check_symlink(name: str, target: str, parts: tuple[str, ...], policy: TarPolicy) -> None:
@@ -215,8 +220,11 @@ class Extractor:
     def begin_layer(self) -> None:
         self._written = set()
 
-    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        """Writes one member; Refused or OverLimit name it. OSError and tarfile's errors pass through."""
+    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str, ...]:
+        """Writes one member; its path components under the destination.
+
+        Refused or OverLimit name the member. OSError and tarfile's errors pass through.
+        """
         name = member.name
         self.entries += 1
         if self.entries > self._policy.max_entries:
@@ -227,8 +235,8 @@ class Extractor:
                 self._overlay_whiteout(parts, name)
             else:
                 self._whiteout(parts, name)
-            return
-        check_member(member, self._policy)
+            return parts
+        _check_rest(member, parts, self._policy)
         meta = self._meta(member)
         if self._policy.whiteouts is Whiteouts.APPLY:
             self._written.update(parts[:i] for i in range(1, len(parts) + 1))
@@ -251,6 +259,7 @@ class Extractor:
         else:  # a FIFO: check_member let no other type through
             self._add_node(parts, name, meta, lambda base, parent: os.mkfifo(base, 0o600, dir_fd=parent),
                            mode=True)
+        return parts
 
     def _meta(self, member: tarfile.TarInfo) -> _Meta:
         mode = member.mode & 0o7777

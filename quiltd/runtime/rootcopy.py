@@ -276,11 +276,9 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
     done = False
     try:
         for member in tar:
-            parts = check_member(member, policy)
             if member.isreg() and progress.bytes + member.size > max_bytes:
                 raise source.over()  # before a byte of it is written
-            engine.add(tar, member)
-            if parts:
+            if engine.add(tar, member):  # the destination itself ("./") is not counted
                 progress.entries += 1
         engine.finish()
         done = True
