@@ -107,6 +107,7 @@ def remove_tree(parent: int, name: str, tick: Callable[[], None] | None = None) 
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name) from None
         raise
     try:
+        _same_mount(parent, top, name)
         for attempt in range(_ATTEMPTS):
             _empty(top, tick)
             try:
@@ -155,6 +156,7 @@ def _empty(top: int, tick: Callable[[], None] | None) -> None:
                     raise
                 continue
             try:
+                _same_mount(top, child, entry)
                 for grand in _list(child):
                     counter = _park(child, grand, top, counter)
                     moved = True
@@ -173,6 +175,28 @@ def _empty(top: int, tick: Callable[[], None] | None) -> None:
         idle = 0 if moved else idle + 1
         if stuck is not None and idle >= _ATTEMPTS:
             raise stuck
+
+
+def _same_mount(parent: int, fd: int, name: str) -> None:
+    """Refuses a directory that is a mount point (a volume, /proc, a tmpfs): another tree, not ours.
+
+    Below it the walk would empty what the mount shows; the mount itself
+    could not be removed anyway (EBUSY). Mounts are told apart by their
+    ids: a bind of the same filesystem has the same device number.
+    """
+    if _mount_id(parent) != _mount_id(fd):
+        raise OSError(errno.EBUSY, "a mount point is not removed", name)
+
+
+def _mount_id(fd: int) -> tuple[int, int]:
+    """(mount id, device) of the file fd is open on; the id is -1 where /proc cannot say."""
+    mnt_id = -1
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                mnt_id = int(line.split()[1])
+                break
+    return mnt_id, os.fstat(fd).st_dev
 
 
 def _park(child: int, grand: str, top: int, counter: int) -> int:

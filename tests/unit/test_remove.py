@@ -242,3 +242,14 @@ def test_the_daemon_removes_trees_only_this_way() -> None:
             if attribute or imported:
                 found.append(f"{path.name}:{getattr(node, 'lineno', 0)}")
     assert found == []
+
+
+def test_a_mount_point_in_the_tree_is_not_emptied() -> None:
+    """/proc below a container's root: another tree, whose files the removal must not touch."""
+    parent = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError, match="a mount point is not removed"):
+            remove_tree(parent, "proc")
+    finally:
+        os.close(parent)
+    assert os.path.exists("/proc/self/status")
