@@ -49,6 +49,7 @@ _FS_APPEND_FL = 0x00000020
 
 # A name a flattened directory gets in the top; a clash only takes the next number.
 _PARKED = ".quilt-rm-"
+_MOUNT_POINT = "a mount point is not removed"
 # Times a tree that fills again once emptied is emptied, before its removal fails.
 _ATTEMPTS = 100
 
@@ -107,9 +108,11 @@ def remove_tree(parent: int, name: str, tick: Callable[[], None] | None = None) 
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name) from None
         raise
     try:
-        _same_mount(parent, top, name)
+        mount = _mount_id(top)
+        if _mount_id(parent) != mount:
+            raise OSError(errno.EBUSY, _MOUNT_POINT, name)
         for attempt in range(_ATTEMPTS):
-            _empty(top, tick)
+            _empty(top, mount, tick)
             try:
                 _with_permission(parent, None, functools.partial(os.rmdir, name, dir_fd=parent))
                 return
@@ -122,7 +125,7 @@ def remove_tree(parent: int, name: str, tick: Callable[[], None] | None = None) 
         os.close(top)
 
 
-def _empty(top: int, tick: Callable[[], None] | None) -> None:
+def _empty(top: int, mount: tuple[int, int], tick: Callable[[], None] | None) -> None:
     """Empties the directory top, flattening what lies below it; at most two more descriptors.
 
     Each pass lists the top and takes every entry one level down. Passes
@@ -156,7 +159,8 @@ def _empty(top: int, tick: Callable[[], None] | None) -> None:
                     raise
                 continue
             try:
-                _same_mount(top, child, entry)
+                if _mount_id(child) != mount:
+                    raise OSError(errno.EBUSY, _MOUNT_POINT, entry)
                 for grand in _list(child):
                     counter = _park(child, grand, top, counter)
                     moved = True
@@ -177,25 +181,24 @@ def _empty(top: int, tick: Callable[[], None] | None) -> None:
             raise stuck
 
 
-def _same_mount(parent: int, fd: int, name: str) -> None:
-    """Refuses a directory that is a mount point (a volume, /proc, a tmpfs): another tree, not ours.
-
-    Below it the walk would empty what the mount shows; the mount itself
-    could not be removed anyway (EBUSY). Mounts are told apart by their
-    ids: a bind of the same filesystem has the same device number.
-    """
-    if _mount_id(parent) != _mount_id(fd):
-        raise OSError(errno.EBUSY, "a mount point is not removed", name)
-
-
 def _mount_id(fd: int) -> tuple[int, int]:
-    """(mount id, device) of the file fd is open on; the id is -1 where /proc cannot say."""
+    """(mount id, device) of the file fd is open on; the id is -1 where /proc cannot say.
+
+    A directory that is a mount point (a volume, /proc, a tmpfs) is another
+    tree, not ours: below it the walk would empty what the mount shows, and
+    the mount itself could not be removed anyway (EBUSY). Mounts are told
+    apart by their ids: a bind of the same filesystem has the same device.
+    """
     mnt_id = -1
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{fd}", "rb") as info:
-        for line in info:
-            if line.startswith(b"mnt_id:"):
-                mnt_id = int(line.split()[1])
-                break
+    with contextlib.suppress(OSError, ValueError):
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(info, 4096)
+        finally:
+            os.close(info)
+        at = text.find(b"\nmnt_id:")
+        if at >= 0:
+            mnt_id = int(text[at + 8:text.index(b"\n", at + 1)])
     return mnt_id, os.fstat(fd).st_dev
 
 
