@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from quiltd.errors import Busy, NoSpace
+from quiltd.fs.remove import remove_path
 from quiltd.host.scopes import Systemd
-from quiltd.images import extract
 from quiltd.model import CleanupKind, CleanupTask
 from quiltd.store.database import Store
 
@@ -127,4 +127,4 @@ class Cleaner:
     def _perform(self, task: CleanupTask) -> Awaitable[None]:
         if task.kind == CleanupKind.SCOPE:
             return self._systemd.stop(task.target)
-        return asyncio.get_running_loop().run_in_executor(None, extract.remove_tree, Path(task.target))
+        return asyncio.get_running_loop().run_in_executor(None, remove_path, Path(task.target))

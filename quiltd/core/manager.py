@@ -51,9 +51,10 @@ from quiltd.errors import (
     StartFailed,
     Timeout,
 )
+from quiltd.fs.remove import remove_path
 from quiltd.host import callerfiles
 from quiltd.host.scopes import ScopeLimits, Systemd, Usage
-from quiltd.images import extract, hostimage, imageimport, pull
+from quiltd.images import hostimage, imageimport, pull
 from quiltd.images.layerstore import LayerStore
 from quiltd.model import (
     NO_EXIT_CODE,
@@ -930,7 +931,7 @@ class Manager:
                 store.unpin(imported.pinned)
                 await self._retire_unrecorded([x.diff_id for x in imported.layers if x.new])
             else:
-                extract.remove_tree(dest)
+                remove_path(dest)
             raise NameTaken(f"an image named {name!r} exists already") from e
         store.unpin(imported.pinned)
         # The skipped nodes are worth a line: an image that needs one at run

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from quiltd.access import Credentials
-from quiltd.runtime import mounts
+from quiltd.fs.resolve import openat2
 
 # (dir_fd, path, flags, resolve) -> fd: how an import opens a file, see ociimage.
 Opener = Callable[[int, str, int, int], int]
@@ -31,7 +31,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _open(dir_fd: int, path: str, flags: int, resolve: int) -> int:
     if resolve:
-        return mounts.openat2(dir_fd, path, flags, resolve)
+        return openat2(dir_fd, path, flags, resolve)
     return os.open(path, flags | os.O_CLOEXEC, dir_fd=None if dir_fd == AT_FDCWD else dir_fd)
 
 

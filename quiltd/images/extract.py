@@ -1,9 +1,12 @@
-"""Safe extraction of rootfs tarballs into an image directory.
+"""Image archives read safely: rootfs tarballs and layers, into image directories.
 
-The archive comes from a client and is treated as hostile: every member is
-checked before anything is written, nothing is ever resolved through a
-symlink, and the whole archive is streamed so neither its size nor its
-compression ratio decides how much memory the daemon uses. A failed
+The archive comes from a client and is treated as hostile. This module
+reads it: by content it picks the decompressor, hashes the bytes as they
+are read, caps the decompressed stream and refuses tar's silent
+leniencies. The members go to the tar engine (quiltd.fs.untar) with the
+image policy: checked before anything is written, nothing ever resolved
+through a symlink. The whole archive is streamed so neither its size nor
+its compression ratio decides how much memory the daemon uses. A failed
 extraction removes the destination completely, so the caller only ever sees
 a complete image or none.
 
@@ -14,7 +17,6 @@ tarfile's own extraction filters are not used: they only exist from 3.12
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import hashlib
 import io
@@ -33,6 +35,9 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 from quiltd.errors import InvalidImage, LimitExceeded
+from quiltd.fs.remove import remove_path
+from quiltd.fs.resolve import DIR_OPEN
+from quiltd.fs.untar import Devices, Extractor, Lookup, OverLimit, Refused, TarPolicy, Whiteouts
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -42,10 +47,6 @@ _CHUNK = 1 << 20
 # Long-name and pax records are read into memory whole by tarfile, so they
 # get a cap of their own; real ones are a few hundred bytes.
 _META_MAX = 1 << 20
-
-# Paths longer than PATH_MAX could not be used inside the container anyway,
-# and the cap bounds how deep a single member can make us walk and create.
-_PATH_MAX = 4095
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -61,19 +62,10 @@ _META_TYPES = frozenset(
     }
 )
 
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
-# What marks a directory of an overlay lower layer opaque; trusted.* needs
-# CAP_SYS_ADMIN to write, so a container cannot forge one in its upper layer.
-OVERLAY_OPAQUE = "trusted.overlay.opaque"
-
 # Left free on the image directory's filesystem after an import: it usually
 # holds the state database and the containers' writable layers too, and an
 # import that fills it would make every later commit fail with NoSpace.
 DISK_RESERVE = 64 << 20
-
-_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Errors that mean "this archive (or reading it) is broken" and so become
 # InvalidImage; anything else is a bug here and must surface as one.
@@ -101,15 +93,7 @@ class ExtractedImage:
     image_id: str  # sha256 (64 lowercase hex digits) of the archive bytes as stored
     size_bytes: int  # sum of regular file sizes written
     entries: int  # archive members processed, including directories and links
-    skipped_devices: int = 0  # character and block device members, not created (see _Extractor)
-
-
-@dataclass(frozen=True)
-class _Meta:
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
+    skipped_devices: int = 0  # character and block device members, not created (see _ImageTree)
 
 
 def extract_rootfs_tarball(
@@ -150,13 +134,13 @@ def extract_rootfs_fd(
         with open(src_fd, "rb", buffering=0, closefd=False) as raw:
             return _extract(raw, dest, limits, on_read)
     except InvalidImage:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise
     except _ARCHIVE_ERRORS as exc:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise InvalidImage(f"{label}: corrupt or unreadable archive: {_describe(exc)}") from exc
     except BaseException:
-        _remove_tree(None, str(dest))
+        remove_path(dest)
         raise
 
 
@@ -192,7 +176,7 @@ def _stream_cap(limits: ImageLimits) -> int:
     return limits.max_bytes + limits.max_entries * 2048 + (16 << 20)
 
 
-def _apply(hashed: io.RawIOBase, magic: bytes, extractor: _Extractor, stream_cap: int,
+def _apply(hashed: io.RawIOBase, magic: bytes, extractor: _ImageTree, stream_cap: int,
            tar_digest: hashlib._Hash | None = None) -> None:
     """Decompresses (by magic) and extracts one tar stream, reading `hashed` to its very end.
 
@@ -221,9 +205,9 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits,
     hashed = _HashingReader(raw, digest, on_read)
     # Peek without consuming so the hash still sees every byte exactly once.
     magic = os.pread(raw.fileno(), 6, 0)
-    root_fd = os.open(dest, _DIR_OPEN)
+    root_fd = os.open(dest, DIR_OPEN)
     try:
-        extractor = _Extractor(root_fd, limits)
+        extractor = _ImageTree(root_fd, image_policy(limits))
         try:
             _apply(hashed, magic, extractor, _stream_cap(limits))
             extractor.finish()
@@ -233,9 +217,9 @@ def _extract(raw: io.FileIO, dest: Path, limits: ImageLimits,
         os.close(root_fd)
     return ExtractedImage(
         image_id=digest.hexdigest(),
-        size_bytes=extractor.size_bytes,
-        entries=extractor.entries,
-        skipped_devices=extractor.skipped_devices,
+        size_bytes=extractor.engine.size_bytes,
+        entries=extractor.engine.entries,
+        skipped_devices=extractor.engine.skipped_devices,
     )
 
 
@@ -255,7 +239,7 @@ def _decompressor(magic: bytes, raw: io.BufferedReader) -> _Stream:
     return raw
 
 
-def _untar(capped: _Capped, extractor: _Extractor) -> None:
+def _untar(capped: _Capped, extractor: _ImageTree) -> None:
     stream = io.BufferedReader(capped, _CHUNK)
     with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo) as tf:
         while (member := tf.next()) is not None:
@@ -442,718 +426,139 @@ class _ZstdPipe:
         self._stderr.close()
 
 
-class _Extractor:
-    """Writes members below root_fd, one at a time, as tarfile yields them.
+def image_policy(limits: ImageLimits, whiteouts: Whiteouts = Whiteouts.NONE) -> TarPolicy:
+    """The engine's rules for an image: a new tree no link is written through, devices skipped."""
+    return TarPolicy(lookup=Lookup.NO_LINKS, devices=Devices.SKIP, whiteouts=whiteouts,
+                     keep_setuid=limits.keep_setuid, max_bytes=limits.max_bytes,
+                     max_entries=limits.max_entries, disk_reserve=DISK_RESERVE, content="image content")
 
-    With `layers`, the members are image layers applied in order: whiteouts
-    (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers wrote.
 
-    Absolute symlinks are stored as they are: they resolve in the container's
-    root at run time, and nothing here resolves through any link. Device
-    nodes are skipped and counted, never created: a container gets its /dev
-    from the runtime, and a node in an image would let its holder open a
-    host device through the image directory (see docs/images.md).
+class _ImageTree:
+    """The tar engine writing one image directory; its refusals become InvalidImage and LimitExceeded.
+
+    Absolute symlinks are stored as they are: they resolve in the
+    container's root at run time, and nothing here resolves through any
+    link. Device nodes are skipped and counted, never created: a container
+    gets its /dev from the runtime, and a node in an image would let its
+    holder open a host device through the image directory (see docs/images.md).
     """
 
-    def __init__(self, root_fd: int, limits: ImageLimits, layers: bool = False,
-                 lowers: Sequence[int] | None = None) -> None:
-        self._root = root_fd
-        self._limits = limits
-        self._layers = layers
-        # With lowers (root fds of the layers below, top first), this is one
-        # layer extracted on its own in overlayfs's format: whiteouts become
-        # overlayfs whiteouts instead of removing anything, and the layers
-        # are stacked at mount time (see OverlayLayer).
-        self._lowers = lowers
-        # Paths (and their parents) the current layer wrote: an opaque
-        # whiteout hides only what lower layers left in its directory.
-        self._written: set[tuple[str, ...]] = set()
-        # chown needs root; unprivileged callers (tests, tools) still get a
-        # usable tree, owned by themselves.
-        self._chown = os.geteuid() == 0
-        # Directory metadata is applied at the end: creating entries would
-        # bump the mtimes, and a read-only mode could lock us out.
-        self._dirs: dict[tuple[str, ...], _Meta] = {}
-        # Members usually arrive directory by directory, so one cached
-        # parent fd saves walking the path again for most of them.
-        self._cached: tuple[tuple[str, ...], int] | None = None
-        self.size_bytes = 0
-        self.entries = 0
-        self.skipped_devices = 0
-
-    def close(self) -> None:
-        self._drop_cache()
-
-    def begin_layer(self) -> None:
-        self._written = set()
+    def __init__(self, root_fd: int, policy: TarPolicy, lowers: Sequence[int] = ()) -> None:
+        self.engine = Extractor(root_fd, policy, lowers=lowers)
 
     def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        name = member.name
-        self.entries += 1
-        if self.entries > self._limits.max_entries:
-            raise InvalidImage(
-                f"{name!r}: too many entries (limit {self._limits.max_entries})"
-            )
-        parts = _member_parts(name, name, "path")
         try:
-            if self._lowers is not None and parts and parts[-1].startswith(_WHITEOUT):
-                self._overlay_whiteout(parts, name)
-                return
-            if self._layers and parts and parts[-1].startswith(_WHITEOUT):
-                self._whiteout(parts, name)
-                return
-            meta = self._meta(member)
-            if self._layers:
-                self._written.update(parts[:i] for i in range(1, len(parts) + 1))
-            self._add(tf, member, parts, meta)
+            self.engine.add(tf, member)
+        except OverLimit as exc:
+            raise LimitExceeded(exc.message) from None
+        except Refused as exc:
+            raise InvalidImage(exc.message) from None
         except _ARCHIVE_ERRORS as exc:
             # Say which member broke: "File name too long" alone is useless.
-            raise InvalidImage(f"{name!r}: {_describe(exc)}") from exc
-
-    # -- whiteouts (layers only) -------------------------------------------
-
-    def _whiteout(self, parts: tuple[str, ...], name: str) -> None:
-        base, dir_parts = parts[-1], parts[:-1]
-        if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
-            return  # aufs bookkeeping (.wh..wh.plnk and the like), nothing to apply
-        hidden = base[len(_WHITEOUT):]
-        if base != _OPAQUE and hidden in ("", ".", ".."):
-            raise InvalidImage(f"{name!r}: whiteout of no name")
-        # Whatever we remove below may be the cached parent or lie under it.
-        self._drop_cache()
-        try:
-            parent = self._walk(dir_parts, name, create=False)
-        except (FileNotFoundError, InvalidImage):
-            return  # no such directory (or not a directory): nothing below to hide
-        try:
-            if base == _OPAQUE:
-                self._hide_lower(parent, dir_parts)
-            elif (*dir_parts, hidden) not in self._written:
-                self._remove_entry(parent, hidden)
-        finally:
-            if parent != self._root:
-                os.close(parent)
-
-    def _overlay_whiteout(self, parts: tuple[str, ...], name: str) -> None:
-        """A whiteout as overlayfs reads it: a 0/0 character device, or an opaque directory's xattr."""
-        base, dir_parts = parts[-1], parts[:-1]
-        if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
-            return  # aufs bookkeeping, nothing to apply
-        if base == _OPAQUE:
-            self._drop_cache()
-            fd = self._walk(dir_parts, name, create=True)
-            try:
-                os.setxattr(fd, OVERLAY_OPAQUE, b"y")
-            finally:
-                if fd != self._root:
-                    os.close(fd)
-            return
-        hidden = base[len(_WHITEOUT):]
-        if hidden in ("", ".", ".."):
-            raise InvalidImage(f"{name!r}: whiteout of no name")
-        target = (*dir_parts, hidden)
-        parent = self._parent_fd(target, name)
-        try:
-            os.stat(hidden, dir_fd=parent, follow_symlinks=False)
-            return  # this layer wrote the name itself: its own entry is what it means
-        except FileNotFoundError:
-            pass
-        # Not a device anyone can open: overlayfs shows it as "no such file".
-        os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
-
-    def _hide_lower(self, dir_fd: int, dir_parts: tuple[str, ...]) -> None:
-        """Removes from a directory what lower layers put there; keeps what this layer wrote."""
-        with os.scandir(dir_fd) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        for entry, is_dir in entries:
-            child = (*dir_parts, entry)
-            if child not in self._written:
-                self._remove_entry(dir_fd, entry)
-            elif is_dir:
-                fd = os.open(entry, _DIR_OPEN, dir_fd=dir_fd)
-                try:
-                    self._hide_lower(fd, child)
-                finally:
-                    os.close(fd)
-
-    def _remove_entry(self, parent: int, base: str) -> None:
-        try:
-            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            _remove_tree(parent, base)
-        else:
-            os.unlink(base, dir_fd=parent)
-
-    def _add(
-        self,
-        tf: tarfile.TarFile,
-        member: tarfile.TarInfo,
-        parts: tuple[str, ...],
-        meta: _Meta,
-    ) -> None:
-        name = member.name
-        if member.isdir():
-            self._add_dir(parts, name, meta)
-            return
-        if not parts:
-            raise InvalidImage(f"{name!r}: only a directory may stand for the image root")
-        if member.ischr() or member.isblk():
-            # Whatever an earlier member or lower layer put at this path is
-            # replaced by the node, as tar and overlayfs would; the node
-            # itself is just not made.
-            self._clear(self._parent_fd(parts, name), parts, keep_dir=False)
-            self.skipped_devices += 1
-            return
-        if member.isreg():
-            self._add_file(tf, member, parts, meta)
-        elif member.issym():
-            self._add_symlink(member, parts, meta)
-        elif member.islnk():
-            self._add_hardlink(member, parts)
-        elif member.isfifo():
-            self._add_fifo(parts, name, meta)
-        else:
-            raise InvalidImage(f"{name!r}: unsupported tar member type {member.type!r}")
-
-    def _meta(self, member: tarfile.TarInfo) -> _Meta:
-        for what, value in (("uid", member.uid), ("gid", member.gid)):
-            # 2**32-1 is chown's "leave unchanged", not an owner.
-            if not 0 <= value < 0xFFFFFFFF:
-                raise InvalidImage(f"{member.name!r}: invalid {what} {value}")
-        mode = member.mode & 0o7777
-        if not self._limits.keep_setuid:
-            mode &= ~(stat.S_ISUID | stat.S_ISGID)
-        mtime = member.mtime
-        mtime_ns = mtime * 1_000_000_000 if isinstance(mtime, int) else int(mtime * 1e9)
-        return _Meta(mode=mode, uid=member.uid, gid=member.gid, mtime_ns=mtime_ns)
-
-    # -- members ------------------------------------------------------------
-
-    def _add_dir(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
-        if parts:
-            parent = self._parent_fd(parts, name)
-            if not self._clear(parent, parts, keep_dir=True):
-                os.mkdir(parts[-1], 0o700, dir_fd=parent)
-        self._dirs[parts] = meta
-
-    def _add_file(
-        self,
-        tf: tarfile.TarFile,
-        member: tarfile.TarInfo,
-        parts: tuple[str, ...],
-        meta: _Meta,
-    ) -> None:
-        name = member.name
-        # Checked against the header before any content is decompressed, so
-        # a bomb stops at its first oversized member.
-        # member.size is the apparent size, holes of a sparse member included:
-        # holes are written out as zeros, so that is what the member costs on
-        # disk, however small the archive.
-        if self.size_bytes + member.size > self._limits.max_bytes:
-            raise LimitExceeded(
-                f"{name!r}: image content exceeds the limit of {self._limits.max_bytes} bytes "
-                f"(option max_bytes); this member alone is {member.size} bytes"
-            )
-        self._check_free_space(name, member.size)
-        content = tf.extractfile(member)
-        if content is None:
-            raise InvalidImage(f"{name!r}: no content for a regular file")
-        parent = self._parent_fd(parts, name)
-        self._clear(parent, parts, keep_dir=False)
-        fd = os.open(parts[-1], _FILE_CREATE, 0o600, dir_fd=parent)
-        try:
-            written = 0
-            while chunk := content.read(_CHUNK):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                written += len(chunk)
-            if written != member.size:
-                raise InvalidImage(f"{name!r}: truncated content ({written} of {member.size})")
-            self.size_bytes += written
-            if self._chown:
-                os.fchown(fd, meta.uid, meta.gid)
-            # After chown, which clears setuid/setgid.
-            os.fchmod(fd, meta.mode)
-            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-        finally:
-            os.close(fd)
-
-    def _check_free_space(self, name: str, size: int) -> None:
-        # Asked before each file rather than once: earlier members, and other
-        # imports running at the same time, have used some of it since.
-        vfs = os.fstatvfs(self._root)
-        free = vfs.f_bavail * vfs.f_frsize - DISK_RESERVE
-        if size > free:
-            raise LimitExceeded(
-                f"{name!r}: {size} bytes do not fit in the free space of the image directory's "
-                f"filesystem ({max(free, 0)} bytes, keeping {DISK_RESERVE} bytes free)"
-            )
-
-    def _add_symlink(self, member: tarfile.TarInfo, parts: tuple[str, ...], meta: _Meta) -> None:
-        name, target = member.name, member.linkname
-        if not target:
-            raise InvalidImage(f"{name!r}: symlink with an empty target")
-        if len(target.encode("utf-8", "surrogateescape")) > _PATH_MAX:
-            raise InvalidImage(f"{name!r}: symlink target too long")
-        # Lexical resolution is what a host-side reader would do, and the
-        # only one possible: the link may point at things not extracted yet.
-        # An absolute target starts at the image root.
-        depth = 0 if target.startswith("/") else len(parts) - 1
-        for part in target.split("/"):
-            if part in ("", "."):
-                continue
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    raise InvalidImage(
-                        f"{name!r}: symlink target {target!r} escapes the image root"
-                    )
-            else:
-                depth += 1
-        # Linux has no mode on a symlink to set.
-        self._add_node(parts, name, meta, lambda base, parent: os.symlink(target, base, dir_fd=parent),
-                       set_mode=False)
-
-    def _add_hardlink(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
-        name, target = member.name, member.linkname
-        target_parts = _member_parts(target, name, "hard link target")
-        if not target_parts:
-            raise InvalidImage(f"{name!r}: hard link to the image root")
-        if target_parts == parts:
-            return
-        # The target must be a regular file this extraction already wrote;
-        # the walk below refuses symlinked parents, so a link can only ever
-        # reach an inode inside the image.
-        missing = InvalidImage(
-            f"{name!r}: hard link target {target!r} is not a regular file extracted earlier"
-        )
-        try:
-            target_parent = self._walk(target_parts[:-1], name, create=False)
-        except FileNotFoundError:
-            if self._copy_from_lower(target_parts, parts, name):
-                return
-            raise missing from None
-        try:
-            try:
-                st = os.stat(target_parts[-1], dir_fd=target_parent, follow_symlinks=False)
-            except FileNotFoundError:
-                if self._copy_from_lower(target_parts, parts, name):
-                    return
-                raise missing from None
-            if not stat.S_ISREG(st.st_mode):
-                raise missing
-            parent = self._parent_fd(parts, name)
-            self._clear(parent, parts, keep_dir=False)
-            # The link shares the target's inode and so its metadata; tar
-            # never applies the link entry's own mode or owner.
-            os.link(
-                target_parts[-1],
-                parts[-1],
-                src_dir_fd=target_parent,
-                dst_dir_fd=parent,
-                follow_symlinks=False,
-            )
-        finally:
-            if target_parent != self._root:
-                os.close(target_parent)
-
-    def _copy_from_lower(self, target_parts: tuple[str, ...], parts: tuple[str, ...], name: str) -> bool:
-        """A hard link to a file of a lower layer, in a layer of its own: a copy of that file.
-
-        A link cannot cross layer directories, and the lower layer may be
-        shared with other images, so its inode is never touched. The
-        lower layers are searched top first, each without following a link.
-        """
-        for lower in self._lowers or ():
-            try:
-                parent = _walk_beneath(lower, target_parts[:-1])
-            except (FileNotFoundError, NotADirectoryError, InvalidImage):
-                continue
-            try:
-                try:
-                    st = os.stat(target_parts[-1], dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    return False  # a whiteout, a link or a directory: no file to link to
-                src = os.open(target_parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            finally:
-                if parent != lower:
-                    os.close(parent)
-            try:
-                st = os.fstat(src)
-                if not stat.S_ISREG(st.st_mode):
-                    return False  # replaced since the stat
-                self._check_free_space(name, st.st_size)
-                if self.size_bytes + st.st_size > self._limits.max_bytes:
-                    raise LimitExceeded(f"{name!r}: image content exceeds the limit of "
-                                        f"{self._limits.max_bytes} bytes (option max_bytes)")
-                dest_parent = self._parent_fd(parts, name)
-                self._clear(dest_parent, parts, keep_dir=False)
-                fd = os.open(parts[-1], _FILE_CREATE, 0o600, dir_fd=dest_parent)
-                try:
-                    while chunk := os.read(src, _CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view):]
-                    self.size_bytes += st.st_size
-                    if self._chown:
-                        os.fchown(fd, st.st_uid, st.st_gid)
-                    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                    os.utime(fd, ns=(st.st_mtime_ns, st.st_mtime_ns))
-                finally:
-                    os.close(fd)
-            finally:
-                os.close(src)
-            return True
-        return False
-
-    def _add_fifo(self, parts: tuple[str, ...], name: str, meta: _Meta) -> None:
-        self._add_node(parts, name, meta, lambda base, parent: os.mkfifo(base, 0o600, dir_fd=parent),
-                       set_mode=True)
-
-    def _add_node(self, parts: tuple[str, ...], name: str, meta: _Meta,
-                  make: Callable[[str, int], None], *, set_mode: bool) -> None:
-        """Makes parts[-1] with make(base, parent_fd), then sets its owner, mode and mtime."""
-        parent = self._parent_fd(parts, name)
-        self._clear(parent, parts, keep_dir=False)
-        base = parts[-1]
-        make(base, parent)
-        if self._chown:
-            os.chown(base, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        if set_mode:
-            # After chown, which clears setuid/setgid. It follows a link, so
-            # only for a node just made that is none (a FIFO).
-            os.chmod(base, meta.mode, dir_fd=parent)
-        os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
-
-    # -- the tree -----------------------------------------------------------
-
-    def _clear(self, parent: int, parts: tuple[str, ...], *, keep_dir: bool) -> bool:
-        """Make room for parts[-1]; True if an existing directory was kept.
-
-        A later member replaces an earlier one, as with tar; the old entry is
-        removed rather than written through, which for a symlink would
-        follow it and for a hard link would change the other name too.
-        """
-        base = parts[-1]
-        try:
-            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return True
-            # The cached fd would point into the removed tree; the parent
-            # itself (often the cached fd) stays valid.
-            if self._cached is not None and self._cached[0][: len(parts)] == parts:
-                self._drop_cache()
-            _remove_tree(parent, base)
-            self._dirs.pop(parts, None)
-        else:
-            os.unlink(base, dir_fd=parent)
-        return False
-
-    def _parent_fd(self, parts: tuple[str, ...], name: str) -> int:
-        """A borrowed fd of the directory that will hold parts[-1]."""
-        dir_parts = parts[:-1]
-        if not dir_parts:
-            return self._root
-        if self._cached is not None and self._cached[0] == dir_parts:
-            return self._cached[1]
-        fd = self._walk(dir_parts, name, create=True)
-        self._drop_cache()
-        self._cached = (dir_parts, fd)
-        return fd
-
-    def _drop_cache(self) -> None:
-        if self._cached is not None:
-            os.close(self._cached[1])
-            self._cached = None
-
-    def _walk(self, dir_parts: tuple[str, ...], name: str, *, create: bool) -> int:
-        """Open root/dir_parts one component at a time, never following a link.
-
-        Returns an fd the caller owns (the root fd itself for no parts).
-        Missing directories are created when `create`, as tar does for
-        archives that omit parent entries.
-        """
-        fd = self._root
-        try:
-            for i, part in enumerate(dir_parts):
-                try:
-                    next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
-                    # Not the umask's choice: an implied directory is 0755.
-                    os.fchmod(next_fd, 0o755)
-                    self._dirs.pop(dir_parts[: i + 1], None)
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    where = "/".join(dir_parts[: i + 1])
-                    raise InvalidImage(
-                        f"{name!r}: {where!r} is not a directory (a symlink or file); "
-                        "refusing to write through it"
-                    ) from None
-                if fd != self._root:
-                    os.close(fd)
-                fd = next_fd
-        except BaseException:
-            if fd != self._root:
-                os.close(fd)
-            raise
-        return fd
+            raise InvalidImage(f"{member.name!r}: {_describe(exc)}") from exc
 
     def finish(self) -> None:
-        """Apply the deferred directory owners, modes and mtimes."""
-        self._drop_cache()
-        for parts, meta in self._dirs.items():
-            try:
-                fd = self._walk(parts, "/".join(parts), create=False)
-            except (FileNotFoundError, InvalidImage):
-                # Replaced or removed by a later member.
-                continue
-            try:
-                if self._chown:
-                    os.fchown(fd, meta.uid, meta.gid)
-                os.fchmod(fd, meta.mode)
-                os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-            finally:
-                if fd != self._root:
-                    os.close(fd)
-        if () not in self._dirs:
-            os.fchmod(self._root, 0o755)
+        self.engine.finish()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
-class LayeredImage:
-    """An image directory built from layers applied in order (OCI and docker save).
+class _LayerTree:
+    """One new directory that layers are extracted into; removed whole if an error leaves.
 
-    Each layer is extracted with the rootfs tarball rules, plus whiteouts,
-    into the one new directory `dest`. On any error the directory is removed
-    before the error leaves: use it as a context manager.
+    Use it as a context manager. lowers: directories of the layers below,
+    top first, for OverlayLayer (only read, for hard links to their files).
     """
 
-    def __init__(self, dest: Path, limits: ImageLimits = ImageLimits()) -> None:
+    def __init__(self, dest: Path, limits: ImageLimits, whiteouts: Whiteouts,
+                 lowers: Sequence[Path] = ()) -> None:
         self._dest = dest
         self._limits = limits
+        self._fds: list[int] = []
         os.mkdir(dest, 0o700)
         try:
-            self._root = os.open(dest, _DIR_OPEN)
+            self._root = os.open(dest, DIR_OPEN)
+            self._fds.append(self._root)
+            for lower in lowers:
+                self._fds.append(os.open(lower, DIR_OPEN))
         except BaseException:
+            self._close_fds()
             os.rmdir(dest)
             raise
-        self._extractor = _Extractor(self._root, limits, layers=True)
+        self._tree = _ImageTree(self._root, image_policy(limits, whiteouts), lowers=self._fds[1:])
 
-    def apply_layer(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
+    def _apply(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
         """Extracts one layer (tar, gzip, xz or zstd by magic), reading raw to its end.
 
-        Returns the sha256 (hex) of the layer's uncompressed tar stream.
+        Returns the sha256 (hex) of the layer's uncompressed tar stream;
+        errors name the layer (what).
         """
-        self._extractor.begin_layer()
-        return _apply_layer(raw, magic, self._extractor, self._limits, what)
+        tar_digest = hashlib.sha256()
+        try:
+            _apply(raw, magic, self._tree, _stream_cap(self._limits), tar_digest)
+        except InvalidImage as exc:
+            raise InvalidImage(f"{what}: {exc.message}") from exc
+        except LimitExceeded as exc:
+            raise LimitExceeded(f"{what}: {exc.message}") from exc
+        except _ARCHIVE_ERRORS as exc:
+            raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
+        return tar_digest.hexdigest()
 
     def finish(self) -> tuple[int, int]:
         """Applies the directories' metadata; returns (content bytes, entries)."""
-        self._extractor.finish()
-        return self._extractor.size_bytes, self._extractor.entries
+        self._tree.finish()
+        return self._tree.engine.size_bytes, self._tree.engine.entries
 
     @property
     def skipped_devices(self) -> int:
         """Device node members of all layers so far, skipped (not created)."""
-        return self._extractor.skipped_devices
+        return self._tree.engine.skipped_devices
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._tree.close()
+        self._close_fds()
+        if exc is not None:
+            remove_path(self._dest)
+
+
+class LayeredImage(_LayerTree):
+    """An image directory built from layers applied in order (OCI and docker save).
+
+    Each layer is extracted with the rootfs tarball rules, plus whiteouts,
+    into the one new directory `dest`.
+    """
+
+    def __init__(self, dest: Path, limits: ImageLimits = ImageLimits()) -> None:
+        super().__init__(dest, limits, Whiteouts.APPLY)
+
+    def apply_layer(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
+        self._tree.engine.begin_layer()
+        return self._apply(raw, magic, what)
 
     def __enter__(self) -> LayeredImage:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._extractor.close()
-        os.close(self._root)
-        if exc is not None:
-            _remove_tree(None, str(self._dest))
 
-
-def _apply_layer(raw: io.RawIOBase, magic: bytes, extractor: _Extractor, limits: ImageLimits,
-                 what: str) -> str:
-    """Extracts one layer with extractor; the sha256 (hex) of its uncompressed tar stream.
-
-    Errors name the layer (what).
-    """
-    tar_digest = hashlib.sha256()
-    try:
-        _apply(raw, magic, extractor, _stream_cap(limits), tar_digest)
-    except InvalidImage as exc:
-        raise InvalidImage(f"{what}: {exc.message}") from exc
-    except LimitExceeded as exc:
-        raise LimitExceeded(f"{what}: {exc.message}") from exc
-    except _ARCHIVE_ERRORS as exc:
-        raise InvalidImage(f"{what}: corrupt or unreadable layer: {_describe(exc)}") from exc
-    return tar_digest.hexdigest()
-
-
-class OverlayLayer:
+class OverlayLayer(_LayerTree):
     """One image layer extracted into its own new directory, in overlayfs's format.
 
     Layers kept this way are shared by every image built on them and
     stacked as the overlay's lower directories when a container starts.
-    `lowers` are the directories of the layers below, top first: only read,
-    for hard links to their files. On any error `dest` is removed before the
-    error leaves: use it as a context manager.
+    `lowers` are the directories of the layers below, top first.
     """
 
     def __init__(self, dest: Path, limits: ImageLimits, lowers: Sequence[Path] = ()) -> None:
-        self._dest = dest
-        self._limits = limits
-        self._lower_fds: list[int] = []
-        os.mkdir(dest, 0o700)
-        try:
-            self._root = os.open(dest, _DIR_OPEN)
-            try:
-                for lower in lowers:
-                    self._lower_fds.append(os.open(lower, _DIR_OPEN))
-            except BaseException:
-                self._close_fds()
-                raise
-        except BaseException:
-            os.rmdir(dest)
-            raise
-        self._extractor = _Extractor(self._root, limits, lowers=self._lower_fds)
+        super().__init__(dest, limits, Whiteouts.OVERLAY, lowers)
 
     def apply(self, raw: io.RawIOBase, magic: bytes, what: str) -> str:
-        """Extracts the layer (tar, gzip, xz or zstd by magic), reading raw to its end.
-
-        Returns the sha256 (hex) of the layer's uncompressed tar stream.
-        """
-        return _apply_layer(raw, magic, self._extractor, self._limits, what)
-
-    def finish(self) -> tuple[int, int]:
-        """Applies the directories' metadata; returns (content bytes, entries)."""
-        self._extractor.finish()
-        return self._extractor.size_bytes, self._extractor.entries
-
-    @property
-    def skipped_devices(self) -> int:
-        return self._extractor.skipped_devices
-
-    def _close_fds(self) -> None:
-        for fd in self._lower_fds:
-            os.close(fd)
-        self._lower_fds.clear()
-        if hasattr(self, "_root"):
-            os.close(self._root)
+        return self._apply(raw, magic, what)
 
     def __enter__(self) -> OverlayLayer:
         return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._extractor.close()
-        self._close_fds()
-        if exc is not None:
-            _remove_tree(None, str(self._dest))
-
-
-def _walk_beneath(root: int, dir_parts: tuple[str, ...]) -> int:
-    """Opens root/dir_parts one component at a time, never following a link; root itself for ()."""
-    fd = root
-    try:
-        for part in dir_parts:
-            try:
-                next_fd = os.open(part, _DIR_OPEN, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise NotADirectoryError(exc.errno, part) from None
-                raise
-            if fd != root:
-                os.close(fd)
-            fd = next_fd
-    except BaseException:
-        if fd != root:
-            os.close(fd)
-        raise
-    return fd
-
-
-def _member_parts(path: str, member: str, what: str) -> tuple[str, ...]:
-    """Split an archive path into components, refusing anything that leaves the root."""
-    if path.startswith("/"):
-        raise InvalidImage(f"{member!r}: absolute {what} {path!r}")
-    if len(path.encode("utf-8", "surrogateescape")) > _PATH_MAX:
-        raise InvalidImage(f"{member!r}: {what} too long")
-    parts = path.split("/")
-    if ".." in parts:
-        raise InvalidImage(f"{member!r}: {what} {path!r} contains '..'")
-    return tuple(p for p in parts if p not in ("", "."))
-
-
-def _remove_tree(parent_fd: int | None, name: str) -> None:
-    """Remove a directory tree without following symlinks, however deep.
-
-    shutil.rmtree recurses (RecursionError) and holds an fd per level
-    (EMFILE) on the Pythons we support; a hostile archive can be thousands
-    of levels deep. Instead, grandchildren are renamed up into the top
-    directory, so the tree flattens while at most two fds are open.
-    """
-    top = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
-    try:
-        _make_writable(top)
-        counter = 0
-        while True:
-            with os.scandir(top) as it:
-                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-            if not entries:
-                break
-            for entry, is_dir in entries:
-                if not is_dir:
-                    os.unlink(entry, dir_fd=top)
-                    continue
-                child = os.open(entry, _DIR_OPEN, dir_fd=top)
-                try:
-                    _make_writable(child)
-                    with os.scandir(child) as it:
-                        grand = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-                    for g, g_is_dir in grand:
-                        if not g_is_dir:
-                            os.unlink(g, dir_fd=child)
-                            continue
-                        while True:
-                            counter += 1
-                            try:
-                                # Renaming over an existing empty directory
-                                # is fine: it was going to be removed anyway.
-                                os.rename(g, f".rm-{counter}", src_dir_fd=child, dst_dir_fd=top)
-                                break
-                            except OSError as exc:
-                                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                                    raise
-                finally:
-                    os.close(child)
-                os.rmdir(entry, dir_fd=top)
-    finally:
-        os.close(top)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
-def _make_writable(fd: int) -> None:
-    # Root ignores modes; an unprivileged caller needs write and search
-    # permission on directories it owns to empty them.
-    if os.geteuid() != 0:
-        with contextlib.suppress(PermissionError):
-            os.fchmod(fd, 0o700)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove an extracted image (or any tree) without following symlinks.
-
-    For callers deleting images: an image may be too deep for shutil.rmtree,
-    which recurses once per level. A missing path is not an error.
-    """
-    if os.path.lexists(path):
-        _remove_tree(None, str(path))

@@ -12,11 +12,12 @@ directory on the host) bound read-only and nosuid; everything else,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
+from quiltd.fs.remove import remove_path
 from quiltd.model import Image
 
 NAME = "host"
@@ -42,7 +43,8 @@ def prepare(images_dir: Path, host_root: Path = Path("/")) -> Image:
     gets a new directory (`host-<digest>`) and new containers use that one.
     """
     staging = images_dir / f".{NAME}.new"
-    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        remove_path(staging)
     staging.mkdir(mode=0o755)
     digest = hashlib.sha256()
     for rel, mode in TOP_DIRS.items():
@@ -69,7 +71,7 @@ def prepare(images_dir: Path, host_root: Path = Path("/")) -> Image:
         digest.update(f"alternative {name} {target}\n".encode())
     dest = images_dir / f"{NAME}-{digest.hexdigest()[:16]}"
     if dest.exists():
-        shutil.rmtree(staging)
+        remove_path(staging)
     else:
         staging.rename(dest)
     return Image(name=NAME, id=IMAGE_ID, path=str(dest), size_bytes=0,

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from quiltd.images import extract
+from quiltd.fs.remove import remove_path
 
 DIFF_ID_RE = re.compile(r"[0-9a-f]{64}")
 # overlayfs takes its options in one page: past this many stacked layers an
@@ -73,7 +73,7 @@ class LayerStore:
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            extract.remove_tree(scratch)  # another import stored the same layer first
+            remove_path(scratch)  # another import stored the same layer first
 
     def retire(self, diff_id: str) -> Path | None:
         """Takes an unused layer out of use: its new name for the cleaner, None if pinned or gone."""

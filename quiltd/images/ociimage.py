@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quiltd.errors import AccessDenied, InvalidArgument, InvalidImage
+from quiltd.fs.resolve import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from quiltd.grammar import ENV_RE, USER_RE
 from quiltd.images.extract import CheckedTarInfo, ImageLimits, LayeredImage, OverlayLayer
 from quiltd.images.layerstore import LayerStore
 from quiltd.model import ImageConfig
-from quiltd.runtime import mounts
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -53,8 +53,6 @@ _DOCKER_HUB = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
          "s390x": "s390x", "riscv64": "riscv64"}
 _OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ Opener = Callable[[int, str, int, int], int]
 
 
 def plain_opener(dir_fd: int, path: str, flags: int, resolve: int) -> int:
-    return mounts.openat2(dir_fd, path, flags, resolve)
+    return openat2(dir_fd, path, flags, resolve)
 
 
 class _DirSource:
@@ -110,7 +108,7 @@ class _DirSource:
     def blob(self, path: str, what: str) -> _Blob:
         try:
             fd = self._opener(self._fd, path, _OPEN, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
-                              | mounts.RESOLVE_NO_MAGICLINKS)
+                              | RESOLVE_NO_MAGICLINKS)
         except FileNotFoundError:
             raise InvalidImage(f"{what}: {path} is missing") from None
         except PermissionError:

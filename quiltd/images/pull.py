@@ -23,7 +23,6 @@ import os
 import platform
 import pwd
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from quiltd.errors import (
     Timeout,
     Unreachable,
 )
+from quiltd.fs.remove import remove_path
 
 SKOPEO = "skopeo"
 PULLS_DIR = "pulls"  # under the state directory
@@ -303,4 +303,6 @@ def _blob(layout: Path, digest: object) -> bytes:
 
 
 def remove(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)
+    # skopeo wrote it as nobody: not the daemon's own tree.
+    with contextlib.suppress(OSError):
+        remove_path(work)

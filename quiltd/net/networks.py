@@ -17,7 +17,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from quiltd.errors import (
     NameTaken,
     NoSuchNetwork,
 )
+from quiltd.fs.remove import remove_path
 from quiltd.model import Container, Lease, Network
 from quiltd.names import VETH_PREFIX, veth_name
 from quiltd.net import firewall, hostreset
@@ -252,7 +252,8 @@ class Networks:
             await self._netlink.delete_link(network.bridge)
         with contextlib.suppress(Internal):
             await self.apply_firewall()
-        shutil.rmtree(self._dir(network.name), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_path(self._dir(network.name))
 
     def check_published(self, c: Container) -> None:
         """NameTaken if another container on record publishes one of c's host ports."""

@@ -17,18 +17,13 @@ saw, or nothing.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from dataclasses import dataclass
 
 from quiltd import linux
-
-_SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables were unified)
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
+from quiltd.fs.resolve import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, open_in_root, openat2
 
 
 class SourceRefused(PermissionError):
@@ -142,37 +137,6 @@ def _self_and_parents(path: str) -> set[tuple[int, int]]:
             break
         path = parent
     return found
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-# With RESOLVE_IN_ROOT or RESOLVE_BENEATH the kernel answers EAGAIN when a
-# rename or mount anywhere on the host raced a ".." in the lookup: it cannot
-# prove the walk stayed inside. The walk is safe to repeat; on a busy host
-# (many containers starting) the race is common enough to need it.
-_OPENAT2_TRIES = 100
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    for _ in range(_OPENAT2_TRIES):
-        fd: int = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), path.encode(),
-                                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err != errno.EAGAIN:
-            break
-    raise OSError(err, os.strerror(err), path)
-
-
-def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
-    return openat2(rootfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
 
 def bind_into(root: str, source: str, target: str, read_only: bool, userns_fd: int | None = None,

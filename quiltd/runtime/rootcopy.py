@@ -3,31 +3,28 @@
 The tree is given as a descriptor of its root. The container may change it
 while we work: any directory may become a symlink to "/" or to /etc/shadow
 between two of our calls (the docker cp CVE-2018-15664 class). So no path
-is ever joined into a host path string and looked up from the host's root:
+is ever joined into a host path string and looked up from the host's root.
 
-- every directory a member lives in is looked up from the root descriptor
-  with openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS), so a symlink on
-  the way resolves as if the container's root were "/", and /proc magic
-  links are refused;
-- the last component is then made or opened relative to that directory's
-  descriptor with O_NOFOLLOW (or the *at call's no-follow flag), so a
-  symlink swapped in at the last moment is never followed;
-- metadata is set through the open descriptor, or with no-follow *at calls.
+In: the stream is read here (its end, its cap, its headers checked ahead
+when it is a regular file), and its members are written by the tar engine
+(quiltd.fs.untar) with the CopyIn policy: every directory looked up from
+the root descriptor with openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS),
+so a symlink on the way resolves as if the container's root were "/"; the
+last component made relative to that directory's descriptor with no-follow
+calls, so a symlink swapped in at the last moment is never followed.
 
-Only regular files are ever opened for reading, and a file is read only if
-the descriptor is still the regular file that was listed (a device node
-swapped in is neither opened twice nor read). Nothing here reads a
-directory on a proc or sysfs mount.
+Out: metadata is read through the open descriptor, or with no-follow *at
+calls. Only regular files are ever opened for reading, and a file is read
+only if the descriptor is still the regular file that was listed (a device
+node swapped in is neither opened twice nor read). Nothing here reads a
+directory on a proc or sysfs mount, or writes one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import secrets
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable
@@ -37,17 +34,12 @@ from dataclasses import dataclass
 # classes have been in tarfile since Python 3.2, outside its documented API.
 from tarfile import EOFHeaderError, InvalidHeaderError, TruncatedHeaderError  # type: ignore[attr-defined]
 
+from quiltd.fs.resolve import IN_ROOT, KERNEL_FILESYSTEMS, fs_type, openat2
+from quiltd.fs.untar import Devices, Extractor, Lookup, OverLimit, Refused, TarPolicy, check_member
 from quiltd.runtime.copyspec import Failure
-from quiltd.runtime.mounts import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
-RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
-# Filesystems whose files are the kernel's, not the container's: never archived.
-_PROC_SUPER_MAGIC = 0x9FA0
-_SYSFS_MAGIC = 0x62656572
-_SKIPPED_FILESYSTEMS = {_PROC_SUPER_MAGIC, _SYSFS_MAGIC}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CopyError(Exception):
@@ -79,7 +71,7 @@ def _components(path: str, what: str) -> list[str]:
 def _open_dir(root_fd: int, parts: list[str], shown: str) -> int:
     """A descriptor of the directory parts name inside the root, resolved in the root."""
     try:
-        return openat2(root_fd, "/".join(parts) or ".", os.O_RDONLY | os.O_DIRECTORY, RESOLVE)
+        return openat2(root_fd, "/".join(parts) or ".", os.O_RDONLY | os.O_DIRECTORY, IN_ROOT)
     except FileNotFoundError:
         raise CopyError(Failure.NO_PATH, f"no such directory in the container: {shown}") from None
     except NotADirectoryError:
@@ -193,80 +185,6 @@ def _read_zeros_to_end(tar: tarfile.TarFile, marker: int) -> None:
         offset += len(chunk)
 
 
-class _Dirs:
-    """Directory descriptors by path under the destination, looked up (and made) in the root.
-
-    Only the last one is kept open: tar streams list a directory's members together.
-    """
-
-    def __init__(self, root_fd: int, dest: list[str]) -> None:
-        self.root_fd = root_fd
-        self.dest = dest
-        self.key: tuple[str, ...] | None = None
-        self.fd = -1
-
-    def get(self, parts: list[str], make: bool) -> int:
-        key = tuple(parts)
-        if key == self.key:
-            return self.fd
-        self.close()
-        try:
-            self.fd = openat2(self.root_fd, "/".join(self.dest + parts) or ".", os.O_RDONLY | os.O_DIRECTORY,
-                              RESOLVE)
-        except FileNotFoundError:
-            if not make:
-                raise CopyError(Failure.INVALID,
-                                f"hard link into {'/'.join(parts)!r}, which does not exist") from None
-            self.fd = self._make(parts)
-        except OSError as e:
-            raise _io_error(f"directory {'/'.join(parts)}", e) from None
-        self.key = key
-        if _fs_type(self.fd) in _SKIPPED_FILESYSTEMS:
-            # The kernel's files: a privileged writer must not reach them from a tar stream.
-            raise CopyError(Failure.INVALID, f"{'/'.join(self.dest + parts)} is on proc or sysfs, "
-                            "which are not written")
-        return self.fd
-
-    def _make(self, parts: list[str]) -> int:
-        """Makes the missing directories one by one, each in its parent's descriptor."""
-        fd = openat2(self.root_fd, "/".join(self.dest) or ".", os.O_RDONLY | os.O_DIRECTORY, RESOLVE)
-        try:
-            for i, part in enumerate(parts):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                # Looked up again from the root: what was made (or found) may
-                # have been swapped for a symlink since.
-                found = openat2(self.root_fd, "/".join(self.dest + parts[: i + 1]),
-                                os.O_RDONLY | os.O_DIRECTORY, RESOLVE)
-                os.close(fd)
-                fd = found
-            return fd
-        except OSError as e:
-            os.close(fd)
-            raise _io_error(f"making directory {'/'.join(parts)}", e) from None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-        self.key = None
-
-
-def _check_member(member: tarfile.TarInfo) -> list[str]:
-    """The member's path components under the destination, if it is a member we extract at all."""
-    parts = _components(member.name, "tar member")
-    if not parts:
-        return parts  # "." or "/": the destination itself, which we leave as it is
-    if member.ischr() or member.isblk():
-        raise CopyError(Failure.INVALID, f"tar member {member.name!r} is a device node; "
-                        "device nodes are not copied into containers")
-    if not (member.isdir() or member.isreg() or member.issym() or member.islnk() or member.isfifo()):
-        raise CopyError(Failure.INVALID, f"tar member {member.name!r} has an unknown type")
-    if member.islnk() and not _components(member.linkname, "hard link target"):
-        raise CopyError(Failure.INVALID, f"hard link {member.name!r} to the destination itself")
-    return parts
-
-
 class _Ahead:
     """A regular file, read with pread from where the copy starts reading it: the file's offset stays."""
 
@@ -296,11 +214,12 @@ class _Ahead:
         return self.pos
 
 
-def _check_ahead(in_fd: int, max_bytes: int, progress: Progress, over: Callable[[], CopyError]) -> None:
+def _check_ahead(in_fd: int, max_bytes: int, progress: Progress, over: Callable[[], CopyError],
+                 policy: TarPolicy) -> None:
     """When the stream is a regular file, checks all of it before anything is written.
 
     Its headers are read (data is skipped) and held to the same rules as
-    during the copy: the end of the archive, member names and types, the
+    during the copy: the end of the archive, the engine's member rules, the
     size. So a file that would fail on any of those fails with nothing
     written. A pipe or socket can only be checked as it is read.
     """
@@ -318,66 +237,55 @@ def _check_ahead(in_fd: int, max_bytes: int, progress: Progress, over: Callable[
         raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
     try:
         for member in tar:
-            _check_member(member)
+            check_member(member, policy)
+    except Refused as e:
+        raise CopyError(Failure.INVALID, e.message) from None
     except tarfile.TarError as e:
         raise _bad_stream(tar, e, length) from None
+
+
+def copy_in_policy(max_bytes: int) -> TarPolicy:
+    """The tar engine's rules for CopyIn, where they differ from an image's on purpose.
+
+    The tree is a container's: its links resolve in its root, and a link
+    may point anywhere in it. The tar's ids are the container's ids and its
+    setuid bits stay. A device node is refused (the container's /dev is the
+    runtime's), a leading "/" names the destination as tar -x reads it, the
+    destination's own metadata is left as it is, and a file is written
+    beside its name and renamed over it, so a failed copy leaves no half
+    file in a tree the container uses.
+    """
+    return TarPolicy(lookup=Lookup.IN_ROOT, devices=Devices.REFUSE, keep_setuid=True,
+                     strip_absolute=True, links_inside_tree=False, root_metadata=False,
+                     atomic_files=True, max_bytes=max_bytes, content="the copied content")
 
 
 def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progress) -> None:
     """Extracts the tar stream read from in_fd into the existing directory dest of the root."""
     dest_parts = _components(dest, "path")
     os.close(_open_dir(root_fd, dest_parts, dest))  # exists, and is a directory
+    policy = copy_in_policy(max_bytes)
     source = _Input(in_fd, max_bytes, progress)
-    _check_ahead(in_fd, max_bytes, progress, source.over)
+    _check_ahead(in_fd, max_bytes, progress, source.over, policy)
     try:
         tar = tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]  # noqa: SIM115
                            tarinfo=_StrictTarInfo)
     except tarfile.ReadError as e:
         raise CopyError(Failure.INVALID, f"not a tar stream: {e}") from None
-    dirs = _Dirs(root_fd, dest_parts)
-    later: list[tuple[list[str], tarfile.TarInfo]] = []  # directory times, set when all is in
+    engine = Extractor(root_fd, policy, base=dest_parts, tick=progress.tick)
+    done = False
     try:
         for member in tar:
-            parts = _check_member(member)
-            if not parts:
-                continue
-            parent = dirs.get(parts[:-1], make=True)
-            name = parts[-1]
-            if member.isdir():
-                _make_dir(parent, name, member)
-                later.append((parts, member))
-            elif member.isreg():
-                if progress.bytes + member.size > max_bytes:
-                    raise source.over()  # before a byte of it is written
-                data = tar.extractfile(member)
-                assert data is not None
-                _write_file(parent, name, member, data, progress)
-            elif member.issym():
-                _replace(parent, name, keep_dir=False)
-                os.symlink(member.linkname, name, dir_fd=parent)
-                _set_meta_nofollow(parent, name, member)
-            elif member.islnk():
-                target = _components(member.linkname, "hard link target")
-                source_dir = os.dup(dirs.get(target[:-1], make=False))
-                try:
-                    parent = dirs.get(parts[:-1], make=True)
-                    _replace(parent, name, keep_dir=False)
-                    # linkat without AT_SYMLINK_FOLLOW: a symlink target is linked, never followed.
-                    os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
-                finally:
-                    os.close(source_dir)
-            else:  # a FIFO: _check_member let no other type through
-                _replace(parent, name, keep_dir=False)
-                os.mkfifo(name, member.mode & 0o7777, dir_fd=parent)
-                _set_meta_nofollow(parent, name, member)
-            progress.entries += 1
-        dirs.close()
-        for parts, member in reversed(later):
-            fd = _open_dir(root_fd, dest_parts + parts, "/".join(parts))
-            try:
-                os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
-            finally:
-                os.close(fd)
+            if member.isreg() and progress.bytes + member.size > max_bytes:
+                raise source.over()  # before a byte of it is written
+            if engine.add(tar, member):  # the destination itself ("./") is not counted
+                progress.entries += 1
+        engine.finish()
+        done = True
+    except OverLimit as e:
+        raise CopyError(Failure.LIMIT, e.message) from None
+    except Refused as e:
+        raise CopyError(Failure.INVALID, e.message) from None
     except tarfile.TarError as e:
         # Where tarfile found that the stream ended early, it has read all
         # of it: progress.bytes is then its length.
@@ -385,93 +293,12 @@ def extract(root_fd: int, dest: str, in_fd: int, max_bytes: int, progress: Progr
     except OSError as e:
         raise _io_error("writing in the container", e) from None
     finally:
-        dirs.close()
-
-
-def _ns(mtime: float) -> int:
-    return int(mtime * 1_000_000_000)
-
-
-def _replace(parent: int, name: str, keep_dir: bool) -> bool:
-    """Removes what is at name, unless it is a directory to keep. Returns whether a directory is there."""
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISDIR(st.st_mode):
-        if keep_dir:
-            return True
-        shutil.rmtree(name, dir_fd=parent)  # the descriptor-based walk, which follows no symlink
-    else:
-        os.unlink(name, dir_fd=parent)
-    return False
-
-
-def _make_dir(parent: int, name: str, member: tarfile.TarInfo) -> None:
-    if not _replace(parent, name, keep_dir=True):
-        os.mkdir(name, 0o700, dir_fd=parent)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    try:
-        _set_meta(fd, member)
-    finally:
-        os.close(fd)
-
-
-def _write_file(parent: int, name: str, member: tarfile.TarInfo, data: object, progress: Progress) -> None:
-    """Writes the member under a temporary name beside name, then renames it over name.
-
-    So no file is left half written by a copy that fails (a stream cut in
-    the member's data, a full disk, a timeout), and a file it replaces stays
-    whole until the new one is complete.
-    """
-    for attempt in range(3):
-        temp = f".quilt-copy-{secrets.token_hex(8)}"
-        try:
-            # O_EXCL: anything put there since is an error, never followed.
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=parent)
-            break
-        except FileExistsError:
-            if attempt == 2:
-                raise
-    try:
-        try:
-            read = data.read  # type: ignore[attr-defined]
-            while True:
-                chunk = read(CHUNK)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-                progress.tick()
-            _set_meta(fd, member)
-            os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
-        finally:
-            os.close(fd)
-        for attempt in range(3):
-            try:
-                # rename never follows a symlink at name: it replaces the link itself.
-                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
-                    raise
-                _replace(parent, name, keep_dir=False)  # a directory in the way
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=parent)
-        raise
-
-
-def _set_meta(fd: int, member: tarfile.TarInfo) -> None:
-    os.fchown(fd, member.uid, member.gid)
-    os.fchmod(fd, member.mode & 0o7777)  # after chown, which drops set-id bits
-
-
-def _set_meta_nofollow(parent: int, name: str, member: tarfile.TarInfo) -> None:
-    os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-    os.utime(name, ns=(_ns(member.mtime), _ns(member.mtime)), dir_fd=parent, follow_symlinks=False)
+        if not done:
+            # What was written stays (a copy from a pipe cannot be undone),
+            # with its directories' owners and modes rather than 0700.
+            with contextlib.suppress(OSError, Refused):
+                engine.finish()
+        engine.close()
 
 
 # ---------------------------------------------------------------- out
@@ -560,7 +387,7 @@ def archive(root_fd: int, path: str, out_fd: int, progress: Progress, max_bytes:
             except FileNotFoundError:
                 raise CopyError(Failure.NO_PATH,
                                 f"no such file or directory in the container: {path}") from None
-            if _fs_type(parent) in _SKIPPED_FILESYSTEMS:
+            if fs_type(parent) in KERNEL_FILESYSTEMS:
                 raise CopyError(Failure.INVALID, f"{path} is on proc or sysfs, which are not copied")
             _emit(parent, parts[-1], parts[-1], out, {})
         finally:
@@ -600,7 +427,7 @@ def _emit(parent: int, name: str, arcname: str, out: _Output, links: dict[tuple[
                 return  # swapped meanwhile: not what was listed, so not copied
             raise _io_error(arcname, e) from None
         try:
-            if _fs_type(fd) in _SKIPPED_FILESYSTEMS:
+            if fs_type(fd) in KERNEL_FILESYSTEMS:
                 return
             _emit_dir(fd, arcname, out, links)
         finally:
@@ -651,14 +478,3 @@ def _emit_dir(fd: int, arcname: str, out: _Output, links: dict[tuple[int, int], 
     prefix = "" if arcname == "." else arcname + "/"
     for child in names:
         _emit(fd, child, prefix + child, out, links)
-
-
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-
-
-def _fs_type(fd: int) -> int:
-    buf = _StatFs()
-    if _libc.fstatfs(ctypes.c_int(fd), ctypes.byref(buf)) != 0:
-        return 0
-    return int(buf.f_type)

@@ -1,6 +1,6 @@
 """The folder tree is the architecture: imports go one way and never in a circle.
 
-bus -> core -> mechanisms (store, runtime, images, net, host) -> leaves; the
+bus -> core -> mechanisms (store, runtime, images, net, host, fs) -> leaves; the
 clients (client, cli) see only the D-Bus adapter and the leaves. Every import
 counts, including those inside functions, because a late import is still a
 dependency.
@@ -16,7 +16,7 @@ import quiltd
 ROOT = Path(quiltd.__file__).parent
 
 LEAVES = frozenset({"quiltd", "errors", "model", "paths", "linux", "names", "grammar", "access"})
-MECHANISMS = frozenset({"store", "runtime", "images", "net", "host"})
+MECHANISMS = frozenset({"store", "runtime", "images", "net", "host", "fs"})
 ALLOWED: dict[str, frozenset[str]] = {
     "bus": frozenset({"core", "dbusnext"}),
     "core": MECHANISMS,
@@ -25,6 +25,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "images": MECHANISMS - {"store"},
     "net": MECHANISMS,
     "host": MECHANISMS - {"store"},
+    # Safe file handling every other mechanism builds on: it imports leaves only.
+    "fs": frozenset(),
     "dbusnext": frozenset(),
     "client": frozenset({"dbusnext"}),
     "cli": frozenset({"client"}),

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from quiltd.errors import InvalidImage, LimitExceeded
+from quiltd.fs.remove import remove_path
 from quiltd.images.extract import (
     DISK_RESERVE,
     ExtractedImage,
     ImageLimits,
     extract_rootfs_tarball,
-    remove_tree,
 )
 from tests.imagebuilders import sparse_tar
 
@@ -283,24 +283,13 @@ def test_deep_tree_extracts_and_removes(tmp_path: Path) -> None:
     source = archive(tmp_path, [reg(deep, b"x")])
     dest = tmp_path / "rootfs"
     extract_rootfs_tarball(source, dest)
-    remove_tree(dest)
+    remove_path(dest)
     assert not os.path.lexists(dest)
 
 
 def test_deep_tree_is_cleaned_up_after_a_refusal(tmp_path: Path) -> None:
     source = archive(tmp_path, [reg("d/" * 1500 + "f", b"x"), reg("../evil", b"x")])
     assert "../evil" in refuse(source, tmp_path / "rootfs")
-
-
-def test_remove_tree_does_not_follow_symlinks(tmp_path: Path, outside: Path) -> None:
-    (outside / "precious").write_text("keep")
-    tree = tmp_path / "tree"
-    (tree / "a/b").mkdir(parents=True)
-    (tree / "a/b/link").symlink_to(outside)
-    (tree / "top-link").symlink_to(outside)
-    remove_tree(tree)
-    assert not os.path.lexists(tree)
-    assert (outside / "precious").read_text() == "keep"
 
 
 def test_replacing_a_tree_then_writing_below_it_again(tmp_path: Path) -> None:

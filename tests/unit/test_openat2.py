@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from quiltd.runtime import mounts
+from quiltd.fs import resolve
 
 
 def test_a_raced_lookup_is_repeated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "f").write_text("x")
-    real = mounts._libc.syscall
+    real = resolve._libc.syscall
     refusals = [errno.EAGAIN, errno.EAGAIN]
 
     def racing(*args: Any) -> int:
@@ -24,10 +24,10 @@ def test_a_raced_lookup_is_repeated(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             return -1
         return int(real(*args))
 
-    monkeypatch.setattr(mounts._libc, "syscall", racing)
+    monkeypatch.setattr(resolve._libc, "syscall", racing)
     root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
-        fd = mounts.open_in_root(root, "f", os.O_RDONLY)
+        fd = resolve.open_in_root(root, "f", os.O_RDONLY)
         assert os.read(fd, 1) == b"x"
         os.close(fd)
         assert refusals == []
@@ -39,6 +39,6 @@ def test_other_errors_are_not_repeated(tmp_path: Path) -> None:
     root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
         with pytest.raises(FileNotFoundError):
-            mounts.open_in_root(root, "missing")
+            resolve.open_in_root(root, "missing")
     finally:
         os.close(root)

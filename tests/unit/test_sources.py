@@ -14,6 +14,7 @@ import pytest
 from quiltd.access import Credentials
 from quiltd.core import fdcheck
 from quiltd.errors import InvalidArgument
+from quiltd.fs import resolve
 from quiltd.host import callerfiles
 from quiltd.runtime import mounts
 from quiltd.runtime.mounts import SourcePolicy, SourceRefused, StateSource
@@ -101,7 +102,7 @@ def test_relative_opens_as_the_caller_stay_beneath(open_dir: Path) -> None:
         with pytest.raises(PermissionError):
             callerfiles.opener(NOBODY)(dir_fd, "blob", os.O_RDONLY, 0)
         with pytest.raises(OSError) as caught:
-            callerfiles.opener(ROOT)(dir_fd, "../x", os.O_RDONLY, mounts.RESOLVE_BENEATH)
+            callerfiles.opener(ROOT)(dir_fd, "../x", os.O_RDONLY, resolve.RESOLVE_BENEATH)
         assert caught.value.errno == errno.EXDEV
     finally:
         os.close(dir_fd)

@@ -1,0 +1,1 @@
+"""Files and trees handled safely: in-root lookups, one tar engine, one tree removal."""
