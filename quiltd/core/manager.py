@@ -54,7 +54,7 @@ from quiltd.errors import (
 from quiltd.fs.remove import remove_path
 from quiltd.host import callerfiles
 from quiltd.host.scopes import ScopeLimits, Systemd, Usage
-from quiltd.images import hostimage, imageimport, pull
+from quiltd.images import extract, hostimage, imageimport, pull
 from quiltd.images.layerstore import LayerStore
 from quiltd.model import (
     NO_EXIT_CODE,
