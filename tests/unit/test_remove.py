@@ -8,6 +8,8 @@ import os
 import resource
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -246,12 +248,31 @@ def test_the_daemon_removes_trees_only_this_way() -> None:
     assert found == []
 
 
-def test_a_mount_point_in_the_tree_is_not_emptied() -> None:
-    """/proc below a container's root: another tree, whose files the removal must not touch."""
-    parent = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with pytest.raises(OSError, match="a mount point is not removed"):
-            remove_tree(parent, "proc")
-    finally:
-        os.close(parent)
-    assert os.path.exists("/proc/self/status")
+_MOUNT_POINT_PROBE = """
+import os, subprocess, sys
+from quiltd.fs.remove import remove_tree
+top = sys.argv[1]
+os.makedirs(os.path.join(top, "tree", "mnt"))
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", os.path.join(top, "tree", "mnt")], check=True)
+with open(os.path.join(top, "tree", "mnt", "kept"), "w") as f:
+    f.write("another filesystem")
+parent = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+try:
+    remove_tree(parent, "tree")
+except OSError as e:
+    print("refused:", e)
+print("kept" if os.path.exists(os.path.join(top, "tree", "mnt", "kept")) else "emptied")
+"""
+
+
+def test_a_mount_point_in_the_tree_is_not_emptied(tmp_path: Path) -> None:
+    """A filesystem mounted below a container's root (a volume, /proc) is another tree: not touched.
+
+    Run in a mount namespace of its own, so the tmpfs never shows on the host.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting a tmpfs needs root and unshare")
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c",
+                          _MOUNT_POINT_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "refused: " in out.stdout and "a mount point is not removed" in out.stdout, out
+    assert out.stdout.strip().endswith("kept"), out
