@@ -136,6 +136,14 @@ class QuiltClient:
     async def kill(self, ref: str, signal: int) -> None:
         await self.call("KillContainer", "si", ref, signal)
 
+    async def pause(self, ref: str) -> None:
+        """Freezes every process of a running container (state 'paused')."""
+        await self.call("PauseContainer", "s", ref)
+
+    async def resume(self, ref: str) -> None:
+        """Thaws a paused container (state 'running' again)."""
+        await self.call("ResumeContainer", "s", ref)
+
     async def remove(self, ref: str, force: bool = False) -> None:
         await self.call("RemoveContainer", "sb", ref, force)
 
@@ -480,6 +488,12 @@ class Quilt:
 
     def kill(self, ref: str, signal: int) -> None:
         self._run(self._client.kill(ref, signal))
+
+    def pause(self, ref: str) -> None:
+        self._run(self._client.pause(ref))
+
+    def resume(self, ref: str) -> None:
+        self._run(self._client.resume(ref))
 
     def remove(self, ref: str, force: bool = False) -> None:
         self._run(self._client.remove(ref, force))

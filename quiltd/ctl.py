@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
                    help="signal name or number (default KILL)")
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("pause", "freeze every process of running containers", cmd_pause)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("unpause", "thaw paused containers", cmd_unpause)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("rm", "remove containers", cmd_rm)
     s.add_argument("-f", "--force", action="store_true", help="stop running containers first")
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
@@ -456,6 +460,14 @@ async def cmd_kill(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.refs, lambda ref: q.kill(ref, args.signal))
 
 
+async def cmd_pause(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, q.pause)
+
+
+async def cmd_unpause(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, q.resume)
+
+
 async def cmd_rm(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.refs, lambda ref: q.remove(ref, args.force))
 
@@ -483,7 +495,7 @@ async def cmd_ps(q: QuiltClient, args: argparse.Namespace) -> int:
         filters["labels"] = labels
     rows = await q.list_containers(**filters)
     if not args.all and "state" not in filters:
-        rows = [r for r in rows if r[3] in ("created", "starting", "running", "stopping")]
+        rows = [r for r in rows if r[3] in ("created", "starting", "running", "stopping", "paused")]
     keys = ("id", "name", "image", "state", "path")
     if args.format == "json":
         print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))

@@ -59,6 +59,7 @@ from quiltd.errors import (
     Timeout,
 )
 from quiltd.execproto import split_failure
+from quiltd.freezer import Freezer, FreezerKind
 from quiltd.journalstream import LOG_DROPPED_FILE
 from quiltd.launchspec import LaunchSpec
 from quiltd.layerstore import LayerStore
@@ -79,7 +80,7 @@ from quiltd.network import Netlink
 from quiltd.networks import Networks
 from quiltd.paths import Paths
 from quiltd.retries import CommitQueue
-from quiltd.scopes import ScopeLimits, Systemd, Usage
+from quiltd.scopes import SLICE, ScopeLimits, Systemd, Usage
 from quiltd.spawner import (
     ForkServer,
     Launched,
@@ -143,6 +144,7 @@ class SystemInfo:
     max_waiting_starts: int
     warm_pool_size: int = 0  # containers the warm pools are to hold, all pools together
     warm_pool_ready: int = 0  # ready in them now
+    freezer: str = FreezerKind.NONE.value  # how PauseContainer freezes: "systemd", "cgroup-v1" or "none"
 
 
 def _describe_fd(fd: int) -> str:
@@ -191,6 +193,9 @@ def finished_usec(c: Container, now: int, boot_now: int | None) -> int:
 
 
 TTL_EXPIRED = "ttl expired"
+# A paused container whose TTL runs out is thawed this long after systemd's
+# stop of its scope is due, so the stop's SIGTERM is waiting when it thaws.
+TTL_THAW_SLACK_USEC = 500_000
 # How long a start may take between asking systemd for the scope and
 # recording the container running: an adopted container's scope began at
 # most this long before its StartedUsec.
@@ -206,7 +211,8 @@ def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, sto
     its record. An exit a client asked for (Stop, or Kill with SIGKILL) is
     the client's, whenever it came.
     """
-    if not c.spec.ttl_sec or boot_now is None or stopped_by_client or c.state != State.RUNNING:
+    if (not c.spec.ttl_sec or boot_now is None or stopped_by_client
+            or c.state not in (State.RUNNING, State.PAUSED)):
         return False
     if scope_since is None:
         if not c.started_boot_usec:
@@ -217,12 +223,15 @@ def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, sto
 
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
-                 netlink: Netlink | None = None, config: Config | None = None) -> None:
+                 netlink: Netlink | None = None, config: Config | None = None,
+                 freezer: Freezer | None = None) -> None:
         self.paths = paths
         self._config = config or Config()  # none: members get only what needs no setting
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
+        self.freezer = freezer or Freezer(systemd, SLICE)
+        self._ttl_thaws: dict[str, asyncio.TimerHandle] = {}  # paused containers with a TTL running out
         self._networks = Networks(paths, store, netlink or Netlink())
         self._listeners: list[Listener] = [self._networks]
         self._locks: dict[str, asyncio.Lock] = {}
@@ -299,7 +308,7 @@ class Manager:
         return self._networks.address(container_id)
 
     async def usage(self, c: Container) -> Usage | None:
-        if c.state not in (State.RUNNING, State.STOPPING):
+        if c.state not in (State.RUNNING, State.STOPPING, State.PAUSED):
             return None
         try:
             return await self._systemd.usage(c.unit)
@@ -318,6 +327,7 @@ class Manager:
             starts_running=self._starts.running, starts_waiting=self._starts.waiting,
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
             warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
+            freezer=self.freezer.kind.value,
         )
 
     def counts(self) -> dict[str, int]:
@@ -655,6 +665,9 @@ class Manager:
             return
         c = self._transition(c, state=State.EXITED, exit_code=code, reason=reason, pid=0,
                              pid_starttime=0, finished_usec=finished_usec)
+        self._disarm_ttl_thaw(container_id)
+        with contextlib.suppress(Internal):
+            self.freezer.forget(c.unit)
         for waiter in self._exit_waiters.pop(container_id, []):
             if not waiter.done():
                 waiter.set_result(None)
@@ -677,6 +690,13 @@ class Manager:
             c = self.get(c.id)
             if not c.state.is_active:
                 return c  # already stopped: stopping is idempotent, as in podman
+            if c.state == State.PAUSED:
+                # A frozen process does not act on SIGTERM: the stop thaws
+                # it, and the command gets its SIGTERM as usual.
+                await self._thaw_for_end(c)
+                c = self.get(c.id)
+                if not c.state.is_active:
+                    return c
             c = self._transition(c, state=State.STOPPING)
             self._signal_init(c, signal.SIGTERM)
             if not await self._wait_exit(c.id, timeout_sec):
@@ -688,7 +708,7 @@ class Manager:
         if not 1 <= signum <= signal.SIGRTMAX:
             raise InvalidArgument(f"invalid signal number {signum}")
         c = self.get(ref)
-        if c.state not in (State.RUNNING, State.STOPPING):
+        if c.state not in (State.RUNNING, State.STOPPING, State.PAUSED):
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
         if signum == signal.SIGKILL:
             await self._kill_scope(c)
@@ -711,6 +731,86 @@ class Manager:
         self._killed_with[c.id] = signal.SIGKILL
         with contextlib.suppress(Internal):
             await self._systemd.kill(c.unit, signal.SIGKILL)
+        if self.get(c.id).state == State.PAUSED:
+            # The v1 freezer holds even SIGKILL until the thaw; thawed with
+            # the SIGKILL pending, no process runs another instruction of its own.
+            await self._thaw_for_end(c)
+
+    # Pause and resume
+
+    async def pause(self, ref: str) -> Container:
+        """Freezes every process of a running container; its state becomes paused."""
+        c = self.get(ref)
+        await self._start_settled(c.id)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state != State.RUNNING:
+                raise InvalidState(f"container {c.name} is {c.state.value}; only a running container "
+                                   "can be paused")
+            if self.freezer.kind == FreezerKind.NONE:
+                raise InvalidState("this host has no cgroup freezer (neither cgroup v2 nor the v1 "
+                                   "freezer controller is mounted): containers cannot be paused")
+            await self.freezer.freeze(c.unit)
+            try:
+                c = self._transition(c, state=State.PAUSED)
+            except BaseException:
+                with contextlib.suppress(Internal):
+                    await self.freezer.thaw(c.unit)  # not recorded: left running, as the caller is told
+                raise
+            self._arm_ttl_thaw(c)
+        return c
+
+    async def resume(self, ref: str) -> Container:
+        """Thaws a paused container; its state becomes running again."""
+        c = self.get(ref)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state != State.PAUSED:
+                raise InvalidState(f"container {c.name} is {c.state.value}, not paused")
+            await self.freezer.thaw(c.unit)
+            self._disarm_ttl_thaw(c.id)
+            c = self._transition(c, state=State.RUNNING)
+        return c
+
+    async def _thaw_for_end(self, c: Container) -> None:
+        """Thaws a paused container that is being ended; running again on record, as it now is."""
+        with contextlib.suppress(Internal):
+            await self.freezer.thaw(c.unit)
+        self._disarm_ttl_thaw(c.id)
+        c = self.get(c.id)
+        if c.state == State.PAUSED:
+            self._transition(c, state=State.RUNNING)
+
+    def _arm_ttl_thaw(self, c: Container) -> None:
+        """With a TTL, a paused container is thawed when it runs out, so systemd's stop can end it.
+
+        The TTL is the scope's RuntimeMaxSec, and systemd keeps counting
+        while the container is paused. Its SIGTERM reaches frozen processes
+        only once they are thawed; so the thaw comes a little after it.
+        """
+        if not c.spec.ttl_sec or not c.started_boot_usec:
+            return
+        due = c.started_boot_usec + c.spec.ttl_sec * 1_000_000 + TTL_THAW_SLACK_USEC
+        delay = max(0.0, (due - boot_usec()) / 1e6)
+        self._disarm_ttl_thaw(c.id)
+        self._ttl_thaws[c.id] = asyncio.get_running_loop().call_later(
+            delay, lambda: self._background(self._ttl_thaw(c.id)))
+
+    def _disarm_ttl_thaw(self, container_id: str) -> None:
+        handle = self._ttl_thaws.pop(container_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _ttl_thaw(self, container_id: str) -> None:
+        self._ttl_thaws.pop(container_id, None)
+        c = self._store.find_container(container_id)
+        if c is None or c.state != State.PAUSED:
+            return
+        async with self._lock(container_id):
+            c = self.get(container_id)
+            if c.state == State.PAUSED:
+                log.info("container %s: its TTL ran out while paused; thawed so that it ends", c.name)
+                await self._thaw_for_end(c)
 
     async def _wait_exit(self, container_id: str, timeout: float | None) -> bool:
         c = self.get(container_id)
@@ -1151,6 +1251,9 @@ class Manager:
                                          started_usec=c.started_usec or max(now_usec(), c.created_usec),
                                          started_boot_usec=c.started_boot_usec or boot_usec())
                 self._watch(c, pidfd)
+                if c.state == State.PAUSED:
+                    # Frozen, not hung: it stays paused, and its TTL (if any) is watched again.
+                    self._arm_ttl_thaw(c)
                 found[RecoveryOutcome.ADOPTED].append(c.name)
             elif c.state == State.STARTING and not self.paths.exit_file(c.id).exists():
                 # Killed before the command ran: the start is done again.

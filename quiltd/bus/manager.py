@@ -51,6 +51,16 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def PauseContainer(self, ref: "s") -> None:
+        await self._m.pause(ref)
+
+    @method()
+    @bus_errors
+    async def ResumeContainer(self, ref: "s") -> None:
+        await self._m.resume(ref)
+
+    @method()
+    @bus_errors
     async def RemoveContainer(self, ref: "s", force: "b") -> None:
         await self._m.remove(ref, force)
 
