@@ -48,7 +48,7 @@ CALL_TIMEOUT = 120.0
 # end. These get no timeout unless the caller gives one; ImportProgress
 # shows that an import is moving.
 UNBOUNDED = frozenset({
-    "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx",
+    "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx", "ExportContainer",
     "Exec", "ExecEx", "ExecWithFds", "WaitContainer", "WaitContainerStarted", "ExecWait",
 })
 _DEFAULT = -1.0  # call(): the timeout that fits the member
@@ -328,6 +328,11 @@ class QuiltClient:
         """
         variants = {k: Variant("t", v) for k, v in options.items()}
         (info,) = await self.call("CopyOutEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
+
+    async def export(self, ref: str, fd: int) -> dict[str, Any]:
+        """The daemon writes the container's root filesystem (as docker export) as a tar stream to fd."""
+        (info,) = await self.call("ExportContainer", "sh", ref, 0, unix_fds=[fd])
         return {k: v.value for k, v in info.items()}
 
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:

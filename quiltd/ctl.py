@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
                    help="signal name or number (default KILL)")
     s.add_argument("ids", nargs="+", metavar="EXEC_ID")
+    s = verb("export", "write a container's filesystem as a tar archive, as podman export", cmd_export)
+    s.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    s.add_argument("ref", metavar="CONTAINER")
     s = verb("cp", "copy files between a container and here, as tar streams", cmd_cp)
     s.add_argument("--max-bytes", type=_memory, metavar="SIZE",
                    help="most bytes of tar stream, e.g. 4G (default: 1G into a container, no cap out of one)")
@@ -632,6 +635,24 @@ def _container_path(text: str) -> tuple[str, str] | None:
     if not path.startswith("/"):
         raise Failure(f"the path in {text!r} must be absolute inside the container", EXIT_USAGE)
     return ref, path
+
+
+async def cmd_export(q: QuiltClient, args: argparse.Namespace) -> int:
+    if args.output is None:
+        if not ctlstreams.passable(1):
+            raise Failure("stdout is a terminal: redirect it, or give -o FILE", EXIT_USAGE)
+        await q.export(args.ref, 1)
+        return EXIT_OK
+    # Opened here, as the user: quiltd writes into the descriptor, never a path of ours.
+    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        await q.export(args.ref, fd)
+    except BaseException:
+        os.unlink(args.output)  # no half archive left behind
+        raise
+    finally:
+        os.close(fd)
+    return EXIT_OK
 
 
 async def cmd_cp(q: QuiltClient, args: argparse.Namespace) -> int:

@@ -37,3 +37,9 @@ class CopyMethods:
     async def CopyOutEx(self, ref: "s", path: "s", fd: "h", options: "a{sv}") -> "a{sv}":
         result = await self._copies.copy_out(ref, path, fd, convert.unwrap(options), caller=caller())
         return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}
+
+    @method()
+    @bus_errors
+    async def ExportContainer(self, ref: "s", fd: "h") -> "a{sv}":
+        result = await self._copies.export(ref, fd, caller=caller())
+        return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}
