@@ -49,6 +49,7 @@ CALL_TIMEOUT = 120.0
 # shows that an import is moving.
 UNBOUNDED = frozenset({
     "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx", "ExportContainer",
+    "ExportImage",
     "Exec", "ExecEx", "ExecWithFds", "WaitContainer", "WaitContainerStarted", "ExecWait",
 })
 _DEFAULT = -1.0  # call(): the timeout that fits the member
@@ -206,6 +207,11 @@ class QuiltClient:
         (result,) = await self.call("ImportImageFdEx", "sha{sv}", name, 0, _import_options(max_bytes, ref),
                                     unix_fds=[fd])
         return {k: v.value for k, v in result.items()}
+
+    async def export_image(self, name: str, fd: int, fmt: str = "oci-archive") -> dict[str, Any]:
+        """The daemon writes the image as an 'oci-archive' or a 'docker-archive' to fd."""
+        (info,) = await self.call("ExportImage", "shs", name, 0, fmt, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
 
     async def images(self) -> list[tuple[str, str, int, int]]:
         (rows,) = await self.call("ListImages")

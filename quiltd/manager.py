@@ -30,6 +30,7 @@ from quiltd import (
     fdcheck,
     hostimage,
     imagedefaults,
+    imageexport,
     imageimport,
     images,
     launchspec,
@@ -1053,6 +1054,25 @@ class Manager:
     def _import_progress(self, name: str, done: int, total: int) -> None:
         for listener in self._progress_listeners:
             listener(name, done, total)
+
+    async def export_image(self, name: str, fd: int, fmt: str) -> imageexport.Exported:
+        """Writes the image as an OCI archive or a docker-archive to fd; takes fd over."""
+        try:
+            archive_format = imageexport.parse_format(fmt)
+            fdcheck.check(fd, writable=True, what="the archive")
+            if name == hostimage.NAME:
+                raise InvalidArgument("the built-in image 'host' is the host's own root: "
+                                      "it cannot be exported")
+            image = self._find_image(name)
+            # Pinned, its layers stay while they are read, whatever RemoveImage does meanwhile.
+            for diff_id in image.layers:
+                self.layers_store.pin(diff_id)
+            try:
+                return await asyncio.to_thread(imageexport.write, image, archive_format, fd)
+            finally:
+                self.layers_store.unpin(image.layers)
+        finally:
+            os.close(fd)
 
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]

@@ -178,6 +178,12 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def ExportImage(self, name: "s", fd: "h", format: "s") -> "a{sv}":
+        exported = await self._m.export_image(name, fd, format)
+        return {"bytes": Variant("t", exported.bytes), "id": Variant("s", exported.config_digest)}
+
+    @method()
+    @bus_errors
     async def GetSystemInfo(self) -> "a{sv}":
         return convert.system_info(self._m.system_info())
 
