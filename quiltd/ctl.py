@@ -165,6 +165,14 @@ FORMAT_ARGS: list[_Arg] = [
 ]
 NAME_ARG: _Arg = (("name",), {})
 NAMES_ARG: _Arg = (("names",), {"nargs": "+", "metavar": "NAME"})
+# save, as podman save: docker-archive unless told otherwise.
+SAVE_ARGS: list[_Arg] = [
+    (("--format",), {"choices": ("docker-archive", "oci-archive"), "default": "docker-archive",
+                     "dest": "archive_format", "help": "archive format (default docker-archive, as podman)"}),
+    (("-o", "--output"), {"metavar": "FILE", "help": "write to FILE instead of stdout"}),
+    (("image",), {"metavar": "IMAGE"}),
+]
+SAVE_TEXT = "write an image as a docker-archive or an OCI archive, as podman save"
 
 
 def _subverbs(p: argparse.ArgumentParser, dest: str,
@@ -254,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
                    help="signal name or number (default KILL)")
     s.add_argument("ids", nargs="+", metavar="EXEC_ID")
+    s = verb("save", SAVE_TEXT, cmd_save)
+    for flags, keywords in SAVE_ARGS:
+        s.add_argument(*flags, **keywords)
     s = verb("export", "write a container's filesystem as a tar archive, as podman export", cmd_export)
     s.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     s.add_argument("ref", metavar="CONTAINER")
@@ -306,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
              (("source",), {"help": "path of the archive or layout, or - for stdin"}),
          ]),
         ("rm", "remove images", "remove images", cmd_images_rm, [NAMES_ARG]),
+        ("save", SAVE_TEXT, SAVE_TEXT, cmd_save, SAVE_ARGS),
     ])
     return p
 
@@ -638,21 +650,31 @@ def _container_path(text: str) -> tuple[str, str] | None:
 
 
 async def cmd_export(q: QuiltClient, args: argparse.Namespace) -> int:
-    if args.output is None:
+    await _write_out(args.output, lambda fd: q.export(args.ref, fd))
+    return EXIT_OK
+
+
+async def cmd_save(q: QuiltClient, args: argparse.Namespace) -> int:
+    await _write_out(args.output, lambda fd: q.export_image(args.image, fd, args.archive_format))
+    return EXIT_OK
+
+
+async def _write_out(output: str | None, write: Callable[[int], Awaitable[object]]) -> None:
+    """Hands quiltd stdout, or FILE opened here as the user: quiltd writes into the descriptor,
+    never a path of ours."""
+    if output is None:
         if not ctlstreams.passable(1):
             raise Failure("stdout is a terminal: redirect it, or give -o FILE", EXIT_USAGE)
-        await q.export(args.ref, 1)
-        return EXIT_OK
-    # Opened here, as the user: quiltd writes into the descriptor, never a path of ours.
-    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        await write(1)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        await q.export(args.ref, fd)
+        await write(fd)
     except BaseException:
-        os.unlink(args.output)  # no half archive left behind
+        os.unlink(output)  # no half archive left behind
         raise
     finally:
         os.close(fd)
-    return EXIT_OK
 
 
 async def cmd_cp(q: QuiltClient, args: argparse.Namespace) -> int:

@@ -163,3 +163,19 @@ def test_export_to_a_reader_that_goes_away_fails_and_the_daemon_goes_on(quilt: A
             assert (await q.system_info())["Version"]
 
     run(scenario())
+
+
+def test_quiltctl_save_writes_podmans_default_format_or_the_one_asked(sandbox: Any,
+                                                                      busybox_image: str) -> None:
+    out = f"/var/tmp/save-{secrets.token_hex(3)}.tar"
+    try:
+        sandbox.run([QUILTCTL, "save", "-o", out, busybox_image])
+        assert "manifest.json" in sh(sandbox, f"tar -tf {out}").split()  # docker-archive, as podman save
+        oci = f"{QUILTCTL} images save --format oci-archive {busybox_image}"
+        listed = sh(sandbox, f"{oci} | tar -tf -").split()
+        assert {"oci-layout", "index.json"} <= set(listed)
+        refused = sandbox.run([QUILTCTL, "save", "-o", f"{out}.2", "no-such-image"], check=False)
+        assert refused.returncode != 0 and b"NoSuchImage" in refused.stderr
+        assert sandbox.run(["test", "-e", f"{out}.2"], check=False).returncode != 0  # no half archive
+    finally:
+        sandbox.run(["rm", "-f", out, f"{out}.2"])
