@@ -57,6 +57,10 @@ def export(image: Image, fmt: imageexport.ArchiveFormat, dest: Path) -> tuple[im
     return exported, dest.read_bytes()
 
 
+def read_tar(data: bytes) -> tarfile.TarFile:
+    return tarfile.open(fileobj=io.BytesIO(data))
+
+
 def blob(archive: tarfile.TarFile, name: str) -> bytes:
     f = archive.extractfile(name)
     assert f is not None
@@ -69,7 +73,7 @@ def test_an_oci_archive_holds_layers_whiteouts_and_config(layers: tuple[Path, Pa
                   ImageConfig(env=("A=1",), workdir="/srv", cmd=("cat", "new")), ("b" * 64, "a" * 64))
     exported, data = export(image, imageexport.ArchiveFormat.OCI, tmp_path / "out.tar")
     assert exported.bytes == len(data)
-    archive = tarfile.open(fileobj=io.BytesIO(data))
+    archive = read_tar(data)
     index = json.loads(blob(archive, "index.json"))
     (entry,) = index["manifests"]
     assert entry["annotations"]["org.opencontainers.image.ref.name"] == "img"
@@ -83,7 +87,7 @@ def test_an_oci_archive_holds_layers_whiteouts_and_config(layers: tuple[Path, Pa
     for described, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
         layer = blob(archive, f"blobs/sha256/{described['digest'][7:]}")
         assert (hashlib.sha256(layer).hexdigest(), len(layer)) == (diff_id[7:], described["size"])
-        tars.append(tarfile.open(fileobj=io.BytesIO(layer)))
+        tars.append(read_tar(layer))
     assert {m.name for m in tars[0]} == {"etc", "etc/gone", "srv", "srv/old"}
     upper = {m.name: m for m in tars[1]}
     assert set(upper) == {"etc", "etc/.wh.gone", "srv", "srv/.wh..wh..opq", "srv/new", "srv/same"}
@@ -103,7 +107,7 @@ def test_a_docker_archive_tags_the_image(layers: tuple[Path, Path], tmp_path: Pa
     base, _ = layers
     image = Image("bb:1", "x", str(base), 0, 0)
     _, data = export(image, imageexport.ArchiveFormat.DOCKER, tmp_path / "d.tar")
-    archive = tarfile.open(fileobj=io.BytesIO(data))
+    archive = read_tar(data)
     (entry,) = json.loads(blob(archive, "manifest.json"))
     assert entry["RepoTags"] == ["bb:1"]
     (layer,) = entry["Layers"]
