@@ -96,14 +96,11 @@ class Freezer:
             if e.errno not in (errno.ENOENT, errno.EBUSY):
                 raise Internal(f"could not remove the freezer group of {unit}: {e}") from e
 
-    def is_frozen(self, unit: str) -> bool:
-        """Whether the v1 group of the unit is frozen (always False for the systemd way, not asked)."""
-        if self.kind != FreezerKind.CGROUP_V1:
-            return False
-        try:
-            return (self._groups / unit / "freezer.state").read_text().strip() == "FROZEN"
-        except OSError:
-            return False
+    def groups(self) -> list[str]:
+        """The units that have a v1 freezer group (none for the systemd way)."""
+        if self.kind != FreezerKind.CGROUP_V1 or not self._groups.is_dir():
+            return []
+        return sorted(p.name for p in self._groups.iterdir() if p.is_dir())
 
     # cgroup v1
 

@@ -751,8 +751,17 @@ class Manager:
             if self.freezer.kind == FreezerKind.NONE:
                 raise InvalidState("this host has no cgroup freezer (neither cgroup v2 nor the v1 "
                                    "freezer controller is mounted): containers cannot be paused")
-            await self.freezer.freeze(c.unit)
             try:
+                await self.freezer.freeze(c.unit)
+            except Internal:
+                if self.get(c.id).state != State.RUNNING:
+                    raise InvalidState(f"container {c.name} ended while it was being paused") from None
+                raise
+            # Read again: an exit recorded meanwhile must not be overwritten.
+            c = self.get(c.id)
+            try:
+                if c.state != State.RUNNING:
+                    raise InvalidState(f"container {c.name} ended while it was being paused")
                 c = self._transition(c, state=State.PAUSED)
             except BaseException:
                 with contextlib.suppress(Internal):
@@ -770,7 +779,9 @@ class Manager:
                 raise InvalidState(f"container {c.name} is {c.state.value}, not paused")
             await self.freezer.thaw(c.unit)
             self._disarm_ttl_thaw(c.id)
-            c = self._transition(c, state=State.RUNNING)
+            c = self.get(c.id)
+            if c.state == State.PAUSED:
+                c = self._transition(c, state=State.RUNNING)
         return c
 
     async def _thaw_for_end(self, c: Container) -> None:
@@ -891,6 +902,8 @@ class Manager:
             # transaction; the cleaner undoes it now, or later if it must.
             # A container never started has nothing to undo: a start commits
             # `starting` before it makes a scope or a directory.
+            with contextlib.suppress(Internal):
+                self.freezer.forget(c.unit)  # its processes are gone by now
             with self._store.transaction():
                 self._store.delete_container(c.id)
                 leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
@@ -1289,6 +1302,12 @@ class Manager:
         except Internal:
             log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
+        # v1 freezer groups of containers that ended or went while quiltd was down.
+        active_units = {c.unit for c in self._store.list_containers() if c.state.is_active}
+        for unit in self.freezer.groups():
+            if unit not in active_units:
+                with contextlib.suppress(Internal):
+                    self.freezer.forget(unit)
         self.cleaner.start()
         self.pools.start(self._pool_profile)
         return found
