@@ -234,3 +234,17 @@ async def _state_is(q: Any, ref: str, state: str) -> bool:
         return bool((await q.info(ref))["State"] == state)
     except errors.QuiltError:
         return False
+
+
+def test_the_freezer_is_out_of_the_containers_reach(quilt: Any, name: str) -> None:
+    """What a container would need to thaw itself (or a process of its own) is not there."""
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sleep", "600"])
+            assert await q.wait_started(name) == "running"
+            thaw = "echo THAWED > /sys/fs/cgroup/freezer/freezer.state && echo wrote"
+            code, out, _ = await q.exec(name, ["sh", "-c", thaw], user="0")
+            assert code != 0 and b"wrote" not in out
+            await q.remove(name, force=True)
+
+    run(scenario())
