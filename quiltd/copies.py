@@ -93,6 +93,11 @@ class Copies:
             c = self._manager.get(ref)
             fdcheck.check(fd, writable=True, what="the tar stream")
             self._turns.check_room("copies")
+            if c.spec.disk_max:
+                # Its writable layer is a tmpfs only its own mount namespace sees, gone when it stops.
+                raise InvalidState(f"container {c.name} has disk_max: its writable layer is seen only "
+                                   "inside it while it runs and is gone once it stops; export its image "
+                                   "with ExportImage")
             async with self._turns.turn(caller.uid):
                 c = self._manager.get(c.id)
                 if c.state in STOPPED:
@@ -103,10 +108,6 @@ class Copies:
                 if c.state not in (State.RUNNING, State.PAUSED):
                     raise InvalidState(f"container {c.name} is {c.state.value}; export it when it is "
                                        "running, paused or stopped")
-                if c.spec.disk_max:
-                    # Its writable layer is on a tmpfs only its own mount namespace sees.
-                    raise InvalidState(f"container {c.name} has disk_max: its writable layer can be "
-                                       "exported only once it is stopped")
                 return await self._fork(c, self._export_spec(c, read_only=True), fd, "")
         finally:
             os.close(fd)

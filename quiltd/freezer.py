@@ -102,6 +102,15 @@ class Freezer:
             return []
         return sorted(p.name for p in self._groups.iterdir() if p.is_dir())
 
+    def frozen(self, unit: str) -> bool | None:
+        """Whether the unit's v1 group is frozen or freezing; None where quiltd keeps no group."""
+        if self.kind != FreezerKind.CGROUP_V1:
+            return None
+        try:
+            return (self._groups / unit / "freezer.state").read_text().strip() != "THAWED"
+        except FileNotFoundError:
+            return False
+
     # cgroup v1
 
     def _freeze_v1(self, unit: str) -> None:

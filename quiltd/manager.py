@@ -732,7 +732,8 @@ class Manager:
         self._killed_with[c.id] = signal.SIGKILL
         with contextlib.suppress(Internal):
             await self._systemd.kill(c.unit, signal.SIGKILL)
-        if self.get(c.id).state == State.PAUSED:
+        now = self._store.find_container(c.id)
+        if now is not None and now.state == State.PAUSED:
             # The v1 freezer holds even SIGKILL until the thaw; thawed with
             # the SIGKILL pending, no process runs another instruction of its own.
             await self._thaw_for_end(c)
@@ -1302,6 +1303,7 @@ class Manager:
         except Internal:
             log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
+        self._reconcile_freezer()
         # v1 freezer groups of containers that ended or went while quiltd was down.
         active_units = {c.unit for c in self._store.list_containers() if c.state.is_active}
         for unit in self.freezer.groups():
@@ -1311,6 +1313,26 @@ class Manager:
         self.cleaner.start()
         self.pools.start(self._pool_profile)
         return found
+
+    def _reconcile_freezer(self) -> None:
+        """A daemon killed between a freeze (or a thaw) and its record left the two apart.
+
+        The record wins for a pause that never answered (thawed again) and
+        the processes for a resume that did not record (they run: running).
+        """
+        for c in self._store.list_containers():
+            if c.state not in (State.RUNNING, State.PAUSED) or c.pool:
+                continue
+            frozen = self.freezer.frozen(c.unit)
+            if frozen is None:
+                continue
+            if c.state == State.PAUSED and not frozen:
+                log.warning("container %s is on record as paused but runs: recorded running", c.name)
+                self._disarm_ttl_thaw(c.id)
+                self._transition(c, state=State.RUNNING)
+            elif c.state == State.RUNNING and frozen:
+                log.warning("container %s was left frozen by a pause that never answered: thawing it", c.name)
+                self._background(self.freezer.thaw(c.unit))
 
     def _queue_orphans(self, scopes: list[tuple[str, str]]) -> None:
         """Scopes and directories that belong to no container on record go to the cleaner."""

@@ -121,6 +121,9 @@ def test_export_refuses_bad_input(quilt: Any, name: str) -> None:
                     await q.export(name, r)  # the read end
                 with pytest.raises(errors.InvalidState, match="disk_max"):
                     await q.export(name, w)
+                await q.stop(name, 0)
+                with pytest.raises(errors.InvalidState, match="ExportImage"):
+                    await q.export(name, w)  # stopped: its writes are gone with it
             finally:
                 os.close(r)
                 os.close(w)

@@ -248,3 +248,39 @@ def test_the_freezer_is_out_of_the_containers_reach(quilt: Any, name: str) -> No
             await q.remove(name, force=True)
 
     run(scenario())
+
+
+def test_a_restart_settles_a_freeze_and_a_record_left_apart(sandbox: Any, quilt: Any, name: str) -> None:
+    """What a daemon killed between a v1 freeze and its record (or a thaw and its record) leaves:
+    the processes frozen under a running record, and thawed under a paused one."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        pytest.skip("a cgroup v2 host: systemd keeps the freezer state")
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            for suffix in ("frozen", "thawed"):
+                await q.create(f"{name}-{suffix}", "busybox", BUSY)
+            for suffix in ("frozen", "thawed"):
+                assert await q.wait_started(f"{name}-{suffix}") == "running"
+            frozen_unit = (await q.info(f"{name}-frozen"))["Unit"]
+            await q.pause(f"{name}-thawed")
+            thawed_unit = (await q.info(f"{name}-thawed"))["Unit"]
+        groups = "/sys/fs/cgroup/freezer/quilt"
+        sandbox.run(["sh", "-c", f"""
+            mkdir -p {groups}/{frozen_unit}
+            for pid in $(cat /sys/fs/cgroup/systemd/quilt.slice/{frozen_unit}/cgroup.procs); do
+                echo $pid > {groups}/{frozen_unit}/cgroup.procs
+            done
+            echo FROZEN > {groups}/{frozen_unit}/freezer.state
+            echo THAWED > {groups}/{thawed_unit}/freezer.state
+        """])
+        sandbox.run(["systemctl", "restart", "quiltd"])
+        async with quilt() as q:
+            for suffix in ("frozen", "thawed"):
+                ref = f"{name}-{suffix}"
+                assert (await q.info(ref))["State"] == "running", suffix
+                await asyncio.sleep(0.2)  # the thaw runs just after recovery
+                assert await cpu_over(sandbox, q, ref, 1.0) > 0.05, suffix
+                await q.remove(ref, force=True)
+
+    run(scenario())
