@@ -790,9 +790,9 @@ class Manager:
         with contextlib.suppress(Internal):
             await self.freezer.thaw(c.unit)
         self._disarm_ttl_thaw(c.id)
-        c = self.get(c.id)
-        if c.state == State.PAUSED:
-            self._transition(c, state=State.RUNNING)
+        now = self._store.find_container(c.id)
+        if now is not None and now.state == State.PAUSED:
+            self._transition(now, state=State.RUNNING)
 
     def _arm_ttl_thaw(self, c: Container) -> None:
         """With a TTL, a paused container is thawed when it runs out, so systemd's stop can end it.
