@@ -284,3 +284,22 @@ def test_a_restart_settles_a_freeze_and_a_record_left_apart(sandbox: Any, quilt:
                 await q.remove(ref, force=True)
 
     run(scenario())
+
+
+def test_the_container_object_pauses_and_resumes(quilt: Any, name: str) -> None:
+    async def scenario() -> None:
+        async with quilt() as q:
+            cid, path = await q.create(name, "busybox", ["sleep", "600"])
+            assert await q.wait_started(name) == "running"
+            container = {"path": path, "interface": "org.quilt.Quilt1.Container"}
+            await q.call("Pause", **container)
+            (state,) = await q.call("Get", "ss", "org.quilt.Quilt1.Container", "State", path=path,
+                                    interface="org.freedesktop.DBus.Properties")
+            assert state.value == "paused"
+            with pytest.raises(errors.InvalidState):
+                await q.call("Pause", **container)
+            await q.call("Resume", **container)
+            assert (await q.info(cid))["State"] == "running"
+            await q.remove(name, force=True)
+
+    run(scenario())
