@@ -18,13 +18,14 @@ class State(str, enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
+    PAUSED = "paused"  # every process frozen (PauseContainer) until ResumeContainer
     EXITED = "exited"
     FAILED = "failed"
 
     @property
     def is_active(self) -> bool:
         """A process may exist for a container in this state."""
-        return self in (State.STARTING, State.RUNNING, State.STOPPING)
+        return self in (State.STARTING, State.RUNNING, State.STOPPING, State.PAUSED)
 
     @property
     def is_final(self) -> bool:

@@ -165,6 +165,16 @@ class ContainerInterface(SharedMembersInterface):
 
     @method()
     @bus_errors
+    async def Pause(self) -> None:
+        await self._m.pause(self._id)
+
+    @method()
+    @bus_errors
+    async def Resume(self) -> None:
+        await self._m.resume(self._id)
+
+    @method()
+    @bus_errors
     async def Remove(self, force: "b") -> None:
         await self._m.remove(self._id, force)
 

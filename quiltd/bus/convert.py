@@ -120,6 +120,7 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "MaxWaitingStarts": Variant("u", info.max_waiting_starts),
         "WarmPoolSize": Variant("u", info.warm_pool_size),
         "WarmPoolReady": Variant("u", info.warm_pool_ready),
+        "Freezer": Variant("s", info.freezer),
     }
 
 

@@ -41,3 +41,9 @@ class CopyMethods:
         o = convert.request(parse.copy_options, options, fds=(fd,))
         result = await self._copies.copy_out(ref, path, fd, o, caller=caller())
         return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}
+
+    @method()
+    @bus_errors
+    async def ExportContainer(self, ref: "s", fd: "h") -> "a{sv}":
+        result = await self._copies.export(ref, fd, caller=caller())
+        return {"bytes": Variant("t", result.size), "entries": Variant("t", result.entries)}

@@ -53,6 +53,16 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
 
     @method()
     @bus_errors
+    async def PauseContainer(self, ref: "s") -> None:
+        await self._m.pause(ref)
+
+    @method()
+    @bus_errors
+    async def ResumeContainer(self, ref: "s") -> None:
+        await self._m.resume(ref)
+
+    @method()
+    @bus_errors
     async def RemoveContainer(self, ref: "s", force: "b") -> None:
         await self._m.remove(ref, force)
 
@@ -171,6 +181,12 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     @bus_errors
     async def ListWarmPools(self) -> "a(sa{sv}uu)":
         return [convert.warm_pool(state) for state in self._m.warm_pools()]
+
+    @method()
+    @bus_errors
+    async def ExportImage(self, name: "s", fd: "h", format: "s") -> "a{sv}":
+        exported = await self._m.export_image(name, fd, format)
+        return {"bytes": Variant("t", exported.bytes), "id": Variant("s", exported.config_digest)}
 
     @method()
     @bus_errors

@@ -166,6 +166,14 @@ FORMAT_ARGS: list[_Arg] = [
 ]
 NAME_ARG: _Arg = (("name",), {})
 NAMES_ARG: _Arg = (("names",), {"nargs": "+", "metavar": "NAME"})
+# save, as podman save: docker-archive unless told otherwise.
+SAVE_ARGS: list[_Arg] = [
+    (("--format",), {"choices": ("docker-archive", "oci-archive"), "default": "docker-archive",
+                     "dest": "archive_format", "help": "archive format (default docker-archive, as podman)"}),
+    (("-o", "--output"), {"metavar": "FILE", "help": "write to FILE instead of stdout"}),
+    (("image",), {"metavar": "IMAGE"}),
+]
+SAVE_TEXT = "write an image as a docker-archive or an OCI archive, as podman save"
 
 
 def _subverbs(p: argparse.ArgumentParser, dest: str,
@@ -218,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
                    help="signal name or number (default KILL)")
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("pause", "freeze every process of running containers", cmd_pause)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
+    s = verb("unpause", "thaw paused containers", cmd_unpause)
+    s.add_argument("refs", nargs="+", metavar="CONTAINER")
     s = verb("rm", "remove containers", cmd_rm)
     s.add_argument("-f", "--force", action="store_true", help="stop running containers first")
     s.add_argument("refs", nargs="+", metavar="CONTAINER")
@@ -251,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--signal", type=_signal, default=int(signal.SIGKILL),
                    help="signal name or number (default KILL)")
     s.add_argument("ids", nargs="+", metavar="EXEC_ID")
+    s = verb("save", SAVE_TEXT, cmd_save)
+    for flags, keywords in SAVE_ARGS:
+        s.add_argument(*flags, **keywords)
+    s = verb("export", "write a container's filesystem as a tar archive, as podman export", cmd_export)
+    s.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    s.add_argument("ref", metavar="CONTAINER")
     s = verb("cp", "copy files between a container and here, as tar streams", cmd_cp)
     s.add_argument("--max-bytes", type=_memory, metavar="SIZE",
                    help="most bytes of tar stream, e.g. 4G (default: 1G into a container, no cap out of one)")
@@ -300,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
              (("source",), {"help": "path of the archive or layout, or - for stdin"}),
          ]),
         ("rm", "remove images", "remove images", cmd_images_rm, [NAMES_ARG]),
+        ("save", SAVE_TEXT, SAVE_TEXT, cmd_save, SAVE_ARGS),
     ])
     return p
 
@@ -457,6 +476,14 @@ async def cmd_kill(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.refs, lambda ref: q.kill(ref, args.signal))
 
 
+async def cmd_pause(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, q.pause)
+
+
+async def cmd_unpause(q: QuiltClient, args: argparse.Namespace) -> int:
+    return await _each(args.refs, q.resume)
+
+
 async def cmd_rm(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.refs, lambda ref: q.remove(ref, args.force))
 
@@ -484,7 +511,7 @@ async def cmd_ps(q: QuiltClient, args: argparse.Namespace) -> int:
         filters["labels"] = labels
     rows = await q.list_containers(**filters)
     if not args.all and "state" not in filters:
-        rows = [r for r in rows if r[3] in ("created", "starting", "running", "stopping")]
+        rows = [r for r in rows if r[3] in ("created", "starting", "running", "stopping", "paused")]
     keys = ("id", "name", "image", "state", "path")
     if args.format == "json":
         print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
@@ -621,6 +648,34 @@ def _container_path(text: str) -> tuple[str, str] | None:
     if not path.startswith("/"):
         raise Failure(f"the path in {text!r} must be absolute inside the container", EXIT_USAGE)
     return ref, path
+
+
+async def cmd_export(q: QuiltClient, args: argparse.Namespace) -> int:
+    await _write_out(args.output, lambda fd: q.export(args.ref, fd))
+    return EXIT_OK
+
+
+async def cmd_save(q: QuiltClient, args: argparse.Namespace) -> int:
+    await _write_out(args.output, lambda fd: q.export_image(args.image, fd, args.archive_format))
+    return EXIT_OK
+
+
+async def _write_out(output: str | None, write: Callable[[int], Awaitable[object]]) -> None:
+    """Hands quiltd stdout, or FILE opened here as the user: quiltd writes into the descriptor,
+    never a path of ours."""
+    if output is None:
+        if not ctlstreams.passable(1):
+            raise Failure("stdout is a terminal: redirect it, or give -o FILE", EXIT_USAGE)
+        await write(1)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        await write(fd)
+    except BaseException:
+        os.unlink(output)  # no half archive left behind
+        raise
+    finally:
+        os.close(fd)
 
 
 async def cmd_cp(q: QuiltClient, args: argparse.Namespace) -> int:

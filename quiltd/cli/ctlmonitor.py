@@ -27,7 +27,7 @@ from quiltd.cli import ctloutput
 from quiltd.client import QuiltClient
 from quiltd.names import veth_name
 
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = ("starting", "running", "stopping", "paused")
 STATS_INTERVAL = 2.0  # seconds between refreshes, as podman stats
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 

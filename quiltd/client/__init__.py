@@ -48,7 +48,8 @@ CALL_TIMEOUT = 120.0
 # end. These get no timeout unless the caller gives one; ImportProgress
 # shows that an import is moving.
 UNBOUNDED = frozenset({
-    "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx",
+    "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx", "ExportContainer",
+    "ExportImage",
     "Exec", "ExecEx", "ExecWithFds", "WaitContainer", "WaitContainerStarted", "ExecWait",
 })
 _DEFAULT = -1.0  # call(): the timeout that fits the member
@@ -136,6 +137,14 @@ class QuiltClient:
     async def kill(self, ref: str, signal: int) -> None:
         await self.call("KillContainer", "si", ref, signal)
 
+    async def pause(self, ref: str) -> None:
+        """Freezes every process of a running container (state 'paused')."""
+        await self.call("PauseContainer", "s", ref)
+
+    async def resume(self, ref: str) -> None:
+        """Thaws a paused container (state 'running' again)."""
+        await self.call("ResumeContainer", "s", ref)
+
     async def remove(self, ref: str, force: bool = False) -> None:
         await self.call("RemoveContainer", "sb", ref, force)
 
@@ -198,6 +207,11 @@ class QuiltClient:
         (result,) = await self.call("ImportImageFdEx", "sha{sv}", name, 0, _import_options(max_bytes, ref),
                                     unix_fds=[fd])
         return {k: v.value for k, v in result.items()}
+
+    async def export_image(self, name: str, fd: int, fmt: str = "oci-archive") -> dict[str, Any]:
+        """The daemon writes the image as an 'oci-archive' or a 'docker-archive' to fd."""
+        (info,) = await self.call("ExportImage", "shs", name, 0, fmt, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
 
     async def images(self) -> list[tuple[str, str, int, int]]:
         (rows,) = await self.call("ListImages")
@@ -320,6 +334,11 @@ class QuiltClient:
         """
         variants = {k: Variant("t", v) for k, v in options.items()}
         (info,) = await self.call("CopyOutEx", "ssha{sv}", ref, path, 0, variants, unix_fds=[fd])
+        return {k: v.value for k, v in info.items()}
+
+    async def export(self, ref: str, fd: int) -> dict[str, Any]:
+        """The daemon writes the container's root filesystem (as docker export) as a tar stream to fd."""
+        (info,) = await self.call("ExportContainer", "sh", ref, 0, unix_fds=[fd])
         return {k: v.value for k, v in info.items()}
 
     async def watch_states(self, callback: Callable[[StateChange], None]) -> None:
@@ -480,6 +499,12 @@ class Quilt:
 
     def kill(self, ref: str, signal: int) -> None:
         self._run(self._client.kill(ref, signal))
+
+    def pause(self, ref: str) -> None:
+        self._run(self._client.pause(ref))
+
+    def resume(self, ref: str) -> None:
+        self._run(self._client.resume(ref))
 
     def remove(self, ref: str, force: bool = False) -> None:
         self._run(self._client.remove(ref, force))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 from quiltd.access import Credentials
 from quiltd.core import fdcheck
@@ -58,6 +59,42 @@ class Copies:
                        caller: Credentials) -> CopyResult:
         """Writes path as a tar stream to fd; takes fd over. No cap unless max_bytes is given."""
         return await self._checked_copy(ref, Direction.OUT, path, fd, request.max_bytes or 0, caller)
+
+    async def export(self, ref: str, fd: int, *, caller: Credentials) -> CopyResult:
+        """Writes the container's root filesystem, as docker export, as a tar stream to fd; takes fd over.
+
+        The root is its layers only, read through an overlay of its own in
+        the copy's mount namespace: no /proc, /sys or /dev contents, no host
+        binds, volumes or tmpfs (as docker export leaves out volumes).
+        """
+        try:
+            c = self._manager.get(ref)
+            fdcheck.check(fd, writable=True, what="the tar stream")
+            self._turns.check_room("copies")
+            if c.spec.disk_max:
+                # Its writable layer is a tmpfs only its own mount namespace sees, gone when it stops.
+                raise InvalidState(f"container {c.name} has disk_max: its writable layer is seen only "
+                                   "inside it while it runs and is gone once it stops; export its image "
+                                   "with ExportImage")
+            async with self._turns.turn(caller.uid):
+                c = self._manager.get(c.id)
+                if c.state in STOPPED:
+                    async with self._manager.container_lock(c.id):
+                        c = self._manager.get(c.id)
+                        if c.state in STOPPED:
+                            return await self._fork(c, self._export_spec(c, read_only=False), fd, "")
+                if c.state not in (State.RUNNING, State.PAUSED):
+                    raise InvalidState(f"container {c.name} is {c.state.value}; export it when it is "
+                                       "running, paused or stopped")
+                return await self._fork(c, self._export_spec(c, read_only=True), fd, "")
+        finally:
+            os.close(fd)
+
+    def _export_spec(self, c: Container, read_only: bool) -> CopySpec:
+        """The container's layers alone; read_only: its writable layer stacked as the top lower
+        (a second writable overlay on a live upper dir is not allowed)."""
+        spec = replace(self._stopped_spec(c, Direction.OUT, "/", 0), binds=(), volume_binds=(), tmpfs=())
+        return replace(spec, overlay_workdir="") if read_only else spec
 
     async def _checked_copy(self, ref: str, direction: Direction, path: str, fd: int,
                             max_bytes: int, caller: Credentials) -> CopyResult:

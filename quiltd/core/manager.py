@@ -53,8 +53,9 @@ from quiltd.errors import (
 )
 from quiltd.fs.remove import remove_path
 from quiltd.host import callerfiles
-from quiltd.host.scopes import ScopeLimits, Systemd, Usage
-from quiltd.images import extract, hostimage, imageimport, pull
+from quiltd.host.freezer import Freezer, FreezerKind
+from quiltd.host.scopes import SLICE, ScopeLimits, Systemd, Usage
+from quiltd.images import extract, hostimage, imageexport, imageimport, pull
 from quiltd.images.layerstore import LayerStore
 from quiltd.model import (
     NO_EXIT_CODE,
@@ -140,6 +141,7 @@ class SystemInfo:
     max_waiting_starts: int
     warm_pool_size: int = 0  # containers the warm pools are to hold, all pools together
     warm_pool_ready: int = 0  # ready in them now
+    freezer: str = FreezerKind.NONE.value  # how PauseContainer freezes: "systemd", "cgroup-v1" or "none"
 
 
 def _describe_fd(fd: int) -> str:
@@ -188,6 +190,9 @@ def finished_usec(c: Container, now: int, boot_now: int | None) -> int:
 
 
 TTL_EXPIRED = "ttl expired"
+# A paused container whose TTL runs out is thawed this long after systemd's
+# stop of its scope is due, so the stop's SIGTERM is waiting when it thaws.
+TTL_THAW_SLACK_USEC = 500_000
 # How long a start may take between asking systemd for the scope and
 # recording the container running: an adopted container's scope began at
 # most this long before its StartedUsec.
@@ -203,7 +208,8 @@ def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, sto
     its record. An exit a client asked for (Stop, or Kill with SIGKILL) is
     the client's, whenever it came.
     """
-    if not c.spec.ttl_sec or boot_now is None or stopped_by_client or c.state != State.RUNNING:
+    if (not c.spec.ttl_sec or boot_now is None or stopped_by_client
+            or c.state not in (State.RUNNING, State.PAUSED)):
         return False
     if scope_since is None:
         if not c.started_boot_usec:
@@ -214,12 +220,15 @@ def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, sto
 
 class Manager:
     def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
-                 netlink: Netlink | None = None, config: Config | None = None) -> None:
+                 netlink: Netlink | None = None, config: Config | None = None,
+                 freezer: Freezer | None = None) -> None:
         self.paths = paths
         self._config = config or Config()  # none: members get only what needs no setting
         self._store = store
         self._systemd = systemd
         self._forkserver = forkserver
+        self.freezer = freezer or Freezer(systemd, SLICE)
+        self._ttl_thaws: dict[str, asyncio.TimerHandle] = {}  # paused containers with a TTL running out
         self._networks = Networks(paths, store, netlink or Netlink())
         self._listeners: list[Listener] = [self._networks]
         self._locks: dict[str, asyncio.Lock] = {}
@@ -284,7 +293,7 @@ class Manager:
         return self._networks.address(container_id)
 
     async def usage(self, c: Container) -> Usage | None:
-        if c.state not in (State.RUNNING, State.STOPPING):
+        if c.state not in (State.RUNNING, State.STOPPING, State.PAUSED):
             return None
         try:
             return await self._systemd.usage(c.unit)
@@ -303,6 +312,7 @@ class Manager:
             starts_running=self._starts.running, starts_waiting=self._starts.waiting,
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
             warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
+            freezer=self.freezer.kind.value,
         )
 
     def counts(self) -> dict[str, int]:
@@ -642,6 +652,9 @@ class Manager:
             return
         c = self._transition(c, state=State.EXITED, exit_code=code, reason=reason, pid=0,
                              pid_starttime=0, finished_usec=finished_usec)
+        self._disarm_ttl_thaw(container_id)
+        with contextlib.suppress(Internal):
+            self.freezer.forget(c.unit)
         for waiter in self._exit_waiters.pop(container_id, []):
             if not waiter.done():
                 waiter.set_result(None)
@@ -664,6 +677,13 @@ class Manager:
             c = self.get(c.id)
             if not c.state.is_active:
                 return c  # already stopped: stopping is idempotent, as in podman
+            if c.state == State.PAUSED:
+                # A frozen process does not act on SIGTERM: the stop thaws
+                # it, and the command gets its SIGTERM as usual.
+                await self._thaw_for_end(c)
+                c = self.get(c.id)
+                if not c.state.is_active:
+                    return c
             c = self._transition(c, state=State.STOPPING)
             self._signal_init(c, signal.SIGTERM)
             if not await self._wait_exit(c.id, timeout_sec):
@@ -675,7 +695,7 @@ class Manager:
         if not 1 <= signum <= signal.SIGRTMAX:
             raise InvalidArgument(f"invalid signal number {signum}")
         c = self.get(ref)
-        if c.state not in (State.RUNNING, State.STOPPING):
+        if c.state not in (State.RUNNING, State.STOPPING, State.PAUSED):
             raise InvalidState(f"container {c.name} is {c.state.value}, not running")
         if signum == signal.SIGKILL:
             await self._kill_scope(c)
@@ -698,6 +718,98 @@ class Manager:
         self._killed_with[c.id] = signal.SIGKILL
         with contextlib.suppress(Internal):
             await self._systemd.kill(c.unit, signal.SIGKILL)
+        now = self._store.find_container(c.id)
+        if now is not None and now.state == State.PAUSED:
+            # The v1 freezer holds even SIGKILL until the thaw; thawed with
+            # the SIGKILL pending, no process runs another instruction of its own.
+            await self._thaw_for_end(c)
+
+    # Pause and resume
+
+    async def pause(self, ref: str) -> Container:
+        """Freezes every process of a running container; its state becomes paused."""
+        c = self.get(ref)
+        await self._start_settled(c.id)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state != State.RUNNING:
+                raise InvalidState(f"container {c.name} is {c.state.value}; only a running container "
+                                   "can be paused")
+            if self.freezer.kind == FreezerKind.NONE:
+                raise InvalidState("this host has no cgroup freezer (neither cgroup v2 nor the v1 "
+                                   "freezer controller is mounted): containers cannot be paused")
+            try:
+                await self.freezer.freeze(c.unit)
+            except Internal:
+                if self.get(c.id).state != State.RUNNING:
+                    raise InvalidState(f"container {c.name} ended while it was being paused") from None
+                raise
+            # Read again: an exit recorded meanwhile must not be overwritten.
+            c = self.get(c.id)
+            try:
+                if c.state != State.RUNNING:
+                    raise InvalidState(f"container {c.name} ended while it was being paused")
+                c = self._transition(c, state=State.PAUSED)
+            except BaseException:
+                with contextlib.suppress(Internal):
+                    await self.freezer.thaw(c.unit)  # not recorded: left running, as the caller is told
+                raise
+            self._arm_ttl_thaw(c)
+        return c
+
+    async def resume(self, ref: str) -> Container:
+        """Thaws a paused container; its state becomes running again."""
+        c = self.get(ref)
+        async with self._lock(c.id):
+            c = self.get(c.id)
+            if c.state != State.PAUSED:
+                raise InvalidState(f"container {c.name} is {c.state.value}, not paused")
+            await self.freezer.thaw(c.unit)
+            self._disarm_ttl_thaw(c.id)
+            c = self.get(c.id)
+            if c.state == State.PAUSED:
+                c = self._transition(c, state=State.RUNNING)
+        return c
+
+    async def _thaw_for_end(self, c: Container) -> None:
+        """Thaws a paused container that is being ended; running again on record, as it now is."""
+        with contextlib.suppress(Internal):
+            await self.freezer.thaw(c.unit)
+        self._disarm_ttl_thaw(c.id)
+        now = self._store.find_container(c.id)
+        if now is not None and now.state == State.PAUSED:
+            self._transition(now, state=State.RUNNING)
+
+    def _arm_ttl_thaw(self, c: Container) -> None:
+        """With a TTL, a paused container is thawed when it runs out, so systemd's stop can end it.
+
+        The TTL is the scope's RuntimeMaxSec, and systemd keeps counting
+        while the container is paused. Its SIGTERM reaches frozen processes
+        only once they are thawed; so the thaw comes a little after it.
+        """
+        if not c.spec.ttl_sec or not c.started_boot_usec:
+            return
+        due = c.started_boot_usec + c.spec.ttl_sec * 1_000_000 + TTL_THAW_SLACK_USEC
+        delay = max(0.0, (due - boot_usec()) / 1e6)
+        self._disarm_ttl_thaw(c.id)
+        self._ttl_thaws[c.id] = asyncio.get_running_loop().call_later(
+            delay, lambda: self._background(self._ttl_thaw(c.id)))
+
+    def _disarm_ttl_thaw(self, container_id: str) -> None:
+        handle = self._ttl_thaws.pop(container_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _ttl_thaw(self, container_id: str) -> None:
+        self._ttl_thaws.pop(container_id, None)
+        c = self._store.find_container(container_id)
+        if c is None or c.state != State.PAUSED:
+            return
+        async with self._lock(container_id):
+            c = self.get(container_id)
+            if c.state == State.PAUSED:
+                log.info("container %s: its TTL ran out while paused; thawed so that it ends", c.name)
+                await self._thaw_for_end(c)
 
     async def _wait_exit(self, container_id: str, timeout: float | None) -> bool:
         c = self.get(container_id)
@@ -777,6 +889,8 @@ class Manager:
             # transaction; the cleaner undoes it now, or later if it must.
             # A container never started has nothing to undo: a start commits
             # `starting` before it makes a scope or a directory.
+            with contextlib.suppress(Internal):
+                self.freezer.forget(c.unit)  # its processes are gone by now
             with self._store.transaction():
                 self._store.delete_container(c.id)
                 leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
@@ -945,6 +1059,25 @@ class Manager:
     def _import_progress(self, name: str, done: int, total: int) -> None:
         for listener in self._progress_listeners:
             listener(name, done, total)
+
+    async def export_image(self, name: str, fd: int, fmt: str) -> imageexport.Exported:
+        """Writes the image as an OCI archive or a docker-archive to fd; takes fd over."""
+        try:
+            archive_format = imageexport.parse_format(fmt)
+            fdcheck.check(fd, writable=True, what="the archive")
+            if name == hostimage.NAME:
+                raise InvalidArgument("the built-in image 'host' is the host's own root: "
+                                      "it cannot be exported")
+            image = self._find_image(name)
+            # Pinned, its layers stay while they are read, whatever RemoveImage does meanwhile.
+            for diff_id in image.layers:
+                self.layers_store.pin(diff_id)
+            try:
+                return await asyncio.to_thread(imageexport.write, image, archive_format, fd)
+            finally:
+                self.layers_store.unpin(image.layers)
+        finally:
+            os.close(fd)
 
     def list_images(self) -> list[Image]:
         return [self._host(), *self._store.list_images()]
@@ -1138,6 +1271,9 @@ class Manager:
                                          started_usec=c.started_usec or max(now_usec(), c.created_usec),
                                          started_boot_usec=c.started_boot_usec or boot_usec())
                 self._watch(c, pidfd)
+                if c.state == State.PAUSED:
+                    # Frozen, not hung: it stays paused, and its TTL (if any) is watched again.
+                    self._arm_ttl_thaw(c)
                 found[RecoveryOutcome.ADOPTED].append(c.name)
             elif c.state == State.STARTING and not self.paths.exit_file(c.id).exists():
                 # Killed before the command ran: the start is done again.
@@ -1153,9 +1289,36 @@ class Manager:
         except Internal:
             log.exception("could not recover the networks")
         self._queue_orphans(await self._systemd.list_scopes())
+        self._reconcile_freezer()
+        # v1 freezer groups of containers that ended or went while quiltd was down.
+        active_units = {c.unit for c in self._store.list_containers() if c.state.is_active}
+        for unit in self.freezer.groups():
+            if unit not in active_units:
+                with contextlib.suppress(Internal):
+                    self.freezer.forget(unit)
         self.cleaner.start()
         self.pools.start(self._pool_profile)
         return found
+
+    def _reconcile_freezer(self) -> None:
+        """A daemon killed between a freeze (or a thaw) and its record left the two apart.
+
+        The record wins for a pause that never answered (thawed again) and
+        the processes for a resume that did not record (they run: running).
+        """
+        for c in self._store.list_containers():
+            if c.state not in (State.RUNNING, State.PAUSED) or c.pool:
+                continue
+            frozen = self.freezer.frozen(c.unit)
+            if frozen is None:
+                continue
+            if c.state == State.PAUSED and not frozen:
+                log.warning("container %s is on record as paused but runs: recorded running", c.name)
+                self._disarm_ttl_thaw(c.id)
+                self._transition(c, state=State.RUNNING)
+            elif c.state == State.RUNNING and frozen:
+                log.warning("container %s was left frozen by a pause that never answered: thawing it", c.name)
+                self._background(self.freezer.thaw(c.unit))
 
     def _queue_orphans(self, scopes: list[tuple[str, str]]) -> None:
         """Scopes and directories that belong to no container on record go to the cleaner."""

@@ -138,6 +138,13 @@ class Systemd:
     async def kill(self, unit: str, signal: int) -> None:
         await self._manager("KillUnit", "ssi", [unit, "all", signal])
 
+    async def freeze(self, unit: str) -> None:
+        """Freezes every process of the unit (cgroup v2); systemd answers once they are frozen."""
+        await self._manager("FreezeUnit", "s", [unit])
+
+    async def thaw(self, unit: str) -> None:
+        await self._manager("ThawUnit", "s", [unit])
+
     async def stop(self, unit: str) -> None:
         """Stops the unit (killing what is left in it) if it is still loaded."""
         try:

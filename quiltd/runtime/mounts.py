@@ -207,9 +207,16 @@ def mount_overlay(rootfs: str, lowerdir: str, upperdir: str, workdir: str, flags
     of their container ids. The idmapped view is bound next to rootfs only
     long enough for overlayfs to take its own private copy.
     """
+    # No workdir: a read-only view with the upper dir as the topmost lower
+    # (ExportContainer of a live container, whose upper its own overlay holds:
+    # overlayfs allows one writable mount per upper dir, any number of readers).
+    top = upperdir if not workdir else ""
+    layers = f"lowerdir={upperdir}:{lowerdir}" if top else \
+        f"lowerdir={lowerdir},upperdir={upperdir},workdir={workdir}"
+    if top:
+        flags |= linux.MS_RDONLY
     if userns_fd is None:
-        linux.mount("overlay", rootfs, "overlay", flags,
-                    f"lowerdir={lowerdir},upperdir={upperdir},workdir={workdir}")
+        linux.mount("overlay", rootfs, "overlay", flags, layers)
         return
     # An image of stored layers has several lower dirs, top first, each
     # idmapped on its own: a layer is shared, so it cannot be chowned.
@@ -217,7 +224,8 @@ def mount_overlay(rootfs: str, lowerdir: str, upperdir: str, workdir: str, flags
     # The root directory's owner comes from the upper layer: make it the
     # image root's (its top layer's), as the container sees it.
     image_root = os.stat(lowers[0])
-    os.chown(upperdir, userns_base + image_root.st_uid, userns_base + image_root.st_gid)
+    if not top:
+        os.chown(upperdir, userns_base + image_root.st_uid, userns_base + image_root.st_gid)
     parent = os.path.dirname(rootfs)
     stagings = [os.path.join(parent, "lower" if i == 0 else f"lower.{i}") for i in range(len(lowers))]
     mounted: list[str] = []
@@ -230,7 +238,9 @@ def mount_overlay(rootfs: str, lowerdir: str, upperdir: str, workdir: str, flags
             finally:
                 os.close(fd)
             mounted.append(staging)
+        # The upper dir holds host ids already (the container's shifted): it is not idmapped.
         linux.mount("overlay", rootfs, "overlay", flags,
+                    f"lowerdir={top}:{':'.join(stagings)}" if top else
                     f"lowerdir={':'.join(stagings)},upperdir={upperdir},workdir={workdir}")
     finally:
         for staging in mounted:

@@ -286,3 +286,36 @@ def test_a_flood_of_creates_does_not_starve_another_caller(sandbox: Any, quilt: 
     finally:
         for ref in [*flood, mine]:
             remove(sandbox, ref)
+
+
+def test_a_member_pauses_resumes_and_exports_as_it_stops(sandbox: Any, as_member: MemberRun, quilt: Any,
+                                                        name: str) -> None:
+    """Group quilt is one team: a member pauses and resumes any container, as it may stop any, and
+    exports containers and images into descriptors it opened itself."""
+    async def root_creates() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", "echo mine > /note; sleep 600"])
+            assert await q.wait_started(name) == "running"
+
+    run(root_creates())
+    out_path = f"/tmp/{name}.tar"  # the sandbox's private /tmp, which the member may write
+    try:
+        code, out = as_member(f"""
+            import os, tarfile
+            await asyncio.sleep(0.5)
+            await q.pause({name!r})
+            print((await q.info({name!r}))["State"])
+            fd = os.open({out_path!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            await q.export({name!r}, fd)
+            os.close(fd)
+            print(tarfile.open({out_path!r}).extractfile("note").read().decode().strip())
+            await q.resume({name!r})
+            print((await q.info({name!r}))["State"])
+            fd = os.open({out_path!r}, os.O_WRONLY | os.O_TRUNC)
+            print((await q.export_image("busybox", fd, "docker-archive"))["bytes"] > 0)
+            os.close(fd)
+        """)
+        assert (code, out.split()) == (0, ["paused", "mine", "running", "True"]), out
+    finally:
+        sandbox.run(["rm", "-f", out_path], check=False)
+        remove(sandbox, name)
