@@ -18,5 +18,5 @@ def test_a_script_nft_cannot_parse_is_refused_with_its_reason() -> None:
     # The context is usable again, and its error buffer starts empty.
     again = nft.run("not a command\n")
     assert again is not None and "syntax error" in again and "this is not nft" not in again
-    with pytest.raises(Internal, match="nft failed: .*syntax error"):
+    with pytest.raises(Internal, match=r"nft failed: .*syntax error"):
         firewall.load("not a command\n")
