@@ -74,6 +74,13 @@ def _memory(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 512M or 2G") from None
 
 
+def _pool_size(text: str) -> int:
+    # quiltd checks the upper bound; a negative number cannot even be sent as its u.
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: a number of containers, 0 or more")
+    return int(text)
+
+
 def _mount(text: str) -> tuple[str, str, bool]:
     parts = text.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
@@ -304,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
             NAME_ARG,
         ]),
         ("rm", "remove networks", "remove networks no container uses", cmd_network_rm, [NAMES_ARG]),
+    ])
+    _subverbs(verb("pool", "list and size warm pools", cmd_pool_ls), "pool_verb", [
+        ("ls", "list warm pools", "list warm pools: image, size, containers ready now, setup options",
+         cmd_pool_ls, FORMAT_ARGS),
+        ("set", "keep containers of an image ready",
+         "keep SIZE containers of IMAGE ready for creates with these setup options (root only); "
+         "SIZE 0 removes the pool and its ready containers", cmd_pool_set, [
+             (("-m", "--memory"), {"type": _memory, "metavar": "SIZE", "help": "memory limit, e.g. 512M"}),
+             (("--cpus",), {"type": float, "help": "CPU limit in cores, e.g. 0.5"}),
+             (("--pids-limit",), {"type": int, "dest": "tasks_max", "metavar": "N",
+                                  "help": "most tasks at once"}),
+             (("--network",), {"help": "network: bridge (default), none, or one quiltd knows"}),
+             (("--userns",), {"action": "store_true", "help": "containers in a user namespace"}),
+             (("image",), {"metavar": "IMAGE"}),
+             (("size",), {"type": _pool_size, "metavar": "SIZE"}),
+         ]),
     ])
     _subverbs(verb("images", "list, import and remove images", cmd_images_ls), "image_verb", [
         ("ls", "list images", "list images", cmd_images_ls, FORMAT_ARGS),
@@ -892,6 +915,26 @@ async def cmd_network_create(q: QuiltClient, args: argparse.Namespace) -> int:
 
 async def cmd_network_rm(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.names, q.remove_network)
+
+
+async def cmd_pool_ls(q: QuiltClient, args: argparse.Namespace) -> int:
+    pools = await q.warm_pools()
+    if args.format == "json":
+        print(json.dumps([{"image": image, "size": size, "ready": ready, "options": options}
+                          for image, options, size, ready in pools], indent=2))
+        return EXIT_OK
+    _table(["IMAGE", "SIZE", "READY", "OPTIONS"],
+           [[image, str(size), str(ready), ",".join(f"{k}={v}" for k, v in sorted(options.items()))]
+            for image, options, size, ready in pools])
+    return EXIT_OK
+
+
+async def cmd_pool_set(q: QuiltClient, args: argparse.Namespace) -> int:
+    pairs = (("memory_max", args.memory), ("cpu_quota", args.cpus), ("tasks_max", args.tasks_max),
+             ("network", args.network), ("userns", args.userns or None))
+    await q.set_warm_pool(args.image, args.size, **{k: v for k, v in pairs if v is not None})
+    print(args.image)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- output

@@ -1,11 +1,13 @@
 """Links in the daemon's network namespace: bridges and containers' veth pairs.
 
 pyroute2's synchronous IPRoute, in the form both Debian 12's 0.7 and the
-current releases accept. Every call runs on one worker thread that owns the
-netlink socket: netlink requests take milliseconds (deleting a link waits
-for an RCU grace period, about 20 ms), and the event loop must not wait for
-them. One thread also means one request at a time on the socket, which
-IPRoute does not promise to handle from several threads.
+current releases accept, except for the requests of every start and removal
+(a veth and its hairpin flag, a delete), which rtnetlink.py writes itself.
+Every call runs on one worker thread that owns the netlink sockets: netlink
+requests take milliseconds (deleting a link waits for an RCU grace period,
+about 20 ms), and the event loop must not wait for them. One thread also
+means one request at a time on a socket, which IPRoute does not promise to
+handle from several threads.
 
 The container's end of a veth pair is created directly inside the
 container's network namespace, named eth0, so the daemon never has to enter
@@ -32,6 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from quiltd.errors import Internal
 from quiltd.names import veth_name
+from quiltd.net.rtnetlink import Rtnetlink, delete_message, veth_messages
 
 T = TypeVar("T")
 
@@ -59,6 +62,7 @@ class Netlink:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._ipr: Any = None
+        self._rtnl: Rtnetlink | None = None  # the hot path's requests: rtnetlink.py
         self._bridges: dict[str, int] = {}  # name -> index, of bridges known to be set up
 
     def close(self) -> None:
@@ -66,6 +70,9 @@ class Netlink:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -77,6 +84,11 @@ class Netlink:
         if self._ipr is None:
             self._ipr = IPRoute()
         return self._ipr
+
+    def _raw(self) -> Rtnetlink:
+        if self._rtnl is None:
+            self._rtnl = Rtnetlink()
+        return self._rtnl
 
     # The event loop's side
 
@@ -135,10 +147,9 @@ class Netlink:
         return index
 
     def _add_veth(self, container_id: str, bridge: str, gateway: str, pid: int, mac: str) -> None:
-        ipr = self._ip()
         index = self._bridges.get(bridge) or self._ensure_bridge(bridge, gateway)
         try:
-            self._veth(ipr, container_id, index, pid, mac)
+            self._veth(container_id, index, pid, mac)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 # The container's previous run: the kernel deletes a veth
@@ -150,21 +161,17 @@ class Netlink:
                 index = self._ensure_bridge(bridge, gateway)
             else:
                 raise
-            self._veth(ipr, container_id, index, pid, mac)
+            self._veth(container_id, index, pid, mac)
 
-    @staticmethod
-    def _veth(ipr: Any, container_id: str, bridge_index: int, pid: int, mac: str) -> None:
-        # One request: created as a port of the bridge, up, with its peer
-        # born inside the container's namespace.
-        ipr.link(
-            "add", ifname=veth_name(container_id), kind="veth", master=bridge_index, state="up",
-            peer={"ifname": CONTAINER_IFNAME, "net_ns_pid": pid, "address": mac},
-        )
-        _hairpin(ipr, veth_name(container_id))
+    def _veth(self, container_id: str, bridge_index: int, pid: int, mac: str) -> None:
+        # One datagram: created as a port of the bridge, up, with its peer
+        # born inside the container's namespace; then its hairpin flag.
+        self._raw().request(*veth_messages(veth_name(container_id), CONTAINER_IFNAME, bridge_index,
+                                           pid, bytes.fromhex(mac.replace(":", ""))))
 
     def _delete_link(self, name: str) -> bool:
         try:
-            self._ip().link("del", ifname=name)
+            self._raw().request(delete_message(name))
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -377,3 +378,46 @@ def test_only_root_sets_a_pool(sandbox: Any, member: str, busybox_image: str) ->
     assert "may not set a warm pool" in denied.stderr.decode()
     listed = sandbox.run([*AS_MEMBER, "busctl", "call", *BUS, "ListWarmPools"])
     assert listed.stdout.decode().strip() == "a(sa{sv}uu) 0"
+
+
+def test_quiltctl_pool_verbs_run_as_documented(sandbox: Any, quilt: Any, pools: None) -> None:
+    text = (REPO / "docs/quiltctl.md").read_text()
+    block = text.split("as written by the test suite:\n\n```sh\nquiltctl pool set", 1)[1]
+    make, listing, claim, remove_container, remove = ("quiltctl pool set" + block).split("```", 1)[0] \
+        .strip().splitlines()
+    path = f"PATH={REPO / '.venv/bin'}:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    def sh(line: str, check: bool = True) -> Any:
+        return sandbox.run(["env", path, "sh", "-c", line], check=check)
+
+    assert sh(make).stdout == b"busybox\n"
+
+    async def claimed() -> None:
+        async with quilt() as q:
+            await eventually(lambda: ready(q, 2))
+            rows = sh(listing).stdout.decode().splitlines()
+            assert rows[0].split() == ["IMAGE", "SIZE", "READY", "OPTIONS"]
+            image, size, ready_now, options = rows[1].split()
+            assert (image, size, ready_now) == ("busybox", "2", "2") and "network=bridge" in options
+            held = pool_ids(sandbox)
+            cid = sh(claim).stdout.decode().strip()
+            assert cid in held  # a container made ready ahead, now warm-1
+            await q.call("WaitContainerStarted", "st", "warm-1", 10_000_000)
+            assert (await q.info("warm-1"))["State"] == "running"
+            sh(remove_container)
+            await eventually(lambda: ready(q, 2))
+
+    run(claimed())
+    [pool] = json.loads(sh(listing.replace("ls", "ls --json")).stdout)
+    assert (pool["image"], pool["size"], pool["ready"]) == ("busybox", 2, 2)
+    assert pool["options"]["network"] == "bridge"
+    assert sh(remove).stdout == b"busybox\n"
+    assert pool_ids(sandbox) == set() and json.loads(sh("quiltctl pool --json").stdout) == []
+    too_big = sh("quiltctl pool set busybox 257", check=False)
+    assert too_big.returncode == 1 and b"(InvalidArgument)" in too_big.stderr, too_big
+    negative = sh("quiltctl pool set busybox -1", check=False)
+    assert negative.returncode == 2 and b"0 or more" in negative.stderr, negative
+    limited = sh("quiltctl pool set -m 64M --pids-limit 50 busybox 1")
+    assert limited.stdout == b"busybox\n"
+    [pool] = json.loads(sh("quiltctl pool ls --json").stdout)
+    assert (pool["options"]["memory_max"], pool["options"]["tasks_max"]) == (64 << 20, 50)
