@@ -43,6 +43,7 @@ from quiltd import (
     volumes,
 )
 from quiltd.access import Credentials
+from quiltd.capacity import Capacity, capacity
 from quiltd.cleanup import Cleaner
 from quiltd.config import Config
 from quiltd.errors import (
@@ -143,6 +144,7 @@ class SystemInfo:
     max_waiting_starts: int
     warm_pool_size: int = 0  # containers the warm pools are to hold, all pools together
     warm_pool_ready: int = 0  # ready in them now
+    capacity: Capacity | None = None
 
 
 def _describe_fd(fd: int) -> str:
@@ -318,6 +320,7 @@ class Manager:
             starts_running=self._starts.running, starts_waiting=self._starts.waiting,
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
             warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
+            capacity=capacity(self._store.list_containers()),
         )
 
     def counts(self) -> dict[str, int]:

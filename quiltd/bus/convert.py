@@ -6,6 +6,7 @@ from typing import Any
 from dbus_next.signature import Variant
 
 from quiltd.bus.names import container_path
+from quiltd.capacity import Capacity
 from quiltd.manager import ContainerInfo, ImportResult, SystemInfo
 from quiltd.model import ContainerListing
 from quiltd.pool import PoolState
@@ -99,6 +100,17 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "MaxWaitingStarts": Variant("u", info.max_waiting_starts),
         "WarmPoolSize": Variant("u", info.warm_pool_size),
         "WarmPoolReady": Variant("u", info.warm_pool_ready),
+    } | _capacity(info.capacity)
+
+
+def _capacity(cap: Capacity | None) -> dict[str, Variant]:
+    if cap is None:
+        return {}
+    return {
+        "CPUs": Variant("d", cap.cpus),
+        "MemoryBytes": Variant("t", cap.memory_bytes),
+        "CPUReserved": Variant("d", cap.cpu_reserved),
+        "MemoryReserved": Variant("t", cap.memory_reserved),
     }
 
 
