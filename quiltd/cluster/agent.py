@@ -84,6 +84,17 @@ class HostAgent:
     async def wait_started(self, ref: str) -> str:
         return await (await self._quilt()).wait_started(ref)
 
+    async def wait_started_many(self, refs: Sequence[str]) -> list[str | errors.QuiltError]:
+        q = await self._quilt()
+
+        async def one(ref: str) -> str | errors.QuiltError:
+            try:
+                return await q.wait_started(ref)
+            except errors.QuiltError as e:
+                return e
+
+        return list(await asyncio.gather(*(one(r) for r in refs)))
+
     async def exec_start(self, ref: str, command: Sequence[str], options: Mapping[str, Any]) -> str:
         return await (await self._quilt()).exec_start(ref, command, **options)
 

@@ -284,16 +284,24 @@ class QuiltCluster:
     def exec_many(self, sandboxes: Sequence[Sandbox], command: Sequence[str],
                   **options: Any) -> builtins.list[ExecResult | errors.QuiltError]:
         """The same exec in many sandboxes: one call per host. Each answer is a result or its error."""
+        return self._batch(sandboxes, "exec_many", list(command), options)
+
+    def wait_started(self, sandboxes: Sequence[Sandbox]) -> builtins.list[str | errors.QuiltError]:
+        """Waits until each has started (or failed): one call per host. Each answer is its state or error."""
+        return self._batch(sandboxes, "wait_started_many")
+
+    def _batch(self, sandboxes: Sequence[Sandbox], method: str, *args: Any) -> builtins.list[Any]:
+        """agent.method([container ids], *args) once per host; answers in the order of sandboxes."""
         hosts = self.hosts()
         by_host: dict[str, builtins.list[tuple[int, SandboxRecord]]] = {}
-        answers: builtins.list[ExecResult | errors.QuiltError | None] = [None] * len(sandboxes)
+        answers: builtins.list[Any] = [None] * len(sandboxes)
         for i, s in enumerate(sandboxes):
             r = self._record(s.name)
             if r.host not in hosts:
                 answers[i] = _lost(r)
             else:
                 by_host.setdefault(r.host, []).append((i, r))
-        refs = {h: hosts[h].agent.exec_many.remote([r.container_id for _, r in rows], list(command), options)
+        refs = {h: getattr(hosts[h].agent, method).remote([r.container_id for _, r in rows], *args)
                 for h, rows in by_host.items()}
         for h, ref in refs.items():
             try:
@@ -302,7 +310,7 @@ class QuiltCluster:
                 results = [_lost(r) for _, r in by_host[h]]
             for (i, _), res in zip(by_host[h], results, strict=True):
                 answers[i] = res
-        return [a for a in answers if a is not None]
+        return answers
 
     def map(self, fn: Callable[[Sandbox, Any], T], items: Iterable[Any], *, image: str,
             command: Sequence[str] = ("sleep", "infinity"), concurrency: int = 8,
