@@ -193,9 +193,10 @@ class QuiltCluster:
         reserved: builtins.list[str] = []
         made: builtins.list[tuple[str, str]] = []  # (host, container id)
         try:
-            for name, *_ in plan:
-                self._call(self._registry.reserve.remote(name))
-                reserved.append(name)
+            # One registry call for the batch: the registry serves every driver one call at a time.
+            names = [name for name, *_ in plan]
+            self._call(self._registry.reserve_many.remote(names))
+            reserved = names
             refs = [hosts[h.name].agent.create.remote(name, image, command, options, pull)
                     for name, image, command, options, h in plan]
             ids = []
@@ -217,13 +218,11 @@ class QuiltCluster:
                 # A host that went meanwhile reconciles it away when seen again.
                 with contextlib.suppress(RayActorError, RayTaskError):
                     ray.get(hosts[hname].agent.remove.remote(cid, True))
-            for name in reserved:
-                ray.get(self._registry.release.remote(name))
+            ray.get(self._registry.release_many.remote(reserved))
             raise
         records = [SandboxRecord(name, h.name, cid, image, command, tuple(sorted(options.items())))
                    for (name, image, command, options, h), cid in zip(plan, ids, strict=True)]
-        for r in records:
-            ray.get(self._registry.commit.remote(r))
+        ray.get(self._registry.commit_many.remote(records))
         self._infos.update(infos)
         return [Sandbox(self, r.name) for r in records]
 

@@ -28,9 +28,30 @@ class Registry:
             raise NameTaken(f"{NameTaken.dbus_name}: sandbox {name!r} exists in the cluster (on {where})")
         self._pending.add(name)
 
+    def reserve_many(self, names: list[str]) -> None:
+        """All or none: a name taken (or given twice) reserves nothing."""
+        if len(set(names)) != len(names):
+            raise NameTaken(f"{NameTaken.dbus_name}: a name is given twice")
+        done = []
+        try:
+            for name in names:
+                self.reserve(name)
+                done.append(name)
+        except NameTaken:
+            self._pending.difference_update(done)
+            raise
+
     def commit(self, record: SandboxRecord) -> None:
         self._pending.discard(record.name)
         self._records[record.name] = record
+
+    def commit_many(self, records: list[SandboxRecord]) -> None:
+        for r in records:
+            self.commit(r)
+
+    def release_many(self, names: list[str]) -> None:
+        for name in names:
+            self.release(name)
 
     def release(self, name: str) -> None:
         """Forget a name (its sandbox is removed, or its create failed)."""

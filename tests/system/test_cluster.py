@@ -109,6 +109,30 @@ def host_containers(sb: Any) -> list[str]:
     return sorted(row[1] for row in json.loads(out)["data"][0])
 
 
+def docs_block(marker: str) -> str:
+    """The ```sh block of docs/cluster.md holding marker, as written."""
+    text = (REPO / "docs/cluster.md").read_text()
+    for block in text.split("```sh\n")[1:]:
+        body = block.split("```")[0]
+        if marker in body:
+            return body
+    raise AssertionError(f"no ```sh block with {marker!r} in docs/cluster.md")
+
+
+def test_the_docs_cluster_commands_run_as_written() -> None:
+    # First, before the module's cluster boots: this block starts (and stops) a cluster of its own.
+    block = docs_block("tools/sandbox cluster start 3")
+    try:
+        r = subprocess.run(["bash", "-euc", block], cwd=REPO, capture_output=True, timeout=600)
+    finally:
+        subprocess.run([str(REPO / "tools/sandbox"), "cluster", "stop"], cwd=REPO, capture_output=True)
+        subprocess.run(["rm", "-f", "/var/tmp/quilt-cluster-busybox.tar.gz"], check=False)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, out + r.stderr.decode(errors="replace")[-3000:]
+    assert "quilt-cluster-h" in out and "b'hello\\n'" in out, out
+    assert "quilt-cluster" not in sandbox_tools.Cluster.names()  # the block's last command stopped it
+
+
 def test_sandboxes_spread_over_the_hosts_and_answer_exec(cluster: Any) -> None:
     got = driver(cluster, f"""
         specs = [(f"spread-{{i}}", "busybox", ["sleep", "infinity"], {{}}) for i in range({SPREAD})]
