@@ -17,7 +17,7 @@ from typing import Any
 
 from quiltd import errors
 from quiltd.client import ExecResult, LogLine, QuiltClient
-from quiltd.cluster.records import CLUSTER_LABEL, HostInfo, SandboxSummary
+from quiltd.cluster.records import CLUSTER_LABEL, HostInfo, SandboxRecord, SandboxSummary
 
 # Bounds the execs one batch runs at once on a host, so one driver's batch
 # does not queue hundreds of execs on quiltd's turns at a time.
@@ -155,19 +155,11 @@ class HostAgent:
         rows = await q.list_containers(labels={CLUSTER_LABEL: "1"})
         return [SandboxSummary(name, self.name, cid, image, state) for cid, name, image, state, _ in rows]
 
-    async def reconcile(self, owned: Mapping[str, str]) -> list[str]:
-        """Remove the cluster's containers here that the registry no longer places here.
-
-        owned: name -> container id of the sandboxes the registry says live on
-        this host. Any other labelled container was replaced elsewhere while
-        this host was away (or was never committed): it goes, so no name runs twice.
-        """
-        removed = []
-        for s in await self.sandboxes():
-            if owned.get(s.name) != s.id:
-                try:
-                    await (await self._quilt()).remove(s.id, True)
-                except errors.NoSuchContainer:
-                    continue
-                removed.append(s.name)
-        return removed
+    async def records(self) -> list[SandboxRecord]:
+        """The cluster's containers here as registry records: what a registry that lost them takes back."""
+        q = await self._quilt()
+        found = await self.sandboxes()
+        infos = await asyncio.gather(*(q.info(s.id) for s in found), return_exceptions=True)
+        return [SandboxRecord(s.name, self.name, s.id, s.image,
+                              tuple(i.get("Command", ())) if isinstance(i, dict) else ())
+                for s, i in zip(found, infos, strict=True)]

@@ -66,16 +66,31 @@ class QuiltCluster:
     def __init__(self, address: str | None = "auto", *, namespace: str = NAMESPACE) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
-        self._registry: Any = ray.remote(Registry).options(  # type: ignore[attr-defined]
-            name=REGISTRY_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_concurrency=1,
-        ).remote()
         self._namespace = namespace
+        self._registry = self._registry_actor()
         self._hosts: dict[str, _Host] = {}  # node id -> host, live nodes only
         self._infos: dict[str, HostInfo] = {}  # host name -> report, claims applied
         self._infos_at = 0.0
         self._cache: dict[str, SandboxRecord] = {}  # name -> record, as last read from the registry
-        self._seed()
+        # Seeing the hosts squares them with the registry: after a head restart
+        # this is what refills it, before the first get() asks it.
+        self.hosts()
+
+    def _registry_actor(self) -> Any:
+        return ray.remote(Registry).options(  # type: ignore[attr-defined]
+            name=REGISTRY_NAME, namespace=self._namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_concurrency=1,
+        ).remote()
+
+    def _reg(self, method: str, *args: Any) -> Any:
+        """registry.method(*args); a registry that died (its head restarted) is made again from the hosts."""
+        try:
+            return self._call(getattr(self._registry, method).remote(*args))
+        except RayActorError:
+            self._registry = self._registry_actor()
+            self._hosts.clear()  # each host gives the new registry its sandboxes when seen again
+            self.hosts()
+            return self._call(getattr(self._registry, method).remote(*args))
 
     # -- hosts
 
@@ -106,10 +121,22 @@ class QuiltCluster:
         return {h.name: h for h in self._hosts.values()}
 
     def _reconcile(self, host: _Host) -> None:
-        owned = {r.name: r.container_id for r in self._records() if r.host == host.name}
-        # If its quiltd is down or slow, the host is reconciled when next seen by a driver.
-        with contextlib.suppress(RayActorError, GetTimeoutError, RayTaskError):
-            ray.get(host.agent.reconcile.remote(owned), timeout=INFO_TIMEOUT)
+        """Squares a host this driver sees for the first time with the registry.
+
+        Its copies of sandboxes the registry places elsewhere (recreated while
+        it was away) are removed, so no name runs twice; sandboxes the registry
+        lacks (it is new, after a head restart) are taken into it.
+        """
+        try:
+            here: builtins.list[SandboxRecord] = ray.get(host.agent.records.remote(), timeout=INFO_TIMEOUT)
+        except (RayActorError, GetTimeoutError, RayTaskError):
+            return  # quiltd down or slow: squared when next seen
+        current = self._reg("adopt", here)
+        for s in here:
+            r = current.get(s.name)
+            if r is not None and (r.host, r.container_id) != (host.name, s.container_id):
+                with contextlib.suppress(RayActorError, RayTaskError):
+                    ray.get(host.agent.remove.remote(s.container_id, True))
 
     def host_infos(self, *, fresh: bool = False) -> dict[str, HostInfo]:
         """Reports of the live hosts whose quiltd answers; the others get nothing placed on them."""
@@ -128,26 +155,12 @@ class QuiltCluster:
     # -- the registry
 
     def _records(self) -> builtins.list[SandboxRecord]:
-        records: builtins.list[SandboxRecord] = ray.get(self._registry.records.remote())
+        records: builtins.list[SandboxRecord] = self._reg("records")
         return records
-
-    def _seed(self) -> None:
-        """A registry that is new (first driver, or the head restarted) learns what the hosts run."""
-        if ray.get(self._registry.is_seeded.remote()):
-            return
-        found = []
-        for name, host in self.hosts().items():
-            try:
-                for s in ray.get(host.agent.sandboxes.remote(), timeout=INFO_TIMEOUT):
-                    info = ray.get(host.agent.info.remote(s.id), timeout=INFO_TIMEOUT)
-                    found.append(SandboxRecord(s.name, name, s.id, s.image, tuple(info.get("Command", ()))))
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                continue
-        ray.get(self._registry.seed.remote(found))
 
     def _record(self, name: str, *, fresh: bool = True) -> SandboxRecord:
         if fresh or name not in self._cache:
-            self._cache[name] = self._call(self._registry.get.remote(name))
+            self._cache[name] = self._reg("get", name)
         return self._cache[name]
 
     def _live_host(self, name: str, *, fresh: bool) -> _Host | None:
@@ -195,7 +208,7 @@ class QuiltCluster:
         try:
             # One registry call for the batch: the registry serves every driver one call at a time.
             names = [name for name, *_ in plan]
-            self._call(self._registry.reserve_many.remote(names))
+            self._reg("reserve_many", names)
             reserved = names
             refs = [hosts[h.name].agent.create.remote(name, image, command, options, pull)
                     for name, image, command, options, h in plan]
@@ -218,11 +231,11 @@ class QuiltCluster:
                 # A host that went meanwhile reconciles it away when seen again.
                 with contextlib.suppress(RayActorError, RayTaskError):
                     ray.get(hosts[hname].agent.remove.remote(cid, True))
-            ray.get(self._registry.release_many.remote(reserved))
+            self._reg("release_many", reserved)
             raise
         records = [SandboxRecord(name, h.name, cid, image, command, tuple(sorted(options.items())))
                    for (name, image, command, options, h), cid in zip(plan, ids, strict=True)]
-        ray.get(self._registry.commit_many.remote(records))
+        self._reg("commit_many", records)
         self._infos.update(infos)
         return [Sandbox(self, r.name) for r in records]
 
@@ -275,7 +288,7 @@ class QuiltCluster:
             agent = hosts[chosen.name].agent
             cid = self._call(agent.create.remote(r.name, r.image, r.command, options, None))
             infos[chosen.name] = placement.claim(chosen, need)
-            ray.get(self._registry.move.remote(r.name, chosen.name, cid))
+            self._reg("move", r.name, chosen.name, cid)
             done.append(Sandbox(self, r.name))
         self._infos.update(infos)
         return done
@@ -441,5 +454,5 @@ class Sandbox:
         except errors.HostLost:
             if not force:
                 raise
-        ray.get(self.cluster._registry.release.remote(self.name))
+        self.cluster._reg("release", self.name)
         self.cluster._cache.pop(self.name, None)

@@ -5,7 +5,7 @@ across drivers, and a driver that restarts finds its sandboxes. Its methods
 run one at a time (a plain Ray actor), which makes reserve-then-commit
 atomic. It holds nothing the hosts do not also hold: every container the
 cluster makes carries the cluster's label, so after a head restart the
-registry is rebuilt from the hosts (seed).
+registry is rebuilt from the hosts as drivers see them (adopt).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ class Registry:
     def __init__(self) -> None:
         self._records: dict[str, SandboxRecord] = {}
         self._pending: set[str] = set()  # reserved, create under way
-        self.seeded = False
 
     def reserve(self, name: str) -> None:
         if name in self._records or name in self._pending:
@@ -74,14 +73,14 @@ class Registry:
         self._records[name] = r
         return r
 
-    def seed(self, records: list[SandboxRecord]) -> bool:
-        """Fill an empty registry from what the hosts hold; False if it was seeded already."""
-        if self.seeded:
-            return False
-        for r in records:
-            self._records.setdefault(r.name, r)
-        self.seeded = True
-        return True
+    def adopt(self, found: list[SandboxRecord]) -> dict[str, SandboxRecord | None]:
+        """Takes in what a host holds that the registry lacks; answers the record each name has now.
 
-    def is_seeded(self) -> bool:
-        return self.seeded
+        A name the registry places elsewhere (or on another container) keeps
+        its record, and the host removes its copy; a name being created right
+        now is left to that create (None).
+        """
+        for r in found:
+            if r.name not in self._records and r.name not in self._pending:
+                self._records[r.name] = r
+        return {r.name: self._records.get(r.name) for r in found}

@@ -73,10 +73,16 @@ def test_registry_names_are_unique_and_a_failed_batch_reserves_nothing() -> None
         r.get("nope")
 
 
-def test_registry_moves_a_record_and_is_seeded_once() -> None:
+def test_registry_adopts_what_it_lacks_and_answers_where_each_name_lives() -> None:
     r = Registry()
-    assert r.seed([record("x", "a", "1" * 16)])
-    assert not r.seed([record("y")])
-    moved = r.move("x", "b", "2" * 16)
-    assert (moved.host, moved.container_id, moved.generation) == ("b", "2" * 16, 1)
-    assert [x.name for x in r.records()] == ["x"]
+    r.commit(record("moved", "b", "2" * 16))
+    r.reserve("creating")
+    answer = r.adopt([record("moved", "a", "1" * 16), record("unknown", "a", "3" * 16),
+                      record("creating", "a", "4" * 16)])
+    # moved lives on b now: host a removes its copy; unknown is taken in; creating is left to its create.
+    assert answer["moved"] == record("moved", "b", "2" * 16)
+    assert answer["unknown"] == record("unknown", "a", "3" * 16)
+    assert answer["creating"] is None
+    m = r.move("unknown", "c", "5" * 16)
+    assert (m.host, m.container_id, m.generation) == ("c", "5" * 16, 1)
+    assert [x.name for x in r.records()] == ["moved", "unknown"]
