@@ -239,6 +239,69 @@ def test_a_host_whose_quiltd_is_down_is_not_placed_on(cluster: Any) -> None:
     assert got == sorted(h.name for h in cluster.hosts[:2])
 
 
+def test_a_handle_reaches_its_host_with_the_clients_results(cluster: Any) -> None:
+    got = driver(cluster, """
+        import io, tarfile
+        target = sorted(c.hosts())[2]
+        sb = c.create("calls", "busybox", ["sh", "-c", "echo started; sleep infinity"], host=target)
+        placed = sb.host
+        sb.wait_started()
+        task = sb.exec_start(["sh", "-c", "exit 7"])
+        waited = sb.exec_wait(task)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            data = b"from the driver"
+            info = tarfile.TarInfo("note.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        sb.copy_in("/tmp", buf.getvalue())
+        read = sb.exec(["cat", "/tmp/note.txt"]).stdout.decode()
+        with tarfile.open(fileobj=io.BytesIO(sb.copy_out("/tmp/note.txt"))) as tar:
+            back = tar.extractfile("note.txt").read().decode()
+        time.sleep(1)  # the journal takes the line in
+        logs = [line.line for line in sb.logs()]
+        info = sb.info()
+        try:
+            sb.pause()
+            sb.resume()
+            paused = "ok"
+        except errors.NotSupported as e:
+            paused = str(e)
+        sb.remove(force=True)
+        try:
+            sb.info()
+            gone = "still there"
+        except errors.NoSuchContainer as e:
+            gone = type(e).__name__
+        result({"target": target, "placed": placed,
+                "waited": list(waited), "read": read, "back": back, "logs": logs, "name": info["Name"],
+                "state": info["State"], "paused": paused, "gone": gone})
+    """)
+    assert got["placed"] == got["target"]
+    assert got["waited"] == ["exited", 7]
+    assert got["read"] == got["back"] == "from the driver"
+    assert "started" in got["logs"]
+    assert (got["name"], got["state"]) == ("calls", "running")
+    assert got["paused"] == "ok" or "NotSupported" in got["paused"], got["paused"]
+    assert got["gone"] == "NoSuchContainer"
+
+
+def test_map_streams_results_with_bounded_concurrency(cluster: Any) -> None:
+    got = driver(cluster, """
+        def square(sb, x):
+            return [sb.name, int(sb.exec(["sh", "-c", f"echo $(({x} * {x}))"]).stdout)]
+        rows = [[r.index, r.item, r.value, r.host, r.error is None] for r in
+                c.map(square, range(6), image="busybox", concurrency=2)]
+        result({"rows": rows, "left": [s.name for s in c.list()]})
+    """)
+    rows = sorted(got["rows"])
+    squares = [(i, item, value[1], ok) for i, item, value, _, ok in rows]
+    assert squares == [(i, i, i * i, True) for i in range(6)]
+    assert len({value[0] for _, _, value, _, _ in rows}) == 6  # a sandbox each
+    assert len({host for *_, host, _ in rows}) >= 2  # spread
+    assert got["left"] == []  # each removed after its item
+
+
 def test_names_are_unique_and_a_restarted_driver_finds_its_sandboxes(cluster: Any) -> None:
     first = driver(cluster, """
         made = c.create_many([(f"keep-{i}", "busybox", ["sleep", "infinity"], {}) for i in range(6)])
