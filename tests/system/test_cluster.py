@@ -326,6 +326,27 @@ def test_names_are_unique_and_a_restarted_driver_finds_its_sandboxes(cluster: An
     assert "NameTaken" in second["taken"] and "keep-0" in second["taken"]
 
 
+def test_a_head_restart_leaves_the_sandboxes_running_and_they_are_found_again(cluster: Any) -> None:
+    before = driver(cluster, """
+        made = c.create_many([(f"head-{i}", "busybox", ["sleep", "infinity"], {}) for i in range(6)])
+        c.wait_started(made)
+        result({s.name: [s.host, s.info()["StartedUsec"]] for s in made})
+    """)
+    cluster.restart_head()
+    # The hosts' Ray nodes end without their head and their services start them again.
+    cluster.wait_hosts(HOSTS)
+    after = driver(cluster, """
+        found = {s.name: s.host for s in c.list()}
+        out = {n: [h, c.get(n).info()["StartedUsec"], c.get(n).exec(["hostname"]).stdout.decode().strip()]
+               for n, h in found.items()}
+        result(out)
+        for n in found:
+            c.get(n).remove(force=True)
+    """)
+    # Same hosts, same containers (not started again), and each answers.
+    assert after == {n: [h, started, n] for n, (h, started) in before.items()}
+
+
 LOSS_DRIVER = """
     made = c.create_many([(f"{prefix}-{i}", "busybox", ["sleep", "infinity"], {}) for i in range(6)])
     c.wait_started(made)
