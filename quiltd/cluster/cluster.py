@@ -107,6 +107,7 @@ class QuiltCluster:
         for node_id in list(self._hosts):
             if node_id not in alive:
                 del self._hosts[node_id]
+        unsquared: builtins.list[_Host] = []
         for node_id in alive:
             if node_id in self._hosts:
                 continue
@@ -116,27 +117,31 @@ class QuiltCluster:
             except (RayActorError, GetTimeoutError):
                 continue  # the node went between the two calls, or is too slow to count
             host = _Host(name, node_id, agent)
-            self._reconcile(host)
-            self._hosts[node_id] = host
-        return {h.name: h for h in self._hosts.values()}
+            if self._reconcile(host):
+                self._hosts[node_id] = host
+            else:
+                unsquared.append(host)  # live, but asked again next time
+        return {h.name: h for h in [*self._hosts.values(), *unsquared]}
 
-    def _reconcile(self, host: _Host) -> None:
+    def _reconcile(self, host: _Host) -> bool:
         """Squares a host this driver sees for the first time with the registry.
 
         Its copies of sandboxes the registry places elsewhere (recreated while
         it was away) are removed, so no name runs twice; sandboxes the registry
-        lacks (it is new, after a head restart) are taken into it.
+        lacks (it is new, after a head restart) are taken into it. False if
+        its quiltd did not answer: it is tried again when next seen.
         """
         try:
             here: builtins.list[SandboxRecord] = ray.get(host.agent.records.remote(), timeout=INFO_TIMEOUT)
         except (RayActorError, GetTimeoutError, RayTaskError):
-            return  # quiltd down or slow: squared when next seen
+            return False
         current = self._reg("adopt", here)
         for s in here:
             r = current.get(s.name)
             if r is not None and (r.host, r.container_id) != (host.name, s.container_id):
                 with contextlib.suppress(RayActorError, RayTaskError):
                     ray.get(host.agent.remove.remote(s.container_id, True))
+        return True
 
     def host_infos(self, *, fresh: bool = False) -> dict[str, HostInfo]:
         """Reports of the live hosts whose quiltd answers; the others get nothing placed on them."""
