@@ -133,3 +133,25 @@ class AddressesExhausted(QuiltError):
     """A network has no free address left for one more container."""
 
     dbus_name = ERROR_PREFIX + "AddressesExhausted"
+
+
+# Raised by quiltd.cluster, the layer that spreads sandboxes over many hosts'
+# quiltds; quiltd itself never answers these.
+
+
+class HostLost(QuiltError):
+    """The host a sandbox was placed on is gone (dead, cut off, or its Ray node ended)."""
+
+    dbus_name = ERROR_PREFIX + "HostLost"
+
+
+class Unplaceable(QuiltError):
+    """No live host can take a sandbox: too little room, no image, or the affinity rules out every host."""
+
+    dbus_name = ERROR_PREFIX + "Unplaceable"
+
+
+class NotSupported(QuiltError):
+    """The host's quiltd has no such call (an older quiltd)."""
+
+    dbus_name = ERROR_PREFIX + "NotSupported"

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from dbus_next.signature import Variant
 
+from quiltd.core.capacity import Capacity
 from quiltd.core.manager import ContainerInfo, ImportResult, SystemInfo
 from quiltd.core.pool import PoolState
 from quiltd.model import ContainerListing
@@ -121,6 +122,17 @@ def system_info(info: SystemInfo) -> dict[str, Variant]:
         "WarmPoolSize": Variant("u", info.warm_pool_size),
         "WarmPoolReady": Variant("u", info.warm_pool_ready),
         "Freezer": Variant("s", info.freezer),
+    } | _capacity(info.capacity)
+
+
+def _capacity(cap: Capacity | None) -> dict[str, Variant]:
+    if cap is None:
+        return {}
+    return {
+        "CPUs": Variant("d", cap.cpus),
+        "MemoryBytes": Variant("t", cap.memory_bytes),
+        "CPUReserved": Variant("d", cap.cpu_reserved),
+        "MemoryReserved": Variant("t", cap.memory_reserved),
     }
 
 

@@ -27,6 +27,7 @@ from typing import Protocol, TypeVar
 from quiltd import __version__, grammar
 from quiltd.access import Credentials
 from quiltd.core import fdcheck, imagedefaults, options, parse, pool, volumes
+from quiltd.core.capacity import Capacity, capacity
 from quiltd.core.cleanup import Cleaner
 from quiltd.core.config import Config
 from quiltd.core.requests import (
@@ -142,6 +143,7 @@ class SystemInfo:
     warm_pool_size: int = 0  # containers the warm pools are to hold, all pools together
     warm_pool_ready: int = 0  # ready in them now
     freezer: str = FreezerKind.NONE.value  # how PauseContainer freezes: "systemd", "cgroup-v1" or "none"
+    capacity: Capacity | None = None
 
 
 def _describe_fd(fd: int) -> str:
@@ -313,6 +315,7 @@ class Manager:
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
             warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
             freezer=self.freezer.kind.value,
+            capacity=capacity(self._store.list_containers()),
         )
 
     def counts(self) -> dict[str, int]:

@@ -170,6 +170,30 @@ def test_load_bench_reports_every_part(
         assert line in table, (line, table)
 
 
+def test_cluster_bench_reports_overhead_creates_spread_and_a_lost_host() -> None:
+    """tools/bench --cluster with tiny counts: every number is there and the cluster is gone after."""
+    r = subprocess.run(
+        [str(REPO / "tools/bench"), "--cluster", "--quick", "--json", "--calls", "5", "--spread", "6"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    assert len(result["hosts"]) == 3
+    assert len(result["exec_direct_ms"]) == len(result["exec_cluster_ms"]) == 5
+    assert min(result["exec_direct_ms"]) > 0 and min(result["exec_cluster_ms"]) > 0
+    assert sorted(result["creates"]) == ["1", "2", "3"]
+    for k, v in result["creates"].items():
+        assert v["n"] == 5 * int(k) and v["running"] == v["n"] and v["seconds"] > 0, (k, v)
+    spread = result["spread"]
+    assert spread["answered"] == 6 and sorted(spread["per_host"].values()) == [2, 2, 2], spread
+    assert 0 < result["lost_seconds"] < 15, result["lost_seconds"]
+    assert result["moved"] and result["hosts"][-1] not in result["moved"]
+    assert not _bench_module().sandbox_module_clusters(), "the bench left a cluster behind"
+    table = _bench_module().render_cluster(result)
+    for line in ("through the cluster", "creates until running", "sandboxes spread", "lost host: HostLost"):
+        assert line in table, (line, table)
+
+
 def _bench_module() -> ModuleType:
     # tools/bench is a script without a .py suffix: load it by path.
     loader = importlib.machinery.SourceFileLoader("quilt_bench", str(REPO / "tools/bench"))

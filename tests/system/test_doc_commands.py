@@ -44,6 +44,10 @@ HOST_ONLY = {
     "tools/test": "the test suite itself",
     "tools/bench": "tests/system/test_bench.py",
     "tools/fuzz": "tests/system/test_fuzz.py",
+    # A cluster is several sandboxes and a Ray head, booted from the host.
+    "tools/sandbox cluster ": "tests/system/test_cluster.py (the docs' block, as written)",
+    "tools/make-busybox-image /var/tmp/quilt-cluster-": "tests/system/test_cluster.py",
+    "for h in 0 1 2; do tools/sandbox run quilt-cluster-h": "tests/system/test_cluster.py",
     "sudo tools/setup": "installs the host's build tools",
     "tools/build-deb": "builds the package on the host: tests/system/test_package.py",
     "sudo apt install ./out/quiltd_": "installs the package built above: tests/system/test_package.py",
