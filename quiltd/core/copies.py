@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from quiltd.access import Credentials
 from quiltd.core import fdcheck
 from quiltd.core.manager import Manager
+from quiltd.core.mechanisms import CopyForks
 from quiltd.core.turns import FairTurns
 from quiltd.errors import (
     CopyFailed,
@@ -28,7 +29,6 @@ from quiltd.errors import (
 )
 from quiltd.model import Container, State
 from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction, Failure
-from quiltd.runtime.spawner import ForkServer
 
 log = logging.getLogger("quiltd")
 
@@ -66,7 +66,7 @@ def check_path(path: object) -> str:
 
 
 class Copies:
-    def __init__(self, manager: Manager, forkserver: ForkServer) -> None:
+    def __init__(self, manager: Manager, forkserver: CopyForks) -> None:
         self._manager = manager
         self._forkserver = forkserver
         self._turns = FairTurns(COPY_TURNS, MAX_WAITING_COPIES)
