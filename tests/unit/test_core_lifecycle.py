@@ -323,3 +323,47 @@ def test_events_reach_every_listener_in_order(w: World) -> None:
         assert events.seen[-1][:2] == ("removed", "heard")
 
     run(main())
+
+
+def test_two_removes_at_once_remove_once(w: World) -> None:
+    async def main() -> None:
+        m, events = w.manager()
+        await create(m, "twice")
+        await settle(m, "twice")
+        results = await asyncio.gather(m.remove("twice", force=True), m.remove("twice", force=True),
+                                       return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["NoSuchContainer", "NoneType"]
+        assert [e for e, n, _ in events.seen if n == "twice"].count("removed") == 1
+
+    run(main())
+
+
+def test_a_command_that_ends_at_once_is_recorded_as_run_then_exited(w: World) -> None:
+    async def main() -> None:
+        m, events = w.manager()
+        w.inits.answer_at_go = False
+        await create(m, "instant")
+        while not (w.inits.made and w.inits.made[0].went):
+            await asyncio.sleep(0.001)
+        w.inits.made[0].exit(0)  # executed, and already gone when the daemon looks
+        c = await m.wait("instant", 0)
+        assert (c.state, c.exit_code) == (State.EXITED, 0)
+        assert events.states("instant") == ["created", "starting", "running", "exited"]
+
+    run(main())
+
+
+def test_a_wait_on_a_start_that_fails_returns_the_failed_container(w: World) -> None:
+    async def main() -> None:
+        m, _ = w.manager()
+        w.scopes.hold = asyncio.Event()
+        w.scopes.fail_start = Internal("no scope")
+        await create(m, "doomed")
+        waiting = asyncio.create_task(m.wait("doomed", 0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        w.scopes.hold.set()
+        c = await waiting
+        assert (c.state, c.reason) == (State.FAILED, "no scope")
+
+    run(main())
