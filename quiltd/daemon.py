@@ -32,7 +32,9 @@ from quiltd.host.scopes import Systemd
 from quiltd.names import BUS_NAME
 from quiltd.net import hostreset
 from quiltd.net.network import Netlink
+from quiltd.net.networks import Networks
 from quiltd.paths import Paths
+from quiltd.runtime.inits import ForkServerInits, Pidfds
 from quiltd.runtime.spawner import ForkServer
 from quiltd.store.database import Store
 
@@ -108,7 +110,9 @@ class Daemon:
         systemd = Systemd(bus)
         await systemd.connect()
         netlink = Netlink()
-        manager = self.manager = Manager(self._paths, store, systemd, self._forkserver, netlink, settings)
+        networks = Networks(self._paths, store, netlink)
+        manager = self.manager = Manager(self._paths, store, systemd, ForkServerInits(self._forkserver),
+                                         Pidfds(), networks, settings)
         execs = Execs(manager, self._paths, store)
         copies = Copies(manager, self._forkserver)
         service = BusService(bus, manager, execs, Logs(manager, execs), copies)

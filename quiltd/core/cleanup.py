@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from quiltd.core.mechanisms import Scopes
 from quiltd.errors import Busy, NoSpace
 from quiltd.fs.remove import remove_path
-from quiltd.host.scopes import Systemd
 from quiltd.model import CleanupKind, CleanupTask
 from quiltd.store.database import Store
 
@@ -42,7 +42,7 @@ class Cleaner:
     only up to the task's own pause.
     """
 
-    def __init__(self, store: Store, systemd: Systemd, now_usec: Callable[[], int],
+    def __init__(self, store: Store, systemd: Scopes, now_usec: Callable[[], int],
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._systemd = systemd

@@ -15,13 +15,13 @@ from dataclasses import replace
 from quiltd.access import Credentials
 from quiltd.core import fdcheck
 from quiltd.core.manager import Manager
+from quiltd.core.mechanisms import CopyForks
 from quiltd.core.requests import CopyOptions
 from quiltd.core.turns import FairTurns
 from quiltd.errors import Internal, InvalidArgument, InvalidState
 from quiltd.model import Container, State
 from quiltd.runtime import wire
 from quiltd.runtime.copyspec import CopyResult, CopySpec, Direction
-from quiltd.runtime.spawner import ForkServer
 from quiltd.runtime.wire import Code, Failure, Kind
 
 log = logging.getLogger("quiltd")
@@ -44,7 +44,7 @@ def check_path(path: object) -> str:
 
 
 class Copies:
-    def __init__(self, manager: Manager, forkserver: ForkServer) -> None:
+    def __init__(self, manager: Manager, forkserver: CopyForks) -> None:
         self._manager = manager
         self._forkserver = forkserver
         self._turns = FairTurns(COPY_TURNS, MAX_WAITING_COPIES)

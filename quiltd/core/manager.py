@@ -30,6 +30,7 @@ from quiltd.core import fdcheck, imagedefaults, options, parse, pool, volumes
 from quiltd.core.capacity import Capacity, capacity
 from quiltd.core.cleanup import Cleaner
 from quiltd.core.config import Config
+from quiltd.core.mechanisms import Inits, Networking, Processes, Scopes
 from quiltd.core.requests import (
     ContainerFilter,
     CreateOptions,
@@ -55,7 +56,7 @@ from quiltd.errors import (
 from quiltd.fs.remove import remove_path
 from quiltd.host import callerfiles
 from quiltd.host.freezer import Freezer, FreezerKind
-from quiltd.host.scopes import SLICE, ScopeLimits, Systemd, Usage
+from quiltd.host.scopes import SLICE, ScopeLimits, Usage
 from quiltd.images import extract, hostimage, imageexport, imageimport, pull
 from quiltd.images.layerstore import LayerStore
 from quiltd.model import (
@@ -72,24 +73,14 @@ from quiltd.model import (
     scope_unit,
 )
 from quiltd.net import networks
-from quiltd.net.network import Netlink
-from quiltd.net.networks import Networks
 from quiltd.paths import Paths
 from quiltd.runtime import launchspec, mountopts, mounts, userns
 from quiltd.runtime.journalstream import LOG_DROPPED_FILE
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.spawner import (
-    ForkServer,
     Launched,
-    confirm,
-    go_and_confirm,
     let_go,
-    open_pidfd,
     read_answer,
-    send_go,
-    send_in,
-    send_spec,
-    watch_exit,
 )
 from quiltd.runtime.wire import Failure, Frame
 from quiltd.store.database import Store
@@ -221,17 +212,18 @@ def ttl_expired(c: Container, scope_since: int | None, boot_now: int | None, sto
 
 
 class Manager:
-    def __init__(self, paths: Paths, store: Store, systemd: Systemd, forkserver: ForkServer,
-                 netlink: Netlink | None = None, config: Config | None = None,
-                 freezer: Freezer | None = None) -> None:
+    def __init__(self, paths: Paths, store: Store, systemd: Scopes, inits: Inits, processes: Processes,
+                 networks: Networking, config: Config | None = None, freezer: Freezer | None = None) -> None:
+        """The mechanisms come in as interfaces (mechanisms.py): daemon.py passes the real ones."""
         self.paths = paths
         self._config = config or Config()  # none: members get only what needs no setting
         self._store = store
         self._systemd = systemd
-        self._forkserver = forkserver
+        self._inits = inits
+        self._processes = processes
+        self._networks = networks
         self.freezer = freezer or Freezer(systemd, SLICE)
         self._ttl_thaws: dict[str, asyncio.TimerHandle] = {}  # paused containers with a TTL running out
-        self._networks = Networks(paths, store, netlink or Netlink())
         self._listeners: list[Listener] = [self._networks]
         self._locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
@@ -411,16 +403,16 @@ class Manager:
         for listener in self._listeners:
             listener.container_changed(claimed, created)
         # Sent before the answer: the init starts the command while the reply goes out.
-        send_go(member.launched, launchspec.claim(c.name, c.spec.hostname, c.command, c.spec.env,
-                                                  c.spec.workdir, c.spec.user, c.spec.log_rate_burst,
-                                                  c.spec.log_rate_interval_sec))
+        self._inits.send_go(member.launched, launchspec.claim(
+            c.name, c.spec.hostname, c.command, c.spec.env, c.spec.workdir, c.spec.user,
+            c.spec.log_rate_burst, c.spec.log_rate_interval_sec))
         self._track_start(claimed.id, self._background(
             self._locked(claimed.id, lambda: self._confirm_claim(claimed, member.launched))))
         return claimed
 
     async def _confirm_claim(self, c: Container, launched: Launched) -> Container:
         try:
-            failure = await confirm(launched)
+            failure = await self._inits.confirm(launched)
         except Exception as e:
             return await self._start_failed(c, launched, e)
         return await self._started(c, launched, failure)
@@ -468,10 +460,10 @@ class Manager:
             image = self._find_image(c.image)
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
-            launched = await self._forkserver.launch()
+            launched = await self._inits.launch()
             # The init builds the root while systemd makes the scope and the
             # veth is made: the three overlap, and GO waits for all of them.
-            send_spec(launched, spec)
+            self._inits.send_spec(launched, spec)
             self._scope_since[c.id] = boot_usec()
             scope, veth = await asyncio.gather(
                 self._systemd.start_scope(
@@ -487,7 +479,8 @@ class Manager:
                 if isinstance(result, BaseException):
                     raise result
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
-            failure = await go_and_confirm(launched)
+            self._inits.send_go(launched)
+            failure = await self._inits.confirm(launched)
         except Exception as e:
             return await self._start_failed(c, launched, e)
         return await self._started(c, launched, failure)
@@ -632,7 +625,7 @@ class Manager:
 
     def _watch(self, c: Container, pidfd: int) -> None:
         self._pidfds[c.id] = pidfd
-        watch_exit(pidfd, lambda: self._on_exit(c.id, boot_usec()))
+        self._processes.watch_exit(pidfd, lambda: self._on_exit(c.id, boot_usec()))
 
     def _on_exit(self, container_id: str, boot_now: int | None) -> None:
         """The command ended; boot_now if it was seen ending, None if it was found gone."""
@@ -714,8 +707,7 @@ class Manager:
         """Sends signum to init, which passes it on to the command."""
         pidfd = self._pidfds.get(c.id)
         if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signum)
+            self._processes.send_signal(pidfd, signum)
 
     async def _kill_scope(self, c: Container) -> None:
         self._killed_with[c.id] = signal.SIGKILL
@@ -1211,8 +1203,8 @@ class Manager:
         launched: Launched | None = None
         try:
             spec = self._launch_spec(c, image)
-            launched = await self._forkserver.launch()
-            send_spec(launched, spec)
+            launched = await self._inits.launch()
+            self._inits.send_spec(launched, spec)
             results = await asyncio.gather(
                 self._systemd.start_scope(
                     c.unit, launched.pid,
@@ -1227,7 +1219,7 @@ class Manager:
                     raise result
             with self._store.transaction():
                 self._store.update_container(replace(c, pid=launched.pid, pid_starttime=launched.starttime))
-            send_in(launched)
+            self._inits.send_in(launched)
         except Exception:
             log.exception("making a member of the warm pool of image %s failed", image.name)
             await self._discard_pool_member(cid, launched)
@@ -1267,7 +1259,7 @@ class Manager:
         for c in self._store.list_containers():
             if not c.state.is_active:
                 continue
-            pidfd = open_pidfd(c.pid, c.pid_starttime) if c.pid else None
+            pidfd = self._processes.open_pidfd(c.pid, c.pid_starttime) if c.pid else None
             if pidfd is not None:
                 if c.state == State.STARTING:
                     c = self._transition(c, state=State.RUNNING,

@@ -19,8 +19,10 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from quiltd.errors import (
     AddressesExhausted,
@@ -34,12 +36,13 @@ from quiltd.fs.remove import remove_path
 from quiltd.model import Container, Lease, Network
 from quiltd.names import VETH_PREFIX, veth_name
 from quiltd.net import firewall, hostreset
-from quiltd.net.network import CONTAINER_IFNAME, Netlink, container_mac
+from quiltd.net.network import CONTAINER_IFNAME, Link, container_mac
 from quiltd.net.nftqueue import NftQueue
 from quiltd.paths import Paths
 from quiltd.store.database import Store
 
 log = logging.getLogger("quiltd")
+T = TypeVar("T")
 
 NONE = "none"  # the network option for loopback only
 DEFAULT = "bridge"  # the default network's name; its bridge device is quilt0
@@ -133,13 +136,40 @@ def policy(network: Network) -> firewall.Policy:
     return firewall.Policy(network.bridge, network.subnet, network.gateway, egress, rules)
 
 
+class Links(Protocol):
+    """The host's links, as Networks uses them: network.Netlink, or a fake in the unit tests.
+
+    Each raises errors.Internal (network.NetworkError) with the kernel's reason.
+    """
+
+    async def ensure_bridge(self, name: str, gateway: str) -> None:
+        """Makes the bridge with the gateway's address on it, if it is not there yet."""
+
+    async def add_veth(self, container_id: str, bridge: str, gateway: str, pid: int, address: str) -> None:
+        """The container's veth pair: the host end a port of bridge, the other eth0 in pid's netns."""
+
+    async def delete_link(self, name: str) -> bool:
+        """Deletes a link; False if there was none."""
+
+    async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn(*args) in turn with the link work (the firewall's reload)."""
+
+    async def links(self) -> list[Link]:
+        """Every link of the host's network namespace."""
+
+    async def set_master(self, name: str, bridge: str) -> None:
+        """Makes the link a port of bridge."""
+
+
 class Networks:
-    def __init__(self, paths: Paths, store: Store, netlink: Netlink) -> None:
+    def __init__(self, paths: Paths, store: Store, netlink: Links,
+                 load_nft: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """load_nft runs an nft script (the port pins); nft on a worker thread unless given."""
         self._paths = paths
         self._store = store
         self._netlink = netlink
         self._stale_hosts: set[str] = set()
-        self._nft = NftQueue(_load_nft)
+        self._nft = NftQueue(load_nft or _load_nft)
         # Per network, the hosts file's entries by container id: kept up to
         # date from the container events, so a change costs one lookup and
         # not a read of every container on record.
