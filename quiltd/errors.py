@@ -133,3 +133,9 @@ class AddressesExhausted(QuiltError):
     """A network has no free address left for one more container."""
 
     dbus_name = ERROR_PREFIX + "AddressesExhausted"
+
+
+class NotSupported(QuiltError):
+    """What this host, or this kind of container, cannot do; the message says why."""
+
+    dbus_name = ERROR_PREFIX + "NotSupported"

@@ -27,6 +27,7 @@ from typing import Protocol, TypeVar
 from quiltd import (
     __version__,
     callerfiles,
+    checkpoints,
     fdcheck,
     hostimage,
     imagedefaults,
@@ -39,6 +40,7 @@ from quiltd import (
     options,
     pool,
     pull,
+    snapshots,
     userns,
     volumes,
 )
@@ -241,6 +243,8 @@ class Manager:
         self._starts = FairTurns(START_TURNS, MAX_WAITING_STARTS)
         self.pools = pool.WarmPools(store, self._make_pool_member, self._discard_pool_member,
                                     lambda: self._starts.waiting > 0)
+        self.snapshots = snapshots.Snapshots(self)
+        self.checkpoints = checkpoints.Checkpoints(self)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -555,7 +559,7 @@ class Manager:
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
         spec = LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
-            env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
+            env=c.spec.env, workdir=c.spec.workdir, lowerdir=self._lowerdir(c, image),
             upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
             disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
             user=c.spec.user,
@@ -572,6 +576,11 @@ class Manager:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _lowerdir(self, c: Container, image: Image) -> str:
+        """The overlay's lower layers, top first: what forks froze of c's writes, then its image."""
+        frozen = self._store.container_layers(c.id)
+        return ":".join([*(str(self.layers_store.path(d)) for d in frozen), image.path])
 
     def _source_policy(self, creator_uid: int, host_image: bool) -> mounts.SourcePolicy:
         """Where the binds of a container made by creator_uid may come from (see mounts.SourcePolicy)."""
@@ -793,6 +802,8 @@ class Manager:
             with self._store.transaction():
                 self._store.delete_container(c.id)
                 leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
+                # The last container stacking a layer a fork froze takes it along.
+                leftovers += self._retire_unused_layers()
             if leftovers:
                 await self.cleaner.now(leftovers)
             with contextlib.suppress(Internal):
@@ -985,6 +996,10 @@ class Manager:
             users = self._store.containers_using_image(name)
         if users:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
+        derived = self._store.images_based_on(name)
+        if derived:
+            raise InvalidState(f"image {name!r} is the base of image(s) {', '.join(derived)}, "
+                               "committed over it: remove those first")
         with self._store.transaction():
             self._store.delete_image(name)
             if image.layers:
@@ -1132,6 +1147,13 @@ class Manager:
     async def recover(self) -> dict[RecoveryOutcome, list[str]]:
         """Makes the store agree with the processes and scopes that exist now."""
         found: dict[RecoveryOutcome, list[str]] = {o: [] for o in RecoveryOutcome}
+        # A fork or commit cut off: its writable layer goes where its record
+        # says, and what a commit froze is thawed, before anything starts.
+        for done in snapshots.recover(self.paths.state_dir / "containers", set(self._store.layer_sizes()),
+                                      self.layers_store.root):
+            log.warning("recovery: %s", done)
+        for container_id in self.snapshots.freezer.thaw_leftovers():
+            log.warning("recovery: container %s was left frozen by a commit cut off: thawed", container_id)
         # A warm pool's ready members did not outlive the daemon: each init
         # read end of file on its spec pipe and left. Their rows go, and what
         # they made goes to the cleaner; the pools are filled again below.
