@@ -177,6 +177,28 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
         return [[t.kind.value, t.target, t.attempts, t.next_usec, t.last_error]
                 for t in self._m.cleanup_status()]
 
+    @method()
+    @bus_errors
+    async def CommitContainer(self, ref: "s", image: "s", options: "a{sv}") -> "s":
+        made = await self._m.snapshots.commit(ref, image, convert.unwrap(options), caller=caller())
+        return made.id
+
+    @method()
+    @bus_errors
+    async def ForkContainer(self, ref: "s", names: "as", options: "a{sv}") -> "a(so)":
+        forks = await self._m.snapshots.fork(ref, names, convert.unwrap(options), caller=caller())
+        return [[c.id, container_path(c.id)] for c in forks]
+
+    @method()
+    @bus_errors
+    async def CheckpointContainer(self, ref: "s", options: "a{sv}") -> None:
+        await self._m.checkpoints.checkpoint(ref, convert.unwrap(options))
+
+    @method()
+    @bus_errors
+    async def RestoreContainer(self, ref: "s", options: "a{sv}") -> None:
+        await self._m.checkpoints.restore(ref, convert.unwrap(options))
+
     @signal()
     def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":
         return [id, name, state, exit_code]
