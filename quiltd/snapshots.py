@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -333,26 +334,38 @@ class Snapshots:
         await m._start_settled(source.id)
         image = m._find_image(source.image)
         self._check_source(source, image, m._store.container_layers(source.id), "fork")
-        was_running = source.state.is_active
-        if was_running:
-            # An overlay's layers cannot change under a mounted root: the
-            # source stops, and starts again on the same files after.
-            await m.stop(source.id, wanted.stop_timeout_sec)
         async with m.container_lock(source.id):
             source = m.get(source.id)
-            if source.state.is_active:
-                raise InvalidState(f"container {source.name} was started again during the fork; "
-                                   "nothing was forked")
-            forks = await self._fork_stopped(source, wanted_names, wanted, caller)
+            was_running = source.state.is_active
+            if was_running:
+                if source.spec.auto_remove:
+                    raise InvalidState(f"container {source.name} is {source.state.value} with auto_remove: "
+                                       "a fork stops it, which would remove it; fork it once it ended")
+                await self._stop(source, wanted.stop_timeout_sec)
+            forks = await self._fork_stopped(m.get(source.id), wanted_names, wanted, caller)
+            if was_running:
+                # Started by the background start, which takes the lock once this call lets it go.
+                m._start_in_background(m._transition(m.get(source.id), state=State.STARTING, reason="",
+                                                     _with=m._networks.take_lease), resume=False)
         for f in forks:
             for listener in m._listeners:
                 listener.container_added(f)
         if wanted.start:
             forks = [self._start(f) for f in forks]
-        if was_running:
-            m._start_in_background(m._transition(m.get(source.id), state=State.STARTING, reason="",
-                                                 _with=m._networks.take_lease), resume=False)
         return forks
+
+    async def _stop(self, c: Container, timeout_sec: int) -> None:
+        """Ends c's processes as StopContainer does, without recording 'stopping'.
+
+        A quiltd killed while a stubborn command takes its time finds the
+        source running as before, not half stopped.
+        """
+        m = self._m
+        if c.state == State.RUNNING:
+            m._signal_init(c, signal.SIGTERM)
+        if not await m._wait_exit(c.id, timeout_sec):
+            await m._kill_scope(c)
+            await m._wait_exit(c.id, None)
 
     def _start(self, c: Container) -> Container:
         m = self._m
