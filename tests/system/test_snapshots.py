@@ -9,6 +9,7 @@ refusal leaves nothing behind, and a quiltd killed mid-way comes back whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import subprocess
 import time
@@ -119,28 +120,40 @@ async def _lines(q: Any, ref: str) -> list[str]:
     return [str(line) for _, _, line in await q.logs(ref)]
 
 
-def test_commit_of_a_busy_writer_holds_no_half_write(sandbox: Any, quilt: Any, name: str) -> None:
-    # The writer appends numbered lines as fast as it can: a copy taken while
-    # it runs would end in a cut line or skip one; a frozen one cannot.
+def test_commit_freezes_a_running_container_for_the_copy(sandbox: Any, quilt: Any, name: str) -> None:
+    # The writer puts the same count in /a, then /b, as fast as it can. A copy
+    # taken while it runs could catch /b far from /a; a frozen one catches
+    # them equal, or /a one ahead. The freezer is watched doing it.
     image = f"busy-{secrets.token_hex(3)}"
 
     async def scenario() -> None:
         async with quilt() as q:
-            await q.create(name, "busybox", ["sh", "-c", "i=0; while :; do echo line-$i-end >> /log; "
-                                                         "i=$((i+1)); done"])
+            cid, _ = await q.create(name, "busybox", [
+                "sh", "-c", "head -c 150000000 /dev/zero > /ballast; i=0; "
+                            "while :; do echo $i > /a; echo $i > /b; i=$((i+1)); done"])
             await _running(q, name)
-            await eventually(lambda: _log_lines(q, name, 2000))
-            await q.commit(name, image)
-            count = int(await _sh(q, name, "wc -l < /log"))
+            await eventually(lambda: _count_past(q, name, 1000))
+            v1 = sandbox.host_path(f"/sys/fs/cgroup/freezer/quilt-freeze-{cid}/freezer.state")
+            v2 = sandbox.host_path(f"/sys/fs/cgroup/quilt.slice/quilt-{cid}.scope/cgroup.freeze")
+            seen: set[str] = set()
+            commit = asyncio.ensure_future(q.commit(name, image))
+            while not commit.done():
+                for state in (v1, v2):
+                    with contextlib.suppress(OSError):
+                        seen.add(state.read_text().strip())
+                await asyncio.sleep(0.002)
+            await commit
+            assert "FROZEN" in seen or "1" in seen, seen
+            count = await _count(q, name)
             await asyncio.sleep(0.3)
-            assert int(await _sh(q, name, "wc -l < /log")) > count  # thawed: still writing
+            assert await _count(q, name) > count  # thawed: still writing
             reader = f"{name[:50]}-r"
             await q.create(reader, image, ["sleep", "1000"])
             await _running(q, reader)
-            content = await _sh(q, reader, "cat /log")
-            lines = content.split("\n")
-            assert lines[-1] == ""  # ends in a whole line
-            assert lines[:-1] == [f"line-{i}-end" for i in range(len(lines) - 1)]
+            a, b = (await _sh(q, reader, "cat /a; echo /; cat /b")).replace("\n", "").split("/")
+            # Frozen between two writes: equal, /a one ahead, or one of them
+            # just truncated by the next write (empty).
+            assert not a or not b or int(a) - int(b) in (0, 1), (a, b)
             await q.remove(reader, force=True)
             await q.remove(name, force=True)
             await q.remove_image(image)
@@ -149,8 +162,18 @@ def test_commit_of_a_busy_writer_holds_no_half_write(sandbox: Any, quilt: Any, n
     run(scenario())
 
 
-async def _log_lines(q: Any, name: str, at_least: int) -> bool:
-    return int(await _sh(q, name, "wc -l < /log")) >= at_least
+async def _count(q: Any, name: str) -> int:
+    """The writer's count; read again when caught between a truncate and its write."""
+    for _ in range(100):
+        out = await _sh(q, name, "cat /b")
+        if out.strip():
+            return int(out)
+    raise AssertionError("/b stayed empty")
+
+
+async def _count_past(q: Any, name: str, at_least: int) -> bool:
+    code, out, _ = await q.exec(name, ["cat", "/b"])
+    return bool(code == 0 and out.strip() and int(out) >= at_least)
 
 
 def test_commit_refusals_leave_nothing(sandbox: Any, quilt: Any, name: str) -> None:
