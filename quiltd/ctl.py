@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label of the image (repeatable)")
     s.add_argument("ref", metavar="CONTAINER")
     s.add_argument("image", metavar="IMAGE")
-    s = verb("fork", "make containers that start from a container's filesystem; prints their ids", cmd_fork)
+    s = verb("fork", "make containers that start from a container's filesystem; prints their ids once "
+             "they run", cmd_fork)
     s.add_argument("--command", metavar="WORDS",
                    help="what the forks run, as shell words (default: the container's command)")
     s.add_argument("--no-start", action="store_true", help="leave the forks created, not started")
@@ -500,9 +501,16 @@ async def cmd_fork(q: QuiltClient, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"start": not args.no_start, "stop_timeout_sec": args.time}
     if args.command is not None:
         options["command"] = shlex.split(args.command)
-    for fork_id, _ in await q.fork(args.ref, args.names, **options):
+    made = await q.fork(args.ref, args.names, **options)
+    code = EXIT_OK
+    for name, (fork_id, _) in zip(args.names, made, strict=True):
+        # Printed once it runs, as a command after this one expects of it.
+        if not args.no_start and await q.wait_started(fork_id) == "failed":
+            reason = (await q.info(fork_id)).get("Reason", "")
+            print(f"quiltctl: {name}: failed to start: {reason}", file=sys.stderr)
+            code = EXIT_FAILED
         print(fork_id)
-    return EXIT_OK
+    return code
 
 
 async def cmd_wait(q: QuiltClient, args: argparse.Namespace) -> int:
