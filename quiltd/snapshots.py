@@ -342,17 +342,22 @@ class Snapshots:
                     raise InvalidState(f"container {source.name} is {source.state.value} with auto_remove: "
                                        "a fork stops it, which would remove it; fork it once it ended")
                 await self._stop(source, wanted.stop_timeout_sec)
-            forks = await self._fork_stopped(m.get(source.id), wanted_names, wanted, caller)
-            if was_running:
-                # Started by the background start, which takes the lock once this call lets it go.
-                m._start_in_background(m._transition(m.get(source.id), state=State.STARTING, reason="",
-                                                     _with=m._networks.take_lease), resume=False)
-        for f in forks:
+            try:
+                made = await self._fork_stopped(m.get(source.id), wanted_names, wanted, caller)
+            finally:
+                if was_running:  # forked or not, the source goes on
+                    # Started by the background start, which takes the lock once this call lets it go.
+                    m._start_in_background(m._transition(m.get(source.id), state=State.STARTING, reason="",
+                                                         _with=m._networks.take_lease), resume=False)
+        # Announced as a create announces: added as created, then starting.
+        for created, starting in made:
             for listener in m._listeners:
-                listener.container_added(f)
-        if wanted.start:
-            forks = [self._start(f) for f in forks]
-        return forks
+                listener.container_added(created)
+            if starting is not None:
+                for listener in m._listeners:
+                    listener.container_changed(starting, created)
+                m._start_in_background(starting, resume=False)
+        return [starting or created for created, starting in made]
 
     async def _stop(self, c: Container, timeout_sec: int) -> None:
         """Ends c's processes as StopContainer does, without recording 'stopping'.
@@ -367,14 +372,9 @@ class Snapshots:
             await m._kill_scope(c)
             await m._wait_exit(c.id, None)
 
-    def _start(self, c: Container) -> Container:
-        m = self._m
-        starting = m._transition(c, state=State.STARTING, _with=m._networks.take_lease)
-        m._start_in_background(starting, resume=False)
-        return starting
-
     async def _fork_stopped(self, source: Container, names: tuple[str, ...], wanted: ForkOptions,
-                            caller: Credentials) -> list[Container]:
+                            caller: Credentials) -> list[tuple[Container, Container | None]]:
+        """The forks of a stopped source as created, and as starting when they start; all recorded."""
         m = self._m
         old = m._store.container_layers(source.id)
         cdir = m.paths.container_dir(source.id)
@@ -386,6 +386,7 @@ class Snapshots:
         loop = asyncio.get_running_loop()
         size = await loop.run_in_executor(None, tree_size, upper) if written else 0
         forks = [self._fork_of(source, name, wanted, caller) for name in names]
+        starts = [replace(f, state=State.STARTING) if wanted.start else None for f in forks]
         if diff_id:
             os.rename(upper, pending)
         try:
@@ -393,10 +394,15 @@ class Snapshots:
                 if diff_id:
                     m._store.insert_layer(diff_id, size)
                     m._store.set_container_layers(source.id, layers)
-                for f in forks:
+                # As a create: starting and the address in the same transaction,
+                # so a network out of addresses leaves no fork at all.
+                for f, starting in zip(forks, starts, strict=True):
                     m._store.insert_container(f)
                     m._store.set_container_layers(f.id, layers)
                     m.volumes.attach(f.id, [n for n, _, _ in f.spec.volumes])
+                    if starting is not None:
+                        m._store.update_container(starting)
+                        m._networks.take_lease(starting)
         except BaseException as e:
             if diff_id:
                 os.rename(pending, upper)
@@ -406,7 +412,7 @@ class Snapshots:
             raise
         if diff_id:
             finish_pending(pending, m.layers_store.path(diff_id))
-        return forks
+        return list(zip(forks, starts, strict=True))
 
     def _fork_of(self, source: Container, name: str, wanted: ForkOptions, caller: Credentials) -> Container:
         spec: ContainerSpec = source.spec
