@@ -361,7 +361,10 @@ def test_fork_refusals_leave_nothing(sandbox: Any, quilt: Any, name: str) -> Non
         async with quilt() as q:
             await q.create(name, "busybox", ["sleep", "1000"])
             await q.create(other, "busybox", ["sleep", "1000"], start=False)
+            removes_itself = f"{name[:50]}-r"
+            await q.create(removes_itself, "busybox", ["sleep", "1000"], auto_remove=True)
             await _running(q, name)
+            await _running(q, removes_itself)
             await _sh(q, name, "echo kept > /kept")
             before = await records(q)
             layers_before = _layer_dirs(sandbox)
@@ -375,6 +378,8 @@ def test_fork_refusals_leave_nothing(sandbox: Any, quilt: Any, name: str) -> Non
                 (errors.InvalidArgument, q.fork(name, ["ok"], command=[])),
                 (errors.LimitExceeded, q.fork(name, [f"n{i}" for i in range(257)])),
                 (errors.NoSuchContainer, q.fork("no-such-container", ["ok"])),
+                # Stopping it for the fork would remove it.
+                (errors.InvalidState, q.fork(removes_itself, ["ok"])),
             ]
             for kind, call in refusals:
                 with pytest.raises(kind):
@@ -384,8 +389,9 @@ def test_fork_refusals_leave_nothing(sandbox: Any, quilt: Any, name: str) -> Non
             # Refused before anything was touched: the source never stopped.
             assert (await q.info(name))["State"] == "running"
             assert await _sh(q, name, "cat /kept") == "kept\n"
-            await q.remove(name, force=True)
-            await q.remove(other)
+            assert (await q.info(removes_itself))["State"] == "running"
+            for who in (name, other, removes_itself):
+                await q.remove(who, force=True)
 
     run(scenario())
 
