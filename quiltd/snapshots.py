@@ -212,14 +212,20 @@ def check_free_space(source: Path, dest_dir: Path) -> None:
                       f"{free} free; nothing was made")
 
 
-def copy_layer(source: Path, dest: Path) -> int:
+def copy_layer(source: Path, dest: Path, container_name: str) -> int:
     """Copies a writable layer (whiteouts, xattrs, owners, hard links) into dest; its size.
 
     cp -a keeps what overlayfs reads from a layer: whiteout devices, the
-    trusted.overlay.opaque attribute of directories, owners and modes.
+    trusted.overlay.opaque attribute of directories, owners and modes. It
+    runs in a scope of its own in quilt.slice: the pages it writes (memory
+    itself when the state directory is a tmpfs) are charged there, never to
+    quiltd.service, whose MemoryMax a large layer would pass.
     """
     check_free_space(source, dest.parent)
-    result = _run(["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(dest)], dest)
+    scope = ["systemd-run", "--scope", "--quiet", "--collect", "--slice=quilt.slice",
+             f"--unit=quilt-commit-{secrets.token_hex(8)}",
+             f"--description=Quilt commit of container {container_name}", "--"]
+    result = _run([*scope, "cp", "-a", "--reflink=auto", "--", f"{source}/.", str(dest)], dest)
     if result:
         images.remove_tree(dest)
         if "No space left" in result:
@@ -268,7 +274,7 @@ class Snapshots:
             try:
                 async with freeze:
                     if upper.is_dir():
-                        size = await loop.run_in_executor(None, copy_layer, upper, scratch)
+                        size = await loop.run_in_executor(None, copy_layer, upper, scratch, c.name)
                     else:
                         scratch.mkdir(mode=0o755)  # never started: nothing written
                         size = 0
