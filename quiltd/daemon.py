@@ -22,10 +22,12 @@ from quiltd.bus.gate import BusGate
 from quiltd.bus.peer import PeerServer, listeners_from_fds
 from quiltd.bus.service import BusService
 from quiltd.core import config
+from quiltd.core.checkpoints import Checkpoints
 from quiltd.core.copies import Copies
 from quiltd.core.execs import Execs
 from quiltd.core.logs import Logs
 from quiltd.core.manager import Manager, RecoveryOutcome
+from quiltd.core.snapshots import Snapshots
 from quiltd.dbusnext.connection import MessageBus
 from quiltd.host.notify import Notifier
 from quiltd.host.scopes import Systemd
@@ -115,7 +117,8 @@ class Daemon:
                                          Pidfds(), networks, settings)
         execs = Execs(manager, self._paths, store)
         copies = Copies(manager, self._forkserver)
-        service = BusService(bus, manager, execs, Logs(manager, execs), copies)
+        service = BusService(bus, manager, execs, Logs(manager, execs), copies, Snapshots(manager),
+                             Checkpoints(manager))
         found = await manager.recover()
         await execs.recover()
         service.export_existing()

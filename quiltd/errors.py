@@ -152,6 +152,7 @@ class Unplaceable(QuiltError):
 
 
 class NotSupported(QuiltError):
-    """The host's quiltd has no such call (an older quiltd)."""
+    """What this host, or this kind of container, cannot do (or, from quiltd.cluster, a host's older
+    quiltd lacks the call); the message says why."""
 
     dbus_name = ERROR_PREFIX + "NotSupported"

@@ -139,6 +139,7 @@ class ImageConfig:
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
     user: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # set by CommitContainer; OCI imports keep none
 
 
 @dataclass(frozen=True)

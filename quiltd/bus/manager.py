@@ -14,20 +14,25 @@ from quiltd.bus.execs import ExecMethods
 from quiltd.bus.gate import caller
 from quiltd.bus.logs import LogMethods
 from quiltd.core import parse
+from quiltd.core.checkpoints import Checkpoints
 from quiltd.core.copies import Copies
 from quiltd.core.execs import Execs
 from quiltd.core.logs import Logs
 from quiltd.core.manager import ImportResult, Manager
+from quiltd.core.snapshots import Snapshots
 from quiltd.names import MANAGER_INTERFACE, container_path
 
 
 class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
-    def __init__(self, manager: Manager, execs: Execs, logs: Logs, copies: Copies) -> None:
+    def __init__(self, manager: Manager, execs: Execs, logs: Logs, copies: Copies, snapshots: Snapshots,
+                 checkpoints: Checkpoints) -> None:
         super().__init__(MANAGER_INTERFACE)
         self._m = manager
         self._execs = execs
         self._logs = logs
         self._copies = copies
+        self._snapshots = snapshots
+        self._checkpoints = checkpoints
 
     @method()
     @bus_errors
@@ -198,6 +203,32 @@ class ManagerInterface(ExecMethods, LogMethods, CopyMethods, ServiceInterface):
     async def GetCleanupStatus(self) -> "a(ssuts)":
         return [[t.kind.value, t.target, t.attempts, t.next_usec, t.last_error]
                 for t in self._m.cleanup_status()]
+
+    @method()
+    @bus_errors
+    async def CommitContainer(self, ref: "s", image: "s", options: "a{sv}") -> "s":
+        made = await self._snapshots.commit(ref, image, convert.request(parse.commit_options, options),
+                                              caller=caller())
+        return made.id
+
+    @method()
+    @bus_errors
+    async def ForkContainer(self, ref: "s", names: "as", options: "a{sv}") -> "a(so)":
+        forks = await self._snapshots.fork(ref, names, convert.request(parse.fork_options, options),
+                                            caller=caller())
+        return [[c.id, container_path(c.id)] for c in forks]
+
+    @method()
+    @bus_errors
+    async def CheckpointContainer(self, ref: "s", options: "a{sv}") -> None:
+        convert.request(parse.no_options, options)
+        await self._checkpoints.checkpoint(ref)
+
+    @method()
+    @bus_errors
+    async def RestoreContainer(self, ref: "s", options: "a{sv}") -> None:
+        convert.request(parse.no_options, options)
+        await self._checkpoints.restore(ref)
 
     @signal()
     def ContainerStateChanged(self, id: str, name: str, state: str, exit_code: int) -> "sssi":

@@ -13,10 +13,12 @@ from dbus_next.message import Message
 
 from quiltd.bus.container import ContainerInterface
 from quiltd.bus.manager import ManagerInterface
+from quiltd.core.checkpoints import Checkpoints
 from quiltd.core.copies import Copies
 from quiltd.core.execs import Execs
 from quiltd.core.logs import Logs
 from quiltd.core.manager import Manager
+from quiltd.core.snapshots import Snapshots
 from quiltd.model import Container, Exec
 from quiltd.names import CONTAINER_INTERFACE, MANAGER_PATH, container_path
 
@@ -26,11 +28,12 @@ OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 class BusService:
     """The manager's Listener: keeps the exported objects in step with the store."""
 
-    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs, copies: Copies) -> None:
+    def __init__(self, bus: MessageBus, manager: Manager, execs: Execs, logs: Logs, copies: Copies,
+                 snapshots: Snapshots, checkpoints: Checkpoints) -> None:
         self._bus = bus
         self._manager = manager
         self._execs = execs
-        self._interface = ManagerInterface(manager, execs, logs, copies)
+        self._interface = ManagerInterface(manager, execs, logs, copies, snapshots, checkpoints)
         self._containers: dict[str, ContainerInterface] = {}
         bus.export(MANAGER_PATH, self._interface)
         manager.add_listener(self)

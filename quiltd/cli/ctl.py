@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import stat
 import sys
@@ -295,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", metavar="IMAGE",
                    help="HOST/REPO[:TAG|@sha256:DIGEST] or docker://..., oci-archive:PATH[:REF], "
                         "docker-archive:PATH[:REF]")
+    s = verb("commit", "make an image of a container's filesystem as it is now; prints its id", cmd_commit)
+    s.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set in the image's environment (repeatable)")
+    s.add_argument("-w", "--workdir", help="the image's working directory")
+    s.add_argument("-u", "--user", help="the image's user[:group]")
+    s.add_argument("--entrypoint", metavar="WORDS", help="the image's Entrypoint, as shell words")
+    s.add_argument("--cmd", metavar="WORDS", help="the image's Cmd, as shell words")
+    s.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
+                   help="label of the image (repeatable)")
+    s.add_argument("ref", metavar="CONTAINER")
+    s.add_argument("image", metavar="IMAGE")
+    s = verb("fork", "make containers that start from a container's filesystem; prints their ids once "
+             "they run", cmd_fork)
+    s.add_argument("--command", metavar="WORDS",
+                   help="what the forks run, as shell words (default: the container's command)")
+    s.add_argument("--no-start", action="store_true", help="leave the forks created, not started")
+    s.add_argument("-t", "--time", type=int, default=STOP_TIMEOUT,
+                   help="seconds a running container gets to stop before SIGKILL (default 10)")
+    s.add_argument("ref", metavar="CONTAINER")
+    s.add_argument("names", nargs="+", metavar="NAME")
     s = verb("info", "show quiltd's version, counts and directories", cmd_info)
     ctloutput.add_format(s)
     ctlmonitor.add_verbs(verb)
@@ -509,6 +530,38 @@ async def cmd_unpause(q: QuiltClient, args: argparse.Namespace) -> int:
 
 async def cmd_rm(q: QuiltClient, args: argparse.Namespace) -> int:
     return await _each(args.refs, lambda ref: q.remove(ref, args.force))
+
+
+async def cmd_commit(q: QuiltClient, args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    if args.env:
+        options["env"] = args.env
+    for key in ("workdir", "user"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    for key in ("entrypoint", "cmd"):
+        if getattr(args, key) is not None:
+            options[key] = shlex.split(getattr(args, key))
+    if args.label:
+        options["labels"] = dict(args.label)
+    print(await q.commit(args.ref, args.image, **options))
+    return EXIT_OK
+
+
+async def cmd_fork(q: QuiltClient, args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"start": not args.no_start, "stop_timeout_sec": args.time}
+    if args.command is not None:
+        options["command"] = shlex.split(args.command)
+    made = await q.fork(args.ref, args.names, **options)
+    code = EXIT_OK
+    for name, (fork_id, _) in zip(args.names, made, strict=True):
+        # Printed once it runs, as a command after this one expects of it.
+        if not args.no_start and await q.wait_started(fork_id) == "failed":
+            reason = (await q.info(fork_id)).get("Reason", "")
+            print(f"quiltctl: {name}: failed to start: {reason}", file=sys.stderr)
+            code = EXIT_FAILED
+        print(fork_id)
+    return code
 
 
 async def cmd_wait(q: QuiltClient, args: argparse.Namespace) -> int:

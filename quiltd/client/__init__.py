@@ -51,7 +51,18 @@ UNBOUNDED = frozenset({
     "ImportImage", "ImportImageFd", "CopyIn", "CopyInEx", "CopyOut", "CopyOutEx", "ExportContainer",
     "ExportImage",
     "Exec", "ExecEx", "ExecWithFds", "WaitContainer", "WaitContainerStarted", "ExecWait",
+    # A commit copies the writable layer; a fork of a running container
+    # waits for it to stop, up to the stop timeout the caller gives.
+    "CommitContainer", "ForkContainer",
 })
+
+# The D-Bus type of each CommitContainer option.
+COMMIT_OPTION_TYPES = {
+    "env": "as", "workdir": "s", "user": "s", "entrypoint": "as", "cmd": "as", "labels": "a{ss}",
+}
+
+# The D-Bus type of each ForkContainer option.
+FORK_OPTION_TYPES = {"command": "as", "start": "b", "stop_timeout_sec": "u"}
 _DEFAULT = -1.0  # call(): the timeout that fits the member
 
 _ERRORS: dict[str, type[errors.QuiltError]] = {
@@ -130,6 +141,24 @@ class QuiltClient:
 
     async def start(self, ref: str) -> None:
         await self.call("StartContainer", "s", ref)
+
+    async def commit(self, ref: str, image: str, **options: Any) -> str:
+        """Makes image from the container's filesystem as it is now; returns the image's id."""
+        variants = {k: variant(COMMIT_OPTION_TYPES[k], v) for k, v in options.items()}
+        (image_id,) = await self.call("CommitContainer", "ssa{sv}", ref, image, variants)
+        return str(image_id)
+
+    async def fork(self, ref: str, names: Sequence[str], **options: Any) -> list[tuple[str, str]]:
+        """Makes containers that start from the container's filesystem; (id, object path) of each."""
+        variants = {k: variant(FORK_OPTION_TYPES[k], v) for k, v in options.items()}
+        (forks,) = await self.call("ForkContainer", "sasa{sv}", ref, list(names), variants)
+        return [(str(cid), str(path)) for cid, path in forks]
+
+    async def checkpoint(self, ref: str) -> None:
+        await self.call("CheckpointContainer", "sa{sv}", ref, {})
+
+    async def restore(self, ref: str) -> None:
+        await self.call("RestoreContainer", "sa{sv}", ref, {})
 
     async def stop(self, ref: str, timeout_sec: int = 10) -> None:
         await self.call("StopContainer", "su", ref, timeout_sec, timeout=timeout_sec + self.timeout)
@@ -493,6 +522,20 @@ class Quilt:
 
     def start(self, ref: str) -> None:
         self._run(self._client.start(ref))
+
+    def commit(self, ref: str, image: str, **options: Any) -> str:
+        """Makes image from the container's filesystem as it is now; returns the image's id."""
+        return self._run(self._client.commit(ref, image, **options))
+
+    def fork(self, ref: str, names: Sequence[str], **options: Any) -> list[str]:
+        """Makes containers that start from the container's filesystem; returns their ids."""
+        return [cid for cid, _ in self._run(self._client.fork(ref, names, **options))]
+
+    def checkpoint(self, ref: str) -> None:
+        self._run(self._client.checkpoint(ref))
+
+    def restore(self, ref: str) -> None:
+        self._run(self._client.restore(ref))
 
     def stop(self, ref: str, timeout_sec: int = 10) -> None:
         self._run(self._client.stop(ref, timeout_sec))

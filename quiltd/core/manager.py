@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 
 from quiltd import __version__, grammar
 from quiltd.access import Credentials
-from quiltd.core import fdcheck, imagedefaults, options, parse, pool, volumes
+from quiltd.core import fdcheck, forkfiles, imagedefaults, options, parse, pool, volumes
 from quiltd.core.capacity import Capacity, capacity
 from quiltd.core.cleanup import Cleaner
 from quiltd.core.config import Config
@@ -543,7 +543,7 @@ class Manager:
         self.paths.container_run_dir(c.id).mkdir(parents=True, exist_ok=True)
         spec = LaunchSpec(
             container_id=c.id, name=c.name, hostname=c.spec.hostname, command=c.command,
-            env=c.spec.env, workdir=c.spec.workdir, lowerdir=image.path,
+            env=c.spec.env, workdir=c.spec.workdir, lowerdir=self._lowerdir(c, image),
             upperdir=str(writable / "upper"), overlay_workdir=str(writable / "work"),
             disk_dir=str(writable) if c.spec.disk_max else "", disk_max=c.spec.disk_max or 0,
             user=c.spec.user,
@@ -560,6 +560,11 @@ class Manager:
             return spec
         return replace(spec, net_ifname=net.ifname, net_interface=net.interface, net_gateway=net.gateway,
                        hosts_file=net.hosts_file, resolv_file=net.resolv_file)
+
+    def _lowerdir(self, c: Container, image: Image) -> str:
+        """The overlay's lower layers, top first: what forks froze of c's writes, then its image."""
+        frozen = self._store.container_layers(c.id)
+        return ":".join([*(str(self.layers_store.path(d)) for d in frozen), image.path])
 
     def _source_policy(self, creator_uid: int, host_image: bool) -> mounts.SourcePolicy:
         """Where the binds of a container made by creator_uid may come from (see mounts.SourcePolicy)."""
@@ -889,6 +894,8 @@ class Manager:
             with self._store.transaction():
                 self._store.delete_container(c.id)
                 leftovers = [] if c.state == State.CREATED else self._queue_container_leftovers(c.id)
+                # The last container stacking a layer a fork froze takes it along.
+                leftovers += self._retire_unused_layers()
             if leftovers:
                 await self.cleaner.now(leftovers)
             with contextlib.suppress(Internal):
@@ -1100,6 +1107,10 @@ class Manager:
             users = self._store.containers_using_image(name)
         if users:
             raise InvalidState(f"image {name!r} is used by container(s) {', '.join(users)}")
+        derived = self._store.images_based_on(name)
+        if derived:
+            raise InvalidState(f"image {name!r} is the base of image(s) {', '.join(derived)}, "
+                               "committed over it: remove those first")
         with self._store.transaction():
             self._store.delete_image(name)
             if image.layers:
@@ -1247,6 +1258,12 @@ class Manager:
     async def recover(self) -> dict[RecoveryOutcome, list[str]]:
         """Makes the store agree with the processes and scopes that exist now."""
         found: dict[RecoveryOutcome, list[str]] = {o: [] for o in RecoveryOutcome}
+        # A fork or commit cut off: its writable layer goes where its record
+        # says, before anything starts. What a commit froze is thawed with
+        # what a pause cut off left frozen (_reconcile_freezer).
+        for done in forkfiles.recover(self.paths.state_dir / "containers", set(self._store.layer_sizes()),
+                                      self.layers_store.root):
+            log.warning("recovery: %s", done)
         # A warm pool's ready members did not outlive the daemon: each init
         # read end of file on its spec pipe and left. Their rows go, and what
         # they made goes to the cleaner; the pools are filled again below.

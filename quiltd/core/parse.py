@@ -17,14 +17,16 @@ from collections.abc import Collection, Mapping
 from enum import Enum
 
 from quiltd.core import volumes
-from quiltd.core.options import DEFAULT_PATH
+from quiltd.core.options import DEFAULT_PATH, check_command
 from quiltd.core.pool import POOL_OPTIONS
 from quiltd.core.requests import (
     DEFAULT_MAX_OUTPUT,
+    CommitOptions,
     ContainerFilter,
     CopyOptions,
     CreateOptions,
     ExecOptions,
+    ForkOptions,
     ImportOptions,
     LogOptions,
     NetworkOptions,
@@ -379,3 +381,44 @@ def network_options(options: Options) -> NetworkOptions:
         subnet = networks.parse_subnet(options["subnet"])
     egress, rules = firewall.parse_egress(options.get("egress", firewall.EGRESS_NONE))
     return NetworkOptions(subnet, egress, rules)
+
+
+# CommitContainer and ForkContainer
+
+COMMIT_OPTIONS = frozenset({"env", "workdir", "user", "entrypoint", "cmd", "labels"})
+FORK_OPTIONS = frozenset({"command", "start", "stop_timeout_sec"})
+
+
+def commit_options(options: Options) -> CommitOptions:
+    check_known(options, COMMIT_OPTIONS)
+    env = env_entries(options) if "env" in options else None
+    workdir = string(options, "workdir", "") if "workdir" in options else None
+    if workdir is not None and (not workdir.startswith("/") or "\0" in workdir):
+        raise InvalidArgument(f"workdir must be an absolute path, got {workdir!r}")
+    user = string(options, "user", "") if "user" in options else None
+    if user and not USER_RE.match(user):
+        raise InvalidArgument(f"invalid user {user!r}: use a name or number, optionally :group")
+    entrypoint = strings(options, "entrypoint") if "entrypoint" in options else None
+    cmd = strings(options, "cmd") if "cmd" in options else None
+    for value in (entrypoint, cmd):
+        if value is not None and any("\0" in a for a in value):
+            raise InvalidArgument("entrypoint and cmd must not contain NUL characters")
+    labels = options.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in labels.items()):
+        raise InvalidArgument("labels must be a map of strings to strings (a{ss})")
+    return CommitOptions(env, workdir, user, entrypoint, cmd, tuple(sorted(labels.items())))
+
+
+def fork_options(options: Options) -> ForkOptions:
+    check_known(options, FORK_OPTIONS)
+    command = None
+    if "command" in options:
+        command = tuple(check_command(options["command"]))
+    return ForkOptions(command, boolean(options, "start", True),
+                       duration_sec(options, "stop_timeout_sec", 0, 3600, ForkOptions.stop_timeout_sec))
+
+
+def no_options(options: Options) -> None:
+    """Calls that take an a{sv} for later use and know no key yet."""
+    check_known(options, ())

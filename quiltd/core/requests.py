@@ -103,3 +103,25 @@ class NetworkOptions:
     subnet: ipaddress.IPv4Network | None = None  # None: the first free /16
     egress: str = "none"  # "none", "all" or "list"
     rules: tuple[EgressRule, ...] = ()  # with "list"
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    """CommitContainer's options: what the new image's config changes (None: the container's own)."""
+
+    env: tuple[str, ...] | None = None
+    workdir: str | None = None
+    user: str | None = None
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ForkOptions:
+    """ForkContainer's options: the forks' command (None: the source's), whether they start, and how long
+    a running source has to stop before it is killed."""
+
+    command: tuple[str, ...] | None = None
+    start: bool = True
+    stop_timeout_sec: int = 10

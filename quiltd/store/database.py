@@ -181,6 +181,25 @@ MIGRATIONS = (
     );
     CREATE INDEX image_layers_diff_id ON image_layers(diff_id);
     """,
+    """
+    -- Layers a container stacks between its image and its writable layer,
+    -- top first (position 0): what ForkContainer froze of its writable layer.
+    -- A layer is in use while an image or a container stacks it.
+    CREATE TABLE container_layers (
+        container_id TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        diff_id TEXT NOT NULL REFERENCES layers(diff_id),
+        PRIMARY KEY (container_id, position)
+    );
+    CREATE INDEX container_layers_diff_id ON container_layers(diff_id);
+    -- An image CommitContainer made over an image of one directory stacks
+    -- that directory: the base cannot be removed while such an image exists.
+    CREATE TABLE image_bases (
+        image TEXT PRIMARY KEY REFERENCES images(name) ON DELETE CASCADE,
+        base TEXT NOT NULL REFERENCES images(name)
+    );
+    CREATE INDEX image_bases_base ON image_bases(base);
+    """,
 )
 
 _CONTAINER_COLUMNS = (
@@ -415,10 +434,35 @@ class Store:
         return dict(self._db.execute("SELECT diff_id, size_bytes FROM layers").fetchall())
 
     def unused_layers(self) -> list[str]:
-        """Layers on record that no image stacks any more."""
+        """Layers on record that no image and no container stacks any more."""
         rows = self._db.execute("SELECT diff_id FROM layers WHERE diff_id NOT IN "
-                                "(SELECT diff_id FROM image_layers) ORDER BY diff_id").fetchall()
+                                "(SELECT diff_id FROM image_layers) AND diff_id NOT IN "
+                                "(SELECT diff_id FROM container_layers) ORDER BY diff_id").fetchall()
         return [r[0] for r in rows]
+
+    def set_image_base(self, image: str, base: str) -> None:
+        self._db.execute("INSERT INTO image_bases (image, base) VALUES (?, ?)", (image, base))
+
+    def images_based_on(self, base: str) -> list[str]:
+        """The images committed over base's own directory."""
+        rows = self._db.execute("SELECT image FROM image_bases WHERE base = ? ORDER BY image", (base,))
+        return [r[0] for r in rows]
+
+    def insert_layer(self, diff_id: str, size_bytes: int) -> None:
+        self._db.execute("INSERT INTO layers (diff_id, size_bytes) VALUES (?, ?)", (diff_id, size_bytes))
+
+    def container_layers(self, container_id: str) -> tuple[str, ...]:
+        """The layers a container stacks over its image, top first."""
+        rows = self._db.execute("SELECT diff_id FROM container_layers WHERE container_id = ? "
+                                "ORDER BY position", (container_id,)).fetchall()
+        return tuple(r[0] for r in rows)
+
+    def set_container_layers(self, container_id: str, diff_ids: tuple[str, ...]) -> None:
+        """Replaces the layers a container stacks over its image (top first)."""
+        self._db.execute("DELETE FROM container_layers WHERE container_id = ?", (container_id,))
+        for position, diff_id in enumerate(diff_ids):
+            self._db.execute("INSERT INTO container_layers (container_id, position, diff_id) "
+                             "VALUES (?, ?, ?)", (container_id, position, diff_id))
 
     def delete_layer(self, diff_id: str) -> None:
         self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
@@ -542,7 +586,8 @@ def _image_from_row(row: sqlite3.Row) -> Image:
     c = json.loads(raw.pop("config"))
     config = ImageConfig(env=tuple(c.get("env", ())), workdir=c.get("workdir", ""),
                          entrypoint=tuple(c.get("entrypoint", ())), cmd=tuple(c.get("cmd", ())),
-                         user=c.get("user", ""))
+                         user=c.get("user", ""),
+                         labels=tuple((k, v) for k, v in c.get("labels", ())))
     return Image(**raw, config=config)
 
 

@@ -103,6 +103,34 @@ def test_warm_bench_compares_the_pool_with_the_cold_path_and_the_peer(
         assert line in table, (line, table)
 
 
+def test_fork_bench_reports_commit_fork_and_the_copies_beside(
+    sandbox_name: Callable[[str], str], sandbox_module: ModuleType
+) -> None:
+    name = sandbox_name("fork")
+    r = subprocess.run(
+        [str(REPO / "tools/bench"), "--fork", "--quick", "--json", "--written-mb", "8",
+         "--fork-counts", "1,3", "--sandbox-name", name],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    written = 8 << 20
+    # The commit and cp -a copy what was written; a fork copies nothing.
+    for copy in ("commit", "cp_a"):
+        assert result[copy]["seconds"] > 0 and result[copy]["disk_bytes"] >= written, (copy, result[copy])
+    assert [f["forks"] for f in result["forks"]] == [1, 3]
+    for f in result["forks"]:
+        assert f["seconds"] > 0 and f["disk_bytes"] < written // 4, f
+    assert result["fork_running"]["seconds"] > 0
+    podman = result["podman_commit"]
+    assert "skipped" in podman or podman["seconds"] > 0, podman
+    assert name not in sandbox_module.Sandbox.names()
+    table = _bench_module().render_fork(result)
+    for line in ("CommitContainer (running, frozen for the copy)", "cp -a of the writable layer",
+                 "ForkContainer of a stopped container, 3 fork(s)", "ForkContainer of a running one"):
+        assert line in table, (line, table)
+
+
 LOAD_CALLS = {
     "closed": ("CreateContainer", "create -> running", "Exec", "GetContainerInfo", "RemoveContainer"),
     "open": ("Exec", "Exec (from sending)"),

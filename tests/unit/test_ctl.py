@@ -67,3 +67,16 @@ def test_volume_and_signal_parsing() -> None:
     assert ctl._signal("term") == 15 and ctl._signal("SIGKILL") == 9 and ctl._signal("10") == 10
     with pytest.raises(argparse.ArgumentTypeError):
         ctl._mount("/a")
+
+
+def test_commit_and_fork_parse_as_documented_and_complete() -> None:
+    args = ctl.build_parser().parse_args(["commit", "-e", "MODE=x", "--cmd", "sh -c 'echo hi'", "-l", "a=b",
+                                          "web", "web-step-1"])
+    assert (args.ref, args.image, args.env, args.cmd, args.label) == \
+        ("web", "web-step-1", ["MODE=x"], "sh -c 'echo hi'", [("a", "b")])
+    args = ctl.build_parser().parse_args(["fork", "--no-start", "-t", "3", "web", "a", "b"])
+    assert (args.ref, args.names, args.no_start) == ("web", ["a", "b"], True)
+    assert (args.time, args.command) == (3, None)
+    text = COMPLETION.read_text()
+    assert 'commit) opts="--env --workdir --user --entrypoint --cmd --label"' in text
+    assert 'fork) opts="--command --no-start --time"' in text

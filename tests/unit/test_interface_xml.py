@@ -29,7 +29,7 @@ DOC = "org.freedesktop.DBus.DocString"
 def exported() -> dict[str, ServiceInterface]:
     # Introspection never touches the manager, so no core is needed.
     return {
-        MANAGER_INTERFACE: ManagerInterface(None, None, None, None),  # type: ignore[arg-type]
+        MANAGER_INTERFACE: ManagerInterface(None, None, None, None, None, None),  # type: ignore[arg-type]
         CONTAINER_INTERFACE: ContainerInterface(
             None, Container("0", "c", "img", "0", ("true",), ContainerSpec()), None  # type: ignore[arg-type]
         ),
