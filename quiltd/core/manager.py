@@ -367,14 +367,19 @@ class Manager:
         except BaseException:
             self.volumes.undo(made)
             raise
+        return self.announce_created(c, starting)
+
+    def announce_created(self, c: Container, starting: Container | None) -> Container:
+        """Tells the listeners of a container just committed (and of its start, if it starts), and
+        starts it in the background. Its current record."""
         for listener in self._listeners:
             listener.container_added(c)
-        if starting is not None:
-            for listener in self._listeners:
-                listener.container_changed(starting, c)
-            self._start_in_background(starting, resume=False)
-            return starting
-        return c
+        if starting is None:
+            return c
+        for listener in self._listeners:
+            listener.container_changed(starting, c)
+        self._start_in_background(starting, resume=False)
+        return starting
 
     def _claimed(self, c: Container, member: pool.Ready) -> Container:
         """c made from a warm pool's member: its row becomes c's, and the init is sent c's command.

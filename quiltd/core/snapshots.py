@@ -291,14 +291,7 @@ class Snapshots:
                     m._start_in_background(m._transition(m.get(source.id), state=State.STARTING, reason="",
                                                          _with=m._networks.take_lease), resume=False)
         # Announced as a create announces: added as created, then starting.
-        for created, starting in made:
-            for listener in m._listeners:
-                listener.container_added(created)
-            if starting is not None:
-                for listener in m._listeners:
-                    listener.container_changed(starting, created)
-                m._start_in_background(starting, resume=False)
-        return [starting or created for created, starting in made]
+        return [m.announce_created(created, starting) for created, starting in made]
 
     async def _stop(self, c: Container, timeout_sec: int) -> None:
         """Ends c's processes as StopContainer does, without recording 'stopping'.

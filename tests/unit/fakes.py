@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -386,3 +386,7 @@ def world(root: Path) -> Iterator[World]:
         yield w
     finally:
         w.close()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)

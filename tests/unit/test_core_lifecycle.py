@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Coroutine, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -21,19 +18,7 @@ from quiltd.core.manager import Manager
 from quiltd.errors import Internal, InvalidState, NoSuchContainer, StartFailed
 from quiltd.model import NO_EXIT_CODE, State
 from quiltd.names import veth_name
-from tests.unit.fakes import IMAGE, ROOT, Events, World, world
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def w(tmp_path: Path) -> Iterator[World]:
-    with world(tmp_path) as w:
-        yield w
+from tests.unit.fakes import IMAGE, ROOT, Events, World, run
 
 
 async def create(m: Manager, name: str, **opts: object) -> State:

@@ -9,11 +9,6 @@ decides: adopt, mark exited, resume the start, or clean up.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
-
-import pytest
 
 from quiltd.core import parse
 from quiltd.core.manager import Manager, RecoveryOutcome
@@ -21,19 +16,7 @@ from quiltd.errors import Internal
 from quiltd.model import CleanupKind, State
 from quiltd.names import veth_name
 from quiltd.net.network import Link
-from tests.unit.fakes import IMAGE, ROOT, World, world
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def w(tmp_path: Path) -> Iterator[World]:
-    with world(tmp_path) as w:
-        yield w
+from tests.unit.fakes import IMAGE, ROOT, World, run
 
 
 def first_run(w: World, *names: str, hold_scopes: bool = False) -> dict[str, str]:

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
-
-import pytest
+from typing import Any
 
 from quiltd.core import parse
 from quiltd.model import State
 from quiltd.names import veth_name
-from tests.unit.fakes import IMAGE, ROOT, World, world
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def w(tmp_path: Path) -> Iterator[World]:
-    with world(tmp_path) as w:
-        yield w
+from tests.unit.fakes import IMAGE, ROOT, World, run
 
 
 async def until(check: Any, timeout: float = 5.0) -> None:
