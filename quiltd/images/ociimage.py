@@ -282,7 +282,8 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
                   on_progress: Callable[[int, int], None] | None = None,
                   ref: str | None = None, known_sizes: Mapping[str, int] | None = None,
                   committed: list[str] | None = None) -> LayeredImport:
-    """Stores the layers of `source` in `store`, each once: a layer stored already is not read at all.
+    """Stores the layers of `source` in `store`, each once: a layer stored already is not read (its blob
+    is only opened).
 
     Layers are named by their diff_id (the config's rootfs.diff_ids), and a
     new one is checked against it and against its blob digest before it
@@ -300,9 +301,11 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
         for layer in layers:
             pinned.append(layer.diff_id)
             present.append(store.pin(layer.diff_id) and layer.diff_id in (known_sizes or {}))
-        todo = [(n, layer) for n, (layer, here) in enumerate(zip(layers, present, strict=True)) if not here]
-        blobs = {n: source.blob(layer.path, "layer") for n, layer in todo}
-        total = sum(b.size for b in blobs.values())
+        # Every blob is opened, a stored layer's too, though only new ones are read: opening is
+        # the check that the caller may read the file (a member's opener has the member's
+        # credentials), so naming a stored layer's digest gets no one past it.
+        blobs = {n: source.blob(layer.path, "layer") for n, layer in enumerate(layers)}
+        total = sum(blobs[n].size for n, here in enumerate(present) if not here)
         done = 0
 
         def counted(n: int) -> None:
