@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ CHECK = "cat /app/hello /srv/new; ls /srv; test -e /etc/hostname && echo hostnam
 
 
 @pytest.fixture
-def layered(sandbox: Any, quilt: Any) -> str:
+def layered(sandbox: Any, quilt: Any) -> Iterator[str]:
     """An image of two stored layers: busybox, then a layer that adds, deletes and hides."""
     base = gzip.decompress(Path(sandbox.host_path(BUSYBOX_TARBALL)).read_bytes())
     lower = b.tar_bytes([b.directory("srv"), b.file("srv/old", b"old\n")])
@@ -44,7 +45,13 @@ def layered(sandbox: Any, quilt: Any) -> str:
         run(load())
     finally:
         os.unlink(sandbox.host_path(source))
-    return name
+    yield name
+
+    async def unload() -> None:  # its layers go with it, so later tests see a store without them
+        async with quilt() as q:
+            await q.remove_image(name)
+
+    run(unload())
 
 
 def export_to(sandbox: Any, quilt: Any, image: str, fmt: str, path: str) -> dict[str, Any]:
