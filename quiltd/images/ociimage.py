@@ -305,17 +305,8 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
         # the check that the caller may read the file (a member's opener has the member's
         # credentials), so naming a stored layer's digest gets no one past it.
         blobs = {n: source.blob(layer.path, "layer") for n, layer in enumerate(layers)}
-        total = sum(blobs[n].size for n, here in enumerate(present) if not here)
-        done = 0
-
-        def counted(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_progress is not None:
-                on_progress(done, total)
-
-        if on_progress is not None:
-            on_progress(0, total)
+        counted = _progress(on_progress, sum(blobs[n].size for n, here in enumerate(present) if not here))
+        counted(0)
         stored: list[StoredLayer] = []
         skipped = 0
         remaining = limits.max_bytes
@@ -356,6 +347,19 @@ def import_layers(source: _Source, store: LayerStore, limits: ImageLimits,
         source.close()
 
 
+def _progress(on_progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """Counts the bytes read of total and reports (done, total) after each piece."""
+    done = 0
+
+    def counted(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
+    return counted
+
+
 def layer_count(source: _Source, ref: str | None = None) -> int:
     """How many layers the image of `source` has; source stays open."""
     _, layers = _docker_manifest(source, ref) if source.docker else _oci_manifest(source, ref)
@@ -376,14 +380,7 @@ def import_image(source: _Source, dest: Path, limits: ImageLimits,
         if source.docker:
             layers = _with_diff_ids(layers, read.config_json)
         blobs = [(layer, source.blob(layer.path, "layer")) for layer in layers]
-        total = sum(b.size for _, b in blobs)
-        done = 0
-
-        def counted(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_progress is not None:
-                on_progress(done, total)
+        counted = _progress(on_progress, sum(b.size for _, b in blobs))
 
         with LayeredImage(dest, limits) as image:
             for number, (layer, blob) in enumerate(blobs, start=1):
