@@ -32,6 +32,7 @@ from quiltd.names import veth_name
 from quiltd.net.network import Link
 from quiltd.net.networks import Networks
 from quiltd.paths import Paths
+from quiltd.runtime import spawner
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.spawner import Launched, read_to_end
 from quiltd.runtime.wire import Code, Failure
@@ -122,14 +123,8 @@ class FakeProcesses:
         return fd
 
     def watch_exit(self, pidfd: int, on_exit: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-
-        def ready() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            on_exit()
-
-        loop.add_reader(pidfd, ready)
+        # A fake init's pidfd becomes readable when it exits, as a real one does.
+        spawner.watch_exit(pidfd, on_exit)
 
     def send_signal(self, pidfd: int, signum: int) -> None:
         init = self._by_pidfd[pidfd]
