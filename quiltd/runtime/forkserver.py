@@ -6,10 +6,13 @@ daemon starts this process once, by exec, before it needs it, and asks it
 over a socket pair for each container. Here nothing but this loop runs, so
 fork is safe, and the children start from a small, clean image.
 
-Each container begins as a child that enters new namespaces (a new network
-namespace alone costs milliseconds) and forks the container's init, PID 1
-inside, then exits. Those inits are made ahead of time: a few wait, idle, in
-a pool, so a start does not pay for them. The server answers LAUNCH with
+Each container's init is forked straight into a new PID namespace, where it
+is PID 1 (the server unshares only its children's PID namespace around the
+fork, then goes back to its own), and enters its other new namespaces
+itself (a new network namespace alone costs milliseconds). No intermediate
+child: a fork of this Python image is the most expensive step of a start.
+Those inits are made ahead of time: a few wait, idle, in a pool, so a start
+does not pay for them. The server answers LAUNCH with
 LAUNCHED: a waiting init's pid, its start time and three descriptors: a
 pidfd of the init, the write end of the pipe that carries the init its
 LaunchSpec, and the read end of its error pipe (end of file with no data
@@ -25,6 +28,7 @@ container's own init forks them (see initloop).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import select
@@ -39,9 +43,8 @@ from quiltd.runtime import containerinit, copyhelper, security, wire
 from quiltd.runtime.copyspec import CopySpec
 from quiltd.runtime.wire import Failure, Frame, Kind
 
-CONTAINER_NAMESPACES = (
-    linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
-)
+# The namespaces init enters itself; its PID namespace is made for it by the server.
+INIT_NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
 POOL_SIZE = 4
 MAX_REQUEST_FDS = 8
 
@@ -68,6 +71,8 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
     # Built once here, where the host's libseccomp is reachable; every
     # container's command loads it just before exec.
     security.prepare()
+    # The server's own PID namespace, to go back to after each init's fork.
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     # Freezing the heap keeps the collector from touching (and copying)
     # every object page in each forked container init.
     gc.freeze()
@@ -78,7 +83,7 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
         readable, _, _ = select.select([sock], [], [], None if idle else 0)
         if not readable:
             try:
-                pool.append(_fork_init())
+                pool.append(_fork_init(own_pid_namespace))
             except OSError:
                 select.select([sock], [], [], 1.0)  # out of resources: do not spin
             continue
@@ -88,7 +93,7 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             if request is None:
                 return  # the daemon is gone
             if request.kind == Kind.LAUNCH:
-                reply, fds = (pool.popleft() if pool else _fork_init()).reply()
+                reply, fds = (pool.popleft() if pool else _fork_init(own_pid_namespace)).reply()
             elif request.kind == Kind.COPY:
                 reply, fds = _fork_copy(CopySpec.from_body(request.body), received)
             else:
@@ -103,29 +108,34 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             os.close(fd)
 
 
-def _fork_init() -> WaitingInit:
+def _fork_init(own_pid_namespace: int) -> WaitingInit:
     spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        _middle(spec_r, error_w, report_w)
-    for fd in (spec_r, error_w, report_w):
-        os.close(fd)
+    try:
+        # Only the next child goes into the new PID namespace; this process
+        # stays where it is, and its later children (copies) go back to its own.
+        linux.unshare(linux.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            _init_child(spec_r, error_w, report_w)
+    finally:
+        linux.setns(own_pid_namespace, linux.CLONE_NEWPID)
+        for fd in (spec_r, error_w, report_w):
+            os.close(fd)
     try:
         answer = wire.read_frame(report_r)
     except wire.WireError:
-        answer = None  # the middle child died mid-write: no pid to hand out
+        answer = None  # the child died mid-write
     finally:
         os.close(report_r)
-    if answer is None or answer.kind != Kind.PID:
+    if answer is None or answer.kind != Kind.READY:
         os.close(spec_w)
         os.close(error_r)
         # OSError: the pool's refill treats it as the host running short, and retries.
         failed = answer is not None and answer.kind == Kind.FAILED
         raise OSError(Failure.from_frame(answer).message if failed and answer else "namespace setup failed")
-    init_pid = int(answer.body["pid"])
-    return WaitingInit(init_pid, linux.process_starttime(init_pid), os.pidfd_open(init_pid), spec_w, error_r)
+    return WaitingInit(pid, linux.process_starttime(pid), os.pidfd_open(pid), spec_w, error_r)
 
 
 def _fork_copy(spec: CopySpec, fds: list[int]) -> tuple[Frame, list[int]]:
@@ -154,27 +164,26 @@ def _child_keeping(fds: list[int]) -> None:
         os._exit(127)
 
 
-def _middle(spec_r: int, error_w: int, report_w: int) -> None:
-    """The short-lived child: new namespaces, then fork init and leave."""
+def _init_child(spec_r: int, error_w: int, report_w: int) -> None:
+    """The forked init, PID 1 of its namespace: the rest of its namespaces, then containerinit."""
     try:
-        linux.unshare(CONTAINER_NAMESPACES)
-        init_pid = os.fork()
-        if init_pid == 0:
-            gc.disable()
-            # Init keeps only its two pipes: nothing of the daemon's follows
-            # it into the container.
-            linux.close_fds_except({spec_r, error_w})
-            null = os.open("/dev/null", os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)
-            os.close(null)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            containerinit.run(spec_r, error_w)
-        wire.write_frame(report_w, Kind.PID, {"pid": init_pid})
-        os._exit(0)
+        gc.disable()
+        linux.unshare(INIT_NAMESPACES)
+        # Init keeps only its two pipes (and the report pipe until it is
+        # done with it): nothing of the daemon's follows it into the container.
+        linux.close_fds_except({spec_r, error_w, report_w})
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        os.close(null)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        wire.write_frame(report_w, Kind.READY)
+        os.close(report_w)
     except BaseException as e:
-        os.write(report_w, Failure.of(e).encode())
+        with contextlib.suppress(OSError):
+            os.write(report_w, Failure.of(e).encode())
         os._exit(1)
+    containerinit.run(spec_r, error_w)
 
 
 def main() -> None:

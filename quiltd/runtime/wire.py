@@ -19,7 +19,7 @@ copy helper; both are children of the fork server):
     fork server socket pair          daemon -> server     LAUNCH | COPY (+ go, data, result fds)
                                      server -> daemon     LAUNCHED (+ pidfd, spec, error fds)
                                                           | FORKED (+ pidfd) | FAILED
-    namespace report pipe            middle -> server     PID | FAILED
+    namespace report pipe            init -> server       READY | FAILED
     spec pipe                        daemon -> init       SPEC, then [IN], then GO (with a claim)
     error pipe (close-on-exec)       init -> daemon       nothing (the command was executed) | FAILED
     exec channel (see execproto)     daemon -> init       EXEC (+ 3 fds or none) | WAIT | KILL
@@ -73,7 +73,7 @@ class Kind(enum.IntEnum):
     COPY = 2
     LAUNCHED = 3
     FORKED = 4
-    PID = 5
+    READY = 5
     # a container's init, on its spec pipe
     SPEC = 10
     IN = 11
