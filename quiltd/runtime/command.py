@@ -2,13 +2,11 @@
 
 The container's command and every exec get the same restrictions, so an
 exec can never be a way out: the same user lookup, the same session, the
-same capabilities, no_new_privs and seccomp filter (restrict).
-
-- The command is forked by init before init restricts itself, and takes
-  the restrictions on in the child (execute).
-- Then init restricts itself, and each exec it starts inherits them: it is
-  spawned without running any Python in the child (spawn), which lets the
-  standard library use vfork, so an exec does not copy init's memory map.
+same capabilities, no_new_privs and seccomp filter (restrict). Init
+restricts itself before it starts the command, and the command and each
+exec inherit that: they are spawned without running any Python in the
+child (spawn), which lets the standard library use vfork, so a start does
+not copy init's memory map.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from quiltd import linux
 from quiltd.runtime import accounts, ptys, security
@@ -34,8 +32,6 @@ FORWARDED_SIGNALS = tuple(
     if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
                  signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
 )
-# Python ignores these at start-up; a command must get them back at default.
-RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 
 class _Failure(Exception):
@@ -52,51 +48,6 @@ class SpawnFailed(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
         self.failure = failure
-
-
-def execute(argv: Sequence[str], env: Sequence[str], workdir: str, user: str,
-            stdio: tuple[int, int, int], error_fd: int, nested_userns: bool) -> NoReturn:
-    """In a fresh child of init: becomes the command, or reports why not on error_fd and exits 127.
-
-    error_fd is close-on-exec: end of file there with no data tells the
-    waiting side that the command was executed.
-    """
-    try:
-        for sig in (*FORWARDED_SIGNALS, *RESTORED_SIGNALS):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        os.setsid()  # no controlling terminal to push input into (TIOCSTI)
-        environ = dict(item.split("=", 1) for item in env)
-        if user:
-            _switch_user(user, environ)
-        else:
-            _set_home(_root(), environ)
-        try:
-            os.chdir(workdir)
-        except OSError as e:
-            raise _Failure(Code.EXEC, f"workdir {workdir}: {e.strerror}") from None
-        for std, fd in enumerate(stdio):
-            os.dup2(fd, std)
-        os.closerange(3, error_fd)
-        os.closerange(error_fd + 1, 1 << 16)
-        restrict(nested_userns)
-        try:
-            os.execvpe(argv[0], list(argv), environ)
-        except OSError as e:
-            raise _Failure(Code.EXEC, f"{argv[0]}: {e.strerror}") from None
-    except BaseException as e:
-        failure = e.failure if isinstance(e, _Failure) else Failure.of(e)
-        with contextlib.suppress(OSError):
-            os.write(error_fd, failure.encode())  # one write, far below a pipe's atomic size
-        os._exit(127)
-
-
-def _switch_user(user: str, env: dict[str, str]) -> None:
-    account = _account(user)
-    _set_home(account, env)
-    os.setgroups(list(account.groups))
-    os.setgid(account.gid)
-    os.setuid(account.uid)
 
 
 def _set_home(account: accounts.Account, env: dict[str, str]) -> None:

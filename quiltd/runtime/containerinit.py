@@ -109,22 +109,11 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             os.makedirs(spec.workdir, mode=0o755, exist_ok=True)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        if claim:
-            command_pid = _spawn_claimed(spec, out_w, err_w, error_fd)
-        else:
-            command_pid = os.fork()
-            if command_pid == 0:
-                null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-                command.execute(spec.command, spec.env, spec.workdir, spec.user, (null, out_w, err_w),
-                                error_fd, spec.nested_userns)
+        command_pid = _spawn_command(spec, out_w, err_w, error_fd)
         os.close(out_w)
         os.close(err_w)
         os.close(error_fd)  # the daemon sees end of file once the command's exec succeeded
         error_fd = -1  # its number may be reused below
-        if not claim:
-            # Init needs no more privilege than its execs get, and they
-            # inherit this: none of them has to be restricted on its own.
-            command.restrict(spec.nested_userns)
         code = InitLoop(command_pid, {out_r: 1, err_r: 2}, journal, listener, run_dir_fd).run()
         os.write(exit_fd, f"{code}\n".encode())
         os._exit(code)
@@ -135,15 +124,15 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os._exit(127)
 
 
-def _spawn_claimed(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> int:
-    """Starts a warm pool's command as init starts an exec: restricted first, then spawned.
+def _spawn_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> int:
+    """Starts the command as init starts an exec: init restricts itself first, then spawns it.
 
-    The claim is what a caller waits for, and forking init's Python image
-    (what the cold path does, so the child can restrict itself) costs
-    several times the rest. Restricted before the spawn, init hands the
-    command the same capabilities, no_new_privs and seccomp filter, and
-    spawn gives it the same session, user, workdir and stdio without a fork
-    of its own image (vfork).
+    Init needs no more privilege than its command and execs get, and they
+    inherit its restrictions (capabilities, no_new_privs, seccomp filter):
+    none of them is restricted on its own, so none needs Python in its
+    child, and spawn gives each its session, user, workdir and stdio by
+    vfork, without a copy of init's Python image (the most expensive step
+    of a start when the command forked it).
     """
     command.restrict(spec.nested_userns)
     null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
