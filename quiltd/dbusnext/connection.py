@@ -305,6 +305,29 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._writer: _PatientWriter = _PatientWriter(self)
         self._held_calls: set[int] = set()  # ids of calls a handler holds, with their descriptors
+        self._export_paths: dict[int, str] = {}  # id of an exported interface -> its path
+
+    def export(self, path: str, interface: Any) -> None:
+        super().export(path, interface)
+        self._export_paths[id(interface)] = path
+
+    def unexport(self, path: str, interface: Any = None) -> None:
+        before = list(self._path_exports.get(path, ()))
+        super().unexport(path, interface)
+        remaining = {id(i) for i in self._path_exports.get(path, ())}
+        for gone in before:
+            if id(gone) not in remaining:
+                self._export_paths.pop(id(gone), None)
+
+    def _interface_signal_notify(self, interface: Any, interface_name: str, member: str, signature: str,
+                                 body: list[Any], unix_fds: list[int] | None = None) -> None:
+        # dbus-next looked for the emitting interface's path in every export,
+        # on every signal: with hundreds of containers, each signal walked them all.
+        path = self._export_paths.get(id(interface))
+        if path is None:
+            raise RuntimeError(f"{interface_name}.{member} sent from an interface that is not exported")
+        self.send(Message.new_signal(path=path, interface=interface_name, member=member, signature=signature,
+                                     body=body, unix_fds=unix_fds or []))
 
     def _finalize(self, err: Exception | None = None) -> None:
         try:

@@ -147,6 +147,7 @@ DBUS_NEXT_RELIED_ON = {
         "_finalize", "_process_message", "_introspect_export_path", "_find_message_handler",
         "_make_method_handler", "_setup_socket", "_create_unmarshaller", "_message_reader",
         "_emit_interface_added", "_emit_interface_removed", "_send_reply", "_on_message",
+        "_interface_signal_notify",
     ],
     "dbus_next.message:Message": ["_marshall"],
     "dbus_next.errors:DBusError": ["_as_message"],
