@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -67,17 +68,28 @@ class Attachment:
 
 def pick_address(network: Network, used: set[str]) -> str | None:
     """The lowest free host address of the network, or None when all are taken."""
-    gateway = ipaddress.IPv4Address(network.gateway)
-    for host in ipaddress.IPv4Network(network.subnet).hosts():
-        if host != gateway and str(host) not in used:
-            return str(host)
+    # Counted as integers: an address object per candidate cost more than the
+    # rest of a container's start once a few hundred ran.
+    taken = {_address_number(a) for a in used}
+    taken.add(_address_number(network.gateway))
+    subnet = ipaddress.IPv4Network(network.subnet)
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    if subnet.prefixlen < 31:
+        first, last = first + 1, last - 1  # no network or broadcast address
+    for number in range(first, last + 1):
+        if number not in taken:
+            return socket.inet_ntoa(number.to_bytes(4, "big"))
     return None
+
+
+def _address_number(address: str) -> int:
+    return int.from_bytes(socket.inet_aton(address), "big")
 
 
 def render_hosts(entries: list[tuple[str, str, str]]) -> str:
     """The hosts file for (address, name, hostname) entries."""
     lines = [HOSTS_HEADER]
-    for address, name, hostname in sorted(entries, key=lambda e: ipaddress.IPv4Address(e[0])):
+    for address, name, hostname in sorted(entries, key=lambda e: _address_number(e[0])):
         names = name if hostname in ("", name) else f"{name} {hostname}"
         lines.append(f"{address}\t{names}\n")
     return "".join(lines)
@@ -192,7 +204,7 @@ class Networks:
         if lease is not None:
             return lease
         network = self.find(c.spec.network)
-        address = pick_address(network, {lease.address for lease in self._store.leases(network.name)})
+        address = pick_address(network, self._store.lease_addresses(network.name))
         if address is None:
             raise AddressesExhausted(f"network {network.name} ({network.subnet}) has no free address left")
         lease = Lease(container_id=c.id, network=network.name, address=address)

@@ -8,6 +8,7 @@ loop thread only, so there is exactly one writer.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -500,6 +501,10 @@ class Store:
         rows = self._db.execute("SELECT name, spec FROM containers ORDER BY name").fetchall()
         return [r[0] for r in rows if json.loads(r[1]).get("network") == network]
 
+    def lease_addresses(self, network: str) -> set[str]:
+        rows = self._db.execute("SELECT address FROM leases WHERE network = ?", (network,))
+        return {row[0] for row in rows}
+
     def leases(self, network: str | None = None) -> list[Lease]:
         if network is None:
             rows = self._db.execute("SELECT * FROM leases ORDER BY network, address")
@@ -604,7 +609,26 @@ def _container_row(c: Container) -> dict[str, Any]:
 def _container_from_row(row: sqlite3.Row) -> Container:
     raw = dict(row)
     del raw["seq"]  # the store's own: only the order of rows
-    spec = json.loads(raw.pop("spec"))
+    return Container(
+        **{
+            **raw,
+            "command": _command_from_json(raw["command"]),
+            "spec": _spec_from_json(raw.pop("spec")),
+            "state": State(raw["state"]),
+        }
+    )
+
+
+# A container's command and spec never change once recorded, and every call
+# about a container reads its row: parsed once, not on every read.
+@functools.lru_cache(maxsize=4096)
+def _command_from_json(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_from_json(text: str) -> ContainerSpec:
+    spec = json.loads(text)
     spec["env"] = tuple(spec["env"])
     spec["labels"] = tuple(tuple(pair) for pair in spec["labels"])
     spec["mounts"] = tuple((s, t, ro) for s, t, ro in spec.get("mounts", ()))
@@ -612,14 +636,7 @@ def _container_from_row(row: sqlite3.Row) -> Container:
     if "publish" in spec:
         spec["publish"] = tuple(tuple(entry) for entry in spec["publish"])
     spec["volumes"] = tuple((n, t, ro) for n, t, ro in spec.get("volumes", ()))
-    return Container(
-        **{
-            **raw,
-            "command": tuple(json.loads(raw["command"])),
-            "spec": ContainerSpec(**spec),
-            "state": State(raw["state"]),
-        }
-    )
+    return ContainerSpec(**spec)
 
 
 def _fields(record: Any) -> dict[str, Any]:
