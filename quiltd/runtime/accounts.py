@@ -62,6 +62,11 @@ def _number(text: str, user: str) -> int:
     return int(text)
 
 
+# Init resolves a user for every exec: a file is split again only when it
+# changed (another inode, size, or change time), not on every exec.
+_parsed: dict[str, tuple[tuple[int, int, int, int], list[list[str]]]] = {}
+
+
 def _read(path: str) -> list[list[str]]:
     """The lines of a passwd-like file, split on ':'; none if it is missing or odd."""
     # A FIFO must not block, a device or a huge file must not be read.
@@ -70,10 +75,17 @@ def _read(path: str) -> list[list[str]]:
     except OSError:
         return []
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return []
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+        cached = _parsed.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         data = os.read(fd, MAX_ACCOUNT_FILE)
     finally:
         os.close(fd)
-    return [line.split(":") for line in data.decode(errors="replace").splitlines()
-            if line and not line.startswith("#")]
+    lines = [line.split(":") for line in data.decode(errors="replace").splitlines()
+             if line and not line.startswith("#")]
+    _parsed[path] = (key, lines)
+    return lines
