@@ -64,10 +64,12 @@ class ContainerInterface(SharedMembersInterface):
         changed: dict[str, object] = {}
         # The address is leased by the first start and kept until removal:
         # it changes once, from "", and a client's cached copy must follow.
-        ip = self._m.ip_address(self._id)
-        if ip != self._ip:
-            self._ip = ip
-            changed["IPAddress"] = ip
+        # Once it is known there is nothing to look up.
+        if not self._ip:
+            ip = self._m.ip_address(self._id)
+            if ip:
+                self._ip = ip
+                changed["IPAddress"] = ip
         if new.state != old.state:
             changed["State"] = new.state.value
         if new.pid != old.pid:
