@@ -48,6 +48,7 @@ from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from quiltd.dbusnext import wireformat
 from quiltd.dbusnext.introspection import INTROSPECTOR
 from quiltd.errors import InvalidArgument
 
@@ -124,7 +125,7 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
         if owned and self.negotiate_unix_fd:
             self.owned_fds.update(msg.unix_fds)
         try:
-            data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+            data = wireformat.marshall(msg, _AcyclicMarshaller, self.negotiate_unix_fd)
         except BaseException:
             self.close_owned(msg.unix_fds)
             raise
