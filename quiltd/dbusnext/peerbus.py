@@ -53,6 +53,7 @@ class PeerBus(MessageBus):  # type: ignore[misc]
         # has no API to serve another bus's objects. The same dict: new
         # containers appear here too.
         self._path_exports = exports._path_exports
+        self._export_paths = exports._export_paths  # (connection.py's) where a signal comes from
         self._peer_name = name
         self._signal_sources: list[ServiceInterface] = []
         # Private: dbus-next keeps the writer (ours, see connection.py) in _writer.
@@ -87,6 +88,7 @@ class PeerBus(MessageBus):  # type: ignore[misc]
             return
         # The exports belong to the bus connection; this one only borrowed them.
         self._path_exports = {}
+        self._export_paths = {}
         for iface in self._signal_sources:
             with contextlib.suppress(KeyError):
                 ServiceInterface._remove_bus(iface, self)
