@@ -466,8 +466,9 @@ class Manager:
             spec = self._launch_spec(c, image)
             self.paths.exit_file(c.id).unlink(missing_ok=True)
             launched = await self._inits.launch()
-            # The init builds the root while systemd makes the scope and the
-            # veth is made: the three overlap, and GO waits for all of them.
+            # The scope and the veth are made at the same time; init builds
+            # the root once it is in the scope (IN), so what that costs in
+            # memory is the container's, then runs the command (GO).
             self._inits.send_spec(launched, spec)
             self._scope_since[c.id] = boot_usec()
             scope, veth = await asyncio.gather(
@@ -484,6 +485,7 @@ class Manager:
                 if isinstance(result, BaseException):
                     raise result
             c = self._transition(c, pid=launched.pid, pid_starttime=launched.starttime)
+            self._inits.send_in(launched)
             self._inits.send_go(launched)
             failure = await self._inits.confirm(launched)
         except Exception as e:

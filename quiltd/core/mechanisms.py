@@ -66,20 +66,20 @@ class Scopes(Protocol):
 class Inits(Protocol):
     """Containers' inits: forked ahead by the fork server, then told what to do on their pipes.
 
-    A start is launch, send_spec, (the scope and the veth), then send_go and
-    confirm; a warm pool's member gets send_in instead of send_go and waits,
-    until a claim sends send_go with the claim. Launched.close() abandons an
-    init at any point: it reads end of file and leaves.
+    A start is launch, send_spec, (the scope and the veth), then send_in,
+    send_go and confirm; a warm pool's member gets send_in and waits, until a
+    claim sends send_go with the claim. Launched.close() abandons an init at
+    any point: it reads end of file and leaves.
     """
 
     async def launch(self) -> Launched:
         """An init in new namespaces, blocked on its spec pipe; Internal if none could be made."""
 
     def send_spec(self, launched: Launched, spec: LaunchSpec) -> None:
-        """Gives the init its LaunchSpec: it builds the root, then waits for GO (or IN)."""
+        """Gives the init its LaunchSpec: it waits for IN, builds the root, then waits for GO."""
 
     def send_in(self, launched: Launched) -> None:
-        """Tells a warm pool's init it is in its scope with its veth; it waits for a claim."""
+        """Tells the init it is in its scope with its veth: it builds the root, then waits for GO."""
 
     def send_go(self, launched: Launched, claim: Mapping[str, object] | None = None) -> None:
         """Lets the init run the command (a claim's, for a pool member); closes the spec pipe."""

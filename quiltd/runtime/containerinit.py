@@ -32,10 +32,15 @@ TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
 def run(spec_fd: int, error_fd: int) -> NoReturn:
     """Entry point in the forked child; never returns."""
     # Frames come on the spec pipe (see wire): SPEC, sent as soon as the
-    # daemon has picked this init, and GO, sent once the daemon has put it
-    # into the container's scope. The root is built in between, while
-    # systemd makes the scope; only the command has to wait for it. End of
-    # file instead of either means: not needed, leave.
+    # daemon has picked this init; IN, once the daemon has put it into the
+    # container's scope and made its veth; GO, to run the command (a warm
+    # pool's member waits for its claim here). The root is built after IN:
+    # memory a process touches is charged to the cgroup it is in at that
+    # moment and stays there when the process moves, so a root built before
+    # charged each container's init (megabytes of copied pages, the mounts)
+    # to quiltd.service for the container's whole life, and a thousand
+    # containers went past the service's MemoryMax. End of file instead of
+    # any frame means: not needed, leave.
     try:
         # Not dumpable: nothing in the container may open this process's
         # memory or its executable (a host binary) through /proc/1.
@@ -57,9 +62,17 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
                              dir_fd=run_dir_fd)
         journal = JournalStream(_journal_fields(spec), spec.journal_socket,
                                 LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec), dropped_fd)
+        frame = read_frame(spec_fd)
+        if frame is None:
+            os._exit(0)  # the daemon gave up on this start before the scope was made
+        if frame.kind != Kind.IN:
+            raise WireError(f"{frame.kind.name} where IN was expected")
         userns_fd = userns.create(spec.userns_base) if spec.userns_base else None
         listener = _listen_for_execs(run_dir, spec.userns_base)
         _enter_root(spec, userns_fd)
+        netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
+        # Inside the scope, so the container's cgroup root is its scope.
+        linux.unshare(linux.CLONE_NEWCGROUP)
     except BaseException as e:  # a failed start, told to the daemon once it is ready to hear it
         with contextlib.suppress(OSError):
             os.write(error_fd, Failure.of(e).encode())
@@ -71,13 +84,6 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os._exit(127)
     try:
         frame = read_frame(spec_fd)
-        prepared = frame is not None and frame.kind == Kind.IN
-        if prepared:
-            # A warm pool's member, waiting for its claim: in its scope, with
-            # its veth. What needs no claim is done before the claim is waited for.
-            netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
-            linux.unshare(linux.CLONE_NEWCGROUP)
-            frame = read_frame(spec_fd)
         if frame is None or frame.kind != Kind.GO:
             os._exit(0)  # the daemon gave up on this start (its scope failed, or the pool let go)
         os.close(spec_fd)
@@ -88,15 +94,8 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             spec = spec.claimed(claim)
             socket.sethostname(spec.hostname)
             journal.retitle(_journal_fields(spec), LogLimit(spec.log_rate_burst, spec.log_rate_interval_sec))
-        # The veth's inner end exists only from GO on: the daemon makes it
-        # while this process builds the root.
-        if not prepared:
-            netconfig.configure(spec.net_ifname, spec.net_interface, spec.net_gateway)
         exit_fd = os.open(exit_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
                           dir_fd=run_dir_fd)
-        if not prepared:
-            # Only now, inside the scope, so the container's cgroup root is its scope.
-            linux.unshare(linux.CLONE_NEWCGROUP)
         if userns_fd is not None:
             # The last step that needs host root: every namespace above is
             # the host's to own, and this init becomes the container's root.

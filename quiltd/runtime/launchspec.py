@@ -12,11 +12,11 @@ from typing import Any
 
 from quiltd.runtime.mounts import NO_BINDS, SourcePolicy
 
-# On an init's spec pipe, after the SPEC frame: GO says the init is in its
-# scope now and may run the command; a warm pool's init gets its claim in
-# GO's body (see LaunchSpec.claimed), a cold start's GO has none. Before GO,
-# IN tells a warm pool's init that it is in its scope and its veth is in
-# place, so it does now what needs no claim (the network, its cgroup root).
+# On an init's spec pipe, after the SPEC frame: IN tells the init that it is
+# in its scope and its veth is in place, so it builds the root and does all
+# else that needs no claim (the network, its cgroup root); GO lets it run
+# the command. A warm pool's init gets its claim in GO's body (see
+# LaunchSpec.claimed), a cold start's GO has none and follows IN at once.
 # What a claim of a warm pool's container sets: what the command is and how
 # it is named. Everything the root, the scope and the network are made of was
 # in the LaunchSpec.

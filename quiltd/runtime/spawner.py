@@ -69,6 +69,12 @@ class ForkServer:
         ours.setblocking(False)
         self._sock = ours
 
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the fork server is not started")
+        return self._process.pid
+
     def stop(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -157,23 +163,13 @@ async def wait_readable(fd: int) -> None:
 
 
 def send_spec(launched: Launched, spec: LaunchSpec) -> None:
-    """Gives the init its LaunchSpec: it builds the container's root, then waits for go_and_confirm."""
+    """Gives the init its LaunchSpec: it waits for IN to build the container's root, then for GO."""
     # One frame far below a pipe's capacity: this write does not block.
     wire.write_frame(launched.spec_fd, Kind.SPEC, spec.body())
 
 
-async def go_and_confirm(launched: Launched) -> Failure | None:
-    """Lets the init run the command, once it is in its scope.
-
-    Returns None once the command was executed, else why the start failed
-    (building the root or executing the command).
-    """
-    send_go(launched)
-    return await confirm(launched)
-
-
 def send_in(launched: Launched) -> None:
-    """Tells a warm pool's init that it is in its scope with its veth (see launchspec)."""
+    """Tells an init that it is in its scope with its veth: it builds the root (see launchspec)."""
     with contextlib.suppress(BrokenPipeError):  # init is gone: the pool sees its pidfd
         wire.write_frame(launched.spec_fd, Kind.IN)
 

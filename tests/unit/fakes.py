@@ -179,6 +179,9 @@ class FakeInits:
 
     def send_go(self, launched: Launched, claim: Mapping[str, object] | None = None) -> None:
         init = self._init(launched)
+        if not init.went_in:
+            # The real init builds the root only once it is in its scope.
+            raise AssertionError(f"GO before IN to init {launched.pid}")
         init.went, init.claim = True, claim
         os.close(launched.spec_fd)
         if self.answer_at_go and init.alive:
