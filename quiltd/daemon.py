@@ -29,9 +29,10 @@ from quiltd.core.logs import Logs
 from quiltd.core.manager import Manager, RecoveryOutcome
 from quiltd.core.snapshots import Snapshots
 from quiltd.dbusnext.connection import MessageBus
+from quiltd.errors import Internal
 from quiltd.host.notify import Notifier
 from quiltd.host.scopes import Systemd
-from quiltd.names import BUS_NAME
+from quiltd.names import BUS_NAME, FORKSERVER_SCOPE
 from quiltd.net import hostreset
 from quiltd.net.network import Netlink
 from quiltd.net.networks import Networks
@@ -111,6 +112,11 @@ class Daemon:
         await BusGate(bus).install()
         systemd = Systemd(bus)
         await systemd.connect()
+        try:
+            await systemd.start_helper_scope(FORKSERVER_SCOPE, self._forkserver.pid, "Quilt fork server")
+        except Internal as e:
+            # Containers still start; their inits' first pages count against quiltd.service.
+            log.warning("the fork server stays in quiltd's cgroup: %s", e)
         netlink = Netlink()
         networks = Networks(self._paths, store, netlink)
         manager = self.manager = Manager(self._paths, store, systemd, ForkServerInits(self._forkserver),

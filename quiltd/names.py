@@ -4,6 +4,9 @@ In one place, because clients and tools name these things too.
 """
 
 BUS_NAME = "org.quilt.Quilt1"
+# The fork server's scope, in the system slice: named so that nothing takes it
+# for a container's (those are quilt-<id>.scope, in quilt.slice).
+FORKSERVER_SCOPE = "quiltd-forkserver.scope"
 MANAGER_PATH = "/org/quilt/Quilt1"
 MANAGER_INTERFACE = "org.quilt.Quilt1.Manager"
 CONTAINER_INTERFACE = "org.quilt.Quilt1.Container"

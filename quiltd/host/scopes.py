@@ -107,14 +107,37 @@ class Systemd:
             props.append(["TasksMax", Variant("t", limits.tasks_max)])
         if limits.runtime_max_sec is not None:
             props.append(["RuntimeMaxUSec", Variant("t", limits.runtime_max_sec * 1_000_000)])
+        await self._start_transient(unit, props)
+
+    async def start_helper_scope(self, unit: str, pid: int, description: str) -> None:
+        """A scope in the system slice for a helper of the daemon's, with accounting and no limits.
+
+        Memory a process touches stays charged to the cgroup it was in, even
+        after it moves: the fork server and the inits it makes ahead run here,
+        so what each container's init touched before it joined its own scope
+        is not charged to quiltd.service (whose MemoryMax is the daemon's).
+        """
+        await self._start_transient(unit, [
+            ["Description", Variant("s", description)],
+            ["PIDs", Variant("au", [pid])],
+            ["Slice", Variant("s", "system.slice")],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+            ["MemoryAccounting", Variant("b", True)],
+            ["CPUAccounting", Variant("b", True)],
+            ["TasksAccounting", Variant("b", True)],
+        ])
+
+    async def _start_transient(self, unit: str, props: list[list[object]]) -> None:
         for attempt in range(20):
             try:
                 (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
                                              [unit, "fail", props, []])
                 break
             except Internal as e:
-                # A container started again right after it exited: its last
-                # scope can still be loaded until systemd collects it.
+                # A unit of that name can be loaded until systemd collects
+                # it: a container's scope when it starts again right after it
+                # exited, the fork server's when the daemon was just restarted.
+                # Stopping it ends whatever is left in it.
                 if "UnitExists" not in str(e) or attempt == 19:
                     raise
                 await self.stop(unit)

@@ -77,9 +77,13 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
     # every object page in each forked container init.
     gc.freeze()
     pool: deque[WaitingInit] = deque()
+    # No init is made ahead until the first request: by then the daemon has
+    # moved this process into a scope of its own (memory an init touches
+    # stays charged to the cgroup it was made in: not quiltd.service's).
+    asked = False
     while True:
         # Requests first; the pool is refilled only while none is waiting.
-        idle = len(pool) >= pool_size
+        idle = not asked or len(pool) >= pool_size
         readable, _, _ = select.select([sock], [], [], None if idle else 0)
         if not readable:
             try:
@@ -92,6 +96,7 @@ def serve(sock: socket.socket, pool_size: int = POOL_SIZE) -> None:
             request, received = wire.receive(sock, MAX_REQUEST_FDS)
             if request is None:
                 return  # the daemon is gone
+            asked = True
             if request.kind == Kind.LAUNCH:
                 reply, fds = (pool.popleft() if pool else _fork_init(own_pid_namespace)).reply()
             elif request.kind == Kind.COPY:
