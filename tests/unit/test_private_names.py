@@ -151,7 +151,7 @@ DBUS_NEXT_RELIED_ON = {
     ],
     "dbus_next.message:Message": ["_marshall"],
     "dbus_next.errors:DBusError": ["_as_message"],
-    "dbus_next.service:ServiceInterface": ["_get_properties", "_add_bus", "_remove_bus"],
+    "dbus_next.service:ServiceInterface": ["_get_properties", "_get_methods", "_add_bus", "_remove_bus"],
 }
 # Set in the library's __init__ and read or replaced by quiltd.
 DBUS_NEXT_FIELDS = {
