@@ -20,9 +20,10 @@ dbus-next made reference cycles of every message, so each message's body
 and buffer stayed in memory until a full garbage collection, which comes
 rarely (a few large Exec outputs held hundreds of MiB): its Marshaller and
 Unmarshaller keep a dict of their own bound methods, and every method call
-got a class of its own (SendReply) whose methods hold the call. Here both
-drop that dict once their message is done, and one class answers every
-call, so a message is freed as soon as its last user lets go.
+got a class of its own (SendReply) whose methods hold the call. Here
+messages are written by wireformat, which keeps nothing per message, the
+Unmarshaller drops that dict once its message is read, and one class
+answers every call, so a message is freed as soon as its last user lets go.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from dbus_next import message as dbus_message
-from dbus_next._private.marshaller import Marshaller
 from dbus_next._private.util import _replace_fds
 from dbus_next.aio import message_bus as aio_bus
 from dbus_next.constants import ErrorType, MessageFlag, MessageType
@@ -61,17 +60,6 @@ MESSAGES_PER_TURN = 64  # read from one connection before the event loop turns a
 _BATCH_BYTES = 256 << 10
 
 
-class _AcyclicMarshaller(Marshaller):  # type: ignore[misc]
-    def marshall(self) -> bytearray:
-        try:
-            buffer: bytearray = super().marshall()
-            return buffer
-        finally:
-            self.writers = {}  # the cycle: see the module's docstring
-
-
-# Message._marshall makes its Marshallers by this module-level name.
-dbus_message.Marshaller = _AcyclicMarshaller  # type: ignore[attr-defined]
 
 
 class _SendReply:
@@ -127,7 +115,7 @@ class _PatientWriter(aio_bus._MessageWriter):  # type: ignore[misc]
         if owned and self.negotiate_unix_fd:
             self.owned_fds.update(msg.unix_fds)
         try:
-            data = wireformat.marshall(msg, _AcyclicMarshaller, self.negotiate_unix_fd)
+            data = wireformat.marshall(msg, self.negotiate_unix_fd)
         except BaseException:
             self.close_owned(msg.unix_fds)
             raise
