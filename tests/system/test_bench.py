@@ -175,6 +175,9 @@ def test_load_bench_reports_every_part(
     cpu = closed["server_cpu_ms_per_loop"]
     assert set(cpu) == set(CPU_KEYS) and cpu["quiltd"] > 0 and cpu["total"] >= cpu["quiltd"], cpu
     assert closed["generator_cpu_ms_per_loop"] > 0
+    # quiltd stays responsive: one more client asked GetSystemInfo all along.
+    info = closed["system_info"]
+    assert info["n"] >= 2 and 0 < info["p50_ms"] <= info["p99_ms"] <= info["max_ms"] < 60_000, info
 
     opened = load["open"]
     assert opened["running"] == 2 and opened["completed"] == opened["offered"] == 2 * opened["seconds"]
