@@ -121,11 +121,20 @@ def _fork_init(own_pid_namespace: int) -> WaitingInit:
         # Only the next child goes into the new PID namespace; this process
         # stays where it is, and its later children (copies) go back to its own.
         linux.unshare(linux.CLONE_NEWPID)
-        pid = os.fork()
-        if pid == 0:
-            _init_child(spec_r, error_w, report_w)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _init_child(spec_r, error_w, report_w)
+                finally:
+                    os._exit(127)  # never back into this function: its own children stay in its namespace
+        finally:
+            linux.setns(own_pid_namespace, linux.CLONE_NEWPID)
+    except BaseException:
+        for fd in (spec_w, error_r, report_r):
+            os.close(fd)
+        raise
     finally:
-        linux.setns(own_pid_namespace, linux.CLONE_NEWPID)
         for fd in (spec_r, error_w, report_w):
             os.close(fd)
     try:
