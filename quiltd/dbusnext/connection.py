@@ -60,8 +60,6 @@ MESSAGES_PER_TURN = 64  # read from one connection before the event loop turns a
 _BATCH_BYTES = 256 << 10
 
 
-
-
 class _SendReply:
     """How a method handler answers one call (what dbus-next made a new class for, per call)."""
 
@@ -484,4 +482,3 @@ def _body(result: Any, count: int) -> list[Any]:
         raise SignatureBodyMismatchError(
             f"Signature and function return mismatch, expected {count} arguments but got {len(body)}")
     return body
-

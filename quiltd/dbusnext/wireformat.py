@@ -9,16 +9,20 @@ fixed by the D-Bus specification (little endian here): 12 bytes, the fields
 as an array of 8-aligned (code, variant) structs, padding to 8, then the
 body. Each signature is turned once into a function that writes a value of
 it; the body is aligned as the message is, since it starts at a multiple of 8.
+A value of the wrong kind is refused as dbus-next refused it (an invalid
+object path would make the bus broker drop the whole connection).
 """
 
 from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from dbus_next.errors import SignatureBodyMismatchError
 from dbus_next.signature import SignatureTree, Variant
+from dbus_next.validators import is_object_path_valid
 
 _FIXED = struct.Struct("<BBBBIII")  # endianness, type, flags, version, body length, serial, fields' length
 _UINT32 = struct.Struct("<I")
@@ -66,7 +70,7 @@ def marshall_body(signature: str, body: Sequence[Any]) -> bytearray:
     out = bytearray()
     writers = _body_writers(signature)
     if len(body) != len(writers):
-        raise ValueError(f"a body of {len(body)} values for signature {signature!r}")
+        raise SignatureBodyMismatchError(f"a body of {len(body)} values for signature {signature!r}")
     for write, value in zip(writers, body, strict=True):
         write(out, value)
     return out
@@ -107,11 +111,18 @@ def _writer(t: Any) -> _Writer:
         boolean = code == "b"
 
         def write_fixed(out: bytearray, value: Any) -> None:
+            if boolean and type(value) is not bool:
+                raise SignatureBodyMismatchError(f"a boolean (b) must be a bool, not {type(value).__name__}")
             out += _ZEROS[-len(out) % size]
-            out += packer.pack((1 if value else 0) if boolean else value)
+            out += packer.pack(value)
         return write_fixed
     if code in ("s", "o"):
+        path = code == "o"
+        kind = "an object path" if path else "a string"
+
         def write_string(out: bytearray, value: str) -> None:
+            if not isinstance(value, str) or (path and not is_object_path_valid(value)):
+                raise SignatureBodyMismatchError(f"{value!r} is not {kind}")
             encoded = value.encode()
             out += _ZEROS[-len(out) % 4]
             out += _UINT32.pack(len(encoded))
@@ -120,6 +131,8 @@ def _writer(t: Any) -> _Writer:
         return write_string
     if code == "g":
         def write_signature(out: bytearray, value: str) -> None:
+            if not isinstance(value, str) or len(value.encode()) > 255:
+                raise SignatureBodyMismatchError(f"{value!r} is not a signature")
             encoded = value.encode()
             out.append(len(encoded))
             out += encoded
@@ -127,6 +140,8 @@ def _writer(t: Any) -> _Writer:
         return write_signature
     if code == "v":
         def write_variant(out: bytearray, value: Variant) -> None:
+            if not isinstance(value, Variant):
+                raise SignatureBodyMismatchError(f"{value!r} is not a Variant")
             encoded = value.signature.encode()
             out.append(len(encoded))
             out += encoded
@@ -140,6 +155,8 @@ def _writer(t: Any) -> _Writer:
         entries = element.token == "{"
         if element.token == "y":
             def write_bytes(out: bytearray, value: Any) -> None:  # an Exec's output: megabytes at once
+                if not isinstance(value, bytes | bytearray | memoryview | list | tuple):
+                    raise SignatureBodyMismatchError(f"bytes (ay) must be bytes, not {type(value).__name__}")
                 out += _ZEROS[-len(out) % 4]
                 data = bytes(value)
                 out += _UINT32.pack(len(data))
@@ -147,12 +164,19 @@ def _writer(t: Any) -> _Writer:
             return write_bytes
 
         def write_array(out: bytearray, value: Any) -> None:
+            items: Iterable[Any]
+            if entries and isinstance(value, dict):
+                items = value.items()
+            elif not entries and isinstance(value, list | tuple):
+                items = value
+            else:
+                raise SignatureBodyMismatchError(f"{type(value).__name__} is not an array {t.signature}")
             out += _ZEROS[-len(out) % 4]
             at = len(out)
             out += _ZEROS[4]
             out += _ZEROS[-len(out) % element_alignment]
             start = len(out)
-            for item in value.items() if entries else value:
+            for item in items:
                 write_element(out, item)
             _UINT32.pack_into(out, at, len(out) - start)
         return write_array
@@ -160,9 +184,9 @@ def _writer(t: Any) -> _Writer:
         fields = tuple(_writer(child) for child in t.children)
 
         def write_struct(out: bytearray, value: Sequence[Any]) -> None:
+            if not isinstance(value, list | tuple) or len(value) != len(fields):
+                raise SignatureBodyMismatchError(f"{value!r} is not a struct {t.signature}")
             out += _ZEROS[-len(out) % 8]
-            if len(value) != len(fields):
-                raise ValueError(f"a struct of {len(value)} values for {t.signature!r}")
             for write, field in zip(fields, value, strict=True):
                 write(out, field)
         return write_struct

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import pytest
 from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.constants import MessageFlag, MessageType
+from dbus_next.errors import SignatureBodyMismatchError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
@@ -89,8 +91,22 @@ def test_bodies_are_written_as_dbus_next_writes_them(index: int) -> None:
     assert wireformat.marshall(msg, True) == msg._marshall(negotiate_unix_fd=True)
 
 
-def test_a_wrong_body_is_refused() -> None:
-    with pytest.raises(ValueError):
-        wireformat.marshall_body("ss", ["only one"])
-    with pytest.raises(ValueError):
-        wireformat.marshall_body("(ss)", [["one"]])
+@pytest.mark.parametrize(("signature", "body"), [
+    ("ss", ["only one"]),
+    ("(ss)", [["one"]]),
+    ("(ss)", ["ab"]),  # a string is not a struct of its characters
+    ("as", ["ls"]),  # nor an array of them
+    ("a{ss}", [[("k", "v")]]),
+    ("b", [1]),
+    ("s", [7]),
+    ("o", ["not/a/path"]),  # the broker would drop the whole connection for it
+    ("o", ["/trailing/"]),
+    ("g", ["s" * 256]),
+    ("v", ["not a variant"]),
+    ("ay", [5]),  # bytes(5) would be five zeros
+    ("u", [-1]),
+    ("y", [256]),
+])
+def test_a_wrong_body_is_refused(signature: str, body: list[object]) -> None:
+    with pytest.raises((SignatureBodyMismatchError, struct.error)):
+        wireformat.marshall_body(signature, body)
