@@ -620,13 +620,14 @@ def _container_from_row(row: sqlite3.Row) -> Container:
 
 
 # A container's command and spec never change once recorded, and every call
-# about a container reads its row: parsed once, not on every read.
-@functools.lru_cache(maxsize=4096)
+# about a container reads its row: parsed once, not on every read (as many
+# as a host runs containers).
+@functools.lru_cache(maxsize=1024)
 def _command_from_json(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _spec_from_json(text: str) -> ContainerSpec:
     spec = json.loads(text)
     spec["env"] = tuple(spec["env"])
