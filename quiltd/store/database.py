@@ -613,7 +613,7 @@ def _container_from_row(row: sqlite3.Row) -> Container:
         **{
             **raw,
             "command": _command_from_json(raw["command"]),
-            "spec": _spec_from_json(raw.pop("spec")),
+            "spec": _spec_from_json(raw["spec"]),
             "state": State(raw["state"]),
         }
     )
