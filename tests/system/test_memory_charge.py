@@ -10,10 +10,12 @@ the kernel killed quiltd mid-burst.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
 
+from quiltd import errors
 from tests.system.conftest import eventually, run
 
 pytestmark = pytest.mark.system
@@ -37,15 +39,15 @@ def test_running_containers_are_not_charged_to_quiltd(sandbox: Any, quilt: Any, 
 
     async def scenario() -> None:
         async with quilt() as q:
-            # The first one on the network makes its bridge and files: not per container.
-            await q.create(f"{name}-first", "busybox", ["sleep", "3600"], network="bridge")
-            await eventually(lambda: running(q, [f"{name}-first"]))
-            before = memory_current(sandbox, "quiltd.service")
-            await asyncio.gather(*(q.create(n, "busybox", ["sleep", "3600"], network="bridge")
-                                   for n in names))
-            await eventually(lambda: running(q, names), timeout=60)
-            grown = memory_current(sandbox, "quiltd.service") - before
             try:
+                # The first one on the network makes its bridge and files: not per container.
+                await q.create(f"{name}-first", "busybox", ["sleep", "3600"], network="bridge")
+                await eventually(lambda: running(q, [f"{name}-first"]))
+                before = memory_current(sandbox, "quiltd.service")
+                await asyncio.gather(*(q.create(n, "busybox", ["sleep", "3600"], network="bridge")
+                                       for n in names))
+                await eventually(lambda: running(q, names), timeout=60)
+                grown = memory_current(sandbox, "quiltd.service") - before
                 assert grown < CONTAINERS * MAX_CHARGE_PER_CONTAINER, (
                     f"quiltd.service grew {grown >> 10} KiB for {CONTAINERS} containers")
                 # The fork server, which makes the inits, is in a scope of its own.
@@ -58,6 +60,7 @@ def test_running_containers_are_not_charged_to_quiltd(sandbox: Any, quilt: Any, 
                 assert "quiltd.service" not in cgroup
             finally:
                 for n in [*names, f"{name}-first"]:
-                    await q.remove(n, force=True)
+                    with contextlib.suppress(errors.NoSuchContainer):
+                        await q.remove(n, force=True)
 
     run(scenario())
