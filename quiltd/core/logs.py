@@ -25,7 +25,7 @@ from quiltd.errors import (
     OutputTruncated,
 )
 from quiltd.host import journalreader
-from quiltd.host.journalreader import Follower, JournalWatch, Line, Query
+from quiltd.host.journalreader import Follower, JournalWatch, Line, Query, Synchronizer
 from quiltd.model import Container, Exec
 
 MAX_LINES = 100_000
@@ -39,6 +39,7 @@ class Logs:
         self._followers: set[Follower] = set()
         self._reserved = 0  # follows being set up
         self._watch = JournalWatch()  # one for every follow: see JournalWatch
+        self._synchronizer = Synchronizer()
         self._lock = threading.Lock()  # followers end in their own threads
         manager.add_listener(self)
         execs.add_listener(self)
@@ -52,9 +53,24 @@ class Logs:
         stream = "" if o.stream is Stream.BOTH else o.stream.value
         return c, Query(c.id, o.since_usec, o.tail, stream, o.exec_id)
 
+    def _ended(self, c: Container, q: Query) -> bool:
+        """Whether what the query reads has ended: its output is all sent to journald then."""
+        try:
+            ended = not self._manager.get(c.id).state.is_active
+            if q.exec_id not in ("", "*"):
+                ended = ended or self._execs.get(q.exec_id).state.is_final
+        except (NoSuchContainer, NoSuchExec):
+            ended = True
+        return ended
+
     async def get(self, ref: str, o: LogOptions) -> list[Line]:
-        _, q = self._query(ref, o)
-        lines, more = await asyncio.get_running_loop().run_in_executor(None, journalreader.read, q, MAX_LINES)
+        c, q = self._query(ref, o)
+        loop = asyncio.get_running_loop()
+        if self._ended(c, q):
+            # Its last lines may still be in journald's queue: a read after
+            # the end (podman logs after wait) must have them all.
+            await loop.run_in_executor(None, self._synchronizer.sync)
+        lines, more = await loop.run_in_executor(None, journalreader.read, q, MAX_LINES)
         if more:
             raise OutputTruncated(f"more than {MAX_LINES} lines match; narrow with since_usec or tail")
         return lines
@@ -83,7 +99,7 @@ class Logs:
                     reserved = False
                     # The follower must never block on a reader that does not read.
                     os.set_blocking(fd, False)
-                    follower = Follower(q, fd, reader, self._watch, self._ended)
+                    follower = Follower(q, fd, reader, self._watch, self._synchronizer, self._follow_ended)
                     self._followers.add(follower)
             except BaseException:
                 reader.close()  # the follower, which closes it, never came to be
@@ -96,13 +112,7 @@ class Logs:
             raise
         # Looked at again: the container or exec may have ended while the
         # reader was opened, before this follower was there to be stopped.
-        try:
-            ended = not self._manager.get(c.id).state.is_active
-            if q.exec_id not in ("", "*"):
-                ended = ended or self._execs.get(q.exec_id).state.is_final
-        except (NoSuchContainer, NoSuchExec):
-            ended = True
-        if ended:
+        if self._ended(c, q):
             follower.stop.set()  # what is there, then the end
         follower.start()
 
@@ -116,7 +126,7 @@ class Logs:
                                     "inotify instances or descriptors are reached)") from None
             raise Internal(f"cannot follow the journal: {exc.strerror or exc}") from None
 
-    def _ended(self, follower: Follower) -> None:
+    def _follow_ended(self, follower: Follower) -> None:
         with self._lock:
             self._followers.discard(follower)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +21,10 @@ from typing import TypeAlias
 from systemd import journal
 
 POLL_SEC = 0.5  # how often a follow looks at its stop flag and its descriptor
-SETTLE_SEC = 0.5  # after its end, how long a follow waits for lines journald has not written yet
+SETTLE_SEC = 0.5  # after its end, how long a follow waits for lines journald has not written yet,
+# when journald cannot say it wrote them (see Synchronizer)
+JOURNAL_VARLINK = "/run/systemd/journal/io.systemd.journal"
+SYNC_TIMEOUT_SEC = 10.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,67 @@ class JournalError(Exception):
     """The journal could not be read or watched; the message says why."""
 
 
+class Synchronizer:
+    """journald's Synchronize call: returns once every entry sent to journald before it is written.
+
+    A container's init sends its last lines before it exits, so once its end
+    is seen, a synchronize makes its output complete in the journal files:
+    a follow or a read of an ended container misses nothing, however far
+    behind journald is. A wait of fixed length cannot promise that.
+
+    One call runs at a time; the callers that come meanwhile share the next
+    one, so a flood of log reads cannot become a flood of journal syncs.
+    """
+
+    def __init__(self, path: str = JOURNAL_VARLINK) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._started = 0  # calls made
+        self._done = 0  # of those, the last one answered
+        self._running = False
+        self._ok = False  # how the last one went
+
+    def sync(self) -> bool:
+        """True once journald has written what it was sent before now; False if it could not say so."""
+        with self._cond:
+            wanted = self._started + 1  # a call that starts after this point
+            while self._done < wanted and self._running:
+                self._cond.wait()
+            if self._done >= wanted:
+                return self._ok
+            self._running = True
+            self._started += 1
+            number = self._started
+        ok = False
+        try:
+            ok = _synchronize(self._path)
+        finally:
+            with self._cond:
+                self._running = False
+                self._done, self._ok = number, ok
+                self._cond.notify_all()
+        return ok
+
+
+def _synchronize(path: str) -> bool:
+    """One io.systemd.Journal.Synchronize over journald's varlink socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(SYNC_TIMEOUT_SEC)
+            s.connect(path)
+            s.sendall(b'{"method":"io.systemd.Journal.Synchronize","parameters":{}}\0')
+            reply = b""
+            while not reply.endswith(b"\0"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                reply += chunk
+        answer = json.loads(reply[:-1])
+    except (OSError, ValueError):
+        return False  # no such socket (an older journald), or it did not answer in time
+    return isinstance(answer, dict) and "error" not in answer
+
+
 class JournalWatch:
     """One inotify watch of the journal, shared by every follow.
 
@@ -245,13 +311,14 @@ class Follower(threading.Thread):
     """
 
     def __init__(self, q: Query, fd: int, reader: journal.Reader, watch: JournalWatch,
-                 on_end: Callable[[Follower], None]) -> None:
+                 synchronizer: Synchronizer, on_end: Callable[[Follower], None]) -> None:
         super().__init__(name=f"follow-{q.container_id}", daemon=True)
         self.query = q
         self.stop = threading.Event()
         self._fd = fd
         self._reader = reader  # opened by the caller, so that failing to open it is the call's error
         self._watch = watch
+        self._synchronizer = synchronizer
         self._on_end = on_end
         self._cursor = ""  # of the last entry read, to open the reader again after rotation
 
@@ -299,6 +366,9 @@ class Follower(threading.Thread):
                     # The last lines may still be on their way to journald.
                     if stopping_since is None:
                         stopping_since = time.monotonic()
+                        if self._synchronizer.sync():
+                            self._write(list(self._forward(r)))  # now all there
+                            return
                     elif not lines and time.monotonic() - stopping_since >= SETTLE_SEC:
                         return
                 now = self._watch.wait(seen, POLL_SEC if stopping_since is None else SETTLE_SEC / 5)

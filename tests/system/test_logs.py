@@ -42,7 +42,7 @@ def test_get_logs_keeps_order_stream_and_bytes(quilt: Any, name: str) -> None:
         async with quilt() as q:
             await q.create(name, "busybox", ["sh", "-c", SCRIPT])
             assert await q.wait(name) == ("exited", 0)
-            rows = await _lines_ready(q, name, 15)
+            rows = await q.logs(name)  # complete once the exit is told, as with podman logs after wait
             out = [line for _, stream, line in rows if stream == "stdout"]
             err = [line for _, stream, line in rows if stream == "stderr"]
             assert out == [f"out{i}" for i in range(1, 11)] + ["bad\ufffd\ufffd", "nul\ufffdbyte"]
@@ -100,6 +100,36 @@ def test_follow_logs_streams_until_the_container_exits(quilt: Any, name: str) ->
                 [(b"stdout", f"line{i}".encode()) for i in range(1, 6)] + [(b"stderr", b"bye")]
             assert all(usec.isdigit() for usec, _, _ in lines)
             assert (await q.info(name))["State"] == "exited"  # end of file came with the exit
+            await q.remove(name)
+
+    run(scenario())
+
+
+def test_output_is_whole_though_journald_lags(sandbox: Any, quilt: Any, name: str) -> None:
+    """journald reads its queue seconds late: a follow and a read after the exit still get every line."""
+    def journald(signal: str) -> None:
+        sandbox.run(["systemctl", "kill", f"--signal={signal}", "systemd-journald.service"])
+
+    async def scenario() -> None:
+        async with quilt() as q:
+            await q.create(name, "busybox", ["sh", "-c", "sleep 1; echo one; echo two >&2"])
+            r, w = os.pipe()
+            try:
+                await q.follow_logs(name, w)
+            finally:
+                os.close(w)
+            loop = asyncio.get_running_loop()
+            journald("SIGSTOP")
+            try:
+                assert await q.wait(name) == ("exited", 0)
+                followed = loop.run_in_executor(None, _read_all, r, 30.0)
+                read = asyncio.ensure_future(q.logs(name))
+                await asyncio.sleep(2)  # four times what a follow used to wait for late lines
+            finally:
+                journald("SIGCONT")
+            assert [(s, text) for _, s, text in await read] == [("stdout", "one"), ("stderr", "two")]
+            lines = [line.split(b" ", 2) for line in (await followed).splitlines()]
+            assert [(s, text) for _, s, text in lines] == [(b"stdout", b"one"), (b"stderr", b"two")]
             await q.remove(name)
 
     run(scenario())

@@ -15,7 +15,7 @@ from quiltd.core.logs import Logs
 from quiltd.core.requests import LogOptions
 from quiltd.errors import LimitExceeded
 from quiltd.host import journalreader
-from quiltd.host.journalreader import Follower, JournalError, JournalWatch, Query
+from quiltd.host.journalreader import Follower, JournalError, JournalWatch, Query, Synchronizer
 from quiltd.model import State
 
 
@@ -69,7 +69,8 @@ def test_a_follow_whose_journal_fails_says_why_before_its_end() -> None:
     r, w = os.pipe()
     os.set_blocking(w, False)
     query = Query("0123456789abcdef")
-    follower = Follower(query, w, journalreader.open_reader(query), _BrokenWatch(), lambda _: None)
+    follower = Follower(query, w, journalreader.open_reader(query), _BrokenWatch(),
+                        Synchronizer("/nonexistent"), lambda _: None)
     follower.start()
     follower.join(10)
     assert not follower.is_alive()
