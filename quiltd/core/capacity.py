@@ -10,14 +10,14 @@ past what it could give if every container used its limit.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiltd.model import Container, State
+from quiltd.model import State
 
-# A container still holding (or about to hold) what its limits claim.
-_CLAIMING = frozenset({State.CREATED, State.STARTING, State.RUNNING, State.STOPPING})
+# A container still holding (or about to hold) what its limits claim. A
+# paused one keeps its memory and may be resumed at any time.
+CLAIMING = frozenset({State.CREATED, State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING})
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,6 @@ def host_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
     raise ValueError(f"no MemTotal in {meminfo}")
 
 
-def capacity(containers: Iterable[Container]) -> Capacity:
-    cpu, memory = 0.0, 0
-    for c in containers:
-        if c.state in _CLAIMING:
-            cpu += c.spec.cpu_quota or 0.0
-            memory += c.spec.memory_max or 0
-    return Capacity(host_cpus(), host_memory(), cpu, memory)
+def capacity(cpu_reserved: float, memory_reserved: int) -> Capacity:
+    """The host's capacity, with what the CLAIMING containers' limits add up to (Store.claimed_limits)."""
+    return Capacity(host_cpus(), host_memory(), cpu_reserved, memory_reserved)

@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar
 from quiltd import __version__, grammar
 from quiltd.access import Credentials
 from quiltd.core import fdcheck, forkfiles, imagedefaults, options, parse, pool, volumes
-from quiltd.core.capacity import Capacity, capacity
+from quiltd.core.capacity import CLAIMING, Capacity, capacity
 from quiltd.core.cleanup import Cleaner
 from quiltd.core.config import Config
 from quiltd.core.mechanisms import Inits, Networking, Processes, Scopes
@@ -313,7 +313,7 @@ class Manager:
             start_turns=self._starts.limit, max_waiting_starts=self._starts.max_waiting,
             warm_pool_size=sum(p.pool.size for p in pools), warm_pool_ready=sum(p.ready for p in pools),
             freezer=self.freezer.kind.value,
-            capacity=capacity(self._store.list_containers()),
+            capacity=capacity(*self._store.claimed_limits(CLAIMING)),
         )
 
     def counts(self) -> dict[str, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -339,6 +339,18 @@ class Store:
         rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
                                 "ORDER BY seq", [value for _, value in wanted])
         return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
+
+    def claimed_limits(self, states: Collection[State]) -> tuple[float, int]:
+        """cpu_quota and memory_max summed over the containers in these states (warm pools' too).
+
+        Summed by SQLite from the stored spec: GetSystemInfo asks for this, and
+        decoding every row for it cost 13 ms with a thousand containers.
+        """
+        marks = ", ".join("?" * len(states))
+        cpu, memory = self._db.execute(
+            "SELECT TOTAL(json_extract(spec, '$.cpu_quota')), TOTAL(json_extract(spec, '$.memory_max')) "
+            f"FROM containers WHERE state IN ({marks})", [s.value for s in states]).fetchone()
+        return float(cpu), int(memory)
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM containers WHERE pool = '' "

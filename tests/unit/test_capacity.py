@@ -4,26 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quiltd.core.capacity import capacity, host_memory
+from quiltd.core.capacity import CLAIMING, capacity, host_memory
 from quiltd.model import Container, ContainerSpec, State
+from quiltd.store.database import Store
 
 
-def container(state: State, cpu: float | None, mem: int | None) -> Container:
-    return Container(id="0" * 16, name="c", image="busybox", image_id="", command=("true",),
-                     spec=ContainerSpec(cpu_quota=cpu, memory_max=mem), state=state)
-
-
-def test_only_containers_that_run_or_will_claim_their_limits() -> None:
-    cap = capacity([
-        container(State.RUNNING, 0.5, 1 << 20),
-        container(State.CREATED, 1.0, None),
-        container(State.STARTING, None, 2 << 20),
-        container(State.EXITED, 4.0, 1 << 30),
-        container(State.FAILED, 4.0, 1 << 30),
-    ])
-    assert cap.cpu_reserved == 1.5
-    assert cap.memory_reserved == 3 << 20
+def test_only_containers_that_run_or_will_claim_their_limits(tmp_path: Path) -> None:
+    store = Store(tmp_path / "quilt.db")
+    rows = [
+        (State.RUNNING, 0.5, 1 << 20, ""),
+        (State.CREATED, 1.0, None, ""),
+        (State.STARTING, None, 2 << 20, ""),
+        (State.PAUSED, 0.25, 4 << 20, ""),  # holds its memory, and may resume at any time
+        (State.STOPPING, None, None, ""),
+        (State.EXITED, 4.0, 1 << 30, ""),
+        (State.FAILED, 4.0, 1 << 30, ""),
+        (State.RUNNING, 2.0, 8 << 20, "pool-busybox"),  # a warm pool's member holds its limits too
+    ]
+    for i, (state, cpu, mem, pool) in enumerate(rows):
+        with store.transaction():
+            store.insert_container(Container(
+                id=f"{i:016x}", name=f"c{i}", image="busybox", image_id="", command=("true",),
+                spec=ContainerSpec(cpu_quota=cpu, memory_max=mem), state=state, pool=pool))
+    cap = capacity(*store.claimed_limits(CLAIMING))
+    assert cap.cpu_reserved == 3.75
+    assert cap.memory_reserved == 15 << 20
     assert cap.cpus >= 1 and cap.memory_bytes > 0
+    assert store.claimed_limits({State.EXITED}) == (4.0, 1 << 30)
 
 
 def test_memory_is_read_from_meminfo(tmp_path: Path) -> None:
