@@ -21,9 +21,10 @@ and buffer stayed in memory until a full garbage collection, which comes
 rarely (a few large Exec outputs held hundreds of MiB): its Marshaller and
 Unmarshaller keep a dict of their own bound methods, and every method call
 got a class of its own (SendReply) whose methods hold the call. Here
-messages are written by wireformat, which keeps nothing per message, the
-Unmarshaller drops that dict once its message is read, and one class
-answers every call, so a message is freed as soon as its last user lets go.
+messages are written and read by wireformat, which keeps nothing per
+message (dbus-next's Unmarshaller only brings the bytes and descriptors in),
+and one class answers every call, so a message is freed as soon as its last
+user lets go.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next._private.util import _replace_fds
 from dbus_next.aio import message_bus as aio_bus
 from dbus_next.constants import ErrorType, MessageFlag, MessageType
@@ -289,6 +291,24 @@ def _answer_peer(msg: Message, send_reply: Any) -> None:
                                      f"{msg.signature!r}"))
 
 
+class WireUnmarshaller(Unmarshaller):  # type: ignore[misc]
+    """dbus-next's reading of a message off the socket, with its parsing done by wireformat."""
+
+    def __init__(self, stream: Any, sock: socket.socket | None) -> None:
+        super().__init__(stream, sock)
+        # dbus-next's table of its own bound methods (a reference cycle per
+        # message): unused, since wireformat parses.
+        self.readers = {}
+
+    # Private: dbus-next's parse of one message; read() (the socket, the
+    # descriptors, resuming a message cut off by EAGAIN) stays its own.
+    def _unmarshall(self) -> None:
+        self.offset = 0
+        self.read(wireformat.FIXED_LENGTH, prefetch=True)
+        self.read(wireformat.message_length(self.buf), prefetch=True)
+        self.message = wireformat.unmarshall(self.buf, self.unix_fds)
+
+
 class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -364,10 +384,13 @@ class MessageBus(aio_bus.MessageBus):  # type: ignore[misc]
                 if not self._unmarshaller.unmarshall():
                     return
                 self._on_message(self._unmarshaller.message)
-                self._unmarshaller.readers = {}  # the cycle: see the module's docstring
                 self._unmarshaller = self._create_unmarshaller()
         except Exception as e:
             self._finalize(e)
+
+    # Private: dbus-next makes its own Unmarshaller here, with no parameter for another.
+    def _create_unmarshaller(self) -> Unmarshaller:
+        return WireUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
 
     def _introspect_export_path(self, path: str) -> Any:
         node = super()._introspect_export_path(path)

@@ -20,10 +20,10 @@ from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.errors import InvalidMessageError
 from dbus_next.service import ServiceInterface
 
-from quiltd.dbusnext.connection import MessageBus
+from quiltd.dbusnext.connection import MessageBus, WireUnmarshaller
 
 
-class _BoundedUnmarshaller(Unmarshaller):  # type: ignore[misc]
+class _BoundedUnmarshaller(WireUnmarshaller):
     """Refuses a message over max_bytes before reading (or allocating) its body."""
 
     # dbus-next's Unmarshaller reads the whole message its header announces;

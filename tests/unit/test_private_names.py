@@ -141,6 +141,7 @@ def test_the_scan_sees_a_private_use(tmp_path: Path) -> None:
 DBUS_NEXT_RELIED_ON = {
     "dbus_next._private.marshaller": ["Marshaller"],
     "dbus_next._private.unmarshaller": ["Unmarshaller"],
+    "dbus_next._private.unmarshaller:Unmarshaller": ["_unmarshall"],
     "dbus_next._private.util": ["_replace_fds"],
     "dbus_next.aio.message_bus": ["_MessageWriter", "_future_set_exception", "_future_set_result"],
     "dbus_next.aio.message_bus:MessageBus": [
