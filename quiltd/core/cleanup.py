@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from quiltd.core.mechanisms import Scopes
-from quiltd.errors import Busy, NoSpace
+from quiltd.errors import Busy, Internal, NoSpace
 from quiltd.fs.remove import remove_path
 from quiltd.model import CleanupKind, CleanupTask
 from quiltd.store.database import Store
@@ -126,5 +127,14 @@ class Cleaner:
 
     def _perform(self, task: CleanupTask) -> Awaitable[None]:
         if task.kind == CleanupKind.SCOPE:
-            return self._systemd.stop(task.target)
+            return self._end_scope(task.target)
         return asyncio.get_running_loop().run_in_executor(None, remove_path, Path(task.target))
+
+    async def _end_scope(self, unit: str) -> None:
+        # What is left in a leftover scope has nothing to save, and an init
+        # (its PID namespace's first process, as a warm pool's member that
+        # outlived the daemon is) takes no SIGTERM from outside: a stop
+        # alone would wait out systemd's stop timeout, 90 s by default.
+        with contextlib.suppress(Internal):  # not loaded, or empty already
+            await self._systemd.kill(unit, signal.SIGKILL)
+        await self._systemd.stop(unit)

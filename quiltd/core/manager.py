@@ -74,7 +74,7 @@ from quiltd.model import (
 )
 from quiltd.net import networks
 from quiltd.paths import Paths
-from quiltd.runtime import launchspec, mountopts, mounts, userns
+from quiltd.runtime import execproto, launchspec, mountopts, mounts, userns
 from quiltd.runtime.journalstream import LOG_DROPPED_FILE
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.spawner import (
@@ -1226,7 +1226,7 @@ class Manager:
             self._networks.take_lease(c)
         launched: Launched | None = None
         try:
-            spec = self._launch_spec(c, image)
+            spec = replace(self._launch_spec(c, image), pool_member=True)
             launched = await self._inits.launch()
             self._inits.send_spec(launched, spec)
             results = await asyncio.gather(
@@ -1253,10 +1253,15 @@ class Manager:
     async def _discard_pool_member(self, container_id: str, launched: Launched | None) -> None:
         """Ends an unclaimed member and removes all it made: scope, veth, row, lease and files."""
         if launched is not None:
-            launched.close()  # init reads end of file instead of GO and leaves
+            launched.close()  # before IN, init reads end of file and leaves
         c = self._store.find_container(container_id)
         if c is None or not c.pool:
             return
+        # After IN it waits for a claim past the daemon's end, and as its
+        # PID namespace's init it takes no SIGTERM from outside: the stop
+        # would wait out its timeout.
+        with contextlib.suppress(Internal):
+            await self._systemd.kill(c.unit, signal.SIGKILL)
         with contextlib.suppress(Internal):
             await self._systemd.stop(c.unit)
         with contextlib.suppress(Internal):
@@ -1277,17 +1282,9 @@ class Manager:
         for done in forkfiles.recover(self.paths.state_dir / "containers", set(self._store.layer_sizes()),
                                       self.layers_store.root):
             log.warning("recovery: %s", done)
-        # A warm pool's ready members did not outlive the daemon: each init
-        # read end of file on its spec pipe and left. Their rows go, and what
-        # they made goes to the cleaner; the pools are filled again below.
-        members = self._store.pool_members()
-        if members:
-            with self._store.transaction():
-                for member in members:
-                    self._store.delete_container(member.id)
-                    self._queue_container_leftovers(member.id)
+        adopted = self._adopt_pool_members()
         for c in self._store.list_containers():
-            if not c.state.is_active:
+            if not c.state.is_active or c.pool:
                 continue
             pidfd = self._processes.open_pidfd(c.pid, c.pid_starttime) if c.pid else None
             if pidfd is not None:
@@ -1322,8 +1319,34 @@ class Manager:
                 with contextlib.suppress(Internal):
                     self.freezer.forget(unit)
         self.cleaner.start()
-        self.pools.start(self._pool_profile)
+        self.pools.start(self._pool_profile, adopted)
         return found
+
+    def _adopt_pool_members(self) -> dict[str, list[pool.Ready]]:
+        """The warm pools' ready members that outlived the daemon, by pool; the rest are removed.
+
+        A member whose init had its root built (IN) waits for a claim from
+        the daemon that comes back (see containerinit); one cut off before
+        that left when its spec pipe closed. Those rows go, and what they
+        made goes to the cleaner.
+        """
+        adopted: dict[str, list[pool.Ready]] = {}
+        gone = []
+        for member in self._store.pool_members():
+            launched = None
+            if member.pid:
+                control = self.paths.container_run_dir(member.id) / execproto.CONTROL_SOCKET
+                launched = self._inits.adopt(member.pid, member.pid_starttime, str(control))
+            if launched is None:
+                gone.append(member)
+            else:
+                adopted.setdefault(member.pool, []).append(pool.Ready(member.id, launched))
+        if gone:
+            with self._store.transaction():
+                for member in gone:
+                    self._store.delete_container(member.id)
+                    self._queue_container_leftovers(member.id)
+        return adopted
 
     def _reconcile_freezer(self) -> None:
         """A daemon killed between a freeze (or a thaw) and its record left the two apart.

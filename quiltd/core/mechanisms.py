@@ -68,8 +68,10 @@ class Inits(Protocol):
 
     A start is launch, send_spec, (the scope and the veth), then send_in,
     send_go and confirm; a warm pool's member gets send_in and waits, until a
-    claim sends send_go with the claim. Launched.close() abandons an init at
-    any point: it reads end of file and leaves.
+    claim sends send_go with the claim (past a restart of the daemon: adopt).
+    Launched.close() abandons an init at any point: it reads end of file and
+    leaves (a pool member's waits for a daemon that comes back instead, and
+    ends with its scope).
     """
 
     async def launch(self) -> Launched:
@@ -88,6 +90,13 @@ class Inits(Protocol):
         """After GO: None once the command was executed, else init's failure record.
 
         Takes launched.error_fd over (it is closed on return).
+        """
+
+    def adopt(self, pid: int, starttime: int, control_socket: str) -> Launched | None:
+        """A warm pool's member whose init outlived the daemon, waiting for GO; None if it is gone.
+
+        Its pipes went with the daemon: send_go and confirm use a connection
+        to the init's control socket instead.
         """
 
 

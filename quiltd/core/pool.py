@@ -114,13 +114,24 @@ class WarmPools:
         self._task: asyncio.Task[None] | None = None
         self._discards: set[asyncio.Task[None]] = set()
 
-    def start(self, profile: Callable[[WarmPool], ContainerSpec]) -> None:
-        """Loads the pools on record and starts filling them; members left from before are gone by now."""
+    def start(self, profile: Callable[[WarmPool], ContainerSpec], adopted: dict[str, list[Ready]]) -> None:
+        """Loads the pools on record, with the members that outlived the daemon, and starts filling them.
+
+        adopted: by pool id, the ready members whose inits waited for the
+        daemon to come back. Those of a pool that is gone, or past its size,
+        are discarded.
+        """
         for pool in self._store.list_warm_pools():
             try:
                 self._add(pool, profile(pool))
             except Exception as e:  # the image or network went meanwhile: kept on record, not filled
                 log.warning("warm pool of image %s (%s) is not filled: %s", pool.image, pool.options, e)
+        for pool_key, members in adopted.items():
+            size = self._pools[pool_key].size if pool_key in self._pools else 0
+            for member in members[:size]:
+                self._keep(pool_key, member)
+            for member in members[size:]:
+                self._discard_later(member.container_id, member.launched)
         self._task = asyncio.get_running_loop().create_task(self._refill())
         self._wake.set()
 

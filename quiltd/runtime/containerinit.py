@@ -19,11 +19,11 @@ from typing import NoReturn
 
 from quiltd import linux
 from quiltd.net import netconfig
-from quiltd.runtime import command, execproto, mounts, security, userns
+from quiltd.runtime import command, execproto, mounts, security, userns, wire
 from quiltd.runtime.initloop import InitLoop
 from quiltd.runtime.journalstream import LOG_DROPPED_FILE, JournalStream, LogLimit
 from quiltd.runtime.launchspec import LaunchSpec
-from quiltd.runtime.wire import Failure, Kind, WireError, read_frame
+from quiltd.runtime.wire import Failure, Frame, Kind, WireError, read_frame
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 TTY_GID = 5  # the owner group of terminals, as Debian and most images have it
@@ -84,9 +84,13 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
         os._exit(127)
     try:
         frame = read_frame(spec_fd)
+        os.close(spec_fd)
+        if frame is None and spec.pool_member:
+            # The daemon went before the claim (restarted, or killed): a warm
+            # pool's member stays ready for the daemon that comes back.
+            frame, error_fd = _claim_over(listener, error_fd)
         if frame is None or frame.kind != Kind.GO:
             os._exit(0)  # the daemon gave up on this start (its scope failed, or the pool let go)
-        os.close(spec_fd)
         # A warm pool's container learns here what it runs and its name, in
         # GO's body; a cold start's GO has none.
         claim = frame.body
@@ -121,6 +125,26 @@ def run(spec_fd: int, error_fd: int) -> NoReturn:
             with contextlib.suppress(OSError):
                 os.write(error_fd, Failure.of(e).encode())
         os._exit(127)
+
+
+def _claim_over(listener: socket.socket, error_fd: int) -> tuple[Frame, int]:
+    """GO from a daemon that came back, on the control socket; and that connection as the new error pipe.
+
+    The daemon that comes back connects when it adopts this member and sends
+    GO on that connection when a create claims it; the answer (a failure, or
+    end of file once the command runs) goes back on the same connection.
+    A connection that ends without GO (that daemon went too) is waited out.
+    """
+    os.close(error_fd)  # its reader went with the daemon
+    while True:
+        conn, _ = listener.accept()
+        try:
+            frame, _ = wire.receive(conn, 0)
+        except (OSError, WireError):
+            frame = None
+        if frame is not None and frame.kind == Kind.GO:
+            return frame, conn.detach()
+        conn.close()
 
 
 def _spawn_command(spec: LaunchSpec, out_w: int, err_w: int, error_fd: int) -> int:

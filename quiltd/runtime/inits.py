@@ -37,6 +37,9 @@ class ForkServerInits:
     async def confirm(self, launched: Launched) -> Failure | None:
         return await spawner.confirm(launched)
 
+    def adopt(self, pid: int, starttime: int, control_socket: str) -> Launched | None:
+        return spawner.adopt(pid, starttime, control_socket)
+
 
 class Pidfds:
     """Processes watched on the event loop through their pidfds."""

@@ -68,6 +68,9 @@ class LaunchSpec:
     bind_policy: SourcePolicy = NO_BINDS
     log_rate_burst: int = 0  # lines per interval the container may log; 0 = no limit of Quilt's own
     log_rate_interval_sec: int = 30
+    # A warm pool's member: if the daemon goes before its claim, it waits for
+    # GO on its control socket from the daemon that comes back.
+    pool_member: bool = False
 
     def body(self) -> dict[str, object]:
         return asdict(self)

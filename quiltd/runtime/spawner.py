@@ -18,7 +18,7 @@ from typing import Any
 
 from quiltd.errors import Internal
 from quiltd.linux import process_starttime
-from quiltd.runtime import wire
+from quiltd.runtime import execproto, wire
 from quiltd.runtime.copyspec import CopySpec
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.wire import Code, Failure, Frame, Kind
@@ -160,6 +160,29 @@ async def wait_readable(fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+def adopt(pid: int, starttime: int, control_socket: str) -> Launched | None:
+    """A warm pool's init that outlived the daemon, ready for send_go and confirm; None if it is gone.
+
+    Its spec and error pipes went with the daemon; a connection to its
+    control socket stands in for both (containerinit._claim_over): GO goes
+    out on it, and the answer comes back on it.
+    """
+    pidfd = open_pidfd(pid, starttime)
+    if pidfd is None:
+        return None
+    sock = execproto.control_socket()
+    try:
+        # Its backlog is long and it waits in accept: no need to wait here.
+        sock.setblocking(False)
+        sock.connect(control_socket)
+    except OSError:
+        sock.close()
+        os.close(pidfd)
+        return None
+    connection = sock.detach()
+    return Launched(pid, starttime, pidfd, os.dup(connection), connection)
 
 
 def send_spec(launched: Launched, spec: LaunchSpec) -> None:

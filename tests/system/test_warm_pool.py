@@ -281,7 +281,7 @@ def test_size_zero_leaves_nothing_behind(sandbox: Any, quilt: Any, pools: None) 
     run(check())
 
 
-def test_a_killed_daemon_leaves_a_consistent_pool(sandbox: Any, quilt: Any, pools: None, name: str) -> None:
+def test_ready_containers_outlive_a_killed_daemon(sandbox: Any, quilt: Any, pools: None, name: str) -> None:
     async def fill() -> set[str]:
         async with quilt() as q:
             await q.set_warm_pool("busybox", 2)
@@ -294,21 +294,24 @@ def test_a_killed_daemon_leaves_a_consistent_pool(sandbox: Any, quilt: Any, pool
 
     held = run(fill())
     sandbox.run(["systemctl", "kill", "--kill-whom=main", "-s", "KILL", "quiltd"])
+    after = name[:50] + "-after"
 
     async def check() -> None:
         async with await_client(sandbox) as q:
             await eventually(lambda: ready(q, 2), 30)
+            assert pool_ids(sandbox) == held  # the same two, still waiting: none was made again
             assert (await q.info(name))["State"] == "running"
             code, out, _ = await q.exec(name, ["hostname"])
             assert (code, out.decode().strip()) == (0, name)
-            assert pool_ids(sandbox).isdisjoint(held)  # made again: the old ones did not outlive quiltd
-
-            async def cleaned() -> bool:
-                return not (await q.call("GetCleanupStatus"))[0]
-
-            await eventually(cleaned, 30)
-            assert left_behind(sandbox, held) == []
-            await q.remove(name, force=True)
+            # A create after the restart claims one of them, and runs as any other.
+            cid, _ = await q.create(after, "busybox", ["sh", "-c", "hostname; echo $0"])
+            assert cid in held
+            assert await q.wait(after) == ("exited", 0)
+            assert [line for _, _, line in await q.logs(after)] == [after, "sh"]
+            await q.set_warm_pool("busybox", 0)  # the other one goes, and at once
+            assert left_behind(sandbox, held - {cid}) == []
+            for n in (name, after):
+                await q.remove(n, force=True)
 
     run(check())
 

@@ -33,6 +33,7 @@ from quiltd.net.network import Link
 from quiltd.net.networks import Networks
 from quiltd.paths import Paths
 from quiltd.runtime import spawner
+from quiltd.runtime.execproto import CONTROL_SOCKET
 from quiltd.runtime.launchspec import LaunchSpec
 from quiltd.runtime.spawner import Launched, read_to_end
 from quiltd.runtime.wire import Code, Failure
@@ -92,6 +93,17 @@ class FakeInit:
 
     def pidfd(self) -> int:
         return os.dup(self._alive_r)
+
+    def reconnect(self) -> Launched:
+        """A restarted daemon's connection to this waiting pool member: new ends for GO and the answer."""
+        for fd in (self._spec_r, self._error_w):
+            with contextlib.suppress(OSError):
+                if fd >= 0:
+                    os.close(fd)
+        self._spec_r, spec_w = os.pipe()
+        error_r, self._error_w = os.pipe()
+        self.launched = Launched(self.pid, self.starttime, self.pidfd(), spec_w, error_r)
+        return self.launched
 
     def close(self) -> None:
         for fd in (self._alive_r, self._spec_r, self._error_w):
@@ -197,6 +209,17 @@ class FakeInits:
         word, _, message = text.partition(": ")
         code = Code(word) if word in {c.value for c in Code} else Code.INTERNAL
         return Failure(code, message if code != Code.INTERNAL else text)
+
+    def adopt(self, pid: int, starttime: int, control_socket: str) -> Launched | None:
+        init = self._processes.inits.get(pid)
+        if init is None or not init.alive or init.starttime != starttime or init.spec is None:
+            return None
+        assert control_socket == str(self._paths.container_run_dir(init.spec.container_id) / CONTROL_SOCKET)
+        if not (init.went_in and init.spec.pool_member) or init.went:
+            return None  # a real one left when its spec pipe closed
+        launched = init.reconnect()
+        self._processes.add(init)
+        return launched
 
     def close(self) -> None:
         for init in self.made:

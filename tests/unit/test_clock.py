@@ -80,6 +80,9 @@ class _FailingOnce:
     def __init__(self) -> None:
         self.calls: list[float] = []
 
+    async def kill(self, unit: str, signum: int) -> None:
+        pass  # the cleaner kills what is left before it stops the scope
+
     async def stop(self, unit: str) -> None:
         self.calls.append(time.monotonic())
         if len(self.calls) == 1:

@@ -67,3 +67,53 @@ def test_a_member_whose_init_dies_is_discarded_and_replaced(w: World) -> None:
         m.cleaner.stop()
 
     run(main())
+
+
+def test_ready_members_outlive_the_daemon_and_are_claimed_after_it(w: World) -> None:
+    async def before() -> None:
+        m, _ = w.manager()
+        await m.recover()
+        await m.set_warm_pool(IMAGE, 2, parse.pool_options({}), caller=ROOT)
+        await until(lambda: m.warm_pools()[0].ready == 2)
+        m.cleaner.stop()
+
+    async def after() -> None:
+        m, events = w.manager()
+        await m.recover()
+        assert m.warm_pools()[0].ready == 2 and len(w.inits.made) == 2  # the same two, none made again
+        members = {i.spec.container_id: i for i in w.inits.made if i.spec}
+        assert m.containers() == [] and events.seen == []
+        c = await m.create("after", IMAGE, ["echo", "hi"], parse.create_options({}), caller=ROOT)
+        member = members[c.id]
+        assert member.went and member.claim is not None and member.claim["name"] == "after"
+        c = await m.wait_started("after", 0)
+        assert c.state == State.RUNNING and w.scopes.units[c.unit] == [member.pid]
+        await until(lambda: len(w.inits.made) == 3 and m.warm_pools()[0].ready == 2)  # refilled
+        m.cleaner.stop()
+
+    run(before())
+    run(after())
+
+
+def test_a_member_that_died_while_the_daemon_was_down_is_removed(w: World) -> None:
+    async def before() -> None:
+        m, _ = w.manager()
+        await m.recover()
+        await m.set_warm_pool(IMAGE, 1, parse.pool_options({}), caller=ROOT)
+        await until(lambda: m.warm_pools()[0].ready == 1)
+        m.cleaner.stop()
+
+    async def after() -> None:
+        m, _ = w.manager()
+        await m.recover()
+        await until(lambda: len(w.inits.made) == 2 and m.warm_pools()[0].ready == 1)  # made anew
+        await until(lambda: m.cleanup_status() == [])
+        assert f"quilt-{dead.spec.container_id}.scope" not in w.scopes.units
+        assert veth_name(dead.spec.container_id) not in w.links.veths()
+        m.cleaner.stop()
+
+    run(before())
+    [dead] = w.inits.made
+    assert dead.spec is not None
+    w.processes.kill(dead.pid)
+    run(after())

@@ -73,7 +73,7 @@ def run_with_pools(store: Store, test: object) -> Members:
 
     async def main() -> None:
         pools = pool.WarmPools(store, members.make, members.discard, lambda: members.starts_waiting)
-        pools.start(lambda _: PROFILE)
+        pools.start(lambda _: PROFILE, {})
         try:
             await test(pools, members)  # type: ignore[operator]
         finally:
