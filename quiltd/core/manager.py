@@ -234,6 +234,7 @@ class Manager:
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
         self.layers_store = LayerStore(paths.images / "layers")
+        self._run_containers = str(paths.container_run_dir("x").parent)  # each container's run dir is in here
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
@@ -277,9 +278,11 @@ class Manager:
 
     def log_lines_dropped(self, c: Container) -> int:
         """What the container's init counted in its file (see journalstream); 0 before any start."""
-        # os.open and os.read: a status call reads this, and Python's file objects cost more than the read.
+        # os.open and os.read on a joined string: a status call reads this,
+        # and Python's file objects and paths cost more than the read.
         try:
-            fd = os.open(self.paths.container_run_dir(c.id) / LOG_DROPPED_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            path = os.path.join(self._run_containers, c.id, LOG_DROPPED_FILE)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return 0
         try:

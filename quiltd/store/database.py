@@ -231,6 +231,13 @@ class Store:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
         self._db.row_factory = sqlite3.Row
+        # find_container's answers by the ref asked for, and the refs that
+        # found each id: a status call asks by ref again and again, and a
+        # query and a row made into a record cost it more than all else. This
+        # process is the only writer: every write of a row drops what was
+        # found of it, and a rolled-back transaction drops everything.
+        self._found: dict[str, Container] = {}
+        self._refs: dict[str, set[str]] = {}
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # quiltd is the only writer; only another process (sqlite3 in a
@@ -273,6 +280,7 @@ class Store:
             yield
             self._db.execute("COMMIT")
         except BaseException as e:
+            self._forget_all()  # what was read inside may be what is rolled back
             # SQLite may have rolled back already (a full disk does).
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -287,7 +295,19 @@ class Store:
 
     # Containers
 
+    def _forget(self, *refs: str) -> None:
+        """Drops what find_container found by these refs, and by every ref that found these ids."""
+        for ref in refs:
+            for found_by in self._refs.pop(ref, ()):
+                self._found.pop(found_by, None)
+            self._found.pop(ref, None)
+
+    def _forget_all(self) -> None:
+        self._found.clear()
+        self._refs.clear()
+
     def insert_container(self, c: Container) -> None:
+        self._forget(c.id, c.name)  # either may have found another row by name or by id
         row = _container_row(c)
         marks = ", ".join("?" for _ in _CONTAINER_COLUMNS)
         # One past the highest on record: above every row there is, so the
@@ -299,6 +319,7 @@ class Store:
         )
 
     def update_container(self, c: Container) -> None:
+        self._forget(c.id, c.name)
         row = _container_row(c)
         columns = [k for k in _CONTAINER_COLUMNS if k != "id"]
         self._db.execute(
@@ -307,14 +328,23 @@ class Store:
         )
 
     def delete_container(self, container_id: str) -> None:
+        self._forget(container_id)
         self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
 
     def find_container(self, ref: str) -> Container | None:
+        found = self._found.get(ref)
+        if found is not None:
+            return found
         # A name may look like another container's id: the id wins.
         row = self._db.execute(
             "SELECT * FROM containers WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1", (ref,)
         ).fetchone()
-        return _container_from_row(row) if row else None
+        if row is None:
+            return None
+        c = _container_from_row(row)
+        self._found[ref] = c
+        self._refs.setdefault(c.id, set()).add(ref)
+        return c
 
     def container_named(self, name: str) -> str | None:
         """The id of the container of that name, if one is on record (by name only, never by id)."""
