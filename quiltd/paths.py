@@ -29,8 +29,13 @@ class Paths:
     def container_dir(self, container_id: str) -> Path:
         return self.state_dir / "containers" / container_id
 
+    @property
+    def run_containers(self) -> Path:
+        """Where each container's run dir is."""
+        return self.run_dir / "containers"
+
     def container_run_dir(self, container_id: str) -> Path:
-        return self.run_dir / "containers" / container_id
+        return self.run_containers / container_id
 
     def exit_file(self, container_id: str) -> Path:
         return self.container_run_dir(container_id) / "exit"
@@ -42,7 +47,7 @@ class Paths:
 
     def create(self) -> None:
         for path in (self.state_dir, self.images, self.volumes, self.state_dir / "containers",
-                     self.run_dir / "containers"):
+                     self.run_containers):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Open for lookup: it holds quiltd.sock, which non-root members of the
         # quilt group must reach; what is private lies in its 0700 subdirectories.

@@ -234,7 +234,7 @@ class Manager:
         self._pending_starts: dict[str, asyncio.Task[None]] = {}  # starts not yet settled
         self.cleaner = Cleaner(store, systemd, now_usec)
         self.layers_store = LayerStore(paths.images / "layers")
-        self._run_containers = str(paths.container_run_dir("x").parent)  # each container's run dir is in here
+        self._run_containers = str(paths.run_containers)  # joined as a string by status calls
         self._host_image: Image | None = None
         self.volumes = volumes.Volumes(store, paths, self.cleaner, now_usec)
         self._progress_listeners: list[Callable[[str, int, int], None]] = []
