@@ -98,7 +98,8 @@ def test_scope_carries_the_limits(sandbox: Any, quilt: Any, name: str) -> None:
             status = sh(sandbox, "systemctl", "status", unit, "--no-pager")
             assert "sleep 1000" in status
             # Containers together weigh a quarter of a system service (quiltd's) under contention.
-            assert sh(sandbox, "systemctl", "show", "quilt.slice", "-p", "CPUWeight").strip() == "CPUWeight=25"
+            weight = sh(sandbox, "systemctl", "show", "quilt.slice", "-p", "CPUWeight")
+            assert weight.strip() == "CPUWeight=25"
             info = await q.info(name)
             assert info["MemoryCurrent"] > 0 and info["TasksCurrent"] >= 2
             assert info["Pid"] > 0
