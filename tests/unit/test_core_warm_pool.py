@@ -69,14 +69,19 @@ def test_a_member_whose_init_dies_is_discarded_and_replaced(w: World) -> None:
     run(main())
 
 
-def test_ready_members_outlive_the_daemon_and_are_claimed_after_it(w: World) -> None:
-    async def before() -> None:
+def fill_pool_in_a_first_run(w: World, size: int) -> None:
+    """One daemon's run that sets a pool of size and waits until it is full."""
+    async def first() -> None:
         m, _ = w.manager()
         await m.recover()
-        await m.set_warm_pool(IMAGE, 2, parse.pool_options({}), caller=ROOT)
-        await until(lambda: m.warm_pools()[0].ready == 2)
+        await m.set_warm_pool(IMAGE, size, parse.pool_options({}), caller=ROOT)
+        await until(lambda: m.warm_pools()[0].ready == size)
         m.cleaner.stop()
 
+    run(first())
+
+
+def test_ready_members_outlive_the_daemon_and_are_claimed_after_it(w: World) -> None:
     async def after() -> None:
         m, events = w.manager()
         await m.recover()
@@ -91,18 +96,11 @@ def test_ready_members_outlive_the_daemon_and_are_claimed_after_it(w: World) -> 
         await until(lambda: len(w.inits.made) == 3 and m.warm_pools()[0].ready == 2)  # refilled
         m.cleaner.stop()
 
-    run(before())
+    fill_pool_in_a_first_run(w, 2)
     run(after())
 
 
 def test_a_member_that_died_while_the_daemon_was_down_is_removed(w: World) -> None:
-    async def before() -> None:
-        m, _ = w.manager()
-        await m.recover()
-        await m.set_warm_pool(IMAGE, 1, parse.pool_options({}), caller=ROOT)
-        await until(lambda: m.warm_pools()[0].ready == 1)
-        m.cleaner.stop()
-
     async def after() -> None:
         m, _ = w.manager()
         await m.recover()
@@ -112,7 +110,7 @@ def test_a_member_that_died_while_the_daemon_was_down_is_removed(w: World) -> No
         assert veth_name(dead.spec.container_id) not in w.links.veths()
         m.cleaner.stop()
 
-    run(before())
+    fill_pool_in_a_first_run(w, 1)
     [dead] = w.inits.made
     assert dead.spec is not None
     w.processes.kill(dead.pid)
