@@ -123,6 +123,12 @@ class Freezer:
                 self._wait_frozen(group)
                 if _pids(self._scopes / unit) <= _pids(group):
                     return
+        except FileNotFoundError as e:
+            # The container ended meanwhile, and its exit removed the group
+            # (forget): Internal, which the manager answers by the state.
+            with contextlib.suppress(Internal):
+                self._thaw_v1(unit)
+            raise Internal(f"the freezer group of {unit} went while it was frozen: {e.strerror}") from e
         except BaseException:
             self._thaw_v1(unit)
             raise

@@ -46,3 +46,15 @@ def test_groups_are_listed_and_forgotten(tmp_path: Path) -> None:
     freezer.forget("quilt-a.scope")
     freezer.forget("quilt-b.scope")  # never made: nothing to do
     assert freezer.groups() == []
+
+
+def test_a_group_that_goes_while_it_is_frozen_is_internal_for_the_manager_to_name(tmp_path: Path) -> None:
+    """The container's exit removes its group (forget) while a pause fills it: no FileNotFoundError."""
+    (tmp_path / "freezer" / "quilt").mkdir(parents=True)
+    (tmp_path / "freezer" / "cgroup.procs").write_text("")
+    scope = tmp_path / "systemd" / "quilt.slice" / "quilt-a.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("4242\n")
+    # A plain directory here, as the group is once removed: it has no cgroup.procs to write to.
+    with pytest.raises(Internal, match=r"the freezer group of quilt-a\.scope went while it was frozen"):
+        asyncio.run(Freezer(NoSystemd(), "quilt.slice", tmp_path).freeze("quilt-a.scope"))
