@@ -65,10 +65,18 @@ class Cleaner:
         return self._store.list_cleanups()
 
     async def now(self, ids: Iterable[int]) -> None:
-        """Tries the given tasks at once; what fails stays queued for the worker."""
-        for task in self._store.list_cleanups():
-            if task.id in ids:
+        """Tries the given tasks at once; what fails stays queued for the worker.
+
+        Scopes go first, one by one: a process left in one may still be using
+        a tree. The trees then go side by side, each on a worker thread, so a
+        removal waits for the slowest of them and not for their sum.
+        """
+        wanted = set(ids)
+        tasks = [task for task in self._store.list_cleanups() if task.id in wanted]
+        for task in tasks:
+            if task.kind == CleanupKind.SCOPE:
                 await self._attempt(task)
+        await asyncio.gather(*(self._attempt(task) for task in tasks if task.kind != CleanupKind.SCOPE))
         self._wake.set()
 
     def _due_at(self, task: CleanupTask) -> float:
@@ -131,6 +139,11 @@ class Cleaner:
         return asyncio.get_running_loop().run_in_executor(None, remove_path, Path(task.target))
 
     async def _end_scope(self, unit: str) -> None:
+        if self._systemd.is_empty(unit):
+            # Its processes are gone (the usual case: a removed container's
+            # init was waited for): systemd ends and collects an empty scope
+            # on its own, and two calls to it would only add their round trips.
+            return
         # What is left in a leftover scope has nothing to save, and an init
         # (its PID namespace's first process, as a warm pool's member that
         # outlived the daemon is) takes no SIGTERM from outside: a stop

@@ -898,9 +898,8 @@ class Manager:
                                        "remove with force")
                 await self._kill_scope(c)
                 await self._wait_exit(c.id, None)
-            # Its veth goes with its namespace; a stray one is deleted at the next start.
-            with contextlib.suppress(Internal):
-                await self._networks.detach(c)
+            # Its veth goes with its namespace (a stray one a little later).
+            self._networks.release(c)
             # The row goes and what is left to undo is recorded in one
             # transaction; the cleaner undoes it now, or later if it must.
             # A container never started has nothing to undo: a start commits
@@ -1267,8 +1266,7 @@ class Manager:
             await self._systemd.kill(c.unit, signal.SIGKILL)
         with contextlib.suppress(Internal):
             await self._systemd.stop(c.unit)
-        with contextlib.suppress(Internal):
-            await self._networks.detach(c)
+        self._networks.release(c)
         with self._store.transaction():
             self._store.delete_container(c.id)
             leftovers = self._queue_container_leftovers(c.id)

@@ -53,6 +53,9 @@ class Scopes(Protocol):
     async def usage(self, unit: str) -> Usage:
         """The unit's memory, CPU time and tasks now."""
 
+    def is_empty(self, unit: str) -> bool:
+        """True when no process is left in unit (or it is gone); False when some are, or it cannot tell."""
+
     async def freeze(self, unit: str) -> None:
         """Freezes every process of the unit (FreezeUnit; cgroup v2 only)."""
 
@@ -150,7 +153,11 @@ class Networking(Protocol):
         """Makes c's veth, its end in pid's network namespace, and pins its port; no-op without a lease."""
 
     async def detach(self, c: Container) -> None:
-        """Deletes c's veth if it still exists and unpins its port."""
+        """Deletes c's veth if it still exists and unpins its port (a failed start, which may be retried)."""
+
+    def release(self, c: Container) -> None:
+        """Unpins the port of c, whose processes are gone and which goes for good; its veth goes
+        with its network namespace, or a little later if something still holds that."""
 
     async def forget(self, c: Container) -> None:
         """After c's row is gone: its published ports go from the firewall."""

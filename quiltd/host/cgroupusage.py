@@ -37,6 +37,22 @@ class CgroupUsage:
             self._tasks = f"{base}/pids/{slice_name}/"
             self._cpu = f"{base}/cpuacct/{slice_name}/"
 
+    def tasks(self, unit: str) -> int | None:
+        """The tasks in the unit's cgroup; 0 once the cgroup is gone; None when that cannot be told.
+
+        Gone means the slice's group is there and the unit's is not: systemd
+        removes a unit's groups when it ends it, and makes them before it
+        reports the unit started, so a live unit never lacks one.
+        """
+        try:
+            return _number(f"{self._tasks}{unit}/pids.current")
+        except FileNotFoundError:
+            if os.path.isdir(f"{self._tasks}{unit}") or not os.path.isdir(self._tasks):
+                return None  # a group without the pids controller, or a layout this does not know
+            return 0
+        except (OSError, ValueError):
+            return None
+
     def read(self, unit: str) -> Usage | None:
         try:
             if self._unified:

@@ -194,6 +194,10 @@ class Systemd:
 
         return Usage(number("MemoryCurrent"), number("CPUUsageNSec"), number("TasksCurrent"))
 
+    def is_empty(self, unit: str) -> bool:
+        """From the unit's cgroup, without a call to systemd: see CgroupUsage.tasks."""
+        return self._cgroups.tasks(unit) == 0
+
     async def list_scopes(self, pattern: str = "quilt-*.scope") -> list[tuple[str, str]]:
         """(unit, active state) of every loaded unit matching pattern."""
         (units,) = await self._manager("ListUnitsByPatterns", "asas", [[], [pattern]])

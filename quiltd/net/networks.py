@@ -53,6 +53,7 @@ BRIDGE_PREFIX = "qb"  # bridges of created networks: qb + 12 hex digits
 # Subnets handed out when CreateNetwork names none: 10.89.0.0/16 upwards.
 AUTO_SUBNETS = [ipaddress.IPv4Network(f"10.{n}.0.0/16") for n in range(89, 255)]
 MAX_PREFIX = 29  # the smallest network: a gateway and five containers
+STRAY_VETH_SEC = 2.0  # how long a removed container's veth may take to go by itself (release)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Networks:
         # date from the container events, so a change costs one lookup and
         # not a read of every container on record.
         self._host_entries: dict[str, dict[str, tuple[str, str, str]]] = {}
+        self._stray_deletes: set[asyncio.Task[None]] = set()
 
     # Checks and leases (on the event loop, inside the caller's transaction)
 
@@ -352,6 +354,35 @@ class Networks:
     async def detach(self, c: Container) -> None:
         """Deletes the container's veth, if it still exists (it goes by itself with the namespace)."""
         await self._netlink.delete_link(veth_name(c.id))
+        self._unpin(c)
+
+    def release(self, c: Container) -> None:
+        """For a container gone for good: unpins its port and deletes a veth that outlives it.
+
+        The kernel deletes a veth with its network namespace, soon after the
+        namespace's last process is gone. A delete sent meanwhile waits for
+        that cleanup, 10-50 ms on the network worker that every start's veth
+        waits behind; so only a veth still there after STRAY_VETH_SEC is
+        deleted (its namespace held by something else). Its name is never
+        used again: the container's id goes with it.
+        """
+        self._unpin(c)
+        name = veth_name(c.id)
+        loop = asyncio.get_running_loop()
+        loop.call_later(STRAY_VETH_SEC, lambda: self._keep(loop.create_task(self._delete_stray(name))))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._stray_deletes.add(task)
+        task.add_done_callback(self._stray_deletes.discard)
+
+    async def _delete_stray(self, name: str) -> None:
+        try:
+            if await self._netlink.delete_link(name):
+                log.info("deleted %s: its network namespace outlived its container", name)
+        except Internal as e:
+            log.warning("could not delete %s: %s", name, e)
+
+    def _unpin(self, c: Container) -> None:
         lease = self._store.find_lease(c.id)
         if lease is not None:
             # Not waited for: the port is gone, and a pin names its port, so a

@@ -291,15 +291,26 @@ class FakeScopes:
             raise Internal(f"Unit {unit} not loaded.")
         return Usage(memory_current=4096, cpu_usage_nsec=1000, tasks_current=len(self._units[unit]))
 
+    def is_empty(self, unit: str) -> bool:
+        self._collect()
+        return unit not in self._units
+
     async def list_scopes(self, pattern: str = "quilt-*.scope") -> list[tuple[str, str]]:
         self._collect()
         return [(unit, "active") for unit in self._units]
 
 
 class FakeLinks:
-    """The host's links: bridges and veths by name; add_veth fails with fail_veth if set."""
+    """The host's links: bridges and veths by name; add_veth fails with fail_veth if set.
 
-    def __init__(self) -> None:
+    As the kernel does, a veth goes with its network namespace: once the
+    process that held it (alive says) is gone.
+    """
+
+    def __init__(self, alive: Callable[[int], bool] = lambda pid: True) -> None:
+        self._alive = alive
+        self._holders: dict[str, int] = {}  # veth -> the pid whose namespace holds its peer
+        self.held: set[str] = set()  # veths whose namespace something else holds on to
         self.links_by_name: dict[str, Link] = {}
         self.fail_veth: Exception | None = None
         self.firewall_loads = 0
@@ -314,8 +325,17 @@ class FakeLinks:
             raise self.fail_veth
         self.links_by_name.setdefault(bridge, Link(bridge, "bridge", ""))
         self.links_by_name[veth_name(container_id)] = Link(veth_name(container_id), "veth", bridge)
+        self._holders[veth_name(container_id)] = pid
+
+    def _collect(self) -> None:
+        for name, pid in list(self._holders.items()):
+            if not self._alive(pid) and name not in self.held:
+                del self._holders[name]
+                self.links_by_name.pop(name, None)
 
     async def delete_link(self, name: str) -> bool:
+        self._collect()
+        self._holders.pop(name, None)
         return self.links_by_name.pop(name, None) is not None
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -324,6 +344,7 @@ class FakeLinks:
         return None  # type: ignore[return-value]
 
     async def links(self) -> list[Link]:
+        self._collect()
         return list(self.links_by_name.values())
 
     async def set_master(self, name: str, bridge: str) -> None:
@@ -333,6 +354,7 @@ class FakeLinks:
         self.nft_scripts.append(script)
 
     def veths(self) -> set[str]:
+        self._collect()
         return {name for name, link in self.links_by_name.items() if link.kind == "veth"}
 
 
@@ -371,7 +393,7 @@ class World:
         self.processes = FakeProcesses()
         self.inits = FakeInits(self.processes, self.paths)
         self.scopes = FakeScopes(self.processes)
-        self.links = FakeLinks()
+        self.links = FakeLinks(self.processes.alive)
         self.stores: list[Store] = []
         store = self.store()
         with store.transaction():

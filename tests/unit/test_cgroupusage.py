@@ -53,3 +53,25 @@ def test_v1_without_a_cpuacct_group_counts_no_cpu_time(tmp_path: Path) -> None:
     assert CgroupUsage("quilt.slice", tmp_path).read(UNIT) == Usage(4096000, 0, 2)
     (tmp_path / "pids" / scope / "pids.current").unlink()
     assert CgroupUsage("quilt.slice", tmp_path).read(UNIT) is None
+
+
+def test_tasks_tell_an_empty_or_ended_scope_from_one_that_cannot_be_told(tmp_path: Path) -> None:
+    # What the cleaner relies on to skip systemd for a scope whose processes are all gone.
+    _write(tmp_path / "cgroup.controllers", "cpu memory pids\n")
+    cgroups = CgroupUsage("quilt.slice", tmp_path)
+    assert cgroups.tasks(UNIT) is None  # no quilt.slice: a layout this does not know
+    scope = tmp_path / "quilt.slice" / UNIT
+    scope.mkdir(parents=True)
+    assert cgroups.tasks(UNIT) is None  # a group without the pids controller
+    _write(scope / "pids.current", "2\n")
+    assert cgroups.tasks(UNIT) == 2
+    _write(scope / "pids.current", "0\n")
+    assert cgroups.tasks(UNIT) == 0
+    (scope / "pids.current").unlink()
+    scope.rmdir()
+    assert cgroups.tasks(UNIT) == 0  # systemd ended the scope and removed its group
+
+
+def test_v1_counts_tasks_in_the_pids_hierarchy(tmp_path: Path) -> None:
+    _write(tmp_path / "pids" / "quilt.slice" / UNIT / "pids.current", "1\n")
+    assert CgroupUsage("quilt.slice", tmp_path).tasks(UNIT) == 1

@@ -80,6 +80,9 @@ class _FailingOnce:
     def __init__(self) -> None:
         self.calls: list[float] = []
 
+    def is_empty(self, unit: str) -> bool:
+        return False  # processes are left: the cleaner must stop it
+
     async def kill(self, unit: str, signum: int) -> None:
         pass  # the cleaner kills what is left before it stops the scope
 

@@ -18,6 +18,7 @@ from quiltd.core.manager import Manager
 from quiltd.errors import Internal, InvalidState, NoSuchContainer, StartFailed
 from quiltd.model import NO_EXIT_CODE, State
 from quiltd.names import veth_name
+from quiltd.net import networks
 from tests.unit.fakes import IMAGE, ROOT, Events, World, run
 
 
@@ -351,5 +352,23 @@ def test_a_wait_on_a_start_that_fails_returns_the_failed_container(w: World) -> 
         w.scopes.hold.set()
         c = await waiting
         assert (c.state, c.reason) == (State.FAILED, "no scope")
+
+    run(main())
+
+
+def test_a_veth_that_outlives_its_removed_container_is_deleted_a_little_later(
+        w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networks, "STRAY_VETH_SEC", 0.05)
+
+    async def main() -> None:
+        m, _ = w.manager()
+        await create(m, "held")
+        assert await settle(m, "held") == State.RUNNING
+        c = m.get("held")
+        w.links.held.add(veth_name(c.id))  # its namespace kept by something else
+        await m.remove("held", force=True)
+        assert veth_name(c.id) in w.links.veths()  # the removal did not wait for it
+        await asyncio.sleep(0.2)
+        assert_nothing_left(w, m, c.id)
 
     run(main())
