@@ -411,15 +411,16 @@ class Manager:
         except BaseException:
             self.pools.give_back(row.pool, member)
             raise
+        # Sent as soon as the claim is on record: the init starts the command
+        # while the events and the reply go out.
+        self._inits.send_go(member.launched, launchspec.claim(
+            c.name, c.spec.hostname, c.command, c.spec.env, c.spec.workdir, c.spec.user,
+            c.spec.log_rate_burst, c.spec.log_rate_interval_sec))
         created = replace(claimed, state=State.CREATED, pid=0, pid_starttime=0)
         for listener in self._listeners:
             listener.container_added(created)
         for listener in self._listeners:
             listener.container_changed(claimed, created)
-        # Sent before the answer: the init starts the command while the reply goes out.
-        self._inits.send_go(member.launched, launchspec.claim(
-            c.name, c.spec.hostname, c.command, c.spec.env, c.spec.workdir, c.spec.user,
-            c.spec.log_rate_burst, c.spec.log_rate_interval_sec))
         self._track_start(claimed.id, self._background(
             self._locked(claimed.id, lambda: self._confirm_claim(claimed, member.launched))))
         return claimed
