@@ -81,8 +81,15 @@ def configure(ifname: str, interface: str, gateway: str) -> None:
         iface = ipaddress.IPv4Interface(interface)
         fcntl.ioctl(s, SIOCSIFADDR, _ifreq_addr(ifname, str(iface.ip)))
         fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq_addr(ifname, str(iface.netmask)))
-        # While the link is down: no advertisement can have arrived yet.
+        # While the link is down: no advertisement can have arrived yet, and
+        # no IPv6 packet has left. eth0 has no IPv6 at all (lo keeps ::1):
+        # Quilt hands out none, and an eth0 with IPv6 sends neighbour and
+        # multicast listener discovery as it comes up, which the bridge floods
+        # to every port and each container's kernel takes in. Every start cost
+        # work in proportion to the containers already on the network: a
+        # third of the host's CPU once a burst had started a few hundred.
         _refuse_router_advertisements(ifname)
+        _set_ipv6_conf(ifname, "disable_ipv6", b"1")
         _close_ipv6_conf()
         link_up(s, ifname)
         if gateway:
@@ -120,20 +127,26 @@ def prepare_namespace() -> None:
     except FileNotFoundError:
         return  # a kernel without IPv6: nothing to follow
     # For links made later; eth0 may already be there (the daemon makes it
-    # meanwhile), so configure() sets its own knobs too.
+    # meanwhile), so configure() sets its own knobs too. Not "all" for
+    # disable_ipv6: that would take ::1 from lo.
     for conf in ("all", "default"):
         _refuse_router_advertisements(conf)
+    _set_ipv6_conf("default", "disable_ipv6", b"1")
 
 
 def _refuse_router_advertisements(conf: str) -> None:
+    for knob in IPV6_KNOBS:
+        _set_ipv6_conf(conf, knob, b"0")
+
+
+def _set_ipv6_conf(conf: str, knob: str, value: bytes) -> None:
     if _ipv6_conf < 0:
         return
-    for knob in IPV6_KNOBS:
-        fd = os.open(f"{conf}/{knob}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=_ipv6_conf)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+    fd = os.open(f"{conf}/{knob}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=_ipv6_conf)
+    try:
+        os.write(fd, value)
+    finally:
+        os.close(fd)
 
 
 def _close_ipv6_conf() -> None:

@@ -39,6 +39,9 @@ def link_local(ifname: str, timeout: float = 10.0) -> str:
 
 
 def router_advertisement() -> None:
+    # eth0 has no IPv6; an attacker with every capability turns it back on.
+    with open(f"/proc/sys/net/ipv6/conf/{IFNAME}/disable_ipv6", "w") as f:
+        f.write("0")
     source = link_local(IFNAME)
     index = socket.if_nametoindex(IFNAME)
     s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)

@@ -71,6 +71,9 @@ def test_default_network_gives_an_address_a_route_and_a_veth(sandbox: Any, quilt
                 assert f"inet {address}/16" in in_netns(sandbox, pid, "ip", "-4", "addr", "show", "eth0")
                 assert f"default via {GATEWAY} dev eth0" in in_netns(sandbox, pid, "ip", "route")
                 assert "UP" in in_netns(sandbox, pid, "ip", "link", "show", "lo")
+                ipv6 = in_netns(sandbox, pid, "ip", "-6", "addr")
+                assert "::1/128" in ipv6 and "eth0" not in ipv6  # lo keeps ::1; eth0 has no IPv6
+                in_netns(sandbox, pid, "busybox", "ping", "-6", "-c1", "-W2", "::1")
                 in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", GATEWAY)
                 assert f"qv{cid[:13]}" in ports(sandbox)
                 assert f"{GATEWAY}/16" in sh(sandbox, "ip", "-4", "addr", "show", BRIDGE)
@@ -663,8 +666,11 @@ def test_router_advertisements_from_a_container_route_nothing(sandbox: Any, quil
                 assert "2001:db8:66" not in sh(sandbox, "ip", "-6", "addr", "show", "dev", bridge)
                 assert in_netns(sandbox, neighbour, "ip", "-6", "route", "show", "default") == ""
                 assert "2001:db8:66" not in in_netns(sandbox, neighbour, "ip", "-6", "addr")
-                # What keeps a neighbour safe even from an RA that reaches it.
-                assert in_netns(sandbox, neighbour, "cat", "/proc/sys/net/ipv6/conf/eth0/accept_ra") == "0\n"
+                # What keeps a neighbour safe even from an RA that reaches it:
+                # its eth0 takes in no IPv6 at all, and would follow no RA.
+                conf = "/proc/sys/net/ipv6/conf/eth0"
+                assert in_netns(sandbox, neighbour, "cat", f"{conf}/disable_ipv6") == "1\n"
+                assert in_netns(sandbox, neighbour, "cat", f"{conf}/accept_ra") == "0\n"
                 # The host has two locks: its bridge ignores RAs, and the
                 # firewall drops them. With the first opened, the second holds.
                 knob = f"/proc/sys/net/ipv6/conf/{bridge}/accept_ra"
