@@ -29,6 +29,7 @@ the connection that sent it is dropped.
 from __future__ import annotations
 
 import functools
+import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -100,6 +101,10 @@ def marshall_body(signature: str, body: Sequence[Any]) -> bytearray:
 
 _Writer = Callable[[bytearray, Any], None]
 _ZEROS = tuple(bytes(n) for n in range(8))  # padding, by its length
+# An object path as the specification has it: "/", or elements of
+# [A-Za-z0-9_] each after one "/". One match, where dbus-next's check splits
+# the path and matches each element: a listing writes a thousand of them.
+_OBJECT_PATH = re.compile(r"/|(?:/[A-Za-z0-9_]+)+")
 
 # Basic fixed-size types: struct format and alignment. A boolean is a uint32,
 # a descriptor ('h') its index in the message's list.
@@ -143,7 +148,7 @@ def _writer(t: Any) -> _Writer:
         kind = "an object path" if path else "a string"
 
         def write_string(out: bytearray, value: str) -> None:
-            if not isinstance(value, str) or (path and not is_object_path_valid(value)):
+            if not isinstance(value, str) or (path and not _OBJECT_PATH.fullmatch(value)):
                 raise SignatureBodyMismatchError(f"{value!r} is not {kind}")
             encoded = value.encode()
             out += _ZEROS[-len(out) % 4]
@@ -202,6 +207,8 @@ def _writer(t: Any) -> _Writer:
                 write_element(out, item)
             _UINT32.pack_into(out, at, len(out) - start)
         return write_array
+    if code == "(" and all(child.token in "so" for child in t.children):
+        return _strings_writer(t)
     if code in ("(", "{"):
         fields = tuple(_writer(child) for child in t.children)
 
@@ -213,6 +220,26 @@ def _writer(t: Any) -> _Writer:
                 write(out, field)
         return write_struct
     raise ValueError(f"cannot marshall type {t.signature!r}")
+
+
+def _strings_writer(t: Any) -> _Writer:
+    """A struct of strings and object paths (a listing's row): one loop, not a call per field."""
+    paths = tuple(child.token == "o" for child in t.children)
+
+    def write_strings(out: bytearray, value: Sequence[Any]) -> None:
+        if not isinstance(value, list | tuple) or len(value) != len(paths):
+            raise SignatureBodyMismatchError(f"{value!r} is not a struct {t.signature}")
+        out += _ZEROS[-len(out) % 8]
+        for path, field in zip(paths, value, strict=True):
+            if not isinstance(field, str) or (path and not _OBJECT_PATH.fullmatch(field)):
+                kind = "an object path" if path else "a string"
+                raise SignatureBodyMismatchError(f"{field!r} is not {kind}")
+            encoded = field.encode()
+            out += _ZEROS[-len(out) % 4]
+            out += _UINT32.pack(len(encoded))
+            out += encoded
+            out.append(0)
+    return write_strings
 
 
 def _pad(out: bytearray, alignment: int) -> None:

@@ -211,6 +211,8 @@ _CONTAINER_COLUMNS = (
 
 
 BUSY_TIMEOUT_MS = 1000
+# By stored value: a dict lookup per row, where State(value) costs a call into enum's machinery.
+_STATES = {state.value: state for state in State}
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
 
 
@@ -368,7 +370,8 @@ class Store:
         where = " WHERE " + " AND ".join(["pool = ''", *(f"{column} = ?" for column, _ in wanted)])
         rows = self._db.execute(f"SELECT id, name, image, state FROM containers{where} "
                                 "ORDER BY seq", [value for _, value in wanted])
-        return [ContainerListing(r[0], r[1], r[2], State(r[3])) for r in rows]
+        states = _STATES
+        return [ContainerListing(r[0], r[1], r[2], states[r[3]]) for r in rows]
 
     def claimed_limits(self, states: Collection[State]) -> tuple[float, int]:
         """cpu_quota and memory_max summed over the containers in these states (warm pools' too).

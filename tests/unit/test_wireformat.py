@@ -102,6 +102,11 @@ def test_bodies_are_written_as_dbus_next_writes_them(index: int) -> None:
     ("s", [7]),
     ("o", ["not/a/path"]),  # the broker would drop the whole connection for it
     ("o", ["/trailing/"]),
+    ("o", ["/line\n"]),  # dbus-next's check let a newline after the last element through
+    ("(so)", [["x", "not/a/path"]]),  # the same checks in a listing's row
+    ("(so)", [["x", 7]]),
+    ("(so)", [[7, "/p"]]),
+    ("a(sssso)", [[["a", "b", "c", "d"]]]),
     ("g", ["s" * 256]),
     ("v", ["not a variant"]),
     ("ay", [5]),  # bytes(5) would be five zeros
