@@ -39,6 +39,8 @@ from quiltd.net.rtnetlink import Rtnetlink, delete_message, veth_messages
 T = TypeVar("T")
 
 CONTAINER_IFNAME = "eth0"
+# A kernel booted without IPv6 refuses a request that sets a link's IPv6 mode.
+_HAS_IPV6 = os.path.isdir("/proc/sys/net/ipv6")
 MAC_PREFIX = b"\x02\x51"  # locally administered, unicast; then the 4 bytes of the IPv4 address
 
 
@@ -167,7 +169,7 @@ class Netlink:
         # One datagram: created as a port of the bridge, up, with its peer
         # born inside the container's namespace; then its hairpin flag.
         self._raw().request(*veth_messages(veth_name(container_id), CONTAINER_IFNAME, bridge_index,
-                                           pid, bytes.fromhex(mac.replace(":", ""))))
+                                           pid, bytes.fromhex(mac.replace(":", "")), ipv6=_HAS_IPV6))
 
     def _delete_link(self, name: str) -> bool:
         try:

@@ -1,4 +1,4 @@
-"""The two link requests every container start and removal makes, built by hand.
+"""The link requests every container start and removal makes, built by hand.
 
 pyroute2 costs about 3 ms of CPU to make one container's veth (the
 create, then a lookup of its index and the hairpin flag, each through its
@@ -7,10 +7,10 @@ written here with struct: at a hundred starts a second that is a large part
 of the daemon's time. Everything else about links stays with pyroute2
 (network.py); only these requests, whose layout is fixed, are hand-built.
 
-Both requests of a veth go in one datagram: the kernel handles the
-messages of a datagram in order and acknowledges each, so the hairpin flag
-is set on the port by name right after it is made, with no lookup and no
-second system call. A failure is raised as pyroute2's NetlinkError, with
+A veth's requests go in one datagram: the kernel handles the messages of a
+datagram in order and acknowledges each, so the hairpin flag (and the
+port's IPv6 address mode) is set on the port by name right after it is
+made, with no lookup and no second system call. A failure is raised as pyroute2's NetlinkError, with
 the kernel's errno, so callers handle both kinds of request alike.
 """
 
@@ -39,6 +39,9 @@ _IFLA_INFO_SLAVE_KIND = 4
 _IFLA_INFO_SLAVE_DATA = 5
 _VETH_INFO_PEER = 1
 _IFLA_BRPORT_MODE = 4  # hairpin
+_IFLA_AF_SPEC = 26
+_IFLA_INET6_ADDR_GEN_MODE = 8
+_IN6_ADDR_GEN_MODE_NONE = 1
 _NLA_F_NESTED = 0x8000
 _IFF_UP = 0x1
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
@@ -65,9 +68,11 @@ def _name(name: str) -> bytes:
 Message = tuple[int, int, bytes]  # type, flags, body
 
 
-def veth_messages(host: str, peer: str, bridge_index: int, pid: int, mac: bytes) -> list[Message]:
+def veth_messages(host: str, peer: str, bridge_index: int, pid: int, mac: bytes,
+                  ipv6: bool = True) -> list[Message]:
     """The create of a veth pair (host end up, a port of the bridge; peer in pid's
-    network namespace with mac) and the hairpin flag on its port."""
+    network namespace with mac), the hairpin flag on its port and, where the
+    kernel has IPv6, no IPv6 address of its own for the port."""
     peer_msg = (_ifinfo() + _name(peer) + _attr(_IFLA_NET_NS_PID, struct.pack("=I", pid))
                 + _attr(_IFLA_ADDRESS, mac))
     create = (_ifinfo(_IFF_UP, _IFF_UP) + _name(host)
@@ -77,7 +82,18 @@ def veth_messages(host: str, peer: str, bridge_index: int, pid: int, mac: bytes)
     hairpin = (_ifinfo() + _name(host)
                + _nest(_IFLA_LINKINFO, _attr(_IFLA_INFO_SLAVE_KIND, b"bridge\0"),
                        _nest(_IFLA_INFO_SLAVE_DATA, _attr(_IFLA_BRPORT_MODE, b"\1"))))
-    return [(_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create), (_RTM_NEWLINK, 0, hairpin)]
+    messages = [(_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create), (_RTM_NEWLINK, 0, hairpin)]
+    if ipv6:
+        # A port is no host of its own: without a link-local address it runs
+        # no duplicate address detection and no multicast listener reports,
+        # and adds no routes to the host's IPv6 table, which the kernel walks
+        # as links come and go. Set before the peer is up, so before the
+        # port has carrier, when the kernel would make that address.
+        no_address = (_ifinfo() + _name(host)
+                      + _nest(_IFLA_AF_SPEC, _nest(socket.AF_INET6, _attr(
+                          _IFLA_INET6_ADDR_GEN_MODE, bytes([_IN6_ADDR_GEN_MODE_NONE])))))
+        messages.append((_RTM_NEWLINK, 0, no_address))
+    return messages
 
 
 def delete_message(name: str) -> Message:

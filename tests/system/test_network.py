@@ -76,6 +76,8 @@ def test_default_network_gives_an_address_a_route_and_a_veth(sandbox: Any, quilt
                 in_netns(sandbox, pid, "busybox", "ping", "-6", "-c1", "-W2", "::1")
                 in_netns(sandbox, pid, "busybox", "ping", "-c1", "-W2", GATEWAY)
                 assert f"qv{cid[:13]}" in ports(sandbox)
+                # A port, not a host: no IPv6 address of its own.
+                assert sh(sandbox, "ip", "-6", "addr", "show", "dev", f"qv{cid[:13]}") == ""
                 assert f"{GATEWAY}/16" in sh(sandbox, "ip", "-4", "addr", "show", BRIDGE)
             finally:
                 await q.remove(name, force=True)

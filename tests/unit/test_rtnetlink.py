@@ -17,7 +17,7 @@ def _decode(body: bytes) -> Any:
 
 
 def test_veth_request_names_ports_namespace_and_mac() -> None:
-    (kind, flags, create), (hkind, hflags, hairpin) = veth_messages(
+    (kind, flags, create), (hkind, hflags, hairpin), (akind, aflags, address) = veth_messages(
         "qvabc", "eth0", 7, 4242, bytes.fromhex("02510a580002"))
     assert (kind, flags & 0x600) == (16, 0x600)  # RTM_NEWLINK, create and exclusive
     msg = _decode(create)
@@ -37,6 +37,16 @@ def test_veth_request_names_ports_namespace_and_mac() -> None:
     slave = port.get_attr("IFLA_LINKINFO")
     assert slave.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
     assert slave.get_attr("IFLA_INFO_SLAVE_DATA").get_attr("IFLA_BRPORT_MODE") == 1
+
+    assert (akind, aflags) == (16, 0)
+    port = _decode(address)
+    assert port["index"] == 0 and port.get_attr("IFLA_IFNAME") == "qvabc"
+    inet6 = port.get_attr("IFLA_AF_SPEC").get_attr("AF_INET6")
+    assert inet6.get_attr("IFLA_INET6_ADDR_GEN_MODE") == 1  # none: the port makes no address
+
+
+def test_without_ipv6_the_port_is_not_asked_for_an_address_mode() -> None:
+    assert len(veth_messages("qvabc", "eth0", 7, 4242, bytes(6), ipv6=False)) == 2
 
 
 def test_delete_names_the_link() -> None:
