@@ -178,6 +178,8 @@ def test_load_bench_reports_every_part(
     # quiltd stays responsive: one more client asked GetSystemInfo all along.
     info = closed["system_info"]
     assert info["n"] >= 2 and 0 < info["p50_ms"] <= info["p99_ms"] <= info["max_ms"] < 60_000, info
+    bus = closed["bus_round_trip"]  # and the bus's own GetId after each, to read it against
+    assert bus["n"] == info["n"] and 0 < bus["p50_ms"] <= bus["max_ms"] < 60_000, bus
 
     opened = load["open"]
     assert opened["running"] == 2 and opened["completed"] == opened["offered"] == 2 * opened["seconds"]
@@ -197,7 +199,8 @@ def test_load_bench_reports_every_part(
 
     table = _bench_module().render_load(result)
     for line in ("1. Closed agent loop", "ms/loop", "quiltd (the daemon process)", "3. Open-loop exec load",
-                 "4. Burst", "ListContainers with", "5. Status saturation", "load generator CPU"):
+                 "4. Burst", "ListContainers with", "5. Status saturation", "load generator CPU",
+                 "the bus's own GetId"):
         assert line in table, (line, table)
 
 
