@@ -167,7 +167,8 @@ class Netlink:
 
     def _veth(self, container_id: str, bridge_index: int, pid: int, mac: str) -> None:
         # One datagram: created as a port of the bridge, up, with its peer
-        # born inside the container's namespace; then its hairpin flag.
+        # born inside the container's namespace; then its hairpin flag and
+        # its IPv6 address mode (rtnetlink.veth_messages).
         self._raw().request(*veth_messages(veth_name(container_id), CONTAINER_IFNAME, bridge_index,
                                            pid, bytes.fromhex(mac.replace(":", "")), ipv6=_HAS_IPV6))
 

@@ -10,8 +10,9 @@ of the daemon's time. Everything else about links stays with pyroute2
 A veth's requests go in one datagram: the kernel handles the messages of a
 datagram in order and acknowledges each, so the hairpin flag (and the
 port's IPv6 address mode) is set on the port by name right after it is
-made, with no lookup and no second system call. A failure is raised as pyroute2's NetlinkError, with
-the kernel's errno, so callers handle both kinds of request alike.
+made, with no lookup and no second system call. A failure is raised as
+pyroute2's NetlinkError, with the kernel's errno, so callers handle both
+kinds of request alike.
 """
 
 from __future__ import annotations
