@@ -234,6 +234,7 @@ def _strings_writer(t: Any) -> _Writer:
             if not isinstance(field, str) or (path and not _OBJECT_PATH.fullmatch(field)):
                 kind = "an object path" if path else "a string"
                 raise SignatureBodyMismatchError(f"{field!r} is not {kind}")
+            # write_string's bytes, written here: a call per field cost as much as the rest.
             encoded = field.encode()
             out += _ZEROS[-len(out) % 4]
             out += _UINT32.pack(len(encoded))
